@@ -1,0 +1,1 @@
+"""The .cell grammar, shipped as package data."""

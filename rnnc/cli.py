@@ -1,0 +1,87 @@
+"""The `rnnc` command line.
+
+Exit status: 0 success, 1 a user error (printed as file:line:col: error: ...),
+2 a usage error (argparse's own convention).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import driver
+from .errors import CellError
+
+
+def parse_dims(items: list) -> dict:
+    """`-D H=256 -D E=64` as {"H": 256, "E": 64}; values are checked by the checker."""
+    dims = {}
+    for item in items or ():
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise CellError(f"-D {item}: expected NAME=VALUE, as in -D H=256")
+        try:
+            dims[name.strip()] = int(value)
+        except ValueError:
+            raise CellError(f"-D {item}: a dim must be a positive integer, not {value!r}") from None
+    return dims
+
+
+def cmd_check(args) -> int:
+    failed = False
+    for path in args.files:
+        try:
+            checked = driver.check_source(driver.read_source(path), args.cell)
+        except CellError as err:
+            print(err.format(), file=sys.stderr)
+            failed = True
+            continue
+        for warning in checked.warnings:
+            print(warning.format(), file=sys.stderr)
+        print(f"{path}: ok (cell {checked.cell.name})")
+    return 1 if failed else 0
+
+
+def cmd_emit(args) -> int:
+    source = driver.read_source(args.file)
+    print(driver.emit(source, args.stage, args.cell, parse_dims(args.D)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rnnc", description="A compiler for recurrent cells.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name, func, help_text):
+        c = sub.add_parser(name, help=help_text, description=help_text)
+        c.set_defaults(func=func)
+        return c
+
+    def with_cell(c, nargs=None):
+        c.add_argument("file", metavar="FILE", help=".cell file")
+        c.add_argument("-D", action="append", metavar="NAME=VALUE", help="bind a dim, e.g. -D H=256")
+        c.add_argument("--cell", help="which cell of the file (default: the first)")
+        return c
+
+    c = command("check", cmd_check, "parse and check .cell files")
+    c.add_argument("files", nargs="+", metavar="FILE")
+    c.add_argument("--cell", help="which cell of each file (default: the first)")
+
+    c = with_cell(command("emit", cmd_emit, "print one stage of the pipeline"))
+    c.add_argument("--stage", required=True, choices=driver.STAGES)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CellError as err:
+        print(err.format(), file=sys.stderr)
+        return 1
+    except ValueError as err:  # a bad argument, already worded for the user
+        print(f"rnnc: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

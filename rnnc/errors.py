@@ -1,0 +1,86 @@
+"""Typed user errors.
+
+A `CellError` is a mistake in a `.cell` file: it carries the file name, the
+1-based line and column, and the source line, and prints itself the way
+compilers do::
+
+    lstm.cell:12:9: error: unknown name 'hh'
+        c_new = hh * c
+                ^
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Pos:
+    """A place in a source file (1-based line and column)."""
+
+    line: int
+    col: int
+
+
+class CellError(Exception):
+    """An error in a `.cell` program, reported at file:line:col."""
+
+    def __init__(self, message: str, pos: Pos | None = None, source: "Source | None" = None):
+        self.message = message
+        self.pos = pos
+        self.source = source
+        super().__init__(self.format())
+
+    @property
+    def file(self) -> str:
+        return self.source.name if self.source else "<cell>"
+
+    @property
+    def line(self) -> int | None:
+        return self.pos.line if self.pos else None
+
+    @property
+    def col(self) -> int | None:
+        return self.pos.col if self.pos else None
+
+    def located(self, source: "Source") -> "CellError":
+        """The same error, attached to `source` if it has no file yet."""
+        if self.source is not None:
+            return self
+        return type(self)(self.message, self.pos, source)
+
+    def format(self, kind: str = "error") -> str:
+        if self.pos is None:
+            return f"{self.file}: {kind}: {self.message}"
+        head = f"{self.file}:{self.pos.line}:{self.pos.col}: {kind}: {self.message}"
+        text = self.source.line_text(self.pos.line) if self.source else None
+        if text is None:
+            return head
+        caret = " " * (self.pos.col - 1) + "^"
+        return f"{head}\n    {text}\n    {caret}"
+
+
+class CellWarning(CellError):
+    """A suspicious but legal construct (an unused value)."""
+
+    def format(self, kind: str = "warning") -> str:
+        return super().format(kind)
+
+
+@dataclass(frozen=True)
+class Source:
+    """The text of a `.cell` program and the name it is reported under."""
+
+    name: str
+    text: str
+
+    def line_text(self, line: int) -> str | None:
+        lines = self.text.splitlines()
+        if 1 <= line <= len(lines):
+            return lines[line - 1].expandtabs(1)
+        return None
+
+    @property
+    def last_pos(self) -> Pos:
+        """Where an unexpected end of file is reported: the end of the last line."""
+        lines = self.text.splitlines() or [""]
+        return Pos(len(lines), len(lines[-1]) + 1)

@@ -1,0 +1,1 @@
+"""The front end: `.cell` text to AST (parse) and AST to step IR (check)."""

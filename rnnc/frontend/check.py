@@ -1,0 +1,351 @@
+"""Check an AST and lower it to the step IR.
+
+One pass over the cell's statements, in order: declarations enter a scope,
+expressions are lowered to IR nodes through the op registry (which infers and
+checks shapes), and every mistake becomes a `CellError` at the place it was
+made. Dims given by the caller are substituted as the shapes are built, so
+`split` divisibility and size clashes are decided on the real sizes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .. import ops
+from ..errors import CellError, CellWarning, Pos, Source
+from ..ir import Cell, Decl, Value
+from ..shapes import Size, shape_str
+from . import parse as ast
+
+ELEMENTWISE_FUNCS = ("sigmoid", "tanh", "relu", "exp", "log", "sqrt", "abs", "softplus")
+BINARY_FUNCS = ("max", "min")
+AXIS_FUNCS = {"sum": ("axis", "keepdims"), "mean": ("axis", "keepdims"), "softmax": ("axis",),
+              "split": ("axis",), "concat": ("axis",), "transpose": ()}
+BUILTINS = ELEMENTWISE_FUNCS + BINARY_FUNCS + tuple(AXIS_FUNCS)
+
+
+class BindError(CellError, ValueError):
+    """A `-D NAME=VALUE` / `dims=` entry that is not a positive integer or names no dim."""
+
+
+@dataclass(frozen=True)
+class Checked:
+    cell: Cell
+    warnings: tuple  # of CellWarning
+
+
+def select_cell(module: ast.Module, name: str | None, source: Source) -> ast.Cell:
+    if name is None:
+        return module.cells[0]
+    for cell in module.cells:
+        if cell.name == name:
+            return cell
+    names = ", ".join(c.name for c in module.cells)
+    raise BindError(f"no cell named {name!r} in this file (cells: {names})", None, source)
+
+
+def check(module: ast.Module, source: Source, cell: str | None = None,
+          dims: dict | None = None) -> Checked:
+    """Check one cell of a parsed file (the first unless `cell` names one)."""
+    try:
+        return _Checker(source, select_cell(module, cell, source), dims or {}).run()
+    except CellError as err:
+        raise err.located(source) from None
+
+
+class _Checker:
+    def __init__(self, source: Source, cell: ast.Cell, binding: dict):
+        self.source = source
+        self.cell = cell
+        self.binding = binding
+        self.dims: dict[str, Pos] = {}
+        self.scope: dict[str, tuple] = {}  # user name -> (kind, pos, IR value name)
+        self.decls: list[Decl] = []
+        self.builder = ops.Builder({})
+        self.nexts: dict[str, tuple] = {}  # state -> (value, pos)
+        self.outputs: list[tuple] = []
+        self.defined_later = self._all_bound_names()
+
+    # --- driver -----------------------------------------------------------
+    def run(self) -> Checked:
+        self._check_binding()
+        for stmt in self.cell.body:
+            getattr(self, "_" + type(stmt).__name__.lower())(stmt)
+        return self._finish()
+
+    def _finish(self) -> Checked:
+        c = self.cell
+        if not any(d.kind == "input" for d in self.decls):
+            raise CellError(f"cell '{c.name}' has no input (declare one with 'input x[...]'; "
+                            "it fixes the sequence length)", c.pos)
+        for d in self.decls:
+            if d.kind == "state" and d.name not in self.nexts:
+                raise CellError(f"state '{d.name}' has no 'next {d.name} = ...'", d.pos)
+        nexts = tuple((d.name, self.nexts[d.name][0]) for d in self.decls if d.kind == "state")
+        roots = [v for _, v in nexts] + [v for _, v in self.outputs]
+        nodes, used = _live_nodes(self.builder.nodes, roots)
+        warnings = self._unused_warnings(used)
+        dims = tuple((name, self.binding.get(name)) for name in self.dims)
+        return Checked(Cell(c.name, dims, tuple(self.decls), tuple(nodes), nexts,
+                            tuple(self.outputs)), warnings)
+
+    def _unused_warnings(self, used: set) -> tuple:
+        found = []
+        for name, (kind, pos, value) in self.scope.items():
+            if kind in ("value", "input", "context", "param") and value not in used:
+                what = "value" if kind == "value" else kind
+                found.append(CellWarning(f"{what} '{name}' is never used", pos, self.source))
+        return tuple(sorted(found, key=lambda w: (w.pos.line, w.pos.col)))
+
+    # --- names --------------------------------------------------------------
+    def _all_bound_names(self) -> dict:
+        names = {}
+        for stmt in self.cell.body:
+            if isinstance(stmt, ast.Decl):
+                for item in stmt.items:
+                    names.setdefault(item.id if isinstance(item, ast.Name) else item.name, item.pos)
+            elif isinstance(stmt, ast.Assign):
+                for t in stmt.targets:
+                    names.setdefault(t.id, t.pos)
+        return names
+
+    def _bind(self, name: str, pos: Pos, kind: str, value: str | None = None):
+        if name in ast.KEYWORDS:
+            raise CellError(f"'{name}' is a reserved keyword and cannot be used as a name", pos)
+        if name in BUILTINS:
+            raise CellError(f"'{name}' is a built-in function and cannot be used as a name", pos)
+        if name in self.scope or name in self.dims:
+            prev = self.scope[name][1] if name in self.scope else self.dims[name]
+            raise CellError(f"'{name}' is already defined at line {prev.line}:{prev.col}", pos)
+        if kind == "dim":
+            self.dims[name] = pos
+        else:
+            self.scope[name] = (kind, pos, value or name)
+
+    def _lookup(self, ref: ast.Name) -> str:
+        if ref.id in self.scope:
+            return self.scope[ref.id][2]
+        if ref.id in self.dims:
+            raise CellError(f"'{ref.id}' is a dim; dims can only be used in shapes", ref.pos)
+        if ref.id in self.defined_later:
+            p = self.defined_later[ref.id]
+            raise CellError(f"'{ref.id}' is used before it is defined (at line {p.line}:{p.col})",
+                            ref.pos)
+        raise CellError(f"unknown name '{ref.id}'", ref.pos)
+
+    # --- dims and shapes ------------------------------------------------------
+    def _check_binding(self):
+        declared = [item.id for s in self.cell.body if isinstance(s, ast.Decl) and s.kind == "dim"
+                    for item in s.items]
+        for name, value in self.binding.items():
+            if name not in declared:
+                raise BindError(f"-D {name}={value}: cell '{self.cell.name}' has no dim {name!r} "
+                                f"(dims: {', '.join(declared) or 'none'})", None)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise BindError(f"-D {name}={value}: a dim must be a positive integer", None)
+
+    def _size(self, e) -> Size:
+        if isinstance(e, ast.Number):
+            if e.value != int(e.value) or e.value < 1:
+                raise CellError(f"a size must be a positive integer, not {e.value:g}", e.pos)
+            return Size.const(int(e.value))
+        if isinstance(e, ast.Name):
+            if e.id not in self.dims:
+                raise CellError(f"undeclared dim '{e.id}' (declare it with 'dim {e.id}')", e.pos)
+            return Size.const(self.binding[e.id]) if e.id in self.binding else Size.dim(e.id)
+        if isinstance(e, ast.Binary) and e.op in ("add", "sub", "mul", "div"):
+            a, b = self._size(e.left), self._size(e.right)
+            if e.op == "div":
+                q = a.divide(b)
+                if q is None or (not q.symbols and q.value is None):
+                    raise CellError(f"shape expression {a} / {b} is not an exact division", e.pos)
+                return q
+            return {"add": a + b, "sub": a - b, "mul": a * b}[e.op]
+        raise CellError("a shape is built from dims, integers, + - * / and parentheses", e.pos)
+
+    def _shape(self, var: ast.Var) -> tuple:
+        shape = tuple(self._size(e) for e in var.shape)
+        for s, e in zip(shape, var.shape):
+            if not s.symbols and (s.value is None or s.value < 1):
+                raise CellError(f"size {s} of '{var.name}' is not a positive integer", e.pos)
+        return shape
+
+    # --- statements -------------------------------------------------------------
+    def _decl(self, d: ast.Decl):
+        for item in d.items:
+            if d.kind == "dim":
+                self._bind(item.id, item.pos, "dim")
+                continue
+            init = None
+            if item.init is not None:
+                init = self._literal(item.init)
+            self._bind(item.name, item.pos, d.kind)
+            decl = Decl(d.kind, item.name, self._shape(item), init, item.pos)
+            self.decls.append(decl)
+            self.builder.values[decl.name] = decl.value
+
+    def _literal(self, e) -> float:
+        if isinstance(e, ast.Number):
+            return e.value
+        if isinstance(e, ast.Unary) and isinstance(e.operand, ast.Number):
+            return -e.operand.value
+        raise CellError("a param's initial value must be a number", e.pos)
+
+    def _assign(self, s: ast.Assign):
+        if isinstance(s.value, ast.Call) and s.value.func == "split":
+            values = self._split(s.value, len(s.targets), [t.id for t in s.targets])
+        elif len(s.targets) > 1:
+            raise CellError(f"{len(s.targets)} names on the left but the right side gives one "
+                            "value (only split(...) gives several)", s.targets[1].pos)
+        else:
+            values = [self._expr(s.value, s.targets[0].id)]
+        for target, value in zip(s.targets, values):
+            self._bind(target.id, target.pos, "value", value)
+
+    def _next(self, s: ast.Next):
+        name = s.target.id
+        kind = self.scope.get(name, ("",))[0]
+        if kind != "state":
+            what = f"a {kind}" if kind else "not declared"
+            raise CellError(f"'next {name}': '{name}' is not a state ({what})", s.target.pos)
+        if name in self.nexts:
+            p = self.nexts[name][1]
+            raise CellError(f"state '{name}' already has a next (at line {p.line}:{p.col})", s.pos)
+        value = self._expr(s.value, None)
+        have, want = self.builder.values[value].shape, self.builder.values[name].shape
+        if have != want:
+            raise CellError(f"'next {name}' has shape {shape_str(have)} but state '{name}' is "
+                            f"{shape_str(want)}", s.value.pos)
+        self.nexts[name] = (value, s.pos)
+
+    def _output(self, s: ast.Output):
+        name = s.target.id
+        if s.value is None:
+            kind = self.scope.get(name, ("",))[0]
+            if kind == "state":
+                raise CellError(f"'output {name}' would lag one step: inside the step '{name}' is "
+                                f"the state before it; output the value given to 'next {name}'",
+                                s.target.pos)
+            value = self._lookup(s.target)
+        else:
+            self._bind(name, s.target.pos, "output")
+            value = self._expr(s.value, name)
+        if any(o == name for o, _ in self.outputs):
+            raise CellError(f"output '{name}' is given twice", s.target.pos)
+        self.outputs.append((name, value))
+
+    # --- expressions ------------------------------------------------------------------
+    def _emit(self, op, *args, name=None, pos=None, **attrs) -> str:
+        try:
+            return self.builder.emit(op, *args, name=name, pos=pos, **attrs)
+        except ops.ShapeError as err:
+            raise CellError(str(err), pos) from None
+
+    def _expr(self, e, name: str | None) -> str:
+        """Lower an expression; the outermost node takes the user's name, if any."""
+        if isinstance(e, ast.Name):
+            return self._lookup(e)
+        if isinstance(e, ast.Number):
+            return self._emit("const", name=name, pos=e.pos, value=e.value)
+        if isinstance(e, ast.Unary):
+            return self._emit("neg", self._expr(e.operand, None), name=name, pos=e.pos)
+        if isinstance(e, ast.Binary):
+            left, right = self._expr(e.left, None), self._expr(e.right, None)
+            if e.op == "matmul":
+                values = self.builder.values
+                try:
+                    spec = ops.matmul_spec(values[left], values[right])
+                except ops.ShapeError as err:
+                    raise CellError(str(err), e.pos) from None
+                return self._emit("dot", left, right, name=name, pos=e.pos, spec=spec)
+            return self._emit(e.op, left, right, name=name, pos=e.pos)
+        if isinstance(e, ast.Call):
+            return self._call(e, name)
+        raise CellError(f"unexpected {type(e).__name__}", e.pos)  # keyword outside a call
+
+    def _call_args(self, c: ast.Call, arity: int | None, min_args: int = 1):
+        """Positional args and integer keyword args of a call, checked."""
+        if c.func not in BUILTINS:
+            raise CellError(f"unknown function '{c.func}' (functions: {', '.join(BUILTINS)})", c.pos)
+        positional = [a for a in c.args if not isinstance(a, ast.Keyword)]
+        allowed = AXIS_FUNCS.get(c.func, ())
+        keywords = {}
+        for a in c.args:
+            if not isinstance(a, ast.Keyword):
+                if keywords:
+                    raise CellError("a positional argument cannot follow a keyword argument", a.pos)
+                continue
+            if a.name not in allowed:
+                valid = ", ".join(allowed) or "none"
+                raise CellError(f"{c.func}() has no argument '{a.name}' (keywords: {valid})", a.pos)
+            keywords[a.name] = self._int_literal(a.value, a.name)
+        n = len(positional)
+        if arity is not None and n != arity:
+            plural = "s" if arity != 1 else ""
+            raise CellError(f"{c.func}() takes {arity} argument{plural}, got {n}", c.pos)
+        if n < min_args:
+            raise CellError(f"{c.func}() takes at least {min_args} argument(s), got {n}", c.pos)
+        return positional, keywords
+
+    def _int_literal(self, e, what: str) -> int:
+        value = self._literal(e) if isinstance(e, (ast.Number, ast.Unary)) else None
+        if value is None or value != int(value):
+            raise CellError(f"'{what}' must be an integer literal", e.pos)
+        return int(value)
+
+    def _call(self, c: ast.Call, name: str | None) -> str:
+        if c.func == "split":
+            raise CellError("split(...) gives several values: assign it to as many names, "
+                            "as in 'a, b = split(x, 2)'", c.pos)
+        arity = {"concat": None, "transpose": 1}.get(c.func, 2 if c.func in BINARY_FUNCS else 1)
+        args, kw = self._call_args(c, arity)
+        values = [self._expr(a, None) for a in args]
+        if c.func in ("sum", "mean", "softmax", "concat"):
+            kw.setdefault("axis", -1)
+        if c.func in ("sum", "mean"):
+            kw["keepdims"] = int(bool(kw.get("keepdims", 0)))
+        if "axis" in kw:
+            self._check_axis(kw["axis"], values[0], c)
+        return self._emit(c.func, *values, name=name, pos=c.pos, **kw)
+
+    def _check_axis(self, axis: int, value: str, c: ast.Call):
+        shape = self.builder.values[value].shape
+        if not -len(shape) <= axis < len(shape):
+            raise CellError(f"axis {axis} is out of range for {c.func}() of shape "
+                            f"{shape_str(shape)} (rank {len(shape)})", c.pos)
+
+    def _split(self, c: ast.Call, targets: int, names: list) -> list:
+        if len(c.args) < 2 or isinstance(c.args[1], ast.Keyword):
+            raise CellError("split() takes a value and a number of parts: split(x, n)", c.pos)
+        parts = self._int_literal(c.args[1], "parts")
+        if parts < 1:
+            raise CellError(f"split() needs a positive number of parts, not {parts}", c.args[1].pos)
+        c = ast.Call(c.pos, c.func, (c.args[0],) + c.args[2:])
+        (arg,), kw = self._call_args(c, 1)
+        if targets != parts:
+            raise CellError(f"split into {parts} parts but {targets} names on the left", c.pos)
+        value = self._expr(arg, None)
+        axis = kw.get("axis", -1)
+        self._check_axis(axis, value, c)
+        shape = self.builder.values[value].shape
+        size = shape[axis % len(shape)]
+        part = size.divide(Size.const(parts))
+        if not part.symbols and part.value is None:
+            raise CellError(f"cannot split size {size} of {shape_str(shape)} into {parts} equal "
+                            "parts", c.pos)
+        return [self._emit("slice", value, name=nm, pos=c.pos, axis=axis % len(shape),
+                           start=part * Size.const(k), stop=part * Size.const(k + 1))
+                for k, nm in enumerate(names)]
+
+
+def _live_nodes(nodes, roots):
+    """The nodes that some root needs, in order, and every name they read."""
+    needed = set(roots)
+    live = []
+    for node in reversed(nodes):
+        if node.out in needed:
+            live.append(node)
+            needed.update(node.args)
+    used = set(roots)
+    for node in nodes:
+        used.update(node.args)
+    return list(reversed(live)), used

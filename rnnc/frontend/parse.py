@@ -1,0 +1,294 @@
+"""Parse `.cell` text into an AST with a position on every node.
+
+The grammar lives in `grammar/cell.lark`; lark's LALR parser reads it, a small
+post-lexer drops newlines inside brackets, and a transformer builds the frozen
+dataclasses below. Syntax errors become `CellError`s at file:line:col.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from functools import lru_cache
+from importlib import resources
+
+import lark
+
+from ..errors import CellError, Pos, Source
+
+KEYWORDS = ("cell", "dim", "input", "context", "state", "param", "next", "output")
+
+
+# --- AST -------------------------------------------------------------------
+@dataclass(frozen=True)
+class Node:
+    pos: Pos = field(compare=False)
+
+
+@dataclass(frozen=True)
+class Number(Node):
+    value: float
+
+
+@dataclass(frozen=True)
+class Name(Node):
+    id: str
+
+
+@dataclass(frozen=True)
+class Unary(Node):
+    op: str  # "neg"
+    operand: Node
+
+
+@dataclass(frozen=True)
+class Binary(Node):
+    op: str  # add sub mul div matmul
+    left: Node
+    right: Node
+
+
+@dataclass(frozen=True)
+class Keyword(Node):
+    name: str
+    value: Node
+
+
+@dataclass(frozen=True)
+class Call(Node):
+    func: str
+    args: tuple  # of Node and Keyword
+
+
+@dataclass(frozen=True)
+class Var(Node):
+    """A declared name with its shape and (params only) initial value."""
+
+    name: str
+    shape: tuple  # of expression nodes
+    init: Node | None = None
+
+
+@dataclass(frozen=True)
+class Decl(Node):
+    kind: str  # dim input context state param
+    items: tuple  # Var, or Name for dims
+
+
+@dataclass(frozen=True)
+class Assign(Node):
+    targets: tuple  # of Name
+    value: Node
+
+
+@dataclass(frozen=True)
+class Next(Node):
+    target: Name
+    value: Node
+
+
+@dataclass(frozen=True)
+class Output(Node):
+    target: Name
+    value: Node | None
+
+
+@dataclass(frozen=True)
+class Cell(Node):
+    name: str
+    body: tuple
+
+
+@dataclass(frozen=True)
+class Module(Node):
+    cells: tuple
+
+
+def format_ast(node, indent: int = 0) -> str:
+    """An indented, stable rendering of an AST (for `rnnc emit --stage ast`)."""
+    pad = "  " * indent
+    if isinstance(node, tuple):
+        return "\n".join(format_ast(n, indent) for n in node)
+    if not isinstance(node, Node):
+        return pad + repr(node)
+    scalars, children = [], []
+    for f in fields(node):
+        if f.name == "pos":
+            continue
+        value = getattr(node, f.name)
+        if isinstance(value, (Node, tuple)) and value != ():
+            children.append((f.name, value))
+        else:
+            scalars.append(f"{f.name}={value!r}")
+    head = f"{pad}{type(node).__name__} @{node.pos.line}:{node.pos.col}"
+    if scalars:
+        head += " " + " ".join(scalars)
+    lines = [head]
+    for name, value in children:
+        lines.append(f"{pad}  {name}:")
+        lines.append(format_ast(value, indent + 2))
+    return "\n".join(lines)
+
+
+# --- lark glue -------------------------------------------------------------
+class _BracketNewlines:
+    """Post-lexer: newlines inside ( ) or [ ] are not statement ends, and
+    runs of newlines (blank or comment lines) collapse into one."""
+
+    always_accept = ("_NL",)
+
+    def process(self, tokens):
+        depth = 0
+        last_was_newline = False
+        for tok in tokens:
+            if tok.type in ("LPAR", "LSQB"):
+                depth += 1
+            elif tok.type in ("RPAR", "RSQB"):
+                depth = max(depth - 1, 0)
+            if tok.type == "_NL":
+                if depth or last_was_newline:
+                    continue
+                last_was_newline = True
+            else:
+                last_was_newline = False
+            yield tok
+
+
+@lru_cache(maxsize=None)
+def _parser() -> lark.Lark:
+    grammar = resources.files("rnnc.grammar").joinpath("cell.lark").read_text()
+    return lark.Lark(grammar, parser="lalr", propagate_positions=True,
+                     postlex=_BracketNewlines(), maybe_placeholders=True)
+
+
+def _pos(meta_or_token) -> Pos:
+    return Pos(meta_or_token.line, meta_or_token.column)
+
+
+class _ToAst(lark.Transformer):
+    def _name(self, tok) -> Name:
+        return Name(_pos(tok), str(tok))
+
+    @lark.v_args(meta=True)
+    def start(self, meta, cells):
+        return Module(Pos(1, 1), tuple(cells))
+
+    @lark.v_args(meta=True)
+    def cell(self, meta, items):
+        name, *body = items
+        return Cell(_pos(name), str(name), tuple(b for b in body if b is not None))
+
+    def _decl(kind):
+        @lark.v_args(meta=True)
+        def build(self, meta, items):
+            return Decl(_pos(meta), kind, tuple(items))
+        return build
+
+    input_decl = _decl("input")
+    context_decl = _decl("context")
+    state_decl = _decl("state")
+    param_decl = _decl("param")
+
+    @lark.v_args(meta=True)
+    def dim_decl(self, meta, names):
+        return Decl(_pos(meta), "dim", tuple(self._name(n) for n in names))
+
+    def var(self, items):
+        name, shape = items
+        return Var(_pos(name), str(name), shape)
+
+    def param_var(self, items):
+        name, shape, init = items
+        return Var(_pos(name), str(name), shape, init)
+
+    def shape(self, items):
+        return tuple(i for i in items if i is not None)
+
+    @lark.v_args(meta=True)
+    def assign(self, meta, items):
+        *targets, value = items
+        return Assign(_pos(meta), tuple(self._name(t) for t in targets), value)
+
+    @lark.v_args(meta=True)
+    def next_stmt(self, meta, items):
+        target, value = items
+        return Next(_pos(meta), self._name(target), value)
+
+    @lark.v_args(meta=True)
+    def output_stmt(self, meta, items):
+        target, value = items
+        return Output(_pos(meta), self._name(target), value)
+
+    def number(self, items):
+        tok, = items
+        return Number(_pos(tok), float(tok))
+
+    def name(self, items):
+        return self._name(items[0])
+
+    @lark.v_args(meta=True)
+    def neg(self, meta, items):
+        return Unary(_pos(meta), "neg", items[0])
+
+    def _binary(op):
+        def build(self, items):
+            left, right = items
+            return Binary(left.pos, op, left, right)
+        return build
+
+    add = _binary("add")
+    sub = _binary("sub")
+    mul = _binary("mul")
+    div = _binary("div")
+    matmul = _binary("matmul")
+
+    def call(self, items):
+        func, *args = items
+        return Call(_pos(func), str(func), tuple(a for a in args if a is not None))
+
+    def keyword(self, items):
+        name, value = items
+        return Keyword(_pos(name), str(name), value)
+
+
+_TOKEN_WORDS = {
+    "_NL": "end of line", "$END": "end of file", "NAME": "name", "NUMBER": "number",
+    "LPAR": "'('", "RPAR": "')'", "LSQB": "'['", "RSQB": "']'", "LBRACE": "'{'",
+    "RBRACE": "'}'", "COMMA": "','", "EQUAL": "'='", "PLUS": "'+'", "MINUS": "'-'",
+    "STAR": "'*'", "SLASH": "'/'", "AT": "'@'",
+}
+
+
+def _describe(token_type: str) -> str:
+    if token_type in _TOKEN_WORDS:
+        return _TOKEN_WORDS[token_type]
+    return "'" + token_type.lower() + "'" if token_type.isupper() else token_type
+
+
+def _syntax_error(err: lark.exceptions.LarkError, source: Source) -> CellError:
+    if isinstance(err, lark.exceptions.UnexpectedCharacters):
+        return CellError(f"unexpected character {err.char!r}", Pos(err.line, err.column), source)
+    if isinstance(err, lark.exceptions.UnexpectedToken):
+        tok = err.token
+        expected = sorted(_describe(t) for t in err.expected if not t.startswith("__"))
+        hint = f"; expected {', '.join(expected)}" if expected and len(expected) <= 6 else ""
+        if tok.type == "$END" or getattr(tok, "line", None) in (None, -1):
+            return CellError(f"unexpected end of file{hint}", source.last_pos, source)
+        if str(tok) in KEYWORDS and tok.type != "NAME":
+            return CellError(f"'{tok}' is a reserved keyword and cannot be used here",
+                             _pos(tok), source)
+        text = "end of line" if tok.type == "_NL" else repr(str(tok))
+        return CellError(f"unexpected {text}{hint}", _pos(tok), source)
+    if isinstance(err, lark.exceptions.UnexpectedEOF):
+        return CellError("unexpected end of file", source.last_pos, source)
+    return CellError(f"syntax error: {err}", None, source)
+
+
+def parse(source: Source) -> Module:
+    """Parse a whole `.cell` file; raises CellError on a syntax error."""
+    try:
+        tree = _parser().parse(source.text + "\n")
+    except lark.exceptions.LarkError as err:
+        raise _syntax_error(err, source) from None
+    module = _ToAst().transform(tree)
+    if not module.cells:
+        raise CellError("no cell in this file (expected 'cell NAME { ... }')", Pos(1, 1), source)
+    return module

@@ -1,0 +1,1 @@
+"""jinja2 CUDA templates, shipped as package data."""
