@@ -3,18 +3,24 @@
     source --parse--> AST --check--> step IR --hoist--> regions
            --autodiff--> backward regions --plan--> Plan --backend--> module
 
-Each stage is a function of the previous stage's result; `STAGES` names the
-printable ones for `rnnc emit --stage NAME`.
+`compile` runs the stages in order; `emit` prints any one of them
+(`rnnc emit --stage NAME`).
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import CellError, Source
 from .frontend import check as checker
 from .frontend import parse as parser
-from .ir import format_cell
+from .ir import Cell, format_cell
+from .passes.autodiff import Backward, vjp
+from .passes.hoist import Hoisted, hoist
+from .passes.plan import Plan, make_plan
+
+STAGES = ("ast", "ir", "hoist", "grad", "plan")
 
 
 def read_source(path_or_text: str | os.PathLike) -> Source:
@@ -33,14 +39,63 @@ def check_source(source: Source, cell: str | None = None, dims: dict | None = No
     return checker.check(parser.parse(source), source, cell, dims)
 
 
-def emit(source: Source, stage: str, cell: str | None = None, dims: dict | None = None) -> str:
+def differentiate(hoisted: Hoisted) -> dict:
+    """The backward region of each forward region, w.r.t. everything it reads."""
+    return {name: vjp(graph, tuple(v.name for v in graph.inputs))
+            for name, graph in (("seq", hoisted.seq), ("pre", hoisted.pre), ("step", hoisted.step))}
+
+
+@dataclass(frozen=True)
+class Program:
+    """A checked, differentiated and planned cell, ready to load on a backend."""
+
+    source: Source
+    cell: Cell
+    warnings: tuple
+    hoisted: Hoisted
+    grads: dict  # region name -> Backward
+    plan: Plan
+
+    def load(self, backend: str = "numpy", dtype: str | None = None):
+        if backend == "numpy":
+            from .backends.numpy import NumpyModule
+            return NumpyModule(self, dtype or "float64")
+        raise ValueError(f"backend: unknown backend {backend!r} (backends: numpy)")
+
+
+def require_dims(cell: Cell, source: Source):
+    unbound = [name for name, value in cell.dims if value is None]
+    if unbound:
+        raise checker.BindError(f"dims {', '.join(unbound)} of cell '{cell.name}' need values "
+                                f"(dims={{'{unbound[0]}': ...}} or -D {unbound[0]}=...)", None, source)
+
+
+def compile(path_or_text, dims: dict | None = None, cell: str | None = None,
+            recompute="auto") -> Program:
+    """Run the whole pipeline on a `.cell` file (or its text)."""
+    source = read_source(path_or_text)
+    checked = check_source(source, cell, dims)
+    require_dims(checked.cell, source)
+    hoisted = hoist(checked.cell)
+    grads = differentiate(hoisted)
+    plan = make_plan(hoisted, grads["step"], recompute)
+    return Program(source, checked.cell, checked.warnings, hoisted, grads, plan)
+
+
+def emit(source: Source, stage: str, cell: str | None = None, dims: dict | None = None,
+         recompute="auto") -> str:
     """The text of one pipeline stage, as `rnnc emit --stage` prints it."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r} (stages: {', '.join(STAGES)})")
     if stage == "ast":
         return parser.format_ast(parser.parse(source))
     checked = check_source(source, cell, dims)
     if stage == "ir":
         return format_cell(checked.cell)
-    raise ValueError(f"unknown stage {stage!r} (stages: {', '.join(STAGES)})")
-
-
-STAGES = ("ast", "ir")
+    hoisted = hoist(checked.cell)
+    if stage == "hoist":
+        return hoisted.format()
+    grads = differentiate(hoisted)
+    if stage == "grad":
+        return "\n\n".join(b.format(f"backward of {name}") for name, b in grads.items())
+    return make_plan(hoisted, grads["step"], recompute).format()

@@ -117,9 +117,9 @@ def _fmt_attr(value) -> str:
 
 
 def format_node(n: Node) -> str:
-    attrs = "".join(f", {k}={_fmt_attr(v)}" for k, v in n.attrs)
+    parts = list(n.args) + [f"{k}={_fmt_attr(v)}" for k, v in n.attrs]
     kind = "" if n.batched else "  (shared)"
-    return f"{n.out}{shape_str(n.shape)} = {n.op}({', '.join(n.args)}{attrs}){kind}"
+    return f"{n.out}{shape_str(n.shape)} = {n.op}({', '.join(parts)}){kind}"
 
 
 def format_graph(g: Graph, title: str) -> str:

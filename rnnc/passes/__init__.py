@@ -1,0 +1,1 @@
+"""Passes over the step IR: hoist, autodiff, plan."""

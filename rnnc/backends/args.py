@@ -1,0 +1,130 @@
+"""Checking the arrays a caller passes in, shared by every backend.
+
+Nothing is broadcast or cast silently: a missing or unknown name, a wrong
+shape, a batch size that differs between arguments, a wrong dtype or a length
+outside 0..T is a ValueError that names the argument and both shapes.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..ir import Cell
+
+
+def concrete_shape(shape) -> tuple:
+    return tuple(int(s.value) for s in shape)
+
+
+def fmt(shape) -> str:
+    return "[" + ", ".join(str(s) for s in shape) + "]"
+
+
+def check_names(arg: str, given: dict | None, expected: list, required: bool) -> dict:
+    given = dict(given or {})
+    unknown = [k for k in given if k not in expected]
+    if unknown:
+        raise ValueError(f"{arg}: unknown name {unknown[0]!r} (expected: {', '.join(expected) or 'none'})")
+    missing = [k for k in expected if given.get(k) is None]
+    if required and missing:
+        raise ValueError(f"{arg}: missing {missing[0]!r} (expected: {', '.join(expected)})")
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def check_array(label: str, array, expected: tuple, dtype, array_type=np.ndarray):
+    if not isinstance(array, array_type):
+        raise ValueError(f"{label}: expected an array of shape {fmt(expected)} and dtype "
+                         f"{np.dtype(dtype).name}, got {type(array).__name__}")
+    if tuple(array.shape) != tuple(expected):
+        raise ValueError(f"{label}: expected shape {fmt(expected)}, got {fmt(array.shape)}")
+    if np.dtype(array.dtype) != np.dtype(dtype):
+        raise ValueError(f"{label}: dtype {np.dtype(array.dtype).name} but the module's dtype is "
+                         f"{np.dtype(dtype).name} (convert it with .astype('{np.dtype(dtype).name}'))")
+    return array
+
+
+class Binder:
+    """Fixes T and B from the first batched array and checks every argument against them."""
+
+    def __init__(self, cell: Cell, dtype, array_type=np.ndarray):
+        self.cell, self.dtype, self.array_type = cell, dtype, array_type
+        self.T = self.B = None
+        self.first = None
+
+    def _fix(self, label: str, dim: str, value: int):
+        if getattr(self, dim) is None:
+            setattr(self, dim, int(value))
+            self.first = self.first or label
+
+    def _batched(self, label, array, shape, with_time):
+        if not isinstance(array, self.array_type) or array.ndim != len(shape) + 1 + with_time:
+            lead = "T, B" if with_time else "B"
+            raise ValueError(f"{label}: expected shape [{lead}{''.join(', ' + str(s) for s in shape)}], "
+                             f"got {fmt(getattr(array, 'shape', ())) if hasattr(array, 'shape') else type(array).__name__}")
+        if with_time:
+            self._fix(label, "T", array.shape[0])
+        self._fix(label, "B", array.shape[with_time])
+        lead = (self.T, self.B) if with_time else (self.B,)
+        if tuple(array.shape[:len(lead)]) != lead:
+            what = "sequence length T" if with_time and array.shape[0] != self.T else "batch size B"
+            raise ValueError(f"{label}: expected shape {fmt(lead + shape)}, got {fmt(array.shape)} "
+                             f"({what} differs from {self.first})")
+        return check_array(label, array, lead + shape, self.dtype, self.array_type)
+
+    def sequence(self, label, array, shape):
+        return self._batched(label, array, shape, with_time=True)
+
+    def per_batch(self, label, array, shape):
+        return self._batched(label, array, shape, with_time=False)
+
+    def lengths(self, lengths):
+        if lengths is None:
+            return None
+        if not isinstance(lengths, np.ndarray) or lengths.shape != (self.B,):
+            shape = fmt(lengths.shape) if hasattr(lengths, "shape") else type(lengths).__name__
+            raise ValueError(f"lengths: expected shape [{self.B}] (one length per batch element), got {shape}")
+        if not np.issubdtype(lengths.dtype, np.integer):
+            raise ValueError(f"lengths: expected an integer array, got dtype {lengths.dtype}")
+        if lengths.size and (lengths.min() < 0 or lengths.max() > self.T):
+            raise ValueError(f"lengths: every length must lie in 0..{self.T} (T), got "
+                             f"{int(lengths.min())}..{int(lengths.max())}")
+        return lengths
+
+
+def bind_forward(cell: Cell, dtype, inputs, params, states, contexts, lengths,
+                 array_type=np.ndarray):
+    """Checked arguments of `forward`: (T, B, inputs, params, states, contexts, lengths)."""
+    kinds = {k: [d for d in cell.decls if d.kind == k] for k in ("input", "param", "state", "context")}
+    b = Binder(cell, dtype, array_type)
+    inputs = check_names("inputs", inputs, [d.name for d in kinds["input"]], True)
+    params = check_names("params", params, [d.name for d in kinds["param"]], True)
+    contexts = check_names("contexts", contexts, [d.name for d in kinds["context"]], True)
+    states = check_names("states", states, [d.name for d in kinds["state"]], False)
+    inputs = {d.name: b.sequence(f"inputs[{d.name!r}]", inputs[d.name], concrete_shape(d.shape))
+              for d in kinds["input"]}
+    contexts = {d.name: b.per_batch(f"contexts[{d.name!r}]", contexts[d.name], concrete_shape(d.shape))
+                for d in kinds["context"]}
+    states = {d.name: b.per_batch(f"states[{d.name!r}]", states[d.name], concrete_shape(d.shape))
+              for d in kinds["state"] if d.name in states}
+    params = {d.name: check_array(f"params[{d.name!r}]", params[d.name], concrete_shape(d.shape),
+                                  dtype, array_type) for d in kinds["param"]}
+    return b.T, b.B, inputs, params, states, contexts, b.lengths(lengths)
+
+
+def bind_cotangents(cell: Cell, dtype, T: int, B: int, d_outputs, d_states, array_type=np.ndarray):
+    """Checked `d_outputs` ([T, B, ...]) and `d_states` ([B, ...]); missing entries mean zero."""
+    values = {**{d.name: d for d in cell.decls}}
+    out_shapes = {}
+    for name, value in cell.outputs:
+        out_shapes[name] = _shape_of(cell, value)
+    d_outputs = check_names("d_outputs", d_outputs, list(out_shapes), False)
+    d_states = check_names("d_states", d_states, [d.name for d in cell.decls if d.kind == "state"], False)
+    b = Binder(cell, dtype, array_type)
+    b.T, b.B, b.first = T, B, "the forward's inputs"
+    d_outputs = {k: b.sequence(f"d_outputs[{k!r}]", v, out_shapes[k]) for k, v in d_outputs.items()}
+    d_states = {k: b.per_batch(f"d_states[{k!r}]", v, concrete_shape(values[k].shape))
+                for k, v in d_states.items()}
+    return d_outputs, d_states
+
+
+def _shape_of(cell: Cell, value: str) -> tuple:
+    return concrete_shape(cell.graph.values()[value].shape)

@@ -1,0 +1,69 @@
+"""Reverse-mode autodiff of one region.
+
+A short loop over the region's nodes in reverse: each op's VJP rule (in
+`ops.py`, beside the op) returns one cotangent per input, and cotangents that
+reach the same value are added. The result is a backward region that reads
+forward values (the residuals) and the cotangents of the forward outputs, and
+gives the cotangents of the requested inputs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..ir import Graph, Value, format_graph
+from ..ops import OPS, Builder
+
+
+def cotangent_name(value: str) -> str:
+    return f"d:{value}"
+
+
+@dataclass(frozen=True)
+class Backward:
+    graph: Graph  # inputs: residuals, then the cotangents of the forward outputs
+    seeds: tuple  # (forward output, cotangent input name)
+    grads: tuple  # (forward input, cotangent name or None when it gets none)
+
+    @property
+    def residuals(self) -> tuple:
+        """The forward values this backward region reads."""
+        seeds = {s for _, s in self.seeds}
+        return tuple(v.name for v in self.graph.inputs if v.name not in seeds)
+
+    def format(self, title: str) -> str:
+        grads = ", ".join(f"{v} <- {g or '0'}" for v, g in self.grads)
+        return format_graph(self.graph, title) + f"\n  gives {grads or '(nothing)'}"
+
+
+def vjp(forward: Graph, wrt: tuple) -> Backward:
+    """The backward region of `forward`: cotangents of `wrt` from those of its outputs."""
+    values = forward.values()
+    outputs = tuple(dict.fromkeys(forward.outputs))  # an output may be listed twice
+    seeds = tuple((o, cotangent_name(o)) for o in outputs)
+    builder = Builder({**values, **{s: Value(s, values[o].shape, values[o].batched)
+                                    for o, s in seeds}}, prefix="%g")
+    cot = {o: s for o, s in seeds}
+    for node in reversed(forward.nodes):
+        if node.out not in cot or OPS[node.op].vjp is None:
+            continue
+        for arg, g in zip(node.args, OPS[node.op].vjp(builder, node, cot[node.out])):
+            if g is not None:
+                cot[arg] = builder.add(cot[arg], g) if arg in cot else g
+    grads = tuple((w, cot.get(w)) for w in wrt)
+    nodes = _live(builder.nodes, [g for _, g in grads if g is not None])
+    produced = {n.out for n in nodes}
+    read = {a for n in nodes for a in n.args} | {g for _, g in grads if g is not None}
+    seed_names = [s for _, s in seeds]
+    inputs = [values[v] for v in values if v in read and v not in produced]
+    inputs += [builder.values[s] for s in seed_names]
+    return Backward(Graph(tuple(inputs), tuple(nodes), tuple(g for _, g in grads if g)),
+                    seeds, grads)
+
+
+def _live(nodes, roots):
+    needed, live = set(roots), []
+    for n in reversed(nodes):
+        if n.out in needed:
+            live.append(n)
+            needed.update(n.args)
+    return list(reversed(live))
