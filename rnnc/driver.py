@@ -41,7 +41,7 @@ def check_source(source: Source, cell: str | None = None, dims: dict | None = No
 
 def differentiate(hoisted: Hoisted) -> dict:
     """The backward region of each forward region, w.r.t. everything it reads."""
-    return {name: vjp(graph, tuple(v.name for v in graph.inputs))
+    return {name: vjp(graph, tuple(v.name for v in graph.inputs), prefix=f"%{name}:")
             for name, graph in (("seq", hoisted.seq), ("pre", hoisted.pre), ("step", hoisted.step))}
 
 

@@ -75,14 +75,13 @@ class NumpyModule:
         if self.dtype not in (np.float32, np.float64):
             raise ValueError(f"dtype: expected 'float32' or 'float64', got {dtype!r}")
         h = program.hoisted
+        self.run_seq = Runner(h.seq.nodes, h.seq.values())
+        self.run_pre = Runner(h.pre.nodes, h.pre.values())
+        self.run_step = Runner(h.step.nodes, h.step.values())
+        self.run_recompute = Runner(program.plan.recompute, h.step.values())
+        self.run_grad = {k: Runner(b.graph.nodes, b.graph.values()) for k, b in program.grads.items()}
+        # every value's shape, by name (compiler-made names differ between regions)
         self.values = {**h.cell.graph.values(), **h.seq.values(), **h.pre.values(), **h.step.values()}
-        for region in program.grads.values():
-            self.values.update(region.graph.values())
-        self.run_seq = Runner(h.seq.nodes, self.values)
-        self.run_pre = Runner(h.pre.nodes, self.values)
-        self.run_step = Runner(h.step.nodes, self.values)
-        self.run_recompute = Runner(program.plan.recompute, self.values)
-        self.run_grad = {k: Runner(b.graph.nodes, self.values) for k, b in program.grads.items()}
 
     # --- parameters -----------------------------------------------------------
     def init_params(self, seed: int = 0) -> dict:
@@ -112,7 +111,7 @@ class NumpyModule:
             self.cell, self.dtype, inputs, params, states, contexts, lengths)
         h, plan = self.program.hoisted, self.program.plan
         shared = self.run_seq.run({**params, **contexts})
-        hoisted = self._run_pre(shared, inputs, T, B)
+        hoisted, pre_residuals = self._run_pre(shared, inputs, T, B, train)
         state = {d.name: states.get(d.name, np.zeros((B,) + self._shape(d.name), self.dtype))
                  for d in self.cell.of_kind("state")}
         outputs = {o: np.zeros((T, B) + self._shape(v), self.dtype) for o, v in self.cell.outputs}
@@ -133,16 +132,21 @@ class NumpyModule:
                     valid.reshape((B,) + (1,) * (new.ndim - 1)) > 0, new, state[s])
         stored = sum(a.nbytes for step in tape for a in step.values()) if train else 0
         saved = dict(T=T, B=B, inputs=inputs, params=params, contexts=contexts, lengths=lengths,
-                     shared=shared, hoisted=hoisted, tape=tape) if train else None
+                     shared=shared, hoisted=hoisted, pre_residuals=pre_residuals, tape=tape) if train else None
         return ForwardResult(outputs, dict(state), stored, saved)
 
-    def _run_pre(self, shared, inputs, T, B) -> dict:
+    def _run_pre(self, shared, inputs, T, B, train):
+        """The hoisted values as [T, B, ...], and (training) the T*B-row values
+        the backward of `pre` reads."""
         pre = self.program.hoisted.pre
         if not pre.nodes:
-            return {}
+            return {}, {}
         rows = {x: a.reshape((T * B,) + a.shape[2:]) for x, a in inputs.items()}
         env = self.run_pre.run({**shared, **rows})
-        return {v: env[v].reshape((T, B) + env[v].shape[1:]) for v in pre.outputs}
+        hoisted = {v: env[v].reshape((T, B) + env[v].shape[1:]) for v in pre.outputs}
+        produced = {n.out for n in pre.nodes}
+        residuals = {v: env[v] for v in self.program.grads["pre"].residuals if v in produced}
+        return hoisted, residuals if train else {}
 
     @staticmethod
     def _step_env(shared, inputs, hoisted, t) -> dict:
@@ -219,6 +223,7 @@ class NumpyModule:
         flat = lambda a: a.reshape((T * B,) + a.shape[2:])
         env = dict(saved["shared"])
         env.update((x, flat(a)) for x, a in saved["inputs"].items())
+        env.update(saved["pre_residuals"])
         env.update((seed, flat(d_rows[out])) for out, seed in pre_bwd.seeds)
         self.run_grad["pre"].run(env)
         for w, g in pre_bwd.grads:

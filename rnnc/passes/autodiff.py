@@ -35,13 +35,14 @@ class Backward:
         return format_graph(self.graph, title) + f"\n  gives {grads or '(nothing)'}"
 
 
-def vjp(forward: Graph, wrt: tuple) -> Backward:
-    """The backward region of `forward`: cotangents of `wrt` from those of its outputs."""
+def vjp(forward: Graph, wrt: tuple, prefix: str = "%g") -> Backward:
+    """The backward region of `forward`: cotangents of `wrt` from those of its outputs.
+    New values are named `prefix` + a number."""
     values = forward.values()
     outputs = tuple(dict.fromkeys(forward.outputs))  # an output may be listed twice
     seeds = tuple((o, cotangent_name(o)) for o in outputs)
     builder = Builder({**values, **{s: Value(s, values[o].shape, values[o].batched)
-                                    for o, s in seeds}}, prefix="%g")
+                                    for o, s in seeds}}, prefix=prefix)
     cot = {o: s for o, s in seeds}
     for node in reversed(forward.nodes):
         if node.out not in cot or OPS[node.op].vjp is None:
