@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+import numpy as np
+
 from . import driver
 from .errors import CellError
 
@@ -47,6 +49,48 @@ def cmd_emit(args) -> int:
     return 0
 
 
+def cmd_gradcheck(args) -> int:
+    from .gradcheck import gradcheck
+    prog = compile_for_cli(args)
+    module = prog.load(backend="numpy", dtype="float64")
+    report = gradcheck(module, T=args.seq_len, B=args.batch, with_lengths=args.lengths)
+    print(report.format())
+    ok = report.worst <= args.tolerance
+    print(f"{'ok' if ok else 'FAILED'}: tolerance {args.tolerance:.0e}")
+    return 0 if ok else 1
+
+
+def cmd_run(args) -> int:
+    import time
+
+    from .gradcheck import random_arguments
+    prog = compile_for_cli(args)
+    module = prog.load(backend="numpy", dtype=args.dtype)
+    arrays = random_arguments(module, args.seq_len, args.batch)
+    start = time.perf_counter()
+    result = module.forward(**arrays)
+    middle = time.perf_counter()
+    ones = {k: np.ones_like(v) for k, v in result.outputs.items()}
+    grads = module.backward(result, ones)
+    end = time.perf_counter()
+    for group, table in (("output", result.outputs), ("state", result.states),
+                         ("d param", grads.params), ("d input", grads.inputs)):
+        for name, array in table.items():
+            print(f"{group:>8} {name}: {list(array.shape)}")
+    print(f"forward {1e3 * (middle - start):.1f} ms, backward {1e3 * (end - middle):.1f} ms "
+          f"(numpy, {args.dtype}, T={args.seq_len}, B={args.batch})")
+    return 0
+
+
+def compile_for_cli(args):
+    from .driver import compile as compile_cell
+    program = compile_cell(args.file, dims=parse_dims(args.D), cell=args.cell,
+                           recompute=getattr(args, "recompute", "auto"))
+    for warning in program.warnings:
+        print(warning.format(), file=sys.stderr)
+    return program
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rnnc", description="A compiler for recurrent cells.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -68,6 +112,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = with_cell(command("emit", cmd_emit, "print one stage of the pipeline"))
     c.add_argument("--stage", required=True, choices=driver.STAGES)
+
+    c = with_cell(command("gradcheck", cmd_gradcheck,
+                          "check gradients against float64 finite differences (numpy backend)"))
+    c.add_argument("--seq-len", type=int, default=3, metavar="T")
+    c.add_argument("--batch", type=int, default=2, metavar="B")
+    c.add_argument("--lengths", action="store_true", help="random sequence lengths")
+    c.add_argument("--tolerance", type=float, default=1e-6)
+    c.add_argument("--recompute", default="auto", help="none, all, auto or value names")
+
+    c = with_cell(command("run", cmd_run, "forward and backward on random data, with timing"))
+    c.add_argument("--seq-len", type=int, default=20, metavar="T")
+    c.add_argument("--batch", type=int, default=8, metavar="B")
+    c.add_argument("--dtype", default="float64", choices=("float32", "float64"))
+    c.add_argument("--recompute", default="auto", help="none, all, auto or value names")
     return p
 
 
