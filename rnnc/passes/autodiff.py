@@ -52,6 +52,9 @@ def vjp(forward: Graph, wrt: tuple, prefix: str = "%g") -> Backward:
                 cot[arg] = builder.add(cot[arg], g) if arg in cot else g
     grads = tuple((w, cot.get(w)) for w in wrt)
     nodes = _live(builder.nodes, [g for _, g in grads if g is not None])
+    # literals are free: the backward makes its own rather than storing them
+    read = {a for n in nodes for a in n.args}
+    nodes = [n for n in forward.nodes if n.op == "const" and n.out in read] + nodes
     produced = {n.out for n in nodes}
     read = {a for n in nodes for a in n.args} | {g for _, g in grads if g is not None}
     seed_names = [s for _, s in seeds]

@@ -1,0 +1,192 @@
+"""The NumPy reference backend: gradients, semantics, argument checking."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import rnnc
+from rnnc.driver import check_source, read_source
+from rnnc.gradcheck import gradcheck, random_arguments
+from rnnc.passes.hoist import classify
+
+EXAMPLES = sorted(Path(__file__).resolve().parent.parent.glob("examples/*.cell"))
+SMALL = {"D": 3, "H": 2, "E": 3, "S": 4}
+
+
+def compile_small(path, **kw):
+    declared = [name for name, _ in check_source(read_source(path)).cell.dims]
+    return rnnc.compile(path, dims={d: SMALL[d] for d in declared}, **kw)
+
+
+@pytest.mark.parametrize("lengths", [False, True], ids=["full", "lengths"])
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_example_gradients_match_finite_differences(path, lengths):
+    module = compile_small(path, recompute="none").load(dtype="float64")
+    report = gradcheck(module, T=3, B=3, seed=7, with_lengths=lengths)
+    assert report.worst < 1e-6, report.format()
+    # every kind of argument was checked
+    kinds = {k.split("[")[0] for k in report.errors}
+    assert {"params", "inputs", "states"} <= kinds
+
+
+def lstm(dims=None, **kw):
+    return rnnc.compile(Path(EXAMPLES[0]).with_name("lstm.cell"), dims=dims or {"D": 3, "H": 4}, **kw)
+
+
+def test_hoisting_splits_the_step():
+    cell = lstm().cell
+    region = classify(cell)
+    dots = {n.args: region[n.out] for n in cell.nodes if n.op == "dot"}
+    assert dots == {("x", "W"): "pre", ("h", "U"): "step"}
+    att = compile_small(Path(EXAMPLES[0]).with_name("attention_lstm.cell")).cell
+    assert classify(att)["keys"] == "seq"
+
+
+def test_attention_is_per_example():
+    """alpha[S] @ enc[S, E] is a vector-matrix product for each batch element;
+    compared with the cell's equations written out per element by hand."""
+    prog = compile_small(Path(EXAMPLES[0]).with_name("attention_lstm.cell"))
+    mod = prog.load()
+    args = random_arguments(mod, T=2, B=3, seed=1)
+    res = mod.forward(**args)
+    p = args["params"]
+    sig = lambda z: 1 / (1 + np.exp(-z))
+    for b in range(3):
+        h, c, ctx = (args["states"][k][b] for k in ("h", "c", "ctx"))
+        enc = args["contexts"]["enc"][b]
+        keys = enc @ p["We"]
+        for t in range(2):
+            gates = args["inputs"]["x"][t, b] @ p["W"] + np.concatenate([h, ctx]) @ p["U"] + p["b"]
+            i, f, g, o = np.split(gates, 4)
+            c = sig(f) * c + sig(i) * np.tanh(g)
+            h = sig(o) * np.tanh(c)
+            score = (np.tanh(keys + h @ p["Wd"]) * p["v"]).sum(-1)
+            alpha = np.exp(score - score.max())
+            alpha /= alpha.sum()
+            ctx = alpha @ enc
+            np.testing.assert_allclose(res.outputs["y"][t, b], h, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(res.states["ctx"][b], ctx, rtol=1e-12, atol=1e-12)
+
+
+def test_lengths_carry_states_and_zero_outputs():
+    mod = lstm().load()
+    args = random_arguments(mod, T=5, B=3, seed=2)
+    lengths = args["lengths"] = np.array([5, 2, 0])
+    res = mod.forward(**args)
+    for b, n in enumerate(lengths):
+        alone = {**args, "lengths": None, "inputs": {"x": args["inputs"]["x"][:n, b:b + 1]},
+                 "states": {k: v[b:b + 1] for k, v in args["states"].items()}}
+        if n:
+            ref = mod.forward(**alone)
+            np.testing.assert_allclose(res.outputs["y"][:n, b], ref.outputs["y"][:, 0], atol=1e-13)
+            for k in ("h", "c"):
+                np.testing.assert_allclose(res.states[k][b], ref.states[k][0], atol=1e-13)
+        else:
+            for k in ("h", "c"):
+                np.testing.assert_array_equal(res.states[k][b], args["states"][k][b])
+        assert np.all(res.outputs["y"][n:, b] == 0)
+
+
+def test_defaults_mean_zeros():
+    mod = lstm().load()
+    args = random_arguments(mod, T=3, B=2, seed=3)
+    zeros = {k: np.zeros_like(v) for k, v in args["states"].items()}
+    a = mod.forward(args["inputs"], args["params"])
+    b = mod.forward(args["inputs"], args["params"], states=zeros)
+    np.testing.assert_array_equal(a.outputs["y"], b.outputs["y"])
+    ga = mod.backward(a, d_states={"h": np.ones((2, 4))})
+    gb = mod.backward(b, d_outputs={"y": np.zeros((3, 2, 4))},
+                      d_states={"h": np.ones((2, 4)), "c": None})
+    for k in ga.params:
+        np.testing.assert_array_equal(ga.params[k], gb.params[k])
+
+
+def test_float32_module_agrees_with_float64():
+    prog = lstm()
+    m64, m32 = prog.load(dtype="float64"), prog.load(dtype="float32")
+    args = random_arguments(m64, T=4, B=2, seed=4)
+    args32 = {k: ({n: a.astype(np.float32) for n, a in v.items()} if isinstance(v, dict) else v)
+              for k, v in args.items()}
+    r64, r32 = m64.forward(**args), m32.forward(**args32)
+    assert r32.outputs["y"].dtype == np.float32
+    np.testing.assert_allclose(r32.outputs["y"], r64.outputs["y"], atol=1e-5)
+    g32 = m32.backward(r32, {"y": np.ones((4, 2, 4), np.float32)})
+    g64 = m64.backward(r64, {"y": np.ones((4, 2, 4))})
+    assert g32.params["W"].dtype == np.float32
+    np.testing.assert_allclose(g32.params["U"], g64.params["U"], atol=1e-4)
+
+
+def test_init_params():
+    text = "cell c {\n dim D, H\n input x[D]\n state h[H]\n param W[D, H], b[H] = -0.5, v[H]\n" \
+           " next h = tanh(x @ W + b + v * h)\n}"
+    mod = rnnc.compile(text, dims={"D": 16, "H": 3}).load(dtype="float32")
+    p = mod.init_params(seed=0)
+    assert all(a.dtype == np.float32 for a in p.values())
+    assert np.all(p["b"] == -0.5)
+    assert np.abs(p["W"]).max() <= 1 / np.sqrt(16) and np.abs(p["W"]).std() > 0.05
+    assert np.abs(p["v"]).max() <= 1 / np.sqrt(3)
+    np.testing.assert_array_equal(mod.init_params(seed=0)["W"], p["W"])
+    assert not np.array_equal(mod.init_params(seed=1)["W"], p["W"])
+
+
+# --- argument checking ----------------------------------------------------------
+def bad_calls():
+    T, B, D, H = 3, 2, 3, 4
+    x = np.zeros((T, B, D))
+    yield "missing input", dict(inputs={}), ["inputs", "'x'"]
+    yield "unknown input", dict(inputs={"x": x, "q": x}), ["inputs", "'q'", "x"]
+    yield "wrong input shape", dict(inputs={"x": np.zeros((T, B, D + 1))}), ["inputs['x']", "[3, 2, 3]", "[3, 2, 4]"]
+    yield "input of rank 2", dict(inputs={"x": np.zeros((T, D))}), ["inputs['x']", "[T, B, 3]", "[3, 3]"]
+    yield "wrong dtype", dict(inputs={"x": x.astype(np.float32)}), ["inputs['x']", "float32", "float64"]
+    yield "not an array", dict(inputs={"x": x.tolist()}), ["inputs['x']", "list"]
+    yield "state batch differs", dict(states={"h": np.zeros((B + 1, H))}), ["states['h']", "[2, 4]", "[3, 4]", "batch"]
+    yield "unknown state", dict(states={"z": np.zeros((B, H))}), ["states", "'z'", "h, c"]
+    yield "missing param", dict(params={"W": np.zeros((D, 4 * H))}), ["params", "'U'"]
+    yield "param shape", dict(params="W_wrong"), ["params['W']", "[3, 16]", "[16, 3]"]
+    yield "unknown context", dict(contexts={"enc": x}), ["contexts", "'enc'"]
+    yield "length above T", dict(lengths=np.array([1, 4])), ["lengths", "0..3"]
+    yield "negative length", dict(lengths=np.array([-1, 2])), ["lengths", "0..3"]
+    yield "lengths shape", dict(lengths=np.array([1, 2, 3])), ["lengths", "[2]", "[3]"]
+    yield "float lengths", dict(lengths=np.array([1.0, 2.0])), ["lengths", "integer"]
+
+
+@pytest.mark.parametrize("case,override,words", list(bad_calls()), ids=[c[0] for c in bad_calls()])
+def test_bad_forward_arguments(case, override, words):
+    mod = lstm().load()
+    params = mod.init_params()
+    if override.get("params") == "W_wrong":
+        override = dict(params={**params, "W": params["W"].T.copy()})
+    call = dict(inputs={"x": np.zeros((3, 2, 3))}, params=params)
+    call.update(override)
+    with pytest.raises(ValueError) as err:
+        mod.forward(**call)
+    for word in words:
+        assert word in str(err.value), str(err.value)
+
+
+def test_bad_backward_arguments():
+    mod = lstm().load()
+    res = mod.forward({"x": np.zeros((3, 2, 3))}, mod.init_params())
+    with pytest.raises(ValueError, match=r"d_outputs.*'z'.*y"):
+        mod.backward(res, {"z": np.zeros((3, 2, 4))})
+    with pytest.raises(ValueError, match=r"d_outputs\['y'\].*\[3, 2, 4\].*\[3, 2, 5\]"):
+        mod.backward(res, {"y": np.zeros((3, 2, 5))})
+    with pytest.raises(ValueError, match=r"d_states\['c'\].*\[2, 4\].*\[2, 3\]"):
+        mod.backward(res, d_states={"c": np.zeros((2, 3))})
+    inference = mod.forward({"x": np.zeros((3, 2, 3))}, mod.init_params(), train=False)
+    with pytest.raises(ValueError, match="train=False"):
+        mod.backward(inference, {"y": np.zeros((3, 2, 4))})
+
+
+def test_bad_program_arguments():
+    prog = lstm()
+    with pytest.raises(ValueError, match="float32.*float64.*float16"):
+        prog.load(dtype="float16")
+    with pytest.raises(ValueError, match="backend.*numpy"):
+        prog.load(backend="tpu")
+    with pytest.raises(ValueError, match="none, all, auto"):
+        lstm(recompute="sometimes")
+    with pytest.raises(rnnc.CellError, match="D, H"):
+        rnnc.compile(Path(EXAMPLES[0]).with_name("lstm.cell"))
+    with pytest.raises(ValueError, match="no dim 'K'"):
+        lstm(dims={"D": 3, "H": 4, "K": 2})
