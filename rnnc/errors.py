@@ -50,7 +50,10 @@ class CellError(Exception):
 
     def format(self, kind: str = "error") -> str:
         if self.pos is None:
-            return f"{self.file}: {kind}: {self.message}"
+            # Not tied to a file (a bad command-line value, a file that cannot
+            # be read): reported the way argparse reports usage mistakes.
+            where = self.source.name if self.source else "rnnc"
+            return f"{where}: {kind}: {self.message}"
         head = f"{self.file}:{self.pos.line}:{self.pos.col}: {kind}: {self.message}"
         text = self.source.line_text(self.pos.line) if self.source else None
         if text is None:
@@ -73,14 +76,24 @@ class Source:
     name: str
     text: str
 
+    @property
+    def lines(self) -> list:
+        """The lines as the parser counts them: split at newlines only."""
+        return [line.rstrip("\r") for line in self.text.split("\n")]
+
     def line_text(self, line: int) -> str | None:
-        lines = self.text.splitlines()
+        lines = self.lines
         if 1 <= line <= len(lines):
-            return lines[line - 1].expandtabs(1)
+            # One column per character, as positions count them (a tab is one).
+            return "".join(c if c.isprintable() else " " for c in lines[line - 1])
         return None
 
     @property
     def last_pos(self) -> Pos:
-        """Where an unexpected end of file is reported: the end of the last line."""
-        lines = self.text.splitlines() or [""]
-        return Pos(len(lines), len(lines[-1]) + 1)
+        """Where an unexpected end of file is reported: just after the last
+        character of the last line that is not blank (line 1 if all are)."""
+        lines = self.lines
+        for number in range(len(lines), 0, -1):
+            if lines[number - 1].strip():
+                return Pos(number, len(lines[number - 1].rstrip()) + 1)
+        return Pos(1, 1)

@@ -8,6 +8,7 @@ made. Dims given by the caller are substituted as the shapes are built, so
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .. import ops
@@ -40,7 +41,8 @@ def select_cell(module: ast.Module, name: str | None, source: Source) -> ast.Cel
         if cell.name == name:
             return cell
     names = ", ".join(c.name for c in module.cells)
-    raise BindError(f"no cell named {name!r} in this file (cells: {names})", None, source)
+    raise BindError(f"no cell named {name!r} in this file (cells: {names})",
+                    module.cells[0].pos, source)
 
 
 def check(module: ast.Module, source: Source, cell: str | None = None,
@@ -69,7 +71,11 @@ class _Checker:
     def run(self) -> Checked:
         self._check_binding()
         for stmt in self.cell.body:
-            getattr(self, "_" + type(stmt).__name__.lower())(stmt)
+            try:
+                getattr(self, "_" + type(stmt).__name__.lower())(stmt)
+            except RecursionError:
+                raise CellError("this statement is nested too deeply to check (thousands of "
+                                "levels of calls, parentheses or unary '-')", stmt.pos) from None
         return self._finish()
 
     def _finish(self) -> Checked:
@@ -126,6 +132,12 @@ class _Checker:
             return self.scope[ref.id][2]
         if ref.id in self.dims:
             raise CellError(f"'{ref.id}' is a dim; dims can only be used in shapes", ref.pos)
+        if ref.id in ast.KEYWORDS:
+            raise CellError(f"'{ref.id}' is a reserved keyword and cannot be used as a name",
+                            ref.pos)
+        if ref.id in BUILTINS:
+            raise CellError(f"'{ref.id}' is a built-in function; call it, as in "
+                            f"'{ref.id}(x)'", ref.pos)
         if ref.id in self.defined_later:
             p = self.defined_later[ref.id]
             raise CellError(f"'{ref.id}' is used before it is defined (at line {p.line}:{p.col})",
@@ -134,21 +146,35 @@ class _Checker:
 
     # --- dims and shapes ------------------------------------------------------
     def _check_binding(self):
-        declared = [item.id for s in self.cell.body if isinstance(s, ast.Decl) and s.kind == "dim"
-                    for item in s.items]
+        """Every bound dim is declared and a positive integer. The error points
+        at the dim's declaration (or the first dim list, or the cell's name)."""
+        dim_decls = [s for s in self.cell.body if isinstance(s, ast.Decl) and s.kind == "dim"]
+        declared = {item.id: item.pos for s in dim_decls for item in s.items}
         for name, value in self.binding.items():
             if name not in declared:
+                where = dim_decls[0].pos if dim_decls else self.cell.pos
                 raise BindError(f"-D {name}={value}: cell '{self.cell.name}' has no dim {name!r} "
-                                f"(dims: {', '.join(declared) or 'none'})", None)
+                                f"(dims: {', '.join(declared) or 'none'})", where)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise BindError(f"-D {name}={value}: a dim must be a positive integer", None)
+                raise BindError(f"-D {name}={value}: a dim must be a positive integer",
+                                declared[name])
+
+    def _with_binding(self) -> str:
+        """' (with H=5, ...)' when dims are bound: sizes in messages are numbers then."""
+        if not self.binding:
+            return ""
+        return " (with " + ", ".join(f"{k}={v}" for k, v in self.binding.items()) + ")"
 
     def _size(self, e) -> Size:
         if isinstance(e, ast.Number):
-            if e.value != int(e.value) or e.value < 1:
+            if not math.isfinite(e.value) or e.value != int(e.value) or e.value < 1:
                 raise CellError(f"a size must be a positive integer, not {e.value:g}", e.pos)
             return Size.const(int(e.value))
         if isinstance(e, ast.Name):
+            if e.id in self.scope:
+                kind = self.scope[e.id][0]
+                raise CellError(f"'{e.id}' is {'an' if kind[0] in 'aeiou' else 'a'} {kind}, not a "
+                                "dim; a shape is built from dims and integers", e.pos)
             if e.id not in self.dims:
                 raise CellError(f"undeclared dim '{e.id}' (declare it with 'dim {e.id}')", e.pos)
             return Size.const(self.binding[e.id]) if e.id in self.binding else Size.dim(e.id)
@@ -157,7 +183,8 @@ class _Checker:
             if e.op == "div":
                 q = a.divide(b)
                 if q is None or (not q.symbols and q.value is None):
-                    raise CellError(f"shape expression {a} / {b} is not an exact division", e.pos)
+                    raise CellError(f"shape expression {a} / {b} is not an exact division"
+                                    f"{self._with_binding()}", e.pos)
                 return q
             return {"add": a + b, "sub": a - b, "mul": a * b}[e.op]
         raise CellError("a shape is built from dims, integers, + - * / and parentheses", e.pos)
@@ -166,7 +193,8 @@ class _Checker:
         shape = tuple(self._size(e) for e in var.shape)
         for s, e in zip(shape, var.shape):
             if not s.symbols and (s.value is None or s.value < 1):
-                raise CellError(f"size {s} of '{var.name}' is not a positive integer", e.pos)
+                raise CellError(f"size {s} of '{var.name}' is not a positive integer"
+                                f"{self._with_binding()}", _start(e))
         return shape
 
     # --- statements -------------------------------------------------------------
@@ -183,12 +211,18 @@ class _Checker:
             self.decls.append(decl)
             self.builder.values[decl.name] = decl.value
 
-    def _literal(self, e) -> float:
+    def _literal(self, e, what: str = "a param's initial value") -> float:
+        """A number literal, optionally negated."""
+        value = None
         if isinstance(e, ast.Number):
-            return e.value
-        if isinstance(e, ast.Unary) and isinstance(e.operand, ast.Number):
-            return -e.operand.value
-        raise CellError("a param's initial value must be a number", e.pos)
+            value = e.value
+        elif isinstance(e, ast.Unary) and isinstance(e.operand, ast.Number):
+            value = -e.operand.value
+        if value is None:
+            raise CellError(f"{what} must be a number", e.pos)
+        if not math.isfinite(value):
+            raise CellError(f"{what} must be a finite number", e.pos)
+        return value
 
     def _assign(self, s: ast.Assign):
         if isinstance(s.value, ast.Call) and s.value.func == "split":
@@ -214,11 +248,14 @@ class _Checker:
         have, want = self.builder.values[value].shape, self.builder.values[name].shape
         if have != want:
             raise CellError(f"'next {name}' has shape {shape_str(have)} but state '{name}' is "
-                            f"{shape_str(want)}", s.value.pos)
+                            f"{shape_str(want)}", _start(s.value))
         self.nexts[name] = (value, s.pos)
 
     def _output(self, s: ast.Output):
         name = s.target.id
+        for other, _ in self.outputs:
+            if other == name:
+                raise CellError(f"output '{name}' is given twice", s.target.pos)
         if s.value is None:
             kind = self.scope.get(name, ("",))[0]
             if kind == "state":
@@ -229,8 +266,6 @@ class _Checker:
         else:
             self._bind(name, s.target.pos, "output")
             value = self._expr(s.value, name)
-        if any(o == name for o, _ in self.outputs):
-            raise CellError(f"output '{name}' is given twice", s.target.pos)
         self.outputs.append((name, value))
 
     # --- expressions ------------------------------------------------------------------
@@ -249,18 +284,29 @@ class _Checker:
         if isinstance(e, ast.Unary):
             return self._emit("neg", self._expr(e.operand, None), name=name, pos=e.pos)
         if isinstance(e, ast.Binary):
-            left, right = self._expr(e.left, None), self._expr(e.right, None)
-            if e.op == "matmul":
-                values = self.builder.values
-                try:
-                    spec = ops.matmul_spec(values[left], values[right])
-                except ops.ShapeError as err:
-                    raise CellError(str(err), e.pos) from None
-                return self._emit("dot", left, right, name=name, pos=e.pos, spec=spec)
-            return self._emit(e.op, left, right, name=name, pos=e.pos)
+            # Down the left spine without recursion: `a + b + c + ...` nests
+            # to the left, as deep as it has terms.
+            spine = []
+            while isinstance(e, ast.Binary):
+                spine.append(e)
+                e = e.left
+            left = self._expr(e, None)
+            for b in reversed(spine):
+                left = self._binary(b, left, self._expr(b.right, None), name if b is spine[0] else None)
+            return left
         if isinstance(e, ast.Call):
             return self._call(e, name)
         raise CellError(f"unexpected {type(e).__name__}", e.pos)  # keyword outside a call
+
+    def _binary(self, e: ast.Binary, left: str, right: str, name: str | None) -> str:
+        if e.op == "matmul":
+            values = self.builder.values
+            try:
+                spec = ops.matmul_spec(values[left], values[right])
+            except ops.ShapeError as err:
+                raise CellError(str(err), e.pos) from None
+            return self._emit("dot", left, right, name=name, pos=e.pos, spec=spec)
+        return self._emit(e.op, left, right, name=name, pos=e.pos)
 
     def _call_args(self, c: ast.Call, arity: int | None, min_args: int = 1):
         """Positional args and integer keyword args of a call, checked."""
@@ -269,6 +315,7 @@ class _Checker:
         positional = [a for a in c.args if not isinstance(a, ast.Keyword)]
         allowed = AXIS_FUNCS.get(c.func, ())
         keywords = {}
+        self.keyword_pos = {}
         for a in c.args:
             if not isinstance(a, ast.Keyword):
                 if keywords:
@@ -277,7 +324,10 @@ class _Checker:
             if a.name not in allowed:
                 valid = ", ".join(allowed) or "none"
                 raise CellError(f"{c.func}() has no argument '{a.name}' (keywords: {valid})", a.pos)
+            if a.name in keywords:
+                raise CellError(f"{c.func}() got argument '{a.name}' twice", a.pos)
             keywords[a.name] = self._int_literal(a.value, a.name)
+            self.keyword_pos[a.name] = a.pos
         n = len(positional)
         if arity is not None and n != arity:
             plural = "s" if arity != 1 else ""
@@ -287,8 +337,12 @@ class _Checker:
         return positional, keywords
 
     def _int_literal(self, e, what: str) -> int:
-        value = self._literal(e) if isinstance(e, (ast.Number, ast.Unary)) else None
-        if value is None or value != int(value):
+        value = None
+        if isinstance(e, ast.Number):
+            value = e.value
+        elif isinstance(e, ast.Unary) and isinstance(e.operand, ast.Number):
+            value = -e.operand.value
+        if value is None or not math.isfinite(value) or value != int(value):
             raise CellError(f"'{what}' must be an integer literal", e.pos)
         return int(value)
 
@@ -310,12 +364,16 @@ class _Checker:
     def _check_axis(self, axis: int, value: str, c: ast.Call):
         shape = self.builder.values[value].shape
         if not -len(shape) <= axis < len(shape):
+            where = self.keyword_pos.get("axis", c.pos)
             raise CellError(f"axis {axis} is out of range for {c.func}() of shape "
-                            f"{shape_str(shape)} (rank {len(shape)})", c.pos)
+                            f"{shape_str(shape)} (rank {len(shape)})", where)
 
     def _split(self, c: ast.Call, targets: int, names: list) -> list:
-        if len(c.args) < 2 or isinstance(c.args[1], ast.Keyword):
-            raise CellError("split() takes a value and a number of parts: split(x, n)", c.pos)
+        positional = [a for a in c.args if not isinstance(a, ast.Keyword)]
+        if len(positional) != 2 or isinstance(c.args[1], ast.Keyword):
+            raise CellError("split() takes a value and a number of parts: split(x, n) or "
+                            f"split(x, n, axis=k), got {len(positional)} positional "
+                            f"argument{'s' if len(positional) != 1 else ''}", c.pos)
         parts = self._int_literal(c.args[1], "parts")
         if parts < 1:
             raise CellError(f"split() needs a positive number of parts, not {parts}", c.args[1].pos)
@@ -331,10 +389,17 @@ class _Checker:
         part = size.divide(Size.const(parts))
         if not part.symbols and part.value is None:
             raise CellError(f"cannot split size {size} of {shape_str(shape)} into {parts} equal "
-                            "parts", c.pos)
+                            f"parts{self._with_binding()}", c.pos)
         return [self._emit("slice", value, name=nm, pos=c.pos, axis=axis % len(shape),
                            start=part * Size.const(k), stop=part * Size.const(k + 1))
                 for k, nm in enumerate(names)]
+
+
+def _start(e) -> Pos:
+    """Where an expression begins (a binary node's own position is its operator)."""
+    while isinstance(e, ast.Binary):
+        e = e.left
+    return e.pos
 
 
 def _live_nodes(nodes, roots):

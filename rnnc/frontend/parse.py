@@ -103,52 +103,80 @@ class Module(Node):
 
 
 def format_ast(node, indent: int = 0) -> str:
-    """An indented, stable rendering of an AST (for `rnnc emit --stage ast`)."""
-    pad = "  " * indent
-    if isinstance(node, tuple):
-        return "\n".join(format_ast(n, indent) for n in node)
-    if not isinstance(node, Node):
-        return pad + repr(node)
-    scalars, children = [], []
-    for f in fields(node):
-        if f.name == "pos":
+    """An indented, stable rendering of an AST (for `rnnc emit --stage ast`).
+
+    Written with an explicit stack, so a very long expression (a sum of
+    thousands of terms nests that deep) prints without recursion."""
+    lines = []
+    stack = [(node, indent)]
+    while stack:
+        node, indent = stack.pop()
+        pad = "  " * indent
+        if isinstance(node, str):  # a field label
+            lines.append(pad + node)
             continue
-        value = getattr(node, f.name)
-        if isinstance(value, (Node, tuple)) and value != ():
-            children.append((f.name, value))
-        else:
-            scalars.append(f"{f.name}={value!r}")
-    head = f"{pad}{type(node).__name__} @{node.pos.line}:{node.pos.col}"
-    if scalars:
-        head += " " + " ".join(scalars)
-    lines = [head]
-    for name, value in children:
-        lines.append(f"{pad}  {name}:")
-        lines.append(format_ast(value, indent + 2))
+        if isinstance(node, tuple):
+            stack.extend((n, indent) for n in reversed(node))
+            continue
+        if not isinstance(node, Node):
+            lines.append(pad + repr(node))
+            continue
+        scalars, children = [], []
+        for f in fields(node):
+            if f.name == "pos":
+                continue
+            value = getattr(node, f.name)
+            if isinstance(value, (Node, tuple)) and value != ():
+                children.append((f.name, value))
+            else:
+                scalars.append(f"{f.name}={value!r}")
+        head = f"{pad}{type(node).__name__} @{node.pos.line}:{node.pos.col}"
+        if scalars:
+            head += " " + " ".join(scalars)
+        lines.append(head)
+        for name, value in reversed(children):
+            stack.append((value, indent + 2))
+            stack.append((f"{name}:", indent + 1))
     return "\n".join(lines)
 
 
 # --- lark glue -------------------------------------------------------------
+_OPENERS = {"LPAR": "RPAR", "LSQB": "RSQB", "LBRACE": "RBRACE"}
+_CLOSERS = {v: k for k, v in _OPENERS.items()}
+
+
 class _BracketNewlines:
     """Post-lexer: newlines inside ( ) or [ ] are not statement ends, and
-    runs of newlines (blank or comment lines) collapse into one."""
+    runs of newlines (blank or comment lines) collapse into one.
+
+    It also keeps the stack of brackets open so far (`self.open`) and the last
+    two tokens passed on (`self.recent`), so that a syntax error can name a
+    bracket that was never closed or a keyword used as a name."""
 
     always_accept = ("_NL",)
 
+    def __init__(self):
+        self.open: list = []
+        self.recent: list = []
+
     def process(self, tokens):
-        depth = 0
+        stack = self.open = []
+        recent = self.recent = []
         last_was_newline = False
         for tok in tokens:
-            if tok.type in ("LPAR", "LSQB"):
-                depth += 1
-            elif tok.type in ("RPAR", "RSQB"):
-                depth = max(depth - 1, 0)
+            if tok.type in _OPENERS:
+                stack.append(tok)
+            elif tok.type in _CLOSERS:
+                if stack and stack[-1].type == _CLOSERS[tok.type]:
+                    stack.pop()
             if tok.type == "_NL":
-                if depth or last_was_newline:
+                inside = any(t.type != "LBRACE" for t in stack)
+                if inside or last_was_newline:
                     continue
                 last_was_newline = True
             else:
                 last_was_newline = False
+            recent[:] = recent[-1:] + [tok]
             yield tok
 
 
@@ -163,7 +191,10 @@ def _pos(meta_or_token) -> Pos:
     return Pos(meta_or_token.line, meta_or_token.column)
 
 
-class _ToAst(lark.Transformer):
+class _ToAst(lark.visitors.Transformer_NonRecursive):
+    """The parse tree to AST nodes, bottom up (without recursion: a sum of
+    thousands of terms is a tree that deep)."""
+
     def _name(self, tok) -> Name:
         return Name(_pos(tok), str(tok))
 
@@ -219,19 +250,19 @@ class _ToAst(lark.Transformer):
 
     def number(self, items):
         tok, = items
-        return Number(_pos(tok), float(tok))
+        return Number(_pos(tok), float(tok))  # may be inf (1e999); the checker decides
 
     def name(self, items):
         return self._name(items[0])
 
-    @lark.v_args(meta=True)
-    def neg(self, meta, items):
-        return Unary(_pos(meta), "neg", items[0])
+    def neg(self, items):
+        minus, operand = items
+        return Unary(_pos(minus), "neg", operand)
 
     def _binary(op):
         def build(self, items):
-            left, right = items
-            return Binary(left.pos, op, left, right)
+            left, operator, right = items
+            return Binary(_pos(operator), op, left, right)  # errors point at the operator
         return build
 
     add = _binary("add")
@@ -263,16 +294,50 @@ def _describe(token_type: str) -> str:
     return "'" + token_type.lower() + "'" if token_type.isupper() else token_type
 
 
-def _syntax_error(err: lark.exceptions.LarkError, source: Source) -> CellError:
+def _is_keyword(tok) -> bool:
+    return tok is not None and tok.type != "NAME" and str(tok) in KEYWORDS
+
+
+def _unclosed(open_brackets: list, before: str = "") -> str:
+    tok = open_brackets[-1]
+    closer = {"LPAR": "')'", "LSQB": "']'", "LBRACE": "'}'"}[tok.type]
+    before = " " + before if before else ""
+    return f"'{tok}' at line {tok.line}:{tok.column} is never closed (expected {closer}{before})"
+
+
+def _syntax_error(err: lark.exceptions.LarkError, source: Source,
+                  open_brackets: list, recent: list) -> CellError:
     if isinstance(err, lark.exceptions.UnexpectedCharacters):
-        return CellError(f"unexpected character {err.char!r}", Pos(err.line, err.column), source)
+        char = err.char
+        what = "a tab" if char == "\t" else repr(char)
+        return CellError(f"unexpected character {what}", Pos(err.line, err.column), source)
     if isinstance(err, lark.exceptions.UnexpectedToken):
         tok = err.token
+        # The token before `tok`: lark's contextual lexer refuses some tokens
+        # itself, before the post-lexer passes them on.
+        if recent and recent[-1] is tok:
+            prev = recent[-2] if len(recent) == 2 else None
+        else:
+            prev = recent[-1] if recent else None
         expected = sorted(_describe(t) for t in err.expected if not t.startswith("__"))
         hint = f"; expected {', '.join(expected)}" if expected and len(expected) <= 6 else ""
         if tok.type == "$END" or getattr(tok, "line", None) in (None, -1):
+            if open_brackets:
+                return CellError(f"unexpected end of file: {_unclosed(open_brackets)}",
+                                 source.last_pos, source)
             return CellError(f"unexpected end of file{hint}", source.last_pos, source)
-        if str(tok) in KEYWORDS and tok.type != "NAME":
+        inner = open_brackets[-1] if open_brackets else None
+        if (inner is not None and inner.type != "LBRACE" and inner.line < tok.line
+                and prev is not None and prev.end_line is not None and prev.end_line < tok.line
+                and prev.type in ("NAME", "NUMBER", "RPAR", "RSQB")):
+            # A new line that looks like a new statement, while a bracket is
+            # open: the bracket is the mistake, not this line.
+            return CellError(_unclosed(open_brackets, f"before line {tok.line}"), _pos(inner),
+                             source)
+        if tok.type in ("EQUAL", "COMMA", "LSQB") and _is_keyword(prev):
+            return CellError(f"'{prev}' is a reserved keyword and cannot be used as a name",
+                             _pos(prev), source)
+        if _is_keyword(tok):
             return CellError(f"'{tok}' is a reserved keyword and cannot be used here",
                              _pos(tok), source)
         text = "end of line" if tok.type == "_NL" else repr(str(tok))
@@ -284,11 +349,20 @@ def _syntax_error(err: lark.exceptions.LarkError, source: Source) -> CellError:
 
 def parse(source: Source) -> Module:
     """Parse a whole `.cell` file; raises CellError on a syntax error."""
+    parser = _parser()
     try:
-        tree = _parser().parse(source.text + "\n")
+        tree = parser.parse(source.text + "\n")
     except lark.exceptions.LarkError as err:
-        raise _syntax_error(err, source) from None
+        postlex = parser.options.postlex
+        raise _syntax_error(err, source, list(postlex.open), list(postlex.recent)) from None
     module = _ToAst().transform(tree)
     if not module.cells:
         raise CellError("no cell in this file (expected 'cell NAME { ... }')", Pos(1, 1), source)
+    seen = {}
+    for cell in module.cells:
+        if cell.name in seen:
+            p = seen[cell.name]
+            raise CellError(f"cell '{cell.name}' is already defined at line {p.line}:{p.col}",
+                            cell.pos, source)
+        seen[cell.name] = cell.pos
     return module
