@@ -14,10 +14,14 @@ Monomial = tuple  # sorted tuple of dim names, () for the constant term
 
 
 class Size:
-    __slots__ = ("terms",)
+    __slots__ = ("terms", "value")
 
     def __init__(self, terms: Mapping[Monomial, Fraction]):
         self.terms = {m: Fraction(c) for m, c in sorted(terms.items()) if c != 0}
+        # the integer value of a constant size, else None (read on hot paths)
+        const = self.terms.get((), Fraction(0))
+        whole = len(self.terms) <= 1 and not any(self.terms.keys() - {()})
+        self.value = int(const) if whole and const.denominator == 1 else None
 
     @staticmethod
     def const(n) -> "Size":
@@ -67,14 +71,6 @@ class Size:
     @property
     def symbols(self) -> set:
         return {s for m in self.terms for s in m}
-
-    @property
-    def value(self) -> int | None:
-        """The integer value of a constant size, else None."""
-        if self.symbols:
-            return None
-        c = self.terms.get((), Fraction(0))
-        return int(c) if c.denominator == 1 else None
 
     def bind(self, dims: Mapping[str, int]) -> "Size":
         out = Size.const(0)

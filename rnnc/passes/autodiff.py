@@ -43,13 +43,15 @@ def vjp(forward: Graph, wrt: tuple, prefix: str = "%g") -> Backward:
     seeds = tuple((o, cotangent_name(o)) for o in outputs)
     builder = Builder({**values, **{s: Value(s, values[o].shape, values[o].batched)
                                     for o, s in seeds}}, prefix=prefix)
-    cot = {o: s for o, s in seeds}
+    parts = {o: [s] for o, s in seeds}  # value -> cotangent contributions
     for node in reversed(forward.nodes):
-        if node.out not in cot or OPS[node.op].vjp is None:
+        if node.out not in parts or OPS[node.op].vjp is None:
             continue
-        for arg, g in zip(node.args, OPS[node.op].vjp(builder, node, cot[node.out])):
-            if g is not None:
-                cot[arg] = builder.add(cot[arg], g) if arg in cot else g
+        g = _total(builder, parts[node.out])
+        for arg, ga in zip(node.args, OPS[node.op].vjp(builder, node, g)):
+            if ga is not None:
+                parts.setdefault(arg, []).append(ga)
+    cot = {v: _total(builder, p) for v, p in parts.items() if v in wrt}
     grads = tuple((w, cot.get(w)) for w in wrt)
     nodes = _live(builder.nodes, [g for _, g in grads if g is not None])
     # literals are free: the backward makes its own rather than storing them
@@ -62,6 +64,35 @@ def vjp(forward: Graph, wrt: tuple, prefix: str = "%g") -> Backward:
     inputs += [builder.values[s] for s in seed_names]
     return Backward(Graph(tuple(inputs), tuple(nodes), tuple(g for _, g in grads if g)),
                     seeds, grads)
+
+
+def _total(builder: Builder, parts: list) -> str:
+    """The sum of a value's cotangent contributions. When they are the padded
+    cotangents of slices that tile an axis (the parts of a `split`), their
+    concatenation is the same sum without the zeros."""
+    if len(parts) == 1:
+        return parts[0]
+    made = {n.out: n for n in builder.nodes}
+    pads = [made.get(p) for p in parts]
+    if all(n is not None and n.op == "pad" for n in pads):
+        pads.sort(key=lambda n: _order_key(n.attr("before")))
+        axis = pads[0].attr("axis")
+        edges = [pads[0].attr("before")] + [n.attr("before") + builder.values[n.args[0]].shape[axis]
+                                             for n in pads]
+        tiles = (edges[0] == 0 and edges[-1] == builder.values[parts[0]].shape[axis]
+                 and all(n.attr("axis") == axis and n.attr("before") == e for n, e in zip(pads, edges)))
+        if tiles:
+            return builder.emit("concat", *(n.args[0] for n in pads), axis=axis)
+    total = parts[0]
+    for p in parts[1:]:
+        total = builder.add(total, p)
+    return total
+
+
+def _order_key(size) -> float:
+    """A number that orders sizes the way they compare for any large dims."""
+    value = size.bind({s: 10**6 for s in size.symbols})
+    return float(sum(value.terms.values()))
 
 
 def _live(nodes, roots):
