@@ -112,19 +112,14 @@ def bind_forward(cell: Cell, dtype, inputs, params, states, contexts, lengths,
 
 def bind_cotangents(cell: Cell, dtype, T: int, B: int, d_outputs, d_states, array_type=np.ndarray):
     """Checked `d_outputs` ([T, B, ...]) and `d_states` ([B, ...]); missing entries mean zero."""
-    values = {**{d.name: d for d in cell.decls}}
-    out_shapes = {}
-    for name, value in cell.outputs:
-        out_shapes[name] = _shape_of(cell, value)
+    decls = {d.name: d for d in cell.decls}
+    values = cell.graph.values()
+    out_shapes = {name: concrete_shape(values[value].shape) for name, value in cell.outputs}
     d_outputs = check_names("d_outputs", d_outputs, list(out_shapes), False)
     d_states = check_names("d_states", d_states, [d.name for d in cell.decls if d.kind == "state"], False)
     b = Binder(cell, dtype, array_type)
     b.T, b.B, b.first = T, B, "the forward's inputs"
     d_outputs = {k: b.sequence(f"d_outputs[{k!r}]", v, out_shapes[k]) for k, v in d_outputs.items()}
-    d_states = {k: b.per_batch(f"d_states[{k!r}]", v, concrete_shape(values[k].shape))
+    d_states = {k: b.per_batch(f"d_states[{k!r}]", v, concrete_shape(decls[k].shape))
                 for k, v in d_states.items()}
     return d_outputs, d_states
-
-
-def _shape_of(cell: Cell, value: str) -> tuple:
-    return concrete_shape(cell.graph.values()[value].shape)
