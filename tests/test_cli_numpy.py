@@ -1,0 +1,48 @@
+"""`rnnc gradcheck`, `rnnc run` and `rnnc emit --stage hoist|grad` from the command line."""
+from pathlib import Path
+
+import pytest
+
+from rnnc.cli import main
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def test_gradcheck_passes_and_reports_every_argument(capsys):
+    code = main(["gradcheck", str(EXAMPLES / "gru.cell"), "-D", "D=3", "-D", "H=2", "--lengths"])
+    out = capsys.readouterr().out
+    assert code == 0
+    for name in ("params['W']", "inputs['x']", "states['h']", "worst relative error", "ok"):
+        assert name in out
+
+
+def test_gradcheck_fails_above_tolerance(capsys):
+    # float64 central differences are good to ~1e-9 here, never to 1e-30
+    code = main(["gradcheck", str(EXAMPLES / "lstm.cell"), "-D", "D=2", "-D", "H=2",
+                 "--tolerance", "1e-30"])
+    assert code == 1
+    assert "FAILED" in capsys.readouterr().out
+
+
+def test_run_prints_shapes(capsys):
+    code = main(["run", str(EXAMPLES / "attention_lstm.cell"), "-D", "D=3", "-D", "H=4", "-D", "E=5",
+                 "-D", "S=6", "--seq-len", "7", "--batch", "2"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "output y: [7, 2, 4]" in out and "state ctx: [2, 5]" in out and "d param We: [5, 5]" in out
+
+
+def test_missing_dims_is_a_user_error(capsys):
+    assert main(["run", str(EXAMPLES / "lstm.cell")]) == 1
+    assert "D, H" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stage,words", [
+    ("hoist", ["once per sequence", "all steps at once", "per step", "dot(x, W"]),
+    ("grad", ["backward of step", "d:h_new", "gives"]),
+])
+def test_emit_later_stages(capsys, stage, words):
+    assert main(["emit", str(EXAMPLES / "lstm.cell"), "--stage", stage, "-D", "D=3", "-D", "H=2"]) == 0
+    out = capsys.readouterr().out
+    for word in words:
+        assert word in out
