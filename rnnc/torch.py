@@ -1,0 +1,355 @@
+"""PyTorch integration: a compiled cell as an `nn.Module` with autograd.
+
+    import rnnc.torch
+    cell = rnnc.torch.Cell("examples/lstm.cell", dims={"D": 32, "H": 64})
+    outputs, states = cell(x)          # x: [T, B, D]; outputs["y"]: [T, B, H]
+    outputs["y"].sum().backward()      # gradients reach cell.W, cell.U, cell.b
+
+The whole sequence, forward and backward through time, is one
+`torch.autograd.Function`. CPU tensors (float32 or float64) run on rnnc's
+NumPy backend, sharing memory with the tensors. CUDA tensors run on rnnc's
+CUDA backend without a copy through the host; the contract with that backend:
+
+- `program.load(backend="cuda", dtype=...)` gives a module whose `forward`
+  and `backward` take the same arguments as the NumPy module's, plus
+  `stream=`, the integer handle of a CUDA stream on which they enqueue all
+  their work;
+- arrays are passed as torch tensors and read through
+  `__cuda_array_interface__`; what it returns (anything with
+  `__cuda_array_interface__`) is wrapped with `torch.as_tensor`, no copy;
+- the call is made inside `torch.cuda.device(...)` of the tensors' device,
+  whose primary context torch has made current (PyCUDA shares it through its
+  primary-context mode), with torch's current stream, so rnnc's kernels are
+  ordered with the torch work before and after them.
+
+PyTorch is an optional extra: `pip install 'rnnc[torch]'`.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+from importlib import resources
+
+import numpy as np
+
+try:
+    import torch
+    from torch import nn
+    from torch.autograd.function import once_differentiable
+except ImportError as err:  # rnnc itself does not need torch
+    raise ImportError("rnnc.torch needs PyTorch, an optional extra of rnnc: "
+                      "pip install 'rnnc[torch]'") from err
+
+from .driver import Program
+from .driver import compile as compile_cell
+from .ir import format_cell
+
+__all__ = ["Cell"]
+
+KINDS = ("inputs", "params", "states", "contexts")  # also the fields of the backends' Gradients
+DTYPES = {torch.float32: "float32", torch.float64: "float64"}
+
+
+# --- how tensors reach a backend module, per device type ------------------------
+class _NumpyBackend:
+    """CPU tensors on the NumPy backend: tensors and arrays share memory both ways."""
+
+    def __init__(self, program: Program, dtype: str, device: torch.device):
+        self.module = program.load(backend="numpy", dtype=dtype)
+        self.device = device
+
+    def call(self):
+        return nullcontext({})
+
+    @staticmethod
+    def to_array(t: torch.Tensor):
+        return t.detach().numpy()
+
+    def to_tensors(self, arrays: list) -> list:
+        """Wrap results as tensors, copying any array that aliases memory torch may own or
+        write to (a view of a caller's tensor, a read-only broadcast, a second reference)."""
+        seen, tensors = set(), []
+        for a in arrays:
+            if not (a.flags.owndata and a.flags.writeable) or id(a) in seen:
+                a = a.copy()
+            seen.add(id(a))
+            tensors.append(torch.from_numpy(a))
+        return tensors
+
+
+class _CudaBackend:
+    """CUDA tensors on the CUDA backend (see the module docstring for the contract)."""
+
+    def __init__(self, program: Program, dtype: str, device: torch.device):
+        try:
+            self.module = program.load(backend="cuda", dtype=dtype)
+        except (ImportError, ValueError, RuntimeError, OSError) as err:
+            raise RuntimeError(
+                f"rnnc.torch: CUDA tensors need rnnc's cuda backend, which could not be loaded "
+                f"({err}); install it with pip install 'rnnc[cuda]' (PyCUDA, with nvcc and an "
+                f"NVIDIA driver), or run the cell on the CPU: cell.cpu() and tensors .cpu()") from err
+        self.device = device
+
+    @contextmanager
+    def call(self):
+        with torch.cuda.device(self.device):
+            yield {"stream": torch.cuda.current_stream(self.device).cuda_stream}
+
+    @staticmethod
+    def to_array(t: torch.Tensor):
+        return t.detach().contiguous()  # kernels index dense row-major arrays
+
+    def to_tensors(self, arrays: list) -> list:
+        return [torch.as_tensor(a, device=self.device) for a in arrays]
+
+
+# --- the autograd function ----------------------------------------------------------
+def _unflatten(layout: tuple, arrays) -> dict:
+    """{kind: {name: array}} from arrays in `layout` order ((kind, name) pairs)."""
+    nested = {k: {} for k in KINDS}
+    for (kind, name), a in zip(layout, arrays):
+        nested[kind][name] = a
+    return nested
+
+
+def _run_forward(backend, layout, lengths, tensors, train: bool):
+    """(backend result, output tensors in cell order, final state tensors in cell order)."""
+    args = _unflatten(layout, [backend.to_array(t) for t in tensors])
+    with backend.call() as extra:
+        res = backend.module.forward(**args, lengths=lengths, train=train, **extra)
+    outs = backend.to_tensors(list(res.outputs.values()) + list(res.states.values()))
+    return res, outs[:len(res.outputs)], outs[len(res.outputs):]
+
+
+class _CellFunction(torch.autograd.Function):
+    """forward(backend, layout, lengths, *tensors) -> (*outputs, *final states)."""
+
+    @staticmethod
+    def forward(ctx, backend, layout, lengths, *tensors):
+        res, outputs, finals = _run_forward(backend, layout, lengths, tensors, train=True)
+        ctx.set_materialize_grads(False)  # an unused result's gradient stays None: zero to rnnc
+        # the backend's tape reads these tensors' memory: saving them lets autograd's version
+        # counters catch an in-place change before the backward would silently use it
+        ctx.save_for_backward(*tensors)
+        ctx.backend, ctx.layout, ctx.result = backend, layout, res
+        ctx.names = (tuple(res.outputs), tuple(res.states))
+        return (*outputs, *finals)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):
+        ctx.saved_tensors  # raises if a saved tensor was modified in place
+        backend, (out_names, state_names) = ctx.backend, ctx.names
+        to_array = lambda gs, names: {n: backend.to_array(g) for n, g in zip(names, gs) if g is not None}
+        with backend.call() as extra:
+            g = backend.module.backward(ctx.result,
+                                        d_outputs=to_array(grads[:len(out_names)], out_names),
+                                        d_states=to_array(grads[len(out_names):], state_names),
+                                        **extra)
+        needed = [(kind, name) for (kind, name), need in zip(ctx.layout, ctx.needs_input_grad[3:])
+                  if need]
+        tensors = iter(backend.to_tensors([getattr(g, kind)[name] for kind, name in needed]))
+        return (None, None, None, *(next(tensors) if need else None
+                                    for need in ctx.needs_input_grad[3:]))
+
+
+# --- the module ---------------------------------------------------------------------------
+class Cell(nn.Module):
+    """A compiled recurrent cell as an `nn.Module`.
+
+    `Cell(path_or_text, dims=..., recompute="auto", cell=None)` compiles a
+    `.cell` file (or text); `Cell(program)` takes an `rnnc.compile` result.
+    Each param of the cell is an `nn.Parameter` of the same name (`cell.W`;
+    a name that `nn.Module` already uses, such as `float`, is reachable as
+    `cell.params["float"]` and in `named_parameters()`), initialised by the
+    cell's initialisers with `seed`, in `dtype` (default: torch's default).
+
+    `forward(inputs, states=None, contexts=None, lengths=None)` takes dicts of
+    tensors by name (`inputs` may be a single tensor when the cell has one
+    input): inputs `[T, B, ...]`, states and contexts `[B, ...]`, `lengths`
+    `[B]` integers (a tensor, array or list). It returns `(outputs,
+    final_states)`, dicts of tensors. Missing initial states are zeros. Past
+    an element's length its states carry over and its outputs are zero, as
+    with PyTorch's packed sequences. All tensors share one device and dtype:
+    CPU float32/float64 run on the NumPy backend, CUDA on the CUDA backend.
+    """
+
+    def __init__(self, program_or_path, dims: dict | None = None, recompute=None,
+                 cell: str | None = None, seed: int = 0, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.program = _program(program_or_path, dims, recompute, cell)
+        self._backends = {}  # (device, dtype) -> backend, made on first use
+        dtype = dtype or torch.get_default_dtype()
+        cpu = self._backend(torch.device("cpu"), dtype)
+        # plain attributes above, parameters below: nn.Module refuses a plain
+        # attribute over a parameter's name, and a param may be named `program`
+        for name, array in cpu.module.init_params(seed).items():
+            self._add_parameter(name, nn.Parameter(torch.from_numpy(array)))
+
+    def _add_parameter(self, name: str, param: nn.Parameter):
+        if hasattr(self, name):
+            # register_parameter refuses names nn.Module already has ('float', 'train');
+            # held in _parameters they still take part in everything torch does with them
+            self._parameters[name] = param
+        else:
+            self.register_parameter(name, param)
+
+    @property
+    def params(self) -> dict:
+        """{name: parameter} in the cell's declaration order."""
+        return {d.name: self._parameters[d.name] for d in self.program.cell.of_kind("param")}
+
+    def extra_repr(self) -> str:
+        dims = ", ".join(f"{k}={v}" for k, v in self.program.cell.dims)
+        return f"{self.program.cell.name}, {dims}"
+
+    def _backend(self, device: torch.device, dtype: torch.dtype):
+        if dtype not in DTYPES:
+            raise ValueError(f"rnnc.torch.Cell: dtype {dtype} is not supported (float32 or "
+                             f"float64: convert with .float() or .double())")
+        key = (device, dtype)
+        if key not in self._backends:
+            kind = {"cpu": _NumpyBackend, "cuda": _CudaBackend}.get(device.type)
+            if kind is None:
+                raise ValueError(f"rnnc.torch.Cell: device {device} is not supported (cpu or cuda)")
+            self._backends[key] = kind(self.program, DTYPES[dtype], device)
+        return self._backends[key]
+
+    def forward(self, inputs, states: dict | None = None, contexts: dict | None = None,
+                lengths=None):
+        named = {"inputs": self._named_inputs(inputs), "params": self.params,
+                 "states": dict(states or {}), "contexts": dict(contexts or {})}
+        layout = tuple((kind, name) for kind in KINDS for name in named[kind])
+        tensors = [named[kind][name] for kind, name in layout]
+        device, dtype = _common_device_dtype(layout, tensors)
+        backend = self._backend(device, dtype)
+        lengths = _host_lengths(lengths)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            results = _CellFunction.apply(backend, layout, lengths, *tensors)
+            n_out = len(self.program.cell.outputs)
+            outputs, finals = results[:n_out], results[n_out:]
+        else:  # nothing to differentiate: keep nothing for a backward
+            _, outputs, finals = _run_forward(backend, layout, lengths, tensors, train=False)
+        cell = self.program.cell
+        return (dict(zip((o for o, _ in cell.outputs), outputs)),
+                dict(zip((d.name for d in cell.of_kind("state")), finals)))
+
+    def _named_inputs(self, inputs) -> dict:
+        if isinstance(inputs, torch.Tensor):
+            names = [d.name for d in self.program.cell.of_kind("input")]
+            if len(names) != 1:
+                raise ValueError(f"inputs: cell '{self.program.cell.name}' has inputs "
+                                 f"{', '.join(names)}; pass a dict {{name: tensor}}")
+            return {names[0]: inputs}
+        return dict(inputs)
+
+    # --- weights from and to torch.nn.LSTM / torch.nn.GRU --------------------------------
+    @classmethod
+    def from_torch(cls, net: nn.Module, recompute=None) -> "Cell":
+        """A Cell running the shipped `lstm` or `gru` example with `net`'s weights.
+
+        `net` is a single-layer, unidirectional `nn.LSTM` (no projection) or
+        `nn.GRU`; its input size is D and hidden size H. Gate rows keep
+        torch's order along the last axis (LSTM i, f, g, o; GRU r, z, n):
+        `W = weight_ih_l0.T` [D, G*H], `U = weight_hh_l0.T` [H, G*H].
+        Biases: the LSTM's `b = bias_ih_l0 + bias_hh_l0` (it only ever uses
+        their sum); the GRU keeps both, `b_i = bias_ih_l0`, `b_h = bias_hh_l0`
+        (r multiplies the hidden bias of n). Without biases (`bias=False`)
+        they are zero. `batch_first` does not change the weights, but Cell
+        always takes `[T, B, ...]`. The Cell has `net`'s dtype and device.
+        """
+        kind = _torch_kind(net)
+        D, H = net.input_size, net.hidden_size
+        source = resources.files("rnnc.examples").joinpath(f"{kind}.cell").read_text()
+        w = dict(net.named_parameters())
+        like = w["weight_ih_l0"]
+        cell = cls(source, dims={"D": D, "H": H}, recompute=recompute, dtype=like.dtype).to(like.device)
+        zeros = torch.zeros(len(_GATES[kind]) * H, dtype=like.dtype, device=like.device)
+        b_ih, b_hh = w.get("bias_ih_l0", zeros), w.get("bias_hh_l0", zeros)
+        biases = {"b": b_ih + b_hh} if kind == "lstm" else {"b_i": b_ih, "b_h": b_hh}
+        new = {"W": w["weight_ih_l0"].t(), "U": w["weight_hh_l0"].t(), **biases}
+        with torch.no_grad():
+            for name, value in new.items():
+                cell.params[name].copy_(value)
+        return cell
+
+    def to_torch(self) -> nn.Module:
+        """The `nn.LSTM` or `nn.GRU` with this Cell's weights (inverse of `from_torch`).
+
+        Only for Cells of the shipped `lstm` or `gru` example. The LSTM's single
+        bias `b` goes to `bias_ih_l0`, and `bias_hh_l0` is zero (torch adds the two).
+        """
+        kind = self._shipped_kind()
+        p = self.params
+        D, H = p["W"].shape[0], p["U"].shape[0]
+        net = (nn.LSTM if kind == "lstm" else nn.GRU)(D, H, dtype=p["W"].dtype, device=p["W"].device)
+        b_ih, b_hh = (p["b"], torch.zeros_like(p["b"])) if kind == "lstm" else (p["b_i"], p["b_h"])
+        new = {"weight_ih_l0": p["W"].t(), "weight_hh_l0": p["U"].t(),
+               "bias_ih_l0": b_ih, "bias_hh_l0": b_hh}
+        with torch.no_grad():
+            for name, value in net.named_parameters():
+                value.copy_(new[name])
+        return net
+
+    def _shipped_kind(self) -> str:
+        """'lstm' or 'gru' when this Cell's step is exactly that shipped example's."""
+        ours = format_cell(self.program.cell)
+        dims = dict(self.program.cell.dims)
+        for kind in _GATES:
+            source = resources.files("rnnc.examples").joinpath(f"{kind}.cell").read_text()
+            if set(dims) == {"D", "H"} and format_cell(compile_cell(source, dims=dims).cell) == ours:
+                return kind
+        raise ValueError(f"to_torch: cell '{self.program.cell.name}' is not the shipped lstm or gru "
+                         f"example, so it has no torch.nn equivalent")
+
+
+_GATES = {"lstm": "ifgo", "gru": "rzn"}
+
+
+def _torch_kind(net) -> str:
+    """'lstm' or 'gru' for an nn.LSTM/nn.GRU that the shipped cells can represent."""
+    kind = {nn.LSTM: "lstm", nn.GRU: "gru"}.get(type(net))
+    if kind is None:
+        raise ValueError(f"from_torch: expected torch.nn.LSTM or torch.nn.GRU, got {type(net).__name__}")
+    unsupported = [what for what, bad in (
+        (f"num_layers={net.num_layers} (only 1)", net.num_layers != 1),
+        ("bidirectional=True (only unidirectional)", net.bidirectional),
+        (f"proj_size={getattr(net, 'proj_size', 0)} (only 0)", getattr(net, "proj_size", 0)),
+    ) if bad]
+    if unsupported:
+        raise ValueError(f"from_torch: unsupported {type(net).__name__}: {', '.join(unsupported)}; "
+                         f"stack single-layer Cells instead")
+    return kind
+
+
+def _program(program_or_path, dims, recompute, cell) -> Program:
+    if isinstance(program_or_path, Program):
+        given = [k for k, v in (("dims", dims), ("recompute", recompute), ("cell", cell)) if v is not None]
+        if given:
+            raise ValueError(f"Cell: {', '.join(given)} apply only when compiling from a path or text; "
+                             f"this program is already compiled")
+        return program_or_path
+    return compile_cell(program_or_path, dims=dims, cell=cell,
+                        recompute="auto" if recompute is None else recompute)
+
+
+def _common_device_dtype(layout, tensors):
+    """The one device and dtype of all tensors (the first input's); any other is an error."""
+    device = dtype = None
+    for (kind, name), t in zip(layout, tensors):
+        label = f"{kind}[{name!r}]"
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{label}: expected a torch.Tensor, got {type(t).__name__}")
+        device, dtype = device or t.device, dtype or t.dtype
+        if (t.device, t.dtype) != (device, dtype):
+            raise ValueError(f"{label}: {t.dtype} on {t.device}, but the first input is {dtype} on "
+                             f"{device}; all tensors of a Cell share one (use .to(...))")
+    return device, dtype
+
+
+def _host_lengths(lengths):
+    """Lengths as a host integer array, where every backend expects them."""
+    if lengths is None:
+        return None
+    if isinstance(lengths, torch.Tensor):
+        return lengths.detach().cpu().numpy()
+    return np.asarray(lengths)
