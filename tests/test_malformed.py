@@ -32,6 +32,7 @@ TABLE = [
     ("unexpected_eof", [], "8:25", ["unexpected end of file", "'{'", "never closed"]),
     ("eof_in_expression", [], "8:22", ["unexpected end of file", "'('", "never closed"]),
     ("unclosed_paren", [], "8:17", ["'('", "never closed", "')'"]),
+    ("line_ends_after_operator", [], "8:25", ["line ends after '+'", "( )"]),
     ("no_cell", [], "1:1", ["no cell"]),
     ("empty_file", [], "1:1", ["no cell"]),
     ("duplicate_cell", [], "8:6", ["cell 'twin'", "already defined", "2:6"]),

@@ -334,6 +334,10 @@ def _syntax_error(err: lark.exceptions.LarkError, source: Source,
             # open: the bracket is the mistake, not this line.
             return CellError(_unclosed(open_brackets, f"before line {tok.line}"), _pos(inner),
                              source)
+        if (tok.type == "_NL" and prev is not None
+                and prev.type in ("COMMA", "EQUAL", "PLUS", "MINUS", "STAR", "SLASH", "AT")):
+            return CellError(f"the line ends after '{prev}'; a statement is one line, and "
+                             "continues onto the next only inside ( ) or [ ]", _pos(prev), source)
         if tok.type in ("EQUAL", "COMMA", "LSQB") and _is_keyword(prev):
             return CellError(f"'{prev}' is a reserved keyword and cannot be used as a name",
                              _pos(prev), source)
