@@ -328,6 +328,13 @@ def test_symbolic_emit_without_dims(capsys):
     assert "g[H] = slice(gates, axis=0, start=2*H, stop=3*H)" in text
 
 
+def test_an_axis_error_points_at_its_own_call():
+    with pytest.raises(rnnc.CellError) as info:
+        cell_of("output y = softmax(sum(x @ W, axis=0, keepdims=1), axis=3)")
+    assert "axis 3 is out of range for softmax() of shape [1]" in info.value.message
+    assert (info.value.line, info.value.col) == (6, 56)  # the outer axis=3
+
+
 def test_split_of_a_symbolic_size_is_decided_when_dims_are_bound():
     body = "a, b = split(x @ W, 2)\n    output y = a * b"
     assert shape_of(cell_of(body), "a") == "[H/2]"

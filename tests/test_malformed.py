@@ -59,6 +59,7 @@ TABLE = [
     ("positional_after_keyword", [], "8:33", ["positional argument", "keyword argument"]),
     ("axis_not_literal", [], "8:34", ["'axis'", "integer literal"]),
     ("axis_out_of_range", [], "8:29", ["axis 1", "out of range", "[H]", "rank 1"]),
+    ("keepdims_not_boolean", [], "8:38", ["keepdims", "0 or 1"]),
     ("undeclared_dim", [], "6:16", ["undeclared dim", "'N'"]),
     ("non_integer_size", [], "6:16", ["size", "positive integer", "2.5"]),
     ("zero_size", [], "6:16", ["size 0", "'W'", "positive integer"]),

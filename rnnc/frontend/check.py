@@ -315,7 +315,6 @@ class _Checker:
         positional = [a for a in c.args if not isinstance(a, ast.Keyword)]
         allowed = AXIS_FUNCS.get(c.func, ())
         keywords = {}
-        self.keyword_pos = {}
         for a in c.args:
             if not isinstance(a, ast.Keyword):
                 if keywords:
@@ -327,7 +326,6 @@ class _Checker:
             if a.name in keywords:
                 raise CellError(f"{c.func}() got argument '{a.name}' twice", a.pos)
             keywords[a.name] = self._int_literal(a.value, a.name)
-            self.keyword_pos[a.name] = a.pos
         n = len(positional)
         if arity is not None and n != arity:
             plural = "s" if arity != 1 else ""
@@ -356,7 +354,11 @@ class _Checker:
         if c.func in ("sum", "mean", "softmax", "concat"):
             kw.setdefault("axis", -1)
         if c.func in ("sum", "mean"):
-            kw["keepdims"] = int(bool(kw.get("keepdims", 0)))
+            kw.setdefault("keepdims", 0)
+            if kw["keepdims"] not in (0, 1):
+                where = next(a.pos for a in c.args
+                             if isinstance(a, ast.Keyword) and a.name == "keepdims")
+                raise CellError(f"keepdims must be 0 or 1, not {kw['keepdims']}", where)
         if "axis" in kw:
             self._check_axis(kw["axis"], values[0], c)
         return self._emit(c.func, *values, name=name, pos=c.pos, **kw)
@@ -364,7 +366,9 @@ class _Checker:
     def _check_axis(self, axis: int, value: str, c: ast.Call):
         shape = self.builder.values[value].shape
         if not -len(shape) <= axis < len(shape):
-            where = self.keyword_pos.get("axis", c.pos)
+            # at the `axis=` argument when there is one, else at the call
+            where = next((a.pos for a in c.args if isinstance(a, ast.Keyword) and a.name == "axis"),
+                         c.pos)
             raise CellError(f"axis {axis} is out of range for {c.func}() of shape "
                             f"{shape_str(shape)} (rank {len(shape)})", where)
 
