@@ -71,14 +71,20 @@ def require_dims(cell: Cell, source: Source):
 
 
 def compile(path_or_text, dims: dict | None = None, cell: str | None = None,
-            recompute="auto") -> Program:
-    """Run the whole pipeline on a `.cell` file (or its text)."""
+            recompute="auto", memory_budget: int | None = None, seq_len: int | None = None,
+            batch: int | None = None, dtype: str = "float32") -> Program:
+    """Run the whole pipeline on a `.cell` file (or its text).
+
+    `recompute`: "none", "all", "auto" or a list of value names to recompute.
+    `memory_budget`: bytes of `dtype` that forward plus backward may hold for
+    `seq_len` steps of batch `batch`; the plan then checkpoints states across
+    time (see rnnc/passes/plan.py)."""
     source = read_source(path_or_text)
     checked = check_source(source, cell, dims)
     require_dims(checked.cell, source)
     hoisted = hoist(checked.cell)
     grads = differentiate(hoisted)
-    plan = make_plan(hoisted, grads["step"], recompute)
+    plan = make_plan(hoisted, grads, recompute, memory_budget, seq_len, batch, dtype)
     return Program(source, checked.cell, checked.warnings, hoisted, grads, plan)
 
 
@@ -98,4 +104,4 @@ def emit(source: Source, stage: str, cell: str | None = None, dims: dict | None 
     grads = differentiate(hoisted)
     if stage == "grad":
         return "\n\n".join(b.format(f"backward of {name}") for name, b in grads.items())
-    return make_plan(hoisted, grads["step"], recompute).format()
+    return make_plan(hoisted, grads, recompute).format()
