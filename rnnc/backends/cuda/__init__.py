@@ -1,0 +1,1 @@
+"""The CUDA backend: codegen (IR + Plan -> CUDA C), build (nvcc -> cubin), runtime (PyCUDA)."""
