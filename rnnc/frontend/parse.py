@@ -308,9 +308,7 @@ def _unclosed(open_brackets: list, before: str = "") -> str:
 def _syntax_error(err: lark.exceptions.LarkError, source: Source,
                   open_brackets: list, recent: list) -> CellError:
     if isinstance(err, lark.exceptions.UnexpectedCharacters):
-        char = err.char
-        what = "a tab" if char == "\t" else repr(char)
-        return CellError(f"unexpected character {what}", Pos(err.line, err.column), source)
+        return CellError(f"unexpected character {err.char!r}", Pos(err.line, err.column), source)
     if isinstance(err, lark.exceptions.UnexpectedToken):
         tok = err.token
         # The token before `tok`: lark's contextual lexer refuses some tokens
