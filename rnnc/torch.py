@@ -17,6 +17,7 @@ CUDA backend without a copy through the host; the contract with that backend:
 - arrays are passed as torch tensors and read through
   `__cuda_array_interface__`; what it returns (anything with
   `__cuda_array_interface__`) is wrapped with `torch.as_tensor`, no copy;
+- `lengths` stays a host NumPy integer array (the host loop over time reads it);
 - the call is made inside `torch.cuda.device(...)` of the tensors' device,
   whose primary context torch has made current (PyCUDA shares it through its
   primary-context mode), with torch's current stream, so rnnc's kernels are
@@ -137,7 +138,7 @@ class _CellFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, *grads):
-        ctx.saved_tensors  # raises if a saved tensor was modified in place
+        ctx.saved_tensors  # noqa: B018 -- reading them raises if one was modified in place
         backend, (out_names, state_names) = ctx.backend, ctx.names
         to_array = lambda gs, names: {n: backend.to_array(g) for n, g in zip(names, gs) if g is not None}
         with backend.call() as extra:
@@ -259,10 +260,9 @@ class Cell(nn.Module):
         """
         kind = _torch_kind(net)
         D, H = net.input_size, net.hidden_size
-        source = resources.files("rnnc.examples").joinpath(f"{kind}.cell").read_text()
         w = dict(net.named_parameters())
         like = w["weight_ih_l0"]
-        cell = cls(source, dims={"D": D, "H": H}, recompute=recompute, dtype=like.dtype).to(like.device)
+        cell = cls(_shipped_source(kind), dims={"D": D, "H": H}, recompute=recompute, dtype=like.dtype).to(like.device)
         zeros = torch.zeros(len(_GATES[kind]) * H, dtype=like.dtype, device=like.device)
         b_ih, b_hh = w.get("bias_ih_l0", zeros), w.get("bias_hh_l0", zeros)
         biases = {"b": b_ih + b_hh} if kind == "lstm" else {"b_i": b_ih, "b_h": b_hh}
@@ -292,17 +292,23 @@ class Cell(nn.Module):
 
     def _shipped_kind(self) -> str:
         """'lstm' or 'gru' when this Cell's step is exactly that shipped example's."""
-        ours = format_cell(self.program.cell)
-        dims = dict(self.program.cell.dims)
-        for kind in _GATES:
-            source = resources.files("rnnc.examples").joinpath(f"{kind}.cell").read_text()
-            if set(dims) == {"D", "H"} and format_cell(compile_cell(source, dims=dims).cell) == ours:
-                return kind
-        raise ValueError(f"to_torch: cell '{self.program.cell.name}' is not the shipped lstm or gru "
-                         f"example, so it has no torch.nn equivalent")
+        cell = self.program.cell
+        dims = dict(cell.dims)
+        if set(dims) == {"D", "H"}:
+            for kind in _GATES:
+                shipped = compile_cell(_shipped_source(kind), dims=dims).cell
+                if format_cell(shipped) == format_cell(cell):
+                    return kind
+        raise ValueError(f"to_torch: cell '{cell.name}' is not the shipped lstm or gru example, "
+                         f"so it has no torch.nn equivalent")
 
 
-_GATES = {"lstm": "ifgo", "gru": "rzn"}
+_GATES = {"lstm": "ifgo", "gru": "rzn"}  # torch's gate order along the weights' gate axis
+
+
+def _shipped_source(kind: str) -> str:
+    """The text of examples/<kind>.cell, shipped inside the package as rnnc.examples."""
+    return resources.files("rnnc.examples").joinpath(f"{kind}.cell").read_text()
 
 
 def _torch_kind(net) -> str:
