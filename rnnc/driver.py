@@ -24,15 +24,23 @@ STAGES = ("ast", "ir", "hoist", "grad", "plan")
 
 
 def read_source(path_or_text: str | os.PathLike) -> Source:
-    """A `.cell` file by path, or the program text itself (anything with a '{')."""
+    """A `.cell` file by path, or the program text itself (a string with a '{'
+    that names no file)."""
     text = str(path_or_text)
-    if isinstance(path_or_text, os.PathLike) or "{" not in text:
+    if isinstance(path_or_text, os.PathLike) or "{" not in text or _is_file(text):
         path = Path(path_or_text)
         try:
             return Source(str(path), path.read_text())
         except (OSError, UnicodeDecodeError) as err:
             raise CellError(f"cannot read {path}: {getattr(err, 'strerror', None) or err}") from None
     return Source("<cell>", text)
+
+
+def _is_file(text: str) -> bool:
+    try:
+        return "\n" not in text and Path(text).is_file()
+    except OSError:  # a name too long for the file system is program text
+        return False
 
 
 def check_source(source: Source, cell: str | None = None, dims: dict | None = None) -> checker.Checked:

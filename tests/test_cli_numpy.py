@@ -46,3 +46,10 @@ def test_emit_later_stages(capsys, stage, words):
     out = capsys.readouterr().out
     for word in words:
         assert word in out
+
+
+def test_a_path_with_a_brace_is_still_a_path(tmp_path, capsys):
+    path = tmp_path / "odd{name}.cell"
+    path.write_text((EXAMPLES / "indrnn.cell").read_text())
+    assert main(["check", str(path)]) == 0
+    assert "ok" in capsys.readouterr().out

@@ -44,6 +44,7 @@ TABLE = [
     ("state_two_nexts", [], "9:5", ["state 'h'", "already has a next", "8:5"]),
     ("next_of_non_state", [], "9:10", ["'W'", "not a state", "param"]),
     ("output_of_state", [], "9:12", ["'output h'", "lag one step", "next h"]),
+    ("output_alias_of_state", [], "7:16", ["'output y'", "lag one step", "next h"]),
     ("output_twice", [], "11:12", ["output 'y'", "twice"]),
     ("output_unknown", [], "9:12", ["unknown name", "'h_new'"]),
     ("keyword_as_name_next", [], "8:5", ["'next'", "reserved keyword", "name"]),

@@ -256,12 +256,12 @@ class _Checker:
         for other, _ in self.outputs:
             if other == name:
                 raise CellError(f"output '{name}' is given twice", s.target.pos)
+        # `output h` and `output y = h` of a state would both lag one step
+        ref = s.target if s.value is None else s.value
+        if isinstance(ref, ast.Name) and self.scope.get(ref.id, ("",))[0] == "state":
+            raise CellError(f"'output {name}' would lag one step: inside the step '{ref.id}' is the "
+                            f"state before it; output the value given to 'next {ref.id}'", ref.pos)
         if s.value is None:
-            kind = self.scope.get(name, ("",))[0]
-            if kind == "state":
-                raise CellError(f"'output {name}' would lag one step: inside the step '{name}' is "
-                                f"the state before it; output the value given to 'next {name}'",
-                                s.target.pos)
             value = self._lookup(s.target)
         else:
             self._bind(name, s.target.pos, "output")
