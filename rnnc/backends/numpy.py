@@ -1,8 +1,10 @@
 """The NumPy backend: the reference that every other backend is checked against.
 
 It interprets the hoisted regions, the backward regions and the Plan exactly:
-`seq` once, `pre` over all T*B rows at once, `step` once per time step; the
-backward runs the Plan's recomputation, then the backward step, in reverse.
+`seq` once, `pre` over all rows of a segment of steps at once, `step` once per
+time step; the backward replays checkpointed segments, runs the Plan's
+recomputation, then the backward step, in reverse. A `Ledger` measures the
+bytes it holds, which must equal the Plan's predictions.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import numpy as np
 
 from ..ir import Graph
 from ..ops import OPS, align
+from ..passes.plan import held_values
 from .args import bind_cotangents, bind_forward, concrete_shape
 
 
@@ -45,8 +48,8 @@ class Runner:
 class ForwardResult:
     outputs: dict
     states: dict
-    stored_bytes: int = 0
-    _tape: dict | None = field(default=None, repr=False)
+    stored_bytes: int = 0  # measured: what this forward keeps for the backward
+    _tape: "Saved | None" = field(default=None, repr=False)
 
 
 @dataclass
@@ -55,7 +58,67 @@ class Gradients:
     inputs: dict
     states: dict
     contexts: dict
-    peak_bytes: int = 0
+    peak_bytes: int = 0  # measured: the most held at once over forward and backward
+
+
+class Ledger:
+    """The buffers a module holds between region runs, counted by the memory they own.
+
+    Every array enters through `keep`, which copies views and arrays already
+    held, so each held array owns its memory alone: the total is what the
+    process really holds for them, and the plan's prediction is checked
+    against it."""
+
+    def __init__(self):
+        self.held: dict = {}  # id -> array
+        self.current = self.peak = 0
+
+    def holds(self, array) -> bool:
+        return id(array) in self.held
+
+    def keep(self, array: np.ndarray) -> np.ndarray:
+        if not array.flags.owndata or self.holds(array):
+            array = array.copy()
+        self.held[id(array)] = array
+        self.current += array.nbytes
+        self.peak = max(self.peak, self.current)
+        return array
+
+    def release(self, array: np.ndarray):
+        del self.held[id(array)]
+        self.current -= array.nbytes
+
+    def keep_all(self, arrays: dict) -> dict:
+        return {k: self.keep(a) for k, a in arrays.items()}
+
+    def release_all(self, arrays: dict):
+        for a in arrays.values():
+            self.release(a)
+
+
+@dataclass
+class Call:
+    """One forward call's arguments and what lives for the whole call."""
+
+    T: int
+    B: int
+    inputs: dict  # name -> [T, B, ...]
+    lengths: np.ndarray | None
+    shared: dict  # params, contexts, held once-per-sequence values and literals
+    bounds: list  # (start, stop) of each segment of steps
+    ledger: Ledger
+
+
+@dataclass
+class Saved:
+    """What a training forward leaves for the backward (used up by it; `args`
+    let a second backward run the forward again)."""
+
+    args: dict
+    call: Call
+    checkpoints: list  # states at the start of every segment but the last
+    pre: dict  # hoisted rows of the last segment
+    tape: list  # stored values of each step of the last segment
 
 
 def _valid_mask(lengths, t: int, batch: int, rank: int, dtype):
@@ -74,14 +137,20 @@ class NumpyModule:
         self.dtype = np.dtype(dtype)
         if self.dtype not in (np.float32, np.float64):
             raise ValueError(f"dtype: expected 'float32' or 'float64', got {dtype!r}")
-        h = program.hoisted
+        h, grads = program.hoisted, program.grads
         self.run_seq = Runner(h.seq.nodes, h.seq.values())
         self.run_pre = Runner(h.pre.nodes, h.pre.values())
         self.run_step = Runner(h.step.nodes, h.step.values())
         self.run_recompute = Runner(program.plan.recompute, h.step.values())
-        self.run_grad = {k: Runner(b.graph.nodes, b.graph.values()) for k, b in program.grads.items()}
+        self.run_grad = {k: Runner(b.graph.nodes, b.graph.values()) for k, b in grads.items()}
         # every value's shape, by name (compiler-made names differ between regions)
         self.values = {**h.cell.graph.values(), **h.seq.values(), **h.pre.values(), **h.step.values()}
+        # the hoisted values kept after their region runs, as the plan counts them
+        self.seq_held = tuple(n.out for n in held_values(h.seq, grads["seq"].residuals))
+        self.pre_held = tuple(n.out for n in held_values(h.pre, grads["pre"].residuals))
+        # literals are free: every region's are in every environment
+        self.literals = {n.out: n.attr("value") for g in (h.seq, h.pre, h.step) for n in g.nodes
+                         if n.op == "const"}
 
     # --- parameters -----------------------------------------------------------
     def init_params(self, seed: int = 0) -> dict:
@@ -107,98 +176,163 @@ class NumpyModule:
 
     # --- forward ----------------------------------------------------------------
     def forward(self, inputs, params, states=None, contexts=None, lengths=None, train=True):
+        """Run the sequence segment by segment, as the plan says. Training keeps,
+        for the backward, the states at the start of every segment but the last
+        and the last segment's hoisted rows and stored step values; inference
+        keeps nothing."""
+        args = dict(inputs=inputs, params=params, states=states, contexts=contexts, lengths=lengths)
         T, B, inputs, params, states, contexts, lengths = bind_forward(
             self.cell, self.dtype, inputs, params, states, contexts, lengths)
-        h, plan = self.program.hoisted, self.program.plan
-        shared = self.run_seq.run({**params, **contexts})
-        hoisted, pre_residuals = self._run_pre(shared, inputs, T, B, train)
-        state = {d.name: states.get(d.name, np.zeros((B,) + self._shape(d.name), self.dtype))
-                 for d in self.cell.of_kind("state")}
+        ledger = Ledger()
+        call = Call(T, B, inputs, lengths, self._run_seq(params, contexts, ledger),
+                    _bounds(self.program.plan.segments_for(T)), ledger)
+        # the forward runs on its own copies of the initial states: a checkpoint owns them
+        state = {d.name: np.array(states[d.name]) if d.name in states
+                 else np.zeros((B,) + self._shape(d.name), self.dtype) for d in self.cell.of_kind("state")}
         outputs = {o: np.zeros((T, B) + self._shape(v), self.dtype) for o, v in self.cell.outputs}
-        tape = [] if train else None
-        for t in range(T):
-            env = self._step_env(shared, inputs, hoisted, t)
+        checkpoints, pre, tape = [], {}, None
+        for j, (start, stop) in enumerate(call.bounds):
+            last = train and j == len(call.bounds) - 1
+            if train and not last:
+                checkpoints.append(ledger.keep_all(state))
+            pre = self._run_pre(call, start, stop)
+            tape = [] if last else None
+            state = self._run_steps(call, pre, start, stop, state, tape, outputs)
+            if not last:
+                ledger.release_all(pre)
+        if not train:
+            ledger.release_all(self._held_seq(call))
+        saved = Saved(args, call, checkpoints, pre, tape) if train else None
+        # a final state may be a stored value too: the caller gets its own copy
+        final = {s: a.copy() if ledger.holds(a) else a for s, a in state.items()}
+        return ForwardResult(outputs, final, ledger.current, saved)
+
+    def _run_seq(self, params, contexts, ledger) -> dict:
+        """The environment every region sees: params, contexts, literals and the
+        once-per-sequence values (held until the backward is done)."""
+        env = self.run_seq.run({**params, **contexts, **self.literals})
+        held = ledger.keep_all({v: env[v] for v in self.seq_held})
+        return {**params, **contexts, **self.literals, **held}
+
+    def _held_seq(self, call) -> dict:
+        return {v: call.shared[v] for v in self.seq_held}
+
+    def _run_pre(self, call, start, stop) -> dict:
+        """The hoisted values of steps start..stop as flat rows [(stop-start)*B, ...], held."""
+        if not self.program.hoisted.pre.nodes:
+            return {}
+        env = dict(call.shared)
+        env.update((x, a[start:stop].reshape((-1,) + a.shape[2:])) for x, a in call.inputs.items())
+        self.run_pre.run(env)
+        return call.ledger.keep_all({v: env[v] for v in self.pre_held})
+
+    def _step_env(self, call, pre, start, t) -> dict:
+        """What step t reads: shared values, its inputs and its rows of the hoisted values."""
+        B, row = call.B, (t - start) * call.B
+        env = dict(call.shared)
+        env.update((x, a[t]) for x, a in call.inputs.items())
+        env.update((v, pre[v][row:row + B]) for v in self.program.hoisted.pre.outputs)
+        return env
+
+    def _run_steps(self, call, pre, start, stop, state, tape=None, outputs=None) -> dict:
+        """Steps start..stop from `state`; appends each step's stored values to
+        `tape` and writes `outputs` when given; returns the state after them."""
+        B, stored = call.B, self.program.plan.stored
+        for t in range(start, stop):
+            env = self._step_env(call, pre, start, t)
             env.update(state)
             self.run_step.run(env)
-            valid = _valid_mask(lengths, t, B, 0, self.dtype)
-            for o, v in self.cell.outputs:
-                y = self._batched(v, env[v], B)
-                outputs[o][t] = y if valid is None else y * valid.reshape((B,) + (1,) * (y.ndim - 1))
-            if train:
-                tape.append({v: env[v] for v in plan.stored})
+            valid = _valid_mask(call.lengths, t, B, 0, self.dtype)
+            if outputs is not None:
+                for o, v in self.cell.outputs:
+                    y = self._batched(v, env[v], B)
+                    outputs[o][t] = y if valid is None else y * valid.reshape((B,) + (1,) * (y.ndim - 1))
+            if tape is not None:
+                tape.append(call.ledger.keep_all({v: env[v] for v in stored}))
+            new_state = {}
             for s, v in self.cell.nexts:
                 new = self._batched(v, env[v], B)
-                state[s] = new if valid is None else np.where(
+                new_state[s] = new if valid is None else np.where(
                     valid.reshape((B,) + (1,) * (new.ndim - 1)) > 0, new, state[s])
-        stored = sum(a.nbytes for step in tape for a in step.values()) if train else 0
-        saved = dict(T=T, B=B, inputs=inputs, params=params, contexts=contexts, lengths=lengths,
-                     shared=shared, hoisted=hoisted, pre_residuals=pre_residuals, tape=tape) if train else None
-        return ForwardResult(outputs, dict(state), stored, saved)
-
-    def _run_pre(self, shared, inputs, T, B, train):
-        """The hoisted values as [T, B, ...], and (training) the T*B-row values
-        the backward of `pre` reads."""
-        pre = self.program.hoisted.pre
-        if not pre.nodes:
-            return {}, {}
-        rows = {x: a.reshape((T * B,) + a.shape[2:]) for x, a in inputs.items()}
-        env = self.run_pre.run({**shared, **rows})
-        hoisted = {v: env[v].reshape((T, B) + env[v].shape[1:]) for v in pre.outputs}
-        produced = {n.out for n in pre.nodes}
-        residuals = {v: env[v] for v in self.program.grads["pre"].residuals if v in produced}
-        return hoisted, residuals if train else {}
-
-    @staticmethod
-    def _step_env(shared, inputs, hoisted, t) -> dict:
-        env = dict(shared)
-        env.update((x, a[t]) for x, a in inputs.items())
-        env.update((v, a[t]) for v, a in hoisted.items())
-        return env
+            state = new_state
+        return state
 
     # --- backward ----------------------------------------------------------------
     def backward(self, result: ForwardResult, d_outputs=None, d_states=None) -> Gradients:
+        """Segments from last to first: replay a segment from its checkpoint (the
+        last one's values are kept by the forward), backpropagate through its
+        steps, then do its hoisted products' backward over its rows at once."""
         saved = result._tape
         if saved is None:
             raise ValueError("backward: this result came from forward(..., train=False), which keeps "
                              "nothing for the backward; run forward with train=True")
-        T, B, lengths = saved["T"], saved["B"], saved["lengths"]
-        d_outputs, d_states = bind_cotangents(self.cell, self.dtype, T, B, d_outputs, d_states)
-        grads = self.program.grads
-        step_bwd = grads["step"]
+        d_outputs, d_states = bind_cotangents(self.cell, self.dtype, saved.call.T, saved.call.B,
+                                              d_outputs, d_states)
+        if saved.tape is None:  # an earlier backward freed what the forward kept: rebuild it
+            saved = self.forward(**saved.args)._tape
+        call = saved.call
+        T, B, ledger = call.T, call.B, call.ledger
+        acc = Accumulators(
+            d_inputs={x: np.zeros(a.shape, self.dtype) for x, a in call.inputs.items()},
+            d_seq=ledger.keep_all({o: np.zeros(((B,) if self.values[o].batched else ()) + self._shape(o),
+                                                self.dtype) for o in self.program.hoisted.seq.outputs}),
+            d_shared={})
         d_state = {d.name: d_states.get(d.name, np.zeros((B,) + self._shape(d.name), self.dtype))
                    for d in self.cell.of_kind("state")}
-        d_rows = {v: np.zeros((T, B) + self._shape(v), self.dtype)
-                  for v in self.program.hoisted.pre.outputs + tuple(saved["inputs"])}
-        d_shared: dict = {}
-        for t in reversed(range(T)):
-            env = self._step_env(saved["shared"], saved["inputs"], saved["hoisted"], t)
-            env.update(saved["tape"][t])
-            self.run_recompute.run(env)
-            valid = _valid_mask(lengths, t, B, 0, self.dtype)
-            env.update(self._seeds(step_bwd, d_outputs, d_state, t, B, valid))
-            self.run_grad["step"].run(env)
-            new_state = {}
-            for w, g in step_bwd.grads:
-                if w in d_state:
-                    carried = 0 if valid is None else _keep(d_state[w], valid)
-                    new_state[w] = (env[g] if g else 0) + carried
-                elif w in d_rows:
-                    if g:
-                        d_rows[w][t] = self._batched(w, env[g], B)
-                elif g:
-                    d_shared[w] = d_shared[w] + env[g] if w in d_shared else env[g]
-            d_state = {s: self._batched(s, v, B) for s, v in new_state.items()}
-        self._backward_pre(saved, d_rows, d_shared, T, B)
-        self._backward_seq(saved, d_shared)
+        pre, tape = saved.pre, saved.tape
+        saved.tape = None
+        for j in reversed(range(len(call.bounds))):
+            start, stop = call.bounds[j]
+            if j < len(call.bounds) - 1:  # replay the segment from its checkpoint
+                state = saved.checkpoints.pop()
+                ledger.release_all(state)
+                pre, tape = self._run_pre(call, start, stop), []
+                self._run_steps(call, pre, start, stop, state, tape)
+            d_rows = ledger.keep_all({v: np.zeros(((stop - start) * B,) + self._shape(v), self.dtype)
+                                      for v in self.program.hoisted.pre.outputs})
+            for t in reversed(range(start, stop)):
+                stored = tape.pop()
+                ledger.release_all(stored)
+                d_state = self._backward_step(call, pre, start, t, stored, d_outputs, d_state, d_rows, acc)
+            self._backward_pre(call, pre, d_rows, start, stop, acc)
+            ledger.release_all(d_rows)
+            ledger.release_all(pre)
+        self._backward_seq(call, acc)
         cell = self.cell
         zeros = lambda name, lead: np.zeros(lead + self._shape(name), self.dtype)
         return Gradients(
-            params={d.name: d_shared.get(d.name, zeros(d.name, ())) for d in cell.of_kind("param")},
-            inputs={d.name: d_rows.get(d.name, zeros(d.name, (T, B))) for d in cell.of_kind("input")},
+            params={d.name: acc.d_shared.get(d.name, zeros(d.name, ())) for d in cell.of_kind("param")},
+            inputs=acc.d_inputs,
             states=d_state,
-            contexts={d.name: self._batched(d.name, d_shared[d.name], B) if d.name in d_shared
+            contexts={d.name: self._batched(d.name, acc.d_shared[d.name], B) if d.name in acc.d_shared
                       else zeros(d.name, (B,)) for d in cell.of_kind("context")},
-        )
+            peak_bytes=ledger.peak)
+
+    def _backward_step(self, call, pre, start, t, stored, d_outputs, d_state, d_rows, acc) -> dict:
+        """Rerun the plan's recompute, run the backward step and route its
+        cotangents; returns the cotangents of the states before step t."""
+        B, step_bwd = call.B, self.program.grads["step"]
+        env = self._step_env(call, pre, start, t)
+        env.update(stored)
+        self.run_recompute.run(env)
+        valid = _valid_mask(call.lengths, t, B, 0, self.dtype)
+        env.update(self._seeds(step_bwd, d_outputs, d_state, t, B, valid))
+        self.run_grad["step"].run(env)
+        row = (t - start) * B
+        new_state = {}
+        for w, g in step_bwd.grads:
+            if w in d_state:
+                carried = 0 if valid is None else _keep(d_state[w], valid)
+                new_state[w] = (env[g] if g else 0) + carried
+            elif not g:
+                continue
+            elif w in d_rows:
+                d_rows[w][row:row + B] = self._batched(w, env[g], B)
+            elif w in acc.d_inputs:
+                acc.d_inputs[w][t] += env[g]
+            else:
+                acc.add(w, env[g])
+        return {s: self._batched(s, v, B) for s, v in new_state.items()}
 
     def _seeds(self, step_bwd, d_outputs, d_state, t, B, valid) -> dict:
         """Cotangents of the step's outputs at step t: d_outputs[t] and the carried d_state."""
@@ -216,36 +350,58 @@ class NumpyModule:
             seeds[seed] = total
         return seeds
 
-    def _backward_pre(self, saved, d_rows, d_shared, T, B):
+    def _backward_pre(self, call, pre, d_rows, start, stop, acc):
+        """The backward of the hoisted products over the segment's rows at once
+        (dW = x^T dgates as one product per segment)."""
         pre_bwd = self.program.grads["pre"]
         if not self.program.hoisted.pre.nodes:
             return
-        flat = lambda a: a.reshape((T * B,) + a.shape[2:])
-        env = dict(saved["shared"])
-        env.update((x, flat(a)) for x, a in saved["inputs"].items())
-        env.update(saved["pre_residuals"])
-        env.update((seed, flat(d_rows[out])) for out, seed in pre_bwd.seeds)
+        env = dict(call.shared)
+        env.update((x, a[start:stop].reshape((-1,) + a.shape[2:])) for x, a in call.inputs.items())
+        env.update(pre)
+        env.update((seed, d_rows[out]) for out, seed in pre_bwd.seeds)
         self.run_grad["pre"].run(env)
         for w, g in pre_bwd.grads:
             if not g:
                 continue
-            if w in saved["inputs"]:
-                d_rows[w] = d_rows[w] + env[g].reshape((T, B) + env[g].shape[1:])
+            if w in acc.d_inputs:
+                acc.d_inputs[w][start:stop] += env[g].reshape((stop - start, call.B) + env[g].shape[1:])
             else:
-                d_shared[w] = d_shared[w] + env[g] if w in d_shared else env[g]
+                acc.add(w, env[g])
 
-    def _backward_seq(self, saved, d_shared):
+    def _backward_seq(self, call, acc):
         seq_bwd = self.program.grads["seq"]
-        if not self.program.hoisted.seq.nodes:
-            return
-        env = dict(saved["shared"])
-        for out, seed in seq_bwd.seeds:
-            lead = (saved["B"],) if self.values[out].batched else ()
-            env[seed] = d_shared.pop(out, np.zeros(lead + self._shape(out), self.dtype))
-        self.run_grad["seq"].run(env)
-        for w, g in seq_bwd.grads:
-            if g:
-                d_shared[w] = d_shared[w] + env[g] if w in d_shared else env[g]
+        if self.program.hoisted.seq.nodes:
+            env = dict(call.shared)
+            env.update((seed, acc.d_seq[out]) for out, seed in seq_bwd.seeds)
+            self.run_grad["seq"].run(env)
+            for w, g in seq_bwd.grads:
+                if g:
+                    acc.add(w, env[g])
+        call.ledger.release_all(acc.d_seq)
+        call.ledger.release_all(self._held_seq(call))
+
+
+@dataclass
+class Accumulators:
+    """Cotangents summed over steps: of the inputs (returned), of the
+    once-per-sequence values (held for their backward), of params and contexts."""
+
+    d_inputs: dict
+    d_seq: dict
+    d_shared: dict
+
+    def add(self, name, g):
+        if name in self.d_seq:
+            self.d_seq[name] += g
+        else:
+            self.d_shared[name] = self.d_shared[name] + g if name in self.d_shared else g
+
+
+def _bounds(lengths) -> list:
+    """(start, stop) of consecutive segments of the given lengths."""
+    stops = np.cumsum(lengths, dtype=int).tolist()
+    return list(zip([0] + stops[:-1], stops))
 
 
 def _keep(d_state, valid):
