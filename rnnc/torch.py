@@ -8,20 +8,19 @@
 The whole sequence, forward and backward through time, is one
 `torch.autograd.Function`. CPU tensors (float32 or float64) run on rnnc's
 NumPy backend, sharing memory with the tensors. CUDA tensors run on rnnc's
-CUDA backend without a copy through the host; the contract with that backend:
+CUDA backend without a copy through the host, relying on what that backend
+does:
 
-- `program.load(backend="cuda", dtype=...)` gives a module whose `forward`
-  and `backward` take the same arguments as the NumPy module's, plus
-  `stream=`, the integer handle of a CUDA stream on which they enqueue all
-  their work;
-- arrays are passed as torch tensors and read through
-  `__cuda_array_interface__`; what it returns (anything with
-  `__cuda_array_interface__`) is wrapped with `torch.as_tensor`, no copy;
+- `program.load(backend="cuda", dtype=...)` gives a module with the NumPy
+  module's `forward`/`backward`, which accepts anything with
+  `__cuda_array_interface__` (torch tensors, made contiguous here) and
+  returns such arrays (wrapped with `torch.as_tensor`, no copy);
 - `lengths` stays a host NumPy integer array (the host loop over time reads it);
-- the call is made inside `torch.cuda.device(...)` of the tensors' device,
-  whose primary context torch has made current (PyCUDA shares it through its
-  primary-context mode), with torch's current stream, so rnnc's kernels are
-  ordered with the torch work before and after them.
+- it runs in the device's primary context, the one torch uses (PyCUDA's
+  primary-context mode), and launches on the legacy default stream; each
+  call is fenced both ways with torch's current stream (`wait_stream`), so
+  rnnc's kernels are ordered with the torch work before and after them
+  without a host synchronisation.
 
 PyTorch is an optional extra: `pip install 'rnnc[torch]'`.
 """
@@ -59,7 +58,7 @@ class _NumpyBackend:
         self.device = device
 
     def call(self):
-        return nullcontext({})
+        return nullcontext()
 
     @staticmethod
     def to_array(t: torch.Tensor):
@@ -78,22 +77,27 @@ class _NumpyBackend:
 
 
 class _CudaBackend:
-    """CUDA tensors on the CUDA backend (see the module docstring for the contract)."""
+    """CUDA tensors on the CUDA backend (see the module docstring for what it relies on)."""
 
     def __init__(self, program: Program, dtype: str, device: torch.device):
         try:
             self.module = program.load(backend="cuda", dtype=dtype)
         except (ImportError, ValueError, RuntimeError, OSError) as err:
             raise RuntimeError(
-                f"rnnc.torch: CUDA tensors need rnnc's cuda backend, which could not be loaded "
-                f"({err}); install it with pip install 'rnnc[cuda]' (PyCUDA, with nvcc and an "
-                f"NVIDIA driver), or run the cell on the CPU: cell.cpu() and tensors .cpu()") from err
+                f"rnnc.torch: CUDA tensors of {dtype} run on rnnc's cuda backend, which could not be "
+                f"loaded: {err}. Where the backend is missing: pip install 'rnnc[cuda]' (PyCUDA, "
+                f"with nvcc and an NVIDIA driver); or run on the CPU (cell.cpu(), tensors .cpu())"
+            ) from err
         self.device = device
 
     @contextmanager
     def call(self):
+        current = torch.cuda.current_stream(self.device)
+        legacy = torch.cuda.default_stream(self.device)  # stream 0, where rnnc launches
         with torch.cuda.device(self.device):
-            yield {"stream": torch.cuda.current_stream(self.device).cuda_stream}
+            legacy.wait_stream(current)  # rnnc reads what torch has queued so far
+            yield
+            current.wait_stream(legacy)  # torch's next work reads what rnnc wrote
 
     @staticmethod
     def to_array(t: torch.Tensor):
@@ -115,8 +119,8 @@ def _unflatten(layout: tuple, arrays) -> dict:
 def _run_forward(backend, layout, lengths, tensors, train: bool):
     """(backend result, output tensors in cell order, final state tensors in cell order)."""
     args = _unflatten(layout, [backend.to_array(t) for t in tensors])
-    with backend.call() as extra:
-        res = backend.module.forward(**args, lengths=lengths, train=train, **extra)
+    with backend.call():
+        res = backend.module.forward(**args, lengths=lengths, train=train)
     outs = backend.to_tensors(list(res.outputs.values()) + list(res.states.values()))
     return res, outs[:len(res.outputs)], outs[len(res.outputs):]
 
@@ -141,11 +145,10 @@ class _CellFunction(torch.autograd.Function):
         ctx.saved_tensors  # noqa: B018 -- reading them raises if one was modified in place
         backend, (out_names, state_names) = ctx.backend, ctx.names
         to_array = lambda gs, names: {n: backend.to_array(g) for n, g in zip(names, gs) if g is not None}
-        with backend.call() as extra:
+        with backend.call():
             g = backend.module.backward(ctx.result,
                                         d_outputs=to_array(grads[:len(out_names)], out_names),
-                                        d_states=to_array(grads[len(out_names):], state_names),
-                                        **extra)
+                                        d_states=to_array(grads[len(out_names):], state_names))
         needed = [(kind, name) for (kind, name), need in zip(ctx.layout, ctx.needs_input_grad[3:])
                   if need]
         tensors = iter(backend.to_tensors([getattr(g, kind)[name] for kind, name in needed]))
