@@ -129,8 +129,15 @@ class Schedule:
         s.zero_before_backward = list(data["zero_before_backward"])
         return s
 
+    def launches(self):
+        return [l for k in LAUNCH_LISTS for l in getattr(self, k)]
+
     def kernels(self) -> list:
-        return list(dict.fromkeys(l.kernel for k in LAUNCH_LISTS for l in getattr(self, k)))
+        return list(dict.fromkeys(l.kernel for l in self.launches()))
+
+    def arities(self) -> dict:
+        """Buffers each kernel takes (after rows, t and lengths)."""
+        return {l.kernel: len(l.args) for l in self.launches()}
 
 
 LAUNCH_LISTS = ("forward_once", "forward_step", "backward_step", "backward_once")
@@ -554,9 +561,10 @@ class Lowering:
         self.cell = program.cell
         self.hoisted = program.hoisted
         self.plan = program.plan
-        if getattr(self.plan, "checkpoints", None):
-            raise ValueError("recompute: the cuda backend does not run plans with state checkpoints "
-                             "yet; use the numpy backend or a plan without a memory budget")
+        if getattr(self.plan, "segments", None) is not None:
+            raise ValueError("memory_budget: the cuda backend does not run plans that checkpoint "
+                             "states across time yet; compile without memory_budget (a per-step "
+                             "recompute policy works) or use backend='numpy'")
         self.gen = Generator()
         self.schedule = Schedule()
         self.decl = {d.name: d for d in self.cell.decls}
@@ -736,7 +744,7 @@ class Lowering:
             states = [s for s, v in self.cell.nexts if v == out]
             outputs = [o for o, v in self.cell.outputs if v == out]
 
-            def build(at, valid, states=states, outputs=outputs):
+            def build(at, valid, out=out, states=states, outputs=outputs):
                 terms = [at(self.d_state(s)) for s in states]
                 terms += [at(self.buffer(f"d_output:{o}", self.shape(out), True, "T", "d_output", "t"))
                           for o in outputs]

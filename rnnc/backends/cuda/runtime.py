@@ -1,0 +1,333 @@
+"""Running: a host loop over time launches the generated kernels.
+
+`Executor` interprets a `Schedule` on a `Device`: it allocates the buffers of
+one call in one pool, copies the caller's arrays in, runs the once-per-sequence
+launches, then the per-step launches for t = 0..T-1 (and T-1..0 backward), and
+copies results out. `PycudaDevice` is the real device; anything with the same
+few methods works (the tests run the kernels through a CPU emulation of CUDA).
+
+`CudaModule` has the NumPy module's API. It takes NumPy arrays, PyCUDA
+GPUArrays or anything with `__cuda_array_interface__` (contiguous float32),
+and returns NumPy arrays for NumPy input, GPUArrays otherwise.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..args import bind_cotangents, bind_forward, concrete_shape
+from ..numpy import ForwardResult, Gradients, NumpyModule
+from .codegen import Schedule
+
+ALIGN = 256  # bytes between buffers of a pool (the alignment cudaMalloc gives)
+
+
+class CudaUnavailable(RuntimeError):
+    """PyCUDA, the driver or a GPU is missing; the message says which and what to do."""
+
+
+# --- arrays the caller passes ------------------------------------------------------------
+class DeviceArray:
+    """A caller's device array seen through `__cuda_array_interface__`."""
+
+    def __init__(self, obj):
+        cai = obj.__cuda_array_interface__
+        self.obj, self.shape = obj, tuple(cai["shape"])
+        self.dtype = np.dtype(cai["typestr"])
+        self.ndim = len(self.shape)
+        self.ptr = int(cai["data"][0])
+        dense = tuple(int(s) for s in np.empty(0, self.dtype).itemsize * np.cumprod((1,) + self.shape[:0:-1])[::-1])
+        if cai.get("strides") not in (None, dense):
+            raise ValueError(f"a device array of shape {list(self.shape)} is not C-contiguous "
+                             "(make it contiguous first)")
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def wrap(array):
+    """A caller's array as np.ndarray or DeviceArray (None and others unchanged, for the checks)."""
+    if array is None or isinstance(array, np.ndarray) or not hasattr(array, "__cuda_array_interface__"):
+        return array
+    return DeviceArray(array)
+
+
+def wrap_all(arrays: dict | None):
+    return None if arrays is None else {k: wrap(v) for k, v in arrays.items()}
+
+
+# --- the schedule's interpreter ------------------------------------------------------------
+@dataclass
+class Slotted:
+    ptr: int
+    slots: int
+    slot_bytes: int
+
+    def at(self, index: int) -> int:
+        return self.ptr + (index % self.slots) * self.slot_bytes
+
+
+def slot_count(kind: str, T: int, train: bool) -> int:
+    return {"one": 1, "T": T, "tape": T if train else 1, "state": T + 1 if train else 2}[kind]
+
+
+class Executor:
+    def __init__(self, schedule: Schedule, device):
+        self.schedule, self.device = schedule, device
+        forward = {name for k in ("forward_once", "forward_step")
+                   for l in getattr(schedule, k) for name, _ in l.args}
+        self.forward_buffers = [b for b in schedule.buffers.values()
+                                if b.name in forward or b.role in ("input", "param", "context", "state", "output")]
+        self.backward_buffers = [b for b in schedule.buffers.values() if b not in self.forward_buffers]
+
+    def allocate(self, buffers, T: int, B: int, train: bool):
+        """One pool for `buffers`: (name -> Slotted, the pool to keep alive)."""
+        layout, offset = {}, 0
+        for b in buffers:
+            slot_bytes = (B if b.batched else 1) * b.numel * 4
+            slots = slot_count(b.slots, T, train)
+            layout[b.name] = (offset, slots, slot_bytes)
+            offset += -(-max(slots * slot_bytes, 1) // ALIGN) * ALIGN
+        base, pool = self.device.alloc(offset)
+        return {n: Slotted(base + o, s, sb) for n, (o, s, sb) in layout.items()}, pool
+
+    def run(self, launches, memory: dict, T: int, B: int, t: int, lengths: int):
+        for l in launches:
+            rows = B if l.rows == "B" else T * B
+            grid = tuple(min(-(-(e.n * (rows if e.rows else 1)) // e.div), limit) or 1
+                         for e, limit in zip(l.grid, GRID_LIMITS))
+            ptrs = [memory[name].at({"base": 0, "t": t, "t+1": t + 1}[sel]) for name, sel in l.args]
+            self.device.launch(l.kernel, grid, l.block, rows, t, lengths, ptrs)
+
+
+# grid-stride loops (and the product kernel's loop over g) make any grid size correct,
+# so huge launches are capped at the hardware's limits
+GRID_LIMITS = (2**31 - 1, 65535, 65535)
+
+
+# --- the module --------------------------------------------------------------------------------
+class CudaModule:
+    backend = "cuda"
+
+    def __init__(self, program, schedule: Schedule, device, dtype="float32"):
+        if np.dtype(dtype) != np.float32:
+            raise ValueError(f"dtype: the cuda backend runs float32 only, got {dtype!r} "
+                             "(use backend='numpy' for float64)")
+        self.program, self.cell = program, program.cell
+        self.dtype = np.dtype(np.float32)
+        self.device = device
+        self.executor = Executor(schedule, device)
+        self.buffers = schedule.buffers
+
+    def init_params(self, seed: int = 0) -> dict:
+        """The same parameters as the NumPy module's, in float32 NumPy arrays."""
+        return NumpyModule(self.program, "float32").init_params(seed)
+
+    # --- moving arrays -------------------------------------------------------------------------
+    def _copy_in(self, slotted: Slotted, array, slot: int = 0):
+        ptr = slotted.at(slot)
+        if isinstance(array, DeviceArray):
+            self.device.dtod(ptr, array.ptr, array.nbytes)
+        else:
+            self.device.htod(ptr, np.ascontiguousarray(array))
+
+    def _copy_out(self, slotted: Slotted, shape: tuple, on_device: bool, slot: int = 0):
+        if on_device:
+            out = self.device.empty(shape)
+            self.device.dtod(int(out.__cuda_array_interface__["data"][0]), slotted.at(slot),
+                             math.prod(shape) * 4)
+            return out
+        out = np.empty(shape, np.float32)
+        self.device.dtoh(out, slotted.at(slot))
+        return out
+
+    # --- forward -----------------------------------------------------------------------------------
+    def forward(self, inputs, params, states=None, contexts=None, lengths=None, train=True):
+        kinds = (np.ndarray, DeviceArray)
+        T, B, inputs, params, states, contexts, lengths = bind_forward(
+            self.cell, self.dtype, wrap_all(inputs), wrap_all(params), wrap_all(states),
+            wrap_all(contexts), lengths, kinds)
+        on_device = isinstance(next(iter(inputs.values())), DeviceArray)
+        ex = self.executor
+        memory, pool = ex.allocate(ex.forward_buffers, T, B, train)
+        for kind, given in (("input", inputs), ("param", params), ("context", contexts)):
+            for name, array in given.items():
+                self._copy_in(memory[f"{kind}:{name}"], array)
+        for d in self.cell.of_kind("state"):
+            slot = memory[f"state:{d.name}"]
+            if d.name in states:
+                self._copy_in(slot, states[d.name])
+            else:
+                self.device.memset0(slot.at(0), slot.slot_bytes)
+        full = np.full(B, T, np.int32) if lengths is None else lengths.astype(np.int32)
+        lengths_mem, lengths_pool = self.device.alloc(B * 4)
+        self.device.htod(lengths_mem, full)
+        ex.run(self.executor.schedule.forward_once, memory, T, B, 0, lengths_mem)
+        for t in range(T):
+            ex.run(self.executor.schedule.forward_step, memory, T, B, t, lengths_mem)
+        outputs = {o: self._copy_out(memory[f"output:{o}"], (T, B) + self._value_shape(v), on_device)
+                   for o, v in self.cell.outputs}
+        final = {d.name: self._copy_out(memory[f"state:{d.name}"], (B,) + self._value_shape(d.name),
+                                        on_device, slot=T) for d in self.cell.of_kind("state")}
+        saved = dict(T=T, B=B, memory=memory, pools=(pool, lengths_pool), lengths=lengths_mem,
+                     on_device=on_device) if train else None
+        stored = self.stored_bytes(T, B) if train else 0
+        return ForwardResult(outputs, final, stored, saved)
+
+    def _value_shape(self, name: str) -> tuple:
+        return concrete_shape(self.program.cell.graph.values()[name].shape)
+
+    # --- backward -------------------------------------------------------------------------------------
+    def backward(self, result: ForwardResult, d_outputs=None, d_states=None) -> Gradients:
+        saved = result._tape
+        if saved is None:
+            raise ValueError("backward: this result came from forward(..., train=False), which keeps "
+                             "nothing for the backward; run forward with train=True")
+        T, B = saved["T"], saved["B"]
+        d_outputs, d_states = bind_cotangents(self.cell, self.dtype, T, B, wrap_all(d_outputs),
+                                              wrap_all(d_states), (np.ndarray, DeviceArray))
+        ex, sched = self.executor, self.executor.schedule
+        own, pool = ex.allocate(ex.backward_buffers, T, B, True)
+        memory = {**saved["memory"], **own}
+        for name in sched.zero_before_backward:
+            m = memory[name]
+            self.device.memset0(m.ptr, m.slots * m.slot_bytes)
+        for kind, given, names in (("d_output", d_outputs, [o for o, _ in self.cell.outputs]),
+                                   ("d_state", d_states, [d.name for d in self.cell.of_kind("state")])):
+            for name in names:
+                m = memory[f"{kind}:{name}"]
+                if name in given:
+                    self._copy_in(m, given[name])
+                else:
+                    self.device.memset0(m.ptr, m.slots * m.slot_bytes)
+        for t in reversed(range(T)):
+            ex.run(sched.backward_step, memory, T, B, t, saved["lengths"])
+        ex.run(sched.backward_once, memory, T, B, 0, saved["lengths"])
+        dev = saved["on_device"]
+        out = lambda buf, lead, name: self._copy_out(memory[buf], lead + self._value_shape(name), dev)
+        cell = self.cell
+        return Gradients(
+            params={d.name: out(f"d_acc:{d.name}", (), d.name) for d in cell.of_kind("param")},
+            inputs={d.name: out(f"d_row:{d.name}", (T, B), d.name) for d in cell.of_kind("input")},
+            states={d.name: out(f"d_state:{d.name}", (B,), d.name) for d in cell.of_kind("state")},
+            contexts={d.name: out(f"d_acc:{d.name}", (B,), d.name) for d in cell.of_kind("context")},
+            peak_bytes=self.peak_bytes(T, B))
+
+    # --- memory ------------------------------------------------------------------------------------------
+    def _held(self, T: int, B: int, names) -> int:
+        total = 0
+        for name in names:
+            b = self.buffers[name]
+            slots = slot_count(b.slots, T, True) - (1 if b.slots == "state" else 0)  # the final state is returned
+            total += slots * (B if b.batched else 1) * b.numel * 4
+        return total
+
+    def stored_bytes(self, T: int, B: int) -> int:
+        """What the forward keeps for the backward: the hoisted values, the
+        states before every step and the values the Plan stores per step."""
+        kept = [n for n in self.buffers if n.split(":", 1)[0] in ("seq", "pre", "tape", "state")]
+        return self._held(T, B, kept)
+
+    def peak_bytes(self, T: int, B: int) -> int:
+        """The stored bytes plus what the backward holds across steps: the
+        cotangents accumulated for the hoisted values and those kept per step
+        for the batched parameter-gradient products."""
+        return self.stored_bytes(T, B) + self._held(T, B, self._backward_held())
+
+    def _backward_held(self):
+        decls = {d.name for d in self.cell.decls}
+        for name, b in self.buffers.items():
+            role, value = name.split(":", 1)
+            if (role in ("d_row", "d_acc") and value not in decls) or role == "bwd_t" or (
+                    role == "seed" and b.slots == "T"):
+                yield name
+
+
+# --- PyCUDA -----------------------------------------------------------------------------------------
+class PycudaDevice:
+    """The real device: a PyCUDA context on GPU 0 and the cubin's functions."""
+
+    def __init__(self):
+        drv = import_pycuda()
+        try:
+            drv.init()
+            if drv.Device.count() == 0:
+                raise CudaUnavailable("backend='cuda': the CUDA driver sees no GPU; run on a machine "
+                                      "with an NVIDIA GPU or use backend='numpy'")
+            import pycuda.autoprimaryctx  # noqa: F401  (the device's primary context, shared with other libraries)
+        except drv.Error as err:
+            raise CudaUnavailable(f"backend='cuda': the CUDA driver failed ({err}); install the NVIDIA "
+                                  "driver or use backend='numpy'") from None
+        import pycuda.gpuarray as gpuarray
+        self.drv, self.gpuarray = drv, gpuarray
+        self.functions = {}
+
+    @property
+    def arch(self) -> str:
+        major, minor = self.drv.Context.get_device().compute_capability()
+        return f"sm_{major}{minor}"
+
+    def load_module(self, cubin_path, arities: dict):
+        """The cubin's kernels, each prepared for (rows, t, lengths, buffers...)."""
+        self.module = self.drv.module_from_file(str(cubin_path))
+        for name, n in arities.items():
+            f = self.module.get_function(name)
+            f.prepare("iiP" + "P" * n)
+            self.functions[name] = f
+
+    def alloc(self, nbytes: int):
+        pool = self.drv.mem_alloc(max(nbytes, 1))
+        return int(pool), pool
+
+    def htod(self, ptr: int, array: np.ndarray):
+        self.drv.memcpy_htod(ptr, array)
+
+    def dtoh(self, out: np.ndarray, ptr: int):
+        self.drv.memcpy_dtoh(out, ptr)
+
+    def dtod(self, dst: int, src: int, nbytes: int):
+        self.drv.memcpy_dtod(dst, src, nbytes)
+
+    def memset0(self, ptr: int, nbytes: int):
+        self.drv.memset_d8(ptr, 0, nbytes)
+
+    def empty(self, shape):
+        return self.gpuarray.empty(shape, np.float32)
+
+    def launch(self, kernel, grid, block, rows, t, lengths, ptrs):
+        self.functions[kernel].prepared_call(grid, (block, 1, 1), np.int32(rows), np.int32(t),
+                                             np.uintp(lengths), *[np.uintp(p) for p in ptrs])
+
+    def synchronize(self):
+        self.drv.Context.synchronize()
+
+
+def import_pycuda():
+    try:
+        import pycuda.driver as drv
+    except ImportError as err:
+        if "libcuda" in str(err):
+            raise CudaUnavailable(f"backend='cuda': the NVIDIA driver is missing ({err}); install it "
+                                  "on a machine with an NVIDIA GPU, or use backend='numpy'") from None
+        raise CudaUnavailable("backend='cuda' needs PyCUDA: pip install 'rnnc[cuda]' (or pip install "
+                              "pycuda), with the NVIDIA driver and a GPU; or use backend='numpy'") from None
+    return drv
+
+
+def load(program, dtype="float32", generated=None, cubin_path=None) -> CudaModule:
+    """A CudaModule for a Program: the generated kernels (given, or generated
+    now) built for the local GPU (or the given cubin) and loaded with PyCUDA."""
+    from .build import compile_cubin
+    from .codegen import generate
+    if np.dtype(dtype) != np.float32:
+        raise ValueError(f"dtype: the cuda backend runs float32 only, got {dtype!r} "
+                         "(use backend='numpy' for float64)")
+    device = PycudaDevice()  # fails first, and says why, without a GPU
+    generated = generated or generate(program)
+    if cubin_path is None:
+        cubin_path = compile_cubin(generated.source, device.arch).path
+    device.load_module(cubin_path, generated.schedule.arities())
+    return CudaModule(program, generated.schedule, device, dtype)

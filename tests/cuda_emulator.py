@@ -1,0 +1,162 @@
+"""A CPU emulation of CUDA, enough to run rnnc's generated kernels without a GPU.
+
+The generated `kernels.cu` is compiled by g++ with a small header that defines
+threadIdx, blockIdx, `__shared__` and `__syncthreads`: the blocks of a launch
+run one after another, the threads of a block as fibers (ucontext) that
+switch at every `__syncthreads`, round after round, so a barrier waits for
+all threads of the block as on a GPU. `EmulatedDevice` has the methods the
+runtime's `Executor` uses, so the whole CUDA backend (schedule, buffers, host
+loop, kernels) runs and can be compared with the NumPy reference.
+
+Fresh pools are filled with NaN bytes, so reading memory no kernel wrote shows.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+
+HEADER = r"""
+#include <math.h>
+#include <cmath>
+#include <algorithm>
+#include <vector>
+#include <ucontext.h>
+using std::min; using std::max;
+struct dim3 { unsigned x = 1, y = 1, z = 1; };
+static dim3 threadIdx, blockIdx, blockDim, gridDim;
+#define __global__
+#define __launch_bounds__(...)
+#define __shared__ static  /* blocks run one at a time: a block's threads share it */
+namespace emu {
+static ucontext_t scheduler;
+static std::vector<ucontext_t> fibers;
+static std::vector<std::vector<char>> stacks;
+static std::vector<char> done;
+static int current;
+static void (*body)(void*);
+static void* body_arg;
+static void entry() {
+    body(body_arg);
+    done[current] = 1;
+    swapcontext(&fibers[current], &scheduler);
+}
+static void run_block(unsigned threads) {
+    fibers.resize(threads);
+    stacks.resize(threads);
+    done.assign(threads, 0);
+    for (unsigned i = 0; i < threads; ++i) {
+        stacks[i].resize(1 << 16);
+        getcontext(&fibers[i]);
+        fibers[i].uc_stack.ss_sp = stacks[i].data();
+        fibers[i].uc_stack.ss_size = stacks[i].size();
+        fibers[i].uc_link = nullptr;
+        makecontext(&fibers[i], entry, 0);
+    }
+    for (bool left = true; left;) {  // one round: every thread up to its next barrier
+        left = false;
+        for (unsigned i = 0; i < threads; ++i) {
+            if (done[i]) continue;
+            current = (int)i;
+            threadIdx.x = i;
+            swapcontext(&scheduler, &fibers[i]);
+            left = left || !done[i];
+        }
+    }
+}
+static void run_grid(unsigned gx, unsigned gy, unsigned gz, unsigned bx) {
+    gridDim.x = gx; gridDim.y = gy; gridDim.z = gz;
+    blockDim.x = bx;
+    for (unsigned z = 0; z < gz; ++z)
+        for (unsigned y = 0; y < gy; ++y)
+            for (unsigned x = 0; x < gx; ++x) {
+                blockIdx.x = x; blockIdx.y = y; blockIdx.z = z;
+                run_block(bx);
+            }
+}
+}  // namespace emu
+inline void __syncthreads() { swapcontext(&emu::fibers[emu::current], &emu::scheduler); }
+"""
+
+WRAPPER = """
+extern "C" void emu_{name}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, int rows, int t,
+                            const int* lengths, float** p) {{
+    struct Args {{ int rows, t; const int* lengths; float** p; }} args{{rows, t, lengths, p}};
+    emu::body = [](void* v) {{ Args* a = (Args*)v; {name}(a->rows, a->t, a->lengths{params}); }};
+    emu::body_arg = &args;
+    emu::run_grid(gx, gy, gz, bx);
+}}
+"""
+
+
+def available() -> bool:
+    return shutil.which("g++") is not None
+
+
+def build_library(source: str, arities: dict, workdir: Path) -> ctypes.CDLL:
+    wrappers = "".join(WRAPPER.format(name=k, params="".join(f", a->p[{i}]" for i in range(n)))
+                       for k, n in arities.items())
+    text = HEADER + source + wrappers
+    key = hashlib.sha256(text.encode()).hexdigest()[:16]
+    lib = workdir / f"emu_{key}.so"
+    if not lib.exists():
+        src = workdir / f"emu_{key}.cpp"
+        src.write_text(text)
+        subprocess.run(["g++", "-O1", "-std=c++17", "-shared", "-fPIC", "-w", "-o", str(lib), str(src)],
+                       check=True, capture_output=True, text=True)
+    return ctypes.CDLL(str(lib))
+
+
+class HostArray:
+    """Host memory posing as a device array (`__cuda_array_interface__`), to
+    check that device arrays in give device arrays out."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = np.ascontiguousarray(array)
+
+    @property
+    def __cuda_array_interface__(self):
+        return {"shape": self.array.shape, "typestr": self.array.dtype.str,
+                "data": (self.array.ctypes.data, False), "version": 2, "strides": None}
+
+
+class EmulatedDevice:
+    def __init__(self, generated, workdir: Path):
+        self.lib = build_library(generated.source, generated.schedule.arities(), workdir)
+        self.kernels = {}
+        for name in generated.schedule.kernels():
+            fn = getattr(self.lib, f"emu_{name}")
+            fn.argtypes = [ctypes.c_uint] * 4 + [ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                                                 ctypes.POINTER(ctypes.c_void_p)]
+            self.kernels[name] = fn
+        self.launched = []
+
+    def alloc(self, nbytes: int):
+        pool = np.full(max(nbytes, 1) + 256, 0xFF, np.uint8)  # NaN bytes: unwritten memory shows
+        base = (pool.ctypes.data + 255) // 256 * 256
+        return base, pool
+
+    def htod(self, ptr, array):
+        ctypes.memmove(ptr, array.ctypes.data, array.nbytes)
+
+    def dtoh(self, out, ptr):
+        ctypes.memmove(out.ctypes.data, ptr, out.nbytes)
+
+    def dtod(self, dst, src, nbytes):
+        ctypes.memmove(dst, src, nbytes)
+
+    def memset0(self, ptr, nbytes):
+        ctypes.memset(ptr, 0, nbytes)
+
+    def empty(self, shape):
+        return HostArray(np.empty(shape, np.float32))
+
+    def launch(self, kernel, grid, block, rows, t, lengths, ptrs):
+        self.launched.append(kernel)
+        args = (ctypes.c_void_p * max(len(ptrs), 1))(*ptrs)
+        self.kernels[kernel](*grid, block, rows, t, lengths, args)
