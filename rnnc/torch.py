@@ -125,6 +125,12 @@ def _run_forward(backend, layout, lengths, tensors, train: bool):
     return res, outs[:len(res.outputs)], outs[len(res.outputs):]
 
 
+def _cotangents(backend, names, grads) -> dict:
+    """{name: array} of the cotangents torch gives; an unused result's (None) is left out,
+    which the backends read as zero."""
+    return {n: backend.to_array(g) for n, g in zip(names, grads) if g is not None}
+
+
 class _CellFunction(torch.autograd.Function):
     """forward(backend, layout, lengths, *tensors) -> (*outputs, *final states)."""
 
@@ -144,11 +150,10 @@ class _CellFunction(torch.autograd.Function):
     def backward(ctx, *grads):
         ctx.saved_tensors  # noqa: B018 -- reading them raises if one was modified in place
         backend, (out_names, state_names) = ctx.backend, ctx.names
-        to_array = lambda gs, names: {n: backend.to_array(g) for n, g in zip(names, gs) if g is not None}
         with backend.call():
-            g = backend.module.backward(ctx.result,
-                                        d_outputs=to_array(grads[:len(out_names)], out_names),
-                                        d_states=to_array(grads[len(out_names):], state_names))
+            g = backend.module.backward(
+                ctx.result, d_outputs=_cotangents(backend, out_names, grads[:len(out_names)]),
+                d_states=_cotangents(backend, state_names, grads[len(out_names):]))
         needed = [(kind, name) for (kind, name), need in zip(ctx.layout, ctx.needs_input_grad[3:])
                   if need]
         tensors = iter(backend.to_tensors([getattr(g, kind)[name] for kind, name in needed]))
@@ -265,7 +270,8 @@ class Cell(nn.Module):
         D, H = net.input_size, net.hidden_size
         w = dict(net.named_parameters())
         like = w["weight_ih_l0"]
-        cell = cls(_shipped_source(kind), dims={"D": D, "H": H}, recompute=recompute, dtype=like.dtype).to(like.device)
+        cell = cls(_shipped_source(kind), dims={"D": D, "H": H}, recompute=recompute,
+                   dtype=like.dtype).to(like.device)
         zeros = torch.zeros(len(_GATES[kind]) * H, dtype=like.dtype, device=like.device)
         b_ih, b_hh = w.get("bias_ih_l0", zeros), w.get("bias_hh_l0", zeros)
         biases = {"b": b_ih + b_hh} if kind == "lstm" else {"b_i": b_ih, "b_h": b_hh}
@@ -332,7 +338,8 @@ def _torch_kind(net) -> str:
 
 def _program(program_or_path, dims, recompute, cell) -> Program:
     if isinstance(program_or_path, Program):
-        given = [k for k, v in (("dims", dims), ("recompute", recompute), ("cell", cell)) if v is not None]
+        options = (("dims", dims), ("recompute", recompute), ("cell", cell))
+        given = [k for k, v in options if v is not None]
         if given:
             raise ValueError(f"Cell: {', '.join(given)} apply only when compiling from a path or text; "
                              f"this program is already compiled")

@@ -20,9 +20,13 @@ TOL = 1e-9
 def random_batch(cell: Cell, T: int, B: int, seed: int, requires_grad=True) -> dict:
     """Random float64 inputs [T, B, ...], initial states and contexts [B, ...] for `cell`."""
     gen = torch.Generator().manual_seed(seed)
-    shape = lambda d: tuple(int(s.value) for s in d.shape)
-    rand = lambda *size: torch.randn(*size, generator=gen, dtype=torch.float64,
-                                     requires_grad=requires_grad)
+
+    def shape(decl):
+        return tuple(int(s.value) for s in decl.shape)
+
+    def rand(*size):
+        return torch.randn(*size, generator=gen, dtype=torch.float64, requires_grad=requires_grad)
+
     decls = cell.program.cell
     return {
         "inputs": {d.name: rand(T, B, *shape(d)) for d in decls.of_kind("input")},
@@ -54,7 +58,8 @@ def test_gradcheck(example, lengths):
     cell = Cell(EXAMPLES / f"{example}.cell", dims=GRADCHECK_CASES[example], dtype=torch.float64)
     randomise(cell, seed=1)
     batch = random_batch(cell, T=3, B=2, seed=2)
-    groups = {**batch, "params": {k: v.detach().clone().requires_grad_() for k, v in cell.params.items()}}
+    params = {k: v.detach().clone().requires_grad_() for k, v in cell.params.items()}
+    groups = {**batch, "params": params}
     layout = [(kind, name) for kind, named in groups.items() for name in named]
 
     def run(*tensors):
@@ -264,7 +269,7 @@ def lstm32():
 
 
 def test_mixed_dtypes_name_the_argument(lstm32):
-    with pytest.raises(ValueError, match=r"params\['W'\]: torch.float32 .* first input is torch.float64"):
+    with pytest.raises(ValueError, match=r"params\['W'\]: torch.float32 .* input is torch.float64"):
         lstm32(torch.randn(2, 1, 3, dtype=torch.float64))
 
 
