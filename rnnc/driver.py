@@ -20,7 +20,7 @@ from .passes.autodiff import Backward, vjp
 from .passes.hoist import Hoisted, hoist
 from .passes.plan import Plan, make_plan
 
-STAGES = ("ast", "ir", "hoist", "grad", "plan")
+STAGES = ("ast", "ir", "hoist", "grad", "plan", "cuda")
 
 
 def read_source(path_or_text: str | os.PathLike) -> Source:
@@ -68,7 +68,10 @@ class Program:
         if backend == "numpy":
             from .backends.numpy import NumpyModule
             return NumpyModule(self, dtype or "float64")
-        raise ValueError(f"backend: unknown backend {backend!r} (backends: numpy)")
+        if backend == "cuda":
+            from .backends.cuda.runtime import load as load_cuda
+            return load_cuda(self, dtype or "float32")
+        raise ValueError(f"backend: unknown backend {backend!r} (backends: numpy, cuda)")
 
 
 def require_dims(cell: Cell, source: Source):
@@ -112,4 +115,10 @@ def emit(source: Source, stage: str, cell: str | None = None, dims: dict | None 
     grads = differentiate(hoisted)
     if stage == "grad":
         return "\n\n".join(b.format(f"backward of {name}") for name, b in grads.items())
-    return make_plan(hoisted, grads, recompute).format()
+    if stage == "cuda":
+        require_dims(checked.cell, source)  # the kernels' sizes are constants
+    plan = make_plan(hoisted, grads, recompute)
+    if stage == "cuda":
+        from .backends.cuda.codegen import generate
+        return generate(Program(source, checked.cell, checked.warnings, hoisted, grads, plan)).source
+    return plan.format()
