@@ -11,6 +11,7 @@ import sys
 import numpy as np
 
 from . import driver
+from .backends.cuda import ToolchainError
 from .errors import CellError
 
 
@@ -64,8 +65,7 @@ def cmd_run(args) -> int:
     import time
 
     from .gradcheck import random_arguments
-    prog = compile_for_cli(args)
-    module = prog.load(backend="numpy", dtype=args.dtype)
+    module = load_for_run(args)
     arrays = random_arguments(module, args.seq_len, args.batch)
     start = time.perf_counter()
     result = module.forward(**arrays)
@@ -78,7 +78,31 @@ def cmd_run(args) -> int:
         for name, array in table.items():
             print(f"{group:>8} {name}: {list(array.shape)}")
     print(f"forward {1e3 * (middle - start):.1f} ms, backward {1e3 * (end - middle):.1f} ms "
-          f"(numpy, {args.dtype}, T={args.seq_len}, B={args.batch})")
+          f"({module.backend}, {module.dtype.name}, T={args.seq_len}, B={args.batch})")
+    return 0
+
+
+def load_for_run(args):
+    """The module `rnnc run` runs: an artifact directory or a .cell file, on --backend."""
+    from pathlib import Path
+
+    from .artifact import load
+    if Path(args.file).is_dir():
+        if args.D:
+            raise ValueError(f"-D: {args.file} is a compiled artifact; its dims are fixed")
+        return load(args.file, backend=args.backend, dtype=args.dtype)
+    return compile_for_cli(args).load(backend=args.backend, dtype=args.dtype)
+
+
+def cmd_compile(args) -> int:
+    from .artifact import write
+    program = compile_for_cli(args)
+    module = write(program, args.output, recompute=args.recompute, arch=args.arch)
+    for note in module["notes"]:
+        print(f"rnnc: warning: {note}", file=sys.stderr)
+    built = [n for n in module["files"] if n.endswith(".cubin")]
+    print(f"{args.output}: cell {module['cell']}, {len(module['kernels'])} kernels, "
+          f"{', '.join(built) or 'no cubin'} (recompute={module['plan']['policy']})")
     return 0
 
 
@@ -124,7 +148,16 @@ def build_parser() -> argparse.ArgumentParser:
     c = with_cell(command("run", cmd_run, "forward and backward on random data, with timing"))
     c.add_argument("--seq-len", type=int, default=20, metavar="T")
     c.add_argument("--batch", type=int, default=8, metavar="B")
-    c.add_argument("--dtype", default="float64", choices=("float32", "float64"))
+    c.add_argument("--backend", default="numpy", choices=("numpy", "cuda"))
+    c.add_argument("--dtype", default=None, choices=("float32", "float64"),
+                   help="default: float64 on numpy, float32 on cuda")
+    c.add_argument("--recompute", default="auto", help="none, all, auto or value names")
+
+    c = with_cell(command("compile", cmd_compile, "compile a cell into an artifact directory"))
+    c.add_argument("-o", "--output", required=True, metavar="DIR", help="the artifact directory")
+    c.add_argument("--target", default="cuda", choices=("cuda",))
+    c.add_argument("--arch", help="GPU architecture of the cubin, e.g. sm_90 (default: the local "
+                                  "GPU's, else sm_80)")
     c.add_argument("--recompute", default="auto", help="none, all, auto or value names")
     return p
 
@@ -137,6 +170,9 @@ def main(argv=None) -> int:
         print(err.format(), file=sys.stderr)
         return 1
     except ValueError as err:  # a bad argument, already worded for the user
+        print(f"rnnc: error: {err}", file=sys.stderr)
+        return 1
+    except ToolchainError as err:  # nvcc, PyCUDA, the driver or a GPU is missing: says what to install
         print(f"rnnc: error: {err}", file=sys.stderr)
         return 1
 

@@ -17,11 +17,13 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from . import ToolchainError
+
 DEFAULT_ARCH = "sm_80"
 OPTIONS = ("-O3", "-Xptxas", "-v")  # -v: ptxas reports registers and spills on stderr
 
 
-class BuildError(RuntimeError):
+class BuildError(ToolchainError):
     """nvcc is missing or rejected the generated source."""
 
 

@@ -19,12 +19,13 @@ import numpy as np
 
 from ..args import bind_cotangents, bind_forward, concrete_shape
 from ..numpy import ForwardResult, Gradients, NumpyModule
+from . import ToolchainError
 from .codegen import Schedule
 
 ALIGN = 256  # bytes between buffers of a pool (the alignment cudaMalloc gives)
 
 
-class CudaUnavailable(RuntimeError):
+class CudaUnavailable(ToolchainError):
     """PyCUDA, the driver or a GPU is missing; the message says which and what to do."""
 
 
@@ -317,9 +318,9 @@ def import_pycuda():
     return drv
 
 
-def load(program, dtype="float32", generated=None, cubin_path=None) -> CudaModule:
+def load(program, dtype="float32", generated=None, cubin_for=None) -> CudaModule:
     """A CudaModule for a Program: the generated kernels (given, or generated
-    now) built for the local GPU (or the given cubin) and loaded with PyCUDA."""
+    now) built for the local GPU, or `cubin_for(arch)`'s cubin, loaded with PyCUDA."""
     from .build import compile_cubin
     from .codegen import generate
     if np.dtype(dtype) != np.float32:
@@ -327,7 +328,7 @@ def load(program, dtype="float32", generated=None, cubin_path=None) -> CudaModul
                          "(use backend='numpy' for float64)")
     device = PycudaDevice()  # fails first, and says why, without a GPU
     generated = generated or generate(program)
-    if cubin_path is None:
-        cubin_path = compile_cubin(generated.source, device.arch).path
+    arch = device.arch
+    cubin_path = cubin_for(arch) if cubin_for else compile_cubin(generated.source, arch).path
     device.load_module(cubin_path, generated.schedule.arities())
     return CudaModule(program, generated.schedule, device, dtype)
