@@ -83,10 +83,10 @@ class _CudaBackend:
         try:
             self.module = program.load(backend="cuda", dtype=dtype)
         except (ImportError, ValueError, RuntimeError, OSError) as err:
+            # the backend's own message says what is missing and what to install
             raise RuntimeError(
                 f"rnnc.torch: CUDA tensors of {dtype} run on rnnc's cuda backend, which could not be "
-                f"loaded: {err}. Where the backend is missing: pip install 'rnnc[cuda]' (PyCUDA, "
-                f"with nvcc and an NVIDIA driver); or run on the CPU (cell.cpu(), tensors .cpu())"
+                f"loaded: {err} (or keep the cell and its tensors on the CPU: cell.cpu(), .cpu())"
             ) from err
         self.device = device
 
