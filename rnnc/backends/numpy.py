@@ -61,32 +61,40 @@ class Gradients:
     peak_bytes: int = 0  # measured: the most held at once over forward and backward
 
 
+def _root(array: np.ndarray) -> np.ndarray:
+    """The array that owns the memory `array` views."""
+    while isinstance(array.base, np.ndarray):
+        array = array.base
+    return array
+
+
 class Ledger:
     """The buffers a module holds between region runs, counted by the memory they own.
 
-    Every array enters through `keep`, which copies views and arrays already
-    held, so each held array owns its memory alone: the total is what the
-    process really holds for them, and the plan's prediction is checked
+    Every array enters through `keep`, which copies it unless it is the whole
+    of a buffer nothing else held uses (a slice would keep its whole buffer
+    alive; a broadcast is smaller than it looks), so the total is the memory
+    the process really holds for them, and the plan's prediction is checked
     against it."""
 
     def __init__(self):
-        self.held: dict = {}  # id -> array
+        self.held: dict = {}  # id of the owning array -> that array
         self.current = self.peak = 0
 
     def holds(self, array) -> bool:
-        return id(array) in self.held
+        return id(_root(array)) in self.held
 
     def keep(self, array: np.ndarray) -> np.ndarray:
-        if not array.flags.owndata or self.holds(array):
-            array = array.copy()
-        self.held[id(array)] = array
-        self.current += array.nbytes
+        root = _root(array)
+        if id(root) in self.held or root.nbytes != array.nbytes:
+            array = root = array.copy()
+        self.held[id(root)] = root
+        self.current += root.nbytes
         self.peak = max(self.peak, self.current)
         return array
 
     def release(self, array: np.ndarray):
-        del self.held[id(array)]
-        self.current -= array.nbytes
+        self.current -= self.held.pop(id(_root(array))).nbytes
 
     def keep_all(self, arrays: dict) -> dict:
         return {k: self.keep(a) for k, a in arrays.items()}
@@ -119,6 +127,7 @@ class Saved:
     checkpoints: list  # states at the start of every segment but the last
     pre: dict  # hoisted rows of the last segment
     tape: list  # stored values of each step of the last segment
+    used: bool = False
 
 
 def _valid_mask(lengths, t: int, batch: int, rank: int, dtype):
@@ -200,6 +209,7 @@ class NumpyModule:
             state = self._run_steps(call, pre, start, stop, state, tape, outputs)
             if not last:
                 ledger.release_all(pre)
+                pre = {}  # gone before the next segment's rows are made
         if not train:
             ledger.release_all(self._held_seq(call))
         saved = Saved(args, call, checkpoints, pre, tape) if train else None
@@ -268,8 +278,9 @@ class NumpyModule:
                              "nothing for the backward; run forward with train=True")
         d_outputs, d_states = bind_cotangents(self.cell, self.dtype, saved.call.T, saved.call.B,
                                               d_outputs, d_states)
-        if saved.tape is None:  # an earlier backward freed what the forward kept: rebuild it
+        if saved.used:  # an earlier backward freed what the forward kept: rebuild it
             saved = self.forward(**saved.args)._tape
+        saved.used = True
         call = saved.call
         T, B, ledger = call.T, call.B, call.ledger
         acc = Accumulators(
@@ -279,24 +290,8 @@ class NumpyModule:
             d_shared={})
         d_state = {d.name: d_states.get(d.name, np.zeros((B,) + self._shape(d.name), self.dtype))
                    for d in self.cell.of_kind("state")}
-        pre, tape = saved.pre, saved.tape
-        saved.tape = None
         for j in reversed(range(len(call.bounds))):
-            start, stop = call.bounds[j]
-            if j < len(call.bounds) - 1:  # replay the segment from its checkpoint
-                state = saved.checkpoints.pop()
-                ledger.release_all(state)
-                pre, tape = self._run_pre(call, start, stop), []
-                self._run_steps(call, pre, start, stop, state, tape)
-            d_rows = ledger.keep_all({v: np.zeros(((stop - start) * B,) + self._shape(v), self.dtype)
-                                      for v in self.program.hoisted.pre.outputs})
-            for t in reversed(range(start, stop)):
-                stored = tape.pop()
-                ledger.release_all(stored)
-                d_state = self._backward_step(call, pre, start, t, stored, d_outputs, d_state, d_rows, acc)
-            self._backward_pre(call, pre, d_rows, start, stop, acc)
-            ledger.release_all(d_rows)
-            ledger.release_all(pre)
+            d_state = self._backward_segment(call, saved, j, d_outputs, d_state, acc)
         self._backward_seq(call, acc)
         cell = self.cell
         zeros = lambda name, lead: np.zeros(lead + self._shape(name), self.dtype)
@@ -307,6 +302,29 @@ class NumpyModule:
             contexts={d.name: self._batched(d.name, acc.d_shared[d.name], B) if d.name in acc.d_shared
                       else zeros(d.name, (B,)) for d in cell.of_kind("context")},
             peak_bytes=ledger.peak)
+
+    def _backward_segment(self, call, saved, j, d_outputs, d_state, acc) -> dict:
+        """Backpropagate through segment j; returns the cotangents of the states
+        before it. Its buffers are locals, freed when it returns."""
+        (start, stop), B, ledger = call.bounds[j], call.B, call.ledger
+        if j == len(call.bounds) - 1:  # the forward kept the last segment
+            pre, tape = saved.pre, saved.tape
+            saved.pre, saved.tape = {}, []
+        else:  # replay it from its checkpoint, which becomes its first step's states
+            state = saved.checkpoints.pop()
+            ledger.release_all(state)
+            pre, tape = self._run_pre(call, start, stop), []
+            self._run_steps(call, pre, start, stop, state, tape)
+        d_rows = ledger.keep_all({v: np.zeros(((stop - start) * B,) + self._shape(v), self.dtype)
+                                  for v in self.program.hoisted.pre.outputs})
+        for t in reversed(range(start, stop)):
+            stored = tape.pop()
+            ledger.release_all(stored)
+            d_state = self._backward_step(call, pre, start, t, stored, d_outputs, d_state, d_rows, acc)
+        self._backward_pre(call, pre, d_rows, start, stop, acc)
+        ledger.release_all(d_rows)
+        ledger.release_all(pre)
+        return d_state
 
     def _backward_step(self, call, pre, start, t, stored, d_outputs, d_state, d_rows, acc) -> dict:
         """Rerun the plan's recompute, run the backward step and route its
@@ -392,10 +410,11 @@ class Accumulators:
     d_shared: dict
 
     def add(self, name, g):
-        if name in self.d_seq:
-            self.d_seq[name] += g
-        else:
-            self.d_shared[name] = self.d_shared[name] + g if name in self.d_shared else g
+        sums = self.d_seq if name in self.d_seq else self.d_shared
+        if name in sums:
+            sums[name] += g
+        else:  # an array of our own to sum into in place
+            sums[name] = np.array(g)
 
 
 def _bounds(lengths) -> list:
