@@ -619,7 +619,7 @@ class Lowering:
             return self.pre_home(name, selector)
         return self.seq_home(name)
 
-    def seq_home(self, name, node=None) -> Ref:
+    def seq_home(self, name) -> Ref:
         return self.buffer(f"seq:{name}", self.shape(name), self.values[name].batched)
 
     def pre_home(self, name, selector="base") -> Ref:
@@ -644,12 +644,21 @@ class Lowering:
                                 kernels=self.gen.sources), s)
 
     def forward_once(self) -> list:
+        """The hoisted regions. What they keep (values read later) lives in
+        `seq:`/`pre:` buffers; their other results are transient scratch,
+        freed when the regions have run."""
         h, grads = self.hoisted, self.program.grads
-        seq = self.region("seq", "B", h.seq.nodes, set(h.seq.outputs) | set(grads["seq"].residuals),
-                          lambda v: self.declared(v), self.seq_home)
-        pre = self.region("pre", "TB", h.pre.nodes, set(h.pre.outputs) | set(grads["pre"].residuals),
-                          lambda v: self.hoisted_value(v, "base"), lambda v, n: self.pre_home(v))
+        seq_kept = set(h.seq.outputs) | set(grads["seq"].residuals)
+        pre_kept = set(h.pre.outputs) | set(grads["pre"].residuals)
+        seq = self.region("seq", "B", h.seq.nodes, seq_kept, lambda v: self.declared(v),
+                          lambda v, n: self.seq_home(v) if v in seq_kept else self.transient(v, n, "one"))
+        pre = self.region("pre", "TB", h.pre.nodes, pre_kept, lambda v: self.hoisted_value(v, "base"),
+                          lambda v, n: self.pre_home(v) if v in pre_kept else self.transient(v, n, "T"))
         return seq + pre
+
+    def transient(self, name, node, slots) -> Ref:
+        return self.buffer(f"once:{name}", concrete_shape(node.shape), node.batched,
+                           slots if node.batched else "one", "transient")
 
     def step_home(self, name, node) -> Ref:
         if name in self.stored:
@@ -752,10 +761,20 @@ class Lowering:
             targets.append((self.seed_ref(seed, deferred), "=", build))
         return self.glue("seeds", targets)
 
+    def row_gradients(self) -> dict:
+        """Step-backward values that are the gradient of exactly one input or
+        `pre` value (its per-step row cotangent), by value name."""
+        rows = {d.name for d in self.cell.of_kind("input")} | set(self.hoisted.pre.outputs)
+        grads = [g for _, g in self.step_bwd.grads if g]
+        return {g: w for w, g in self.step_bwd.grads if g and w in rows and grads.count(g) == 1}
+
     def bwd_home(self, deferred):
         slotted = self.deferred_args(deferred)
+        row_grads = self.row_gradients()
 
         def home(name, node):
+            if name in slotted and name in row_grads:  # kept per step anyway: no second copy
+                return self.d_row(row_grads[name], "t")
             if name in slotted:
                 return self.buffer(f"bwd_t:{name}", concrete_shape(node.shape), node.batched, "T", selector="t")
             return self.buffer(f"bwd:{name}", concrete_shape(node.shape), node.batched)
@@ -804,7 +823,8 @@ class Lowering:
                 targets.append((self.d_state(w), "=", lambda at, valid, w=w, g=g:
                                 (f"{at(ref(g))} + " if g else "") + f"(1.0f - {valid}) * {at(self.d_state(w))}"))
             elif g and w in rows:
-                targets.append((self.d_row(w, "t"), "=", lambda at, valid, g=g: at(ref(g))))
+                if ref(g).buffer != f"d_row:{w}":  # unless the backward wrote it there already
+                    targets.append((self.d_row(w, "t"), "=", lambda at, valid, g=g: at(ref(g))))
             elif g:
                 targets.append((self.accumulator(w), "+=", lambda at, valid, g=g: at(ref(g))))
         return self.glue("grads", targets)

@@ -80,9 +80,11 @@ class Executor:
         self.schedule, self.device = schedule, device
         forward = {name for k in ("forward_once", "forward_step")
                    for l in getattr(schedule, k) for name, _ in l.args}
-        self.forward_buffers = [b for b in schedule.buffers.values()
-                                if b.name in forward or b.role in ("input", "param", "context", "state", "output")]
-        self.backward_buffers = [b for b in schedule.buffers.values() if b not in self.forward_buffers]
+        buffers = schedule.buffers.values()
+        self.transient = [b for b in buffers if b.role == "transient"]  # only while forward_once runs
+        self.forward_buffers = [b for b in buffers if b.role != "transient" and (
+            b.name in forward or b.role in ("input", "param", "context", "state", "output"))]
+        self.backward_buffers = [b for b in buffers if b.role != "transient" and b not in self.forward_buffers]
 
     def allocate(self, buffers, T: int, B: int, train: bool):
         """One pool for `buffers`: (name -> Slotted, the pool to keep alive)."""
@@ -166,9 +168,11 @@ class CudaModule:
         full = np.full(B, T, np.int32) if lengths is None else lengths.astype(np.int32)
         lengths_mem, lengths_pool = self.device.alloc(B * 4)
         self.device.htod(lengths_mem, full)
-        ex.run(self.executor.schedule.forward_once, memory, T, B, 0, lengths_mem)
+        scratch, scratch_pool = ex.allocate(ex.transient, T, B, train)
+        ex.run(ex.schedule.forward_once, {**memory, **scratch}, T, B, 0, lengths_mem)
+        del scratch, scratch_pool  # the hoisted regions' scratch is not held past them
         for t in range(T):
-            ex.run(self.executor.schedule.forward_step, memory, T, B, t, lengths_mem)
+            ex.run(ex.schedule.forward_step, memory, T, B, t, lengths_mem)
         outputs = {o: self._copy_out(memory[f"output:{o}"], (T, B) + self._value_shape(v), on_device)
                    for o, v in self.cell.outputs}
         final = {d.name: self._copy_out(memory[f"state:{d.name}"], (B,) + self._value_shape(d.name),
