@@ -106,13 +106,49 @@ def cmd_compile(args) -> int:
     return 0
 
 
-def compile_for_cli(args):
+def compile_for_cli(args, **options):
     from .driver import compile as compile_cell
     program = compile_cell(args.file, dims=parse_dims(args.D), cell=args.cell,
-                           recompute=getattr(args, "recompute", "auto"))
+                           recompute=getattr(args, "recompute", "auto"), **options)
     for warning in program.warnings:
         print(warning.format(), file=sys.stderr)
     return program
+
+
+UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
+
+
+def parse_bytes(text: str) -> int:
+    """`64MiB`, `2GiB`, `500kB`, `1e6` or `123456` as a number of bytes."""
+    number = text.strip().rstrip("bBiIkKmMgG")
+    unit = text.strip()[len(number):].lower() or "b"
+    try:
+        value = float(number) * UNITS[unit]
+    except (ValueError, KeyError):
+        raise ValueError(f"--memory-budget {text}: expected bytes, as in 64MiB, 2GiB, 500kB or "
+                         f"1000000 (units: {', '.join(UNITS)})") from None
+    return int(value)
+
+
+def cmd_plan(args) -> int:
+    from .passes.plan import format_table, make_plan
+    budget = None if args.memory_budget is None else parse_bytes(args.memory_budget)
+    program = compile_for_cli(args, memory_budget=budget, seq_len=args.seq_len, batch=args.batch,
+                              dtype=args.dtype)
+    beside = {p: make_plan(program.hoisted, program.grads, p) for p in ("none", "all")}
+    print(format_table(program.plan, program.hoisted.step, args.seq_len, args.batch, args.dtype, beside))
+    return 0
+
+
+def cmd_graph(args) -> int:
+    from pathlib import Path
+
+    from .dot import to_dot, write_graph
+    program = compile_for_cli(args)
+    text = to_dot(program.hoisted.step, program.plan, f"cell {program.cell.name}, one step")
+    for path in write_graph(text, Path(args.output)):
+        print(f"wrote {path}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,6 +195,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--arch", help="GPU architecture of the cubin, e.g. sm_90 (default: the local "
                                   "GPU's, else sm_80)")
     c.add_argument("--recompute", default="auto", help="none, all, auto or value names")
+
+    c = with_cell(command("plan", cmd_plan, "show what the backward stores and recomputes, and "
+                                            "the bytes and flops that costs"))
+    c.add_argument("--recompute", default="auto", help="none, all, auto or value names (a,b)")
+    c.add_argument("--seq-len", type=int, default=100, metavar="T", help="steps (default 100)")
+    c.add_argument("--batch", type=int, default=16, metavar="B", help="batch size (default 16)")
+    c.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    c.add_argument("--memory-budget", metavar="BYTES",
+                   help="checkpoint states to fit forward+backward in BYTES, e.g. 64MiB")
+
+    c = with_cell(command("graph", cmd_graph, "draw the step graph, stored and recomputed values "
+                                              "marked (DOT; SVG or PNG with Graphviz)"))
+    c.add_argument("-o", "--output", required=True, metavar="FILE", help="cell.dot, cell.svg or cell.png")
+    c.add_argument("--recompute", default="auto", help="none, all, auto or value names (a,b)")
     return p
 
 

@@ -163,3 +163,38 @@ def test_plan_prints_what_it_decided():
     assert data["segments"] == list(plan.segments) and data["stored"] == list(plan.stored)
     assert "stored per step: h, c" in rnnc.driver.emit(read_source(example("lstm")), "plan",
                                                         dims={"D": 3, "H": 4}, recompute="all")
+
+
+def test_cli_plan_prints_the_table_beside_none_and_all(capsys):
+    from rnnc.cli import main
+    code = main(["plan", str(example("lstm")), "-D", "D=8", "-D", "H=16", "--seq-len", "20",
+                 "--batch", "4", "--recompute", "gates"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "recomputed: %2=dot" in out and "stored (state)" in out
+    assert "this plan" in out and "none" in out and "all" in out and "T=20, B=4" in out
+    code = main(["plan", str(example("lstm")), "-D", "D=8", "-D", "H=16", "--memory-budget", "1kB"])
+    assert code == 1 and "smallest feasible budget" in capsys.readouterr().err
+    code = main(["plan", str(example("lstm")), "-D", "D=8", "-D", "H=16", "--memory-budget", "64MiB"])
+    assert code == 0 and "memory_budget=64.00 MiB" in capsys.readouterr().out
+
+
+def test_cli_budget_units():
+    from rnnc.cli import parse_bytes
+    assert parse_bytes("64MiB") == 64 << 20 and parse_bytes("2GiB") == 2 << 30
+    assert parse_bytes("500kB") == 500_000 and parse_bytes("1e6") == 10**6 and parse_bytes("77") == 77
+    with pytest.raises(ValueError, match="64MiB"):
+        parse_bytes("lots")
+
+
+def test_cli_graph_writes_dot_and_says_how_to_render(tmp_path, capsys, monkeypatch):
+    from rnnc.cli import main
+    dims = ["-D", "D=3", "-D", "H=4"]
+    assert main(["graph", str(example("lstm")), *dims, "-o", str(tmp_path / "cell.dot")]) == 0
+    text = (tmp_path / "cell.dot").read_text()
+    assert text.startswith("digraph") and '"%2" -> "%3"' in text
+    assert "#9ecae1" in text and "#fdd0a2" in text  # stored and recomputed values are marked
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    assert main(["graph", str(example("lstm")), *dims, "-o", str(tmp_path / "g.svg")]) == 1
+    assert "apt-get install graphviz" in capsys.readouterr().err
+    assert (tmp_path / "g.dot").exists()

@@ -376,7 +376,9 @@ def per_step_plan(hoisted: Hoisted, step_backward, policy) -> PerStep:
     """Apply a policy: the values stored per step and the nodes the backward reruns."""
     candidates = set(step_candidates(hoisted))
     residuals = tuple(r for r in step_backward.residuals if r in candidates)
-    if isinstance(policy, str) and policy in POLICIES:
+    if isinstance(policy, str) and policy not in POLICIES:  # "gates,c_new", as a command line gives it
+        policy = [name.strip() for name in policy.split(",") if name.strip()]
+    if isinstance(policy, str):
         choice = {"none": choose_none, "all": choose_all, "auto": choose_auto}[policy](hoisted, residuals)
         name = policy
     elif isinstance(policy, (list, tuple)) and all(isinstance(n, str) for n in policy):
@@ -539,3 +541,37 @@ class FlowNetwork:
                     side.add(v)
                     todo.append(v)
         return side
+
+
+# --- the table `rnnc plan` prints ------------------------------------------------------------
+def format_table(plan: Plan, step: Graph, T: int, B: int, dtype: str, beside: dict) -> str:
+    """Each value the plan stores or the backward reads: shape, bytes per step, and
+    stored or recomputed by which ops; then totals for T and B, with the plans in
+    `beside` (name -> Plan) in columns next to this one."""
+    size = dtype_size(dtype)
+    values, inputs, stored = step.values(), {v.name for v in step.inputs}, set(plan.stored)
+    rows = [("value", "shape", "bytes/step", "kept")]
+    for name in dict.fromkeys(plan.residuals + plan.stored):
+        v = values[name]
+        shape = "[" + ", ".join(str(s) for s in v.shape) + "]"
+        if name in stored:
+            kept = "stored" + (" (state)" if name in inputs else "")
+        else:
+            ops = rerun_for(step, [name], stored)
+            kept = "recomputed: " + ", ".join(f"{n.out}={n.op}" for n in ops)
+        rows.append((name, shape, format_bytes(elements(v).at(B) * size), kept))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = [f"plan ({plan.describe()}); totals for T={T}, B={B}, {np.dtype(dtype).name}", ""]
+    lines += ["  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3] for r in rows]
+    plans = {"this plan": plan, **beside}
+    measures = (("stored", lambda p: format_bytes(p.stored_bytes(T, B, dtype))),
+                ("peak", lambda p: format_bytes(p.peak_bytes(T, B, dtype))),
+                ("recompute flops", lambda p: f"{p.recompute_flops(T, B):,}"),
+                ("forward flops", lambda p: f"{p.forward_flops(T, B):,}"))
+    table = [("",) + tuple(plans)] + [(label,) + tuple(f(p) for p in plans.values())
+                                      for label, f in measures]
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    lines.append("")
+    lines += ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(r, widths)))
+              for r in table]
+    return "\n".join(lines)
