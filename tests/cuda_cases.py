@@ -1,0 +1,78 @@
+"""What the CUDA tests share: the cases (every example under every policy)
+and the comparison with the float64 NumPy reference."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+import rnnc
+from rnnc.backends.args import concrete_shape
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = sorted(ROOT.glob("examples/*.cell"))
+POLICIES = ("none", "auto", "all")
+# small dims, all different, so a transposed or swapped index cannot pass by accident
+DIMS = {"D": 3, "H": 5, "E": 4, "S": 6}
+T, B = 4, 3
+LENGTHS = np.array([4, 2, 0])  # full, partial and empty sequences
+TOLERANCE = 1e-4  # times the reference's largest magnitude, per array
+
+
+def dims_of(path: Path) -> dict:
+    declared = rnnc.driver.check_source(rnnc.driver.read_source(path)).cell.dims
+    return {name: DIMS[name] for name, _ in declared}
+
+
+def compile_example(path: Path, policy: str):
+    return rnnc.compile(path, dims=dims_of(path), recompute=policy)
+
+
+def arguments(program, seed: int = 1) -> dict:
+    """float32 arguments of forward and backward (params perturbed away from their initial zeros and ones)."""
+    rng = np.random.default_rng(seed)
+    cell = program.cell
+
+    def draw(lead, d):
+        return rng.normal(size=lead + concrete_shape(d.shape)).astype(np.float32)
+    params = program.load("numpy", "float32").init_params(0)
+    params = {k: (v + rng.normal(0, 0.1, v.shape)).astype(np.float32) for k, v in params.items()}
+    outputs = {o: concrete_shape(cell.graph.values()[v].shape) for o, v in cell.outputs}
+    return dict(
+        inputs={d.name: draw((T, B), d) for d in cell.of_kind("input")},
+        states={d.name: draw((B,), d) for d in cell.of_kind("state")},
+        contexts={d.name: draw((B,), d) for d in cell.of_kind("context")},
+        params=params,
+        d_outputs={o: rng.normal(size=(T, B) + s).astype(np.float32) for o, s in outputs.items()},
+        d_states={d.name: draw((B,), d) for d in cell.of_kind("state")})
+
+
+def run(module, args: dict, lengths, to_array=lambda a: a, to_numpy=np.asarray) -> dict:
+    """Every array forward and backward give, by a name like 'grad params W'."""
+    forward = {k: {n: to_array(a) for n, a in args[k].items()}
+               for k in ("inputs", "states", "contexts", "params")}
+    res = module.forward(**forward, lengths=lengths)
+    grads = module.backward(res, {n: to_array(a) for n, a in args["d_outputs"].items()},
+                            {n: to_array(a) for n, a in args["d_states"].items()})
+    arrays = {f"output {n}": a for n, a in res.outputs.items()}
+    arrays.update((f"final state {n}", a) for n, a in res.states.items())
+    for kind in ("params", "inputs", "states", "contexts"):
+        arrays.update((f"grad {kind} {n}", a) for n, a in getattr(grads, kind).items())
+    return {k: to_numpy(a) for k, a in arrays.items()}
+
+
+def reference(program, args: dict, lengths) -> dict:
+    f64 = {k: {n: a.astype(np.float64) for n, a in v.items()} for k, v in args.items()}
+    return run(program.load("numpy", "float64"), f64, lengths)
+
+
+def mismatches(got: dict, want: dict) -> dict:
+    """Arrays whose max abs error exceeds TOLERANCE times the reference's max magnitude."""
+    assert got.keys() == want.keys()
+    bad = {}
+    for name, ref in want.items():
+        scale = max(float(np.abs(ref).max(initial=0.0)), 1e-30)
+        err = float(np.abs(np.asarray(got[name], np.float64) - ref).max(initial=0.0))
+        if not err <= TOLERANCE * scale:  # NaN fails too
+            bad[name] = err / scale
+    return bad

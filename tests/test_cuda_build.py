@@ -1,0 +1,171 @@
+"""No-GPU tier of the CUDA backend: generated source, nvcc builds, the cache.
+
+Every example under every policy compiles with nvcc to cubins for sm_80 and
+sm_90 with no register spills; the LSTM's source is compared with a golden
+file (RNNC_UPDATE_GOLDEN=1 rewrites it).
+"""
+from __future__ import annotations
+
+import keyword
+import os
+import re
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+import rnnc
+from rnnc.backends.cuda import build
+from rnnc.backends.cuda.codegen import Schedule, generate, mangle
+from rnnc.backends.cuda.runtime import CudaModule, CudaUnavailable
+
+import cuda_cases as cases
+
+GOLDEN = Path(__file__).parent / "golden" / "lstm_D3_H5_auto.cu"
+ARCHS = ("sm_80", "sm_90")
+needs_nvcc = pytest.mark.skipif(not build.shutil.which("nvcc") and not Path("/usr/local/cuda/bin/nvcc").exists(),
+                                reason="needs nvcc (the CUDA toolkit)")
+
+
+def sources() -> dict:
+    """Generated source of every example under every policy (identical ones once)."""
+    out = {}
+    for path in cases.EXAMPLES:
+        for policy in cases.POLICIES:
+            out.setdefault(generate(cases.compile_example(path, policy)).source, f"{path.stem}/{policy}")
+    return out
+
+
+@needs_nvcc
+def test_every_example_compiles_for_sm80_and_sm90_without_spills(tmp_path):
+    jobs = [(src, name, arch) for src, name in sources().items() for arch in ARCHS]
+
+    def compile_one(job):
+        src, name, arch = job
+        return name, arch, build.compile_cubin(src, arch, cache=tmp_path)
+    with ThreadPoolExecutor(2) as pool:  # nvcc is single-threaded; the test machines have 2 cores
+        results = list(pool.map(compile_one, jobs))
+    assert len(results) == len(jobs) >= 2 * len(cases.EXAMPLES)
+    for name, arch, cubin in results:
+        assert cubin.path.read_bytes()[:4] == b"\x7fELF", (name, arch)
+        assert "Compiling entry function" in cubin.log  # ptxas -v really reported
+        assert cubin.spills() == 0, f"{name} {arch}: {re.findall(r'.*spill.*', cubin.log)}"
+
+
+@needs_nvcc
+def test_bare_nvcc_compiles_the_source(tmp_path):
+    """kernels.cu needs no include path, macro or flag: `nvcc -cubin -arch=sm_80 kernels.cu`."""
+    src = tmp_path / "kernels.cu"
+    src.write_text(generate(cases.compile_example(cases.ROOT / "examples/attention_lstm.cell", "auto")).source)
+    done = subprocess.run([build.nvcc_path(), "-cubin", "-arch=sm_80", "kernels.cu"], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "kernels.cubin").stat().st_size > 0
+
+
+def test_lstm_source_matches_golden_file():
+    source = generate(rnnc.compile(cases.ROOT / "examples/lstm.cell", dims={"D": 3, "H": 5},
+                                   recompute="auto")).source
+    if os.environ.get("RNNC_UPDATE_GOLDEN") == "1":
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(source)
+    assert GOLDEN.exists(), f"{GOLDEN} is missing: run with RNNC_UPDATE_GOLDEN=1 to write it"
+    assert source == GOLDEN.read_text(), "generated source changed: review, then RNNC_UPDATE_GOLDEN=1"
+
+
+def test_generated_source_is_deterministic():
+    program = cases.compile_example(cases.ROOT / "examples/recurrent_attention_lstm.cell", "all")
+    assert generate(program).source == generate(program).source
+
+
+def test_mangled_names_are_distinct_identifiers_never_keywords():
+    names = ["float", "threadIdx", "a_b", "a:b", "a_3ab", "%1", "%step:1", "d:h", "v_float", "x", "é"]
+    mangled = [mangle(n) for n in names]
+    assert len(set(mangled)) == len(names)
+    for m in mangled:
+        assert re.fullmatch(r"v_[A-Za-z0-9_]+", m) and not keyword.iskeyword(m)
+    assert mangle("float") != "float" and mangle("threadIdx") != "threadIdx"
+
+
+def test_user_names_reach_c_only_mangled():
+    source = generate(rnnc.compile(cases.ROOT / "examples/attention_lstm.cell",
+                                   dims=cases.dims_of(cases.ROOT / "examples/attention_lstm.cell"))).source
+    code = "\n".join(line.split("//")[0] for line in source.splitlines())
+    for name in ("enc", "keys", "alpha", "ctx", "h_new"):
+        assert not re.search(rf"(?<![A-Za-z0-9_]){name}(?![A-Za-z0-9_])", code), name
+
+
+def test_schedule_survives_json():
+    generated = generate(cases.compile_example(cases.ROOT / "examples/attention_lstm.cell", "none"))
+    again = Schedule.from_json(generated.schedule.to_json())
+    assert again == generated.schedule
+    assert set(again.kernels()) == set(re.findall(r'extern "C" __global__ void __launch_bounds__\([^)]*\) (\w+)',
+                                                   generated.source))
+
+
+@pytest.mark.parametrize("path", cases.EXAMPLES, ids=lambda p: p.stem)
+def test_stored_bytes_equal_the_plan(path):
+    for policy in cases.POLICIES:
+        program = cases.compile_example(path, policy)
+        module = CudaModule(program, generate(program).schedule, device=None)
+        assert module.stored_bytes(7, 3) == program.plan.stored_bytes(7, 3, "float32"), policy
+
+
+def test_lstm_peak_bytes_equal_the_plan():
+    # the LSTM's batched parameter-gradient products read only stored states and the
+    # per-step row cotangents the Plan counts; cells whose products read other
+    # per-step cotangents hold those too, above the Plan's figure
+    for policy in cases.POLICIES:
+        program = cases.compile_example(cases.ROOT / "examples/lstm.cell", policy)
+        module = CudaModule(program, generate(program).schedule, device=None)
+        assert module.peak_bytes(7, 3) == program.plan.peak_bytes(7, 3, "float32"), policy
+
+
+def test_memory_budget_plans_are_refused_with_a_clear_error():
+    program = rnnc.compile(cases.ROOT / "examples/lstm.cell", dims={"D": 3, "H": 5},
+                           memory_budget=6000, seq_len=20, batch=3)
+    assert program.plan.segments is not None
+    with pytest.raises(ValueError, match="memory_budget"):
+        generate(program)
+
+
+def test_float64_is_refused_on_cuda():
+    program = rnnc.compile(cases.ROOT / "examples/lstm.cell", dims={"D": 3, "H": 5})
+    with pytest.raises(ValueError, match="float32 only"):
+        program.load("cuda", dtype="float64")
+
+
+def test_missing_nvcc_says_what_to_install(monkeypatch):
+    monkeypatch.setattr(build.shutil, "which", lambda name: None)
+    monkeypatch.setenv("CUDA_HOME", "/nonexistent")
+    with pytest.raises(build.BuildError, match="install the CUDA toolkit"):
+        build.compile_cubin("extern \"C\" __global__ void k() {}", "sm_80")
+
+
+def test_missing_pycuda_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pycuda", None)  # import pycuda fails as if not installed
+    monkeypatch.setitem(sys.modules, "pycuda.driver", None)
+    program = rnnc.compile(cases.ROOT / "examples/lstm.cell", dims={"D": 3, "H": 5})
+    with pytest.raises(CudaUnavailable, match=r"pip install 'rnnc\[cuda\]'"):
+        program.load("cuda")
+
+
+def test_bad_arch_is_a_value_error():
+    with pytest.raises(ValueError, match="sm_80"):
+        build.check_arch("80")
+
+
+def test_spill_report_is_parsed():
+    log = ("ptxas info    : Function properties for k\n"
+           "    8 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads\n"
+           "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n")
+    assert build.spill_bytes(log) == 12
+
+
+def test_emit_stage_cuda_prints_the_source(capsys):
+    from rnnc.cli import main
+    assert main(["emit", str(cases.ROOT / "examples/indrnn.cell"), "--stage", "cuda", "-D", "D=2", "-D", "H=3"]) == 0
+    out = capsys.readouterr().out
+    assert out.count('extern "C" __global__') >= 4 and "rnnc_step_" in out

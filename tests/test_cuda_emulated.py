@@ -1,0 +1,113 @@
+"""The CUDA backend end to end without a GPU: the generated kernels, compiled
+by g++ against a CPU emulation of CUDA (tests/cuda_emulator.py), run by the
+real runtime's host loop, equal the float64 NumPy reference.
+
+What this cannot check: PyCUDA itself, real concurrency between threads of a
+block beyond barrier order, and timing (tests/test_cuda_gpu.py does, on a GPU).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import rnnc
+from rnnc.backends.cuda.codegen import generate
+from rnnc.backends.cuda.runtime import CudaModule
+
+import cuda_cases as cases
+import cuda_emulator
+
+pytestmark = pytest.mark.skipif(not cuda_emulator.available(), reason="needs g++ for the CUDA emulation")
+
+# names reserved in C, C++ and CUDA, and ones that look like our own C names
+KEYWORD_CELL = """
+cell kw {
+    dim D, H
+    input int[D]
+    state float[H], threadIdx[H]
+    param W[D, H], U[H, H], b[H] = 0
+    blockIdx = int @ W + float @ U + b
+    v_float = tanh(blockIdx) * sigmoid(threadIdx)
+    next float = v_float
+    next threadIdx = threadIdx + blockIdx
+    output y = v_float
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("emulated")
+
+
+def emulated(program, workdir):
+    generated = generate(program)
+    device = cuda_emulator.EmulatedDevice(generated, workdir)
+    return CudaModule(program, generated.schedule, device), device
+
+
+@pytest.mark.parametrize("policy", cases.POLICIES)
+@pytest.mark.parametrize("path", cases.EXAMPLES, ids=lambda p: p.stem)
+def test_example_equals_numpy_reference(path, policy, workdir):
+    program = cases.compile_example(path, policy)
+    module, _ = emulated(program, workdir)
+    args = cases.arguments(program)
+    for lengths in (None, cases.LENGTHS):
+        got = cases.run(module, args, lengths)
+        bad = cases.mismatches(got, cases.reference(program, args, lengths))
+        assert not bad, f"lengths={lengths}: relative errors {bad}"
+
+
+def test_user_names_reserved_in_c_and_cuda(workdir):
+    program = rnnc.compile(KEYWORD_CELL, dims={"D": 3, "H": 5}, recompute="none")
+    module, _ = emulated(program, workdir)
+    args = cases.arguments(program)
+    got = cases.run(module, args, cases.LENGTHS)
+    assert not cases.mismatches(got, cases.reference(program, args, cases.LENGTHS))
+
+
+def test_device_arrays_in_give_device_arrays_out(workdir):
+    program = cases.compile_example(cases.ROOT / "examples/lstm.cell", "auto")
+    module, _ = emulated(program, workdir)
+    args = cases.arguments(program)
+
+    def unwrap(array):
+        assert isinstance(array, cuda_emulator.HostArray), type(array)
+        return array.array
+    got = cases.run(module, args, None, to_array=cuda_emulator.HostArray, to_numpy=unwrap)
+    assert not cases.mismatches(got, cases.run(module, args, None))
+
+
+def test_inference_keeps_nothing_and_refuses_backward(workdir):
+    program = cases.compile_example(cases.ROOT / "examples/gru.cell", "none")
+    module, _ = emulated(program, workdir)
+    args = cases.arguments(program)
+    forward = {k: args[k] for k in ("inputs", "states", "contexts", "params")}
+    trained, inferred = module.forward(**forward), module.forward(**forward, train=False)
+    assert inferred.stored_bytes == 0 < trained.stored_bytes
+    np.testing.assert_array_equal(inferred.outputs["y"], trained.outputs["y"])
+    np.testing.assert_array_equal(inferred.states["h"], trained.states["h"])
+    with pytest.raises(ValueError, match="train=False"):
+        module.backward(inferred)
+
+
+def test_parameter_gradient_products_run_after_the_loop(workdir):
+    """dU of the LSTM is one product over all T*B rows, not one per step."""
+    program = cases.compile_example(cases.ROOT / "examples/lstm.cell", "auto")
+    module, device = emulated(program, workdir)
+    args = cases.arguments(program)
+    cases.run(module, args, None)
+    per_step = [k for k in device.launched if k.startswith("rnnc_bwd_")]
+    after = [k for k in device.launched if k.startswith("rnnc_dgrad_")]
+    assert len(after) == 2  # dU and db
+    assert len(per_step) % cases.T == 0 and not any("dgrad" in k for k in per_step)
+
+
+def test_wrong_arguments_are_value_errors_naming_them(workdir):
+    program = cases.compile_example(cases.ROOT / "examples/lstm.cell", "auto")
+    module, _ = emulated(program, workdir)
+    args = cases.arguments(program)
+    with pytest.raises(ValueError, match=r"inputs\['x'\].*float64"):
+        module.forward(inputs={"x": args["inputs"]["x"].astype(np.float64)}, params=args["params"])
+    with pytest.raises(ValueError, match=r"params\['W'\]: expected shape"):
+        module.forward(inputs=args["inputs"], params={**args["params"], "W": args["params"]["U"]})
