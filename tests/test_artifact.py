@@ -1,0 +1,168 @@
+"""Artifacts: `rnnc compile -o DIR` and `rnnc.load(DIR)`.
+
+The directory round-trips (loaded with the NumPy backend it computes exactly
+what the program compiled directly does); a damaged or missing file is an
+error naming it (exit 1 from the CLI); writes are atomic; two processes
+building the same cell into one cache both succeed with one intact cubin.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import rnnc
+from rnnc.artifact import ArtifactError, read_module, write
+from rnnc.backends.cuda import build
+from rnnc.cli import main
+
+import cuda_cases as cases
+
+LSTM = cases.ROOT / "examples/lstm.cell"
+HAS_NVCC = bool(build.shutil.which("nvcc") or Path("/usr/local/cuda/bin/nvcc").exists())
+needs_nvcc = pytest.mark.skipif(not HAS_NVCC, reason="needs nvcc (the CUDA toolkit)")
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("RNNC_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def compiled(tmp_path, path=LSTM, policy="none", arch="sm_80") -> Path:
+    out = tmp_path / f"{path.stem}_mod"
+    assert main(["compile", str(path), *sum((["-D", f"{k}={v}"] for k, v in cases.dims_of(path).items()), []),
+                 "--recompute", policy, "--arch", arch, "-o", str(out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize("path", [LSTM, cases.ROOT / "examples/attention_lstm.cell"], ids=lambda p: p.stem)
+def test_round_trip_with_the_numpy_backend(tmp_path, path):
+    out = compiled(tmp_path, path, "none")
+    names = {p.name for p in out.iterdir()}
+    assert {"module.json", "kernels.cu", "cell.ir"} <= names
+    assert ("kernels.sm_80.cubin" in names) == HAS_NVCC
+    program = rnnc.compile(path, dims=cases.dims_of(path), recompute="none")
+    args = {k: {n: a.astype(np.float64) for n, a in v.items()} for k, v in cases.arguments(program).items()}
+    direct = cases.run(program.load("numpy"), args, cases.LENGTHS)
+    loaded = cases.run(rnnc.load(out, backend="numpy"), args, cases.LENGTHS)
+    assert direct.keys() == loaded.keys()
+    for name in direct:
+        np.testing.assert_array_equal(loaded[name], direct[name], err_msg=name)
+
+
+def test_module_json_describes_the_module(tmp_path):
+    out = compiled(tmp_path, policy="all")
+    module = json.loads((out / "module.json").read_text())
+    assert module["format"] == 1 and module["rnnc_version"] == rnnc.__version__
+    assert module["cell"] == "lstm" and module["dims"] == {"D": 3, "H": 5}
+    assert module["plan"]["policy"] == "all" and module["recompute"] == "all"
+    assert module["kernels"] and all(k in (out / "kernels.cu").read_text() for k in module["kernels"])
+    launches = module["schedule"]["forward_step"]
+    assert launches and all(len(l["grid"]) == 3 and l["block"] == 256 for l in launches)
+    assert any(b["name"] == "state:h" for b in module["schedule"]["buffers"])
+    assert "plan (recompute=all" in (out / "cell.ir").read_text()
+
+
+def test_truncated_module_json_names_the_file(tmp_path, capsys):
+    out = compiled(tmp_path)
+    text = (out / "module.json").read_text()
+    (out / "module.json").write_text(text[: len(text) // 2])
+    with pytest.raises(ArtifactError, match=r"module\.json: damaged"):
+        rnnc.load(out)
+    assert main(["run", str(out), "--seq-len", "2", "--batch", "2"]) == 1
+    assert "module.json" in capsys.readouterr().err
+
+
+@needs_nvcc
+def test_missing_cubin_names_the_file(tmp_path, capsys):
+    out = compiled(tmp_path)
+    (out / "kernels.sm_80.cubin").unlink()
+    with pytest.raises(ArtifactError, match=r"kernels\.sm_80\.cubin: missing"):
+        rnnc.load(out, backend="numpy")
+    assert main(["run", str(out), "--backend", "cuda"]) == 1
+    assert "kernels.sm_80.cubin" in capsys.readouterr().err
+
+
+def test_changed_kernels_are_detected_by_hash(tmp_path):
+    out = compiled(tmp_path)
+    with open(out / "kernels.cu", "a") as f:
+        f.write("// edited\n")
+    with pytest.raises(ArtifactError, match=r"kernels\.cu: damaged"):
+        read_module(out)
+
+
+def test_other_format_versions_are_refused(tmp_path):
+    out = compiled(tmp_path)
+    module = json.loads((out / "module.json").read_text())
+    module["format"] = 99
+    (out / "module.json").write_text(json.dumps(module))
+    with pytest.raises(ArtifactError, match="format version 99"):
+        read_module(out)
+
+
+def test_missing_module_json_and_non_directories(tmp_path):
+    with pytest.raises(ArtifactError, match="not a directory"):
+        rnnc.load(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ArtifactError, match=r"module\.json: missing"):
+        rnnc.load(tmp_path / "empty")
+
+
+def test_writes_replace_an_artifact_and_leave_no_temporaries(tmp_path):
+    out = compiled(tmp_path, policy="none")
+    program = rnnc.compile(LSTM, dims={"D": 3, "H": 5}, recompute="all")
+    write(program, out, recompute="all", build=False)
+    assert json.loads((out / "module.json").read_text())["plan"]["policy"] == "all"
+    assert not (out / "kernels.sm_80.cubin").exists()  # nothing left from the old artifact
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    read_module(out)
+
+
+def test_refuses_to_overwrite_a_directory_that_is_not_an_artifact(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(ArtifactError, match="not an rnnc artifact"):
+        write(rnnc.compile(LSTM, dims={"D": 3, "H": 5}), tmp_path / "mine", build=False)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_compile_without_nvcc_writes_an_artifact_without_cubin(tmp_path):
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable), "CUDA_HOME": str(tmp_path / "none")}
+    out = tmp_path / "mod"
+    done = subprocess.run([sys.executable, "-m", "rnnc.cli", "compile", str(LSTM), "-D", "D=3", "-D", "H=5",
+                           "-o", str(out)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "nvcc not found" in done.stderr
+    assert not list(out.glob("*.cubin"))
+    assert rnnc.load(out).cell.name == "lstm"
+
+
+CONCURRENT_BUILD = """
+import sys
+from rnnc.backends.cuda.build import compile_cubin
+cubin = compile_cubin(open(sys.argv[1]).read(), "sm_80", cache=sys.argv[2])
+print(cubin.path)
+"""
+
+
+@needs_nvcc
+def test_two_processes_building_one_cell_into_one_cache(tmp_path):
+    source = tmp_path / "kernels.cu"
+    source.write_text(rnnc.driver.emit(rnnc.driver.read_source(LSTM), "cuda", dims={"D": 3, "H": 5}))
+    cache = tmp_path / "shared-cache"
+    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT_BUILD, str(source), str(cache)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [p.communicate(timeout=300) + (p.returncode,) for p in procs]
+    assert [r[2] for r in results] == [0, 0], [r[1] for r in results]
+    paths = {r[0].strip() for r in results}
+    assert len(paths) == 1
+    cubins = list(cache.glob("*.cubin"))
+    assert [str(c) for c in cubins] == list(paths)
+    assert not [p for p in cache.iterdir() if p.name.startswith(".build-")]  # no temporaries left
+    direct = build.compile_cubin(source.read_text(), "sm_80", cache=tmp_path / "other")
+    assert cubins[0].read_bytes() == direct.path.read_bytes()  # intact: the bytes nvcc gives
