@@ -28,7 +28,7 @@ def compile_example(path: Path, policy: str):
     return rnnc.compile(path, dims=dims_of(path), recompute=policy)
 
 
-def arguments(program, seed: int = 1) -> dict:
+def arguments(program, seed: int = 1, steps: int = T, batch: int = B) -> dict:
     """float32 arguments of forward and backward (params perturbed away from their initial zeros and ones)."""
     rng = np.random.default_rng(seed)
     cell = program.cell
@@ -39,12 +39,12 @@ def arguments(program, seed: int = 1) -> dict:
     params = {k: (v + rng.normal(0, 0.1, v.shape)).astype(np.float32) for k, v in params.items()}
     outputs = {o: concrete_shape(cell.graph.values()[v].shape) for o, v in cell.outputs}
     return dict(
-        inputs={d.name: draw((T, B), d) for d in cell.of_kind("input")},
-        states={d.name: draw((B,), d) for d in cell.of_kind("state")},
-        contexts={d.name: draw((B,), d) for d in cell.of_kind("context")},
+        inputs={d.name: draw((steps, batch), d) for d in cell.of_kind("input")},
+        states={d.name: draw((batch,), d) for d in cell.of_kind("state")},
+        contexts={d.name: draw((batch,), d) for d in cell.of_kind("context")},
         params=params,
-        d_outputs={o: rng.normal(size=(T, B) + s).astype(np.float32) for o, s in outputs.items()},
-        d_states={d.name: draw((B,), d) for d in cell.of_kind("state")})
+        d_outputs={o: rng.normal(size=(steps, batch) + s).astype(np.float32) for o, s in outputs.items()},
+        d_states={d.name: draw((batch,), d) for d in cell.of_kind("state")})
 
 
 def run(module, args: dict, lengths, to_array=lambda a: a, to_numpy=np.asarray) -> dict:
@@ -76,3 +76,14 @@ def mismatches(got: dict, want: dict) -> dict:
         if not err <= TOLERANCE * scale:  # NaN fails too
             bad[name] = err / scale
     return bad
+
+
+
+def large_lstm_mismatches(load) -> dict:
+    """An LSTM with sizes past one 32x32 product tile and one 256-thread block,
+    and a batch past one tile, run by `load(program)`'s module, against the reference."""
+    program = rnnc.compile(ROOT / "examples/lstm.cell", dims={"D": 70, "H": 97}, recompute="auto")
+    steps, batch = 3, 37
+    args = arguments(program, steps=steps, batch=batch)
+    lengths = np.random.default_rng(2).integers(0, steps + 1, size=batch)
+    return mismatches(run(load(program), args, lengths), reference(program, args, lengths))

@@ -1,0 +1,57 @@
+"""GPU tier: the CUDA backend on a real GPU equals the float64 NumPy reference,
+for every example under every policy, with and without lengths, outputs,
+final states and all gradients. Skipped without PyCUDA, a driver or a GPU."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import cuda_cases as cases
+
+pytestmark = pytest.mark.gpu
+
+
+def gpu_available() -> str | None:
+    """None when a GPU can run the backend, else why not."""
+    try:
+        import pycuda.driver as drv
+        drv.init()
+        return None if drv.Device.count() else "no GPU"
+    except Exception as err:  # no PyCUDA, no driver: the tier is skipped, saying which
+        return f"PyCUDA or the driver is missing ({err})"
+
+
+REASON = gpu_available()
+skip_without_gpu = pytest.mark.skipif(REASON is not None, reason=f"needs a GPU: {REASON}")
+
+
+@skip_without_gpu
+@pytest.mark.parametrize("policy", cases.POLICIES)
+@pytest.mark.parametrize("path", cases.EXAMPLES, ids=lambda p: p.stem)
+def test_example_equals_numpy_reference(path, policy):
+    program = cases.compile_example(path, policy)
+    module = program.load("cuda")
+    args = cases.arguments(program)
+    for lengths in (None, cases.LENGTHS):
+        got = cases.run(module, args, lengths)
+        bad = cases.mismatches(got, cases.reference(program, args, lengths))
+        assert not bad, f"lengths={lengths}: relative errors {bad}"
+
+
+@skip_without_gpu
+def test_gpuarrays_in_give_gpuarrays_out():
+    import pycuda.gpuarray as gpuarray
+    program = cases.compile_example(cases.ROOT / "examples/attention_lstm.cell", "auto")
+    module = program.load("cuda")
+    args = cases.arguments(program)
+
+    def to_numpy(array):
+        assert isinstance(array, gpuarray.GPUArray), type(array)
+        return array.get()
+    got = cases.run(module, args, cases.LENGTHS, to_array=gpuarray.to_gpu, to_numpy=to_numpy)
+    assert not cases.mismatches(got, cases.reference(program, args, cases.LENGTHS))
+
+
+@skip_without_gpu
+def test_sizes_past_one_tile_and_one_block():
+    assert not cases.large_lstm_mismatches(lambda program: program.load("cuda"))
