@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..ir import Graph
 from ..ops import OPS, align
 from ..passes.plan import held_values
 from .args import bind_cotangents, bind_forward, concrete_shape
@@ -282,7 +281,7 @@ class NumpyModule:
             saved = self.forward(**saved.args)._tape
         saved.used = True
         call = saved.call
-        T, B, ledger = call.T, call.B, call.ledger
+        B, ledger = call.B, call.ledger
         acc = Accumulators(
             d_inputs={x: np.zeros(a.shape, self.dtype) for x, a in call.inputs.items()},
             d_seq=ledger.keep_all({o: np.zeros(((B,) if self.values[o].batched else ()) + self._shape(o),
@@ -398,6 +397,7 @@ class NumpyModule:
                     acc.add(w, env[g])
         call.ledger.release_all(acc.d_seq)
         call.ledger.release_all(self._held_seq(call))
+        call.shared = {}  # really free them: a later backward runs the forward again
 
 
 @dataclass
