@@ -217,9 +217,9 @@ class Loop:
         self.index = tuple(self.temp_int(e) for e in decode(flat, list(shape))) if shape else ()
 
     def temp_int(self, expr: str) -> str:
-        return expr if expr.isidentifier() or expr.isdigit() else self._temp("int", expr)
+        return expr if expr.isidentifier() or expr.isdigit() else self.temp("int", expr)
 
-    def _temp(self, ctype: str, expr: str) -> str:
+    def temp(self, ctype: str, expr: str) -> str:
         key = (ctype, expr)
         if key not in self.memo:
             name = f"{'j' if ctype == 'int' else 'f'}{len(self.memo)}"
@@ -232,7 +232,7 @@ class Loop:
         terms = list(zip(index, strides(ref.shape)))
         if ref.batched:
             terms.insert(0, (row, ref.numel))
-        return self._temp("float", f"{ref.param}[{offset(terms)}]")
+        return self.temp("float", f"{ref.param}[{offset(terms)}]")
 
     def value(self, name: str, row, index) -> str:
         """The C expression of value `name` at (row, index), inlining fusible producers."""
@@ -249,7 +249,7 @@ class Loop:
         if lower is not None:
             return lower(self, n, shape, row, index)
         args = [self.value(a, row, broadcast_index(self.shape_of(a), shape, index)) for a in n.args]
-        return self._temp("float", OPS[n.op].cuda.format(*args))
+        return self.temp("float", OPS[n.op].cuda.format(*args))
 
     def shape_of(self, name: str) -> tuple:
         where = self.resolve(name)
@@ -288,7 +288,7 @@ def lower_pad(loop: Loop, n, shape, row, index):
     moved = list(index)
     moved[axis] = loop.clamp(j, size)
     inner = loop.value(n.args[0], row, tuple(moved))
-    return loop._temp("float", f"({j} >= 0 && {j} < {size}) ? {inner} : 0.0f")
+    return loop.temp("float", f"({j} >= 0 && {j} < {size}) ? {inner} : 0.0f")
 
 
 def lower_concat(loop: Loop, n, shape, row, index):
@@ -303,7 +303,7 @@ def lower_concat(loop: Loop, n, shape, row, index):
     expr = parts[-1][1]
     for stop, value in reversed(parts[:-1]):
         expr = f"({index[axis]} < {stop}) ? {value} : {expr}"
-    return loop._temp("float", expr)
+    return loop.temp("float", expr)
 
 
 def lower_transpose(loop: Loop, n, shape, row, index):
@@ -684,8 +684,8 @@ class Lowering:
             loop = loops.setdefault(key, Loop(target.shape, target.batched, lambda name: None))
             at = lambda ref, loop=loop: loop.load(ref, loop.row if ref.batched else None,
                                                   broadcast_index(ref.shape, loop.shape, loop.index))
-            valid = loop._temp("float", f"(t < lengths[{loop.row}]) ? 1.0f : 0.0f") if loop.batched else "1.0f"
-            loop.store(target, loop._temp("float", build(at, valid)), op)
+            valid = loop.temp("float", f"(t < lengths[{loop.row}]) ? 1.0f : 0.0f") if loop.batched else "1.0f"
+            loop.store(target, loop.temp("float", build(at, valid)), op)
         if not loops:
             return []
         region = Region(self.gen, label, "B", [], set(), None, None)

@@ -39,14 +39,25 @@ class DeviceArray:
         self.dtype = np.dtype(cai["typestr"])
         self.ndim = len(self.shape)
         self.ptr = int(cai["data"][0])
-        dense = tuple(int(s) for s in np.empty(0, self.dtype).itemsize * np.cumprod((1,) + self.shape[:0:-1])[::-1])
-        if cai.get("strides") not in (None, dense):
+        if not is_dense(self.shape, cai.get("strides"), self.dtype.itemsize):
             raise ValueError(f"a device array of shape {list(self.shape)} is not C-contiguous "
                              "(make it contiguous first)")
 
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.dtype.itemsize
+
+
+def is_dense(shape: tuple, strides, itemsize: int) -> bool:
+    """C-contiguous: no strides given, or each axis longer than 1 strided by what follows it."""
+    if strides is None:
+        return True
+    expected = itemsize
+    for n, s in reversed(list(zip(shape, strides))):
+        if n > 1 and s != expected:
+            return False
+        expected *= n
+    return True
 
 
 def wrap(array):
@@ -68,7 +79,7 @@ class Slotted:
     slot_bytes: int
 
     def at(self, index: int) -> int:
-        return self.ptr + (index % self.slots) * self.slot_bytes
+        return self.ptr + (index % self.slots if self.slots else 0) * self.slot_bytes  # T = 0: no slots
 
 
 def slot_count(kind: str, T: int, train: bool) -> int:
