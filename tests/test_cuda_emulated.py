@@ -58,6 +58,15 @@ def test_example_equals_numpy_reference(path, policy, workdir):
         assert not bad, f"lengths={lengths}: relative errors {bad}"
 
 
+@pytest.mark.parametrize("path, names", [("lstm", "c_new"), ("attention_lstm", "alpha,h_new")])
+def test_manual_recompute_lists(path, names, workdir):
+    program = cases.compile_example(cases.ROOT / f"examples/{path}.cell", names)
+    assert {n.out for n in program.plan.recompute} >= set(names.split(","))
+    module, _ = emulated(program, workdir)
+    args = cases.arguments(program)
+    assert not cases.mismatches(cases.run(module, args, cases.LENGTHS), cases.reference(program, args, cases.LENGTHS))
+
+
 def test_user_names_reserved_in_c_and_cuda(workdir):
     program = rnnc.compile(KEYWORD_CELL, dims={"D": 3, "H": 5}, recompute="none")
     module, _ = emulated(program, workdir)
