@@ -63,7 +63,7 @@ def test_module_json_describes_the_module(tmp_path):
     assert module["plan"]["policy"] == "all" and module["recompute"] == "all"
     assert module["kernels"] and all(k in (out / "kernels.cu").read_text() for k in module["kernels"])
     launches = module["schedule"]["forward_step"]
-    assert launches and all(len(l["grid"]) == 3 and l["block"] == 256 for l in launches)
+    assert launches and all(len(x["grid"]) == 3 and x["block"] == 256 for x in launches)
     assert any(b["name"] == "state:h" for b in module["schedule"]["buffers"])
     assert "plan (recompute=all" in (out / "cell.ir").read_text()
 

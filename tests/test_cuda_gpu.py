@@ -3,7 +3,6 @@ for every example under every policy, with and without lengths, outputs,
 final states and all gradients. Skipped without PyCUDA, a driver or a GPU."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 import cuda_cases as cases

@@ -115,7 +115,7 @@ class Schedule:
 
     def to_json(self) -> dict:
         return {"buffers": [asdict(b) for b in self.buffers.values()],
-                **{k: [asdict(l) for l in getattr(self, k)] for k in LAUNCH_LISTS},
+                **{k: [asdict(launch) for launch in getattr(self, k)] for k in LAUNCH_LISTS},
                 "zero_before_backward": list(self.zero_before_backward)}
 
     @staticmethod
@@ -130,14 +130,14 @@ class Schedule:
         return s
 
     def launches(self):
-        return [l for k in LAUNCH_LISTS for l in getattr(self, k)]
+        return [launch for k in LAUNCH_LISTS for launch in getattr(self, k)]
 
     def kernels(self) -> list:
-        return list(dict.fromkeys(l.kernel for l in self.launches()))
+        return list(dict.fromkeys(launch.kernel for launch in self.launches()))
 
     def arities(self) -> dict:
         """Buffers each kernel takes (after rows, t and lengths)."""
-        return {l.kernel: len(l.args) for l in self.launches()}
+        return {launch.kernel: len(launch.args) for launch in self.launches()}
 
 
 LAUNCH_LISTS = ("forward_once", "forward_step", "backward_step", "backward_once")
@@ -261,6 +261,11 @@ class Loop:
         if ref.batched:
             terms.insert(0, (self.row, ref.numel))
         self.lines.append(f"{ref.param}[{offset(terms)}] {op} {expr_name};")
+
+    def at(self, ref: Ref) -> str:
+        """`ref` loaded at this loop's own element (broadcast the NumPy way)."""
+        return self.load(ref, self.row if ref.batched else None,
+                         broadcast_index(ref.shape, self.shape, self.index))
 
     def clamp(self, expr: str, n: int) -> str:
         return self.temp_int(f"min(max({expr}, 0), {n - 1})")
@@ -508,10 +513,10 @@ class Generator:
 
     def elementwise(self, region, family, loops, comments):
         refs = [r for loop in loops for r in loop.refs.values()]
-        work = max((Extent(math.prod(l.shape), l.batched, BLOCK) for l in loops),
+        work = max((Extent(math.prod(loop.shape), loop.batched, BLOCK) for loop in loops),
                    key=lambda e: (e.rows, e.n))
         self.emit(region, family, "elementwise.cu.j2", refs, (work, Extent(1), Extent(1)),
-                  "; ".join(comments), loops=[{"total": l.total, "lines": l.lines} for l in loops])
+                  "; ".join(comments), loops=[{"total": loop.total, "lines": loop.lines} for loop in loops])
 
     def contract(self, region, spec, a, b, out, op, note):
         c = contraction(spec, a, b, out)
@@ -682,10 +687,8 @@ class Lowering:
         for target, op, build in targets:
             key = (target.shape, target.batched)
             loop = loops.setdefault(key, Loop(target.shape, target.batched, lambda name: None))
-            at = lambda ref, loop=loop: loop.load(ref, loop.row if ref.batched else None,
-                                                  broadcast_index(ref.shape, loop.shape, loop.index))
             valid = loop.temp("float", f"(t < lengths[{loop.row}]) ? 1.0f : 0.0f") if loop.batched else "1.0f"
-            loop.store(target, loop.temp("float", build(at, valid)), op)
+            loop.store(target, loop.temp("float", build(loop.at, valid)), op)
         if not loops:
             return []
         region = Region(self.gen, label, "B", [], set(), None, None)
@@ -860,8 +863,7 @@ class Lowering:
             target = add_to(w)
             loop = loops.setdefault((target.shape, target.batched), Loop(target.shape, target.batched, None))
             source = home(g, producers[g]) if g in producers else external(g)
-            loop.store(target, loop.load(source, loop.row if source.batched else None,
-                                         broadcast_index(source.shape, loop.shape, loop.index)), "+=")
+            loop.store(target, loop.at(source), "+=")
         if loops:
             region = Region(self.gen, f"{label}_add", rows, [], set(), None, None)
             self.gen.elementwise(region, "glue", list(loops.values()), [f"{label}: add gradients"])

@@ -90,7 +90,7 @@ class Executor:
     def __init__(self, schedule: Schedule, device):
         self.schedule, self.device = schedule, device
         forward = {name for k in ("forward_once", "forward_step")
-                   for l in getattr(schedule, k) for name, _ in l.args}
+                   for launch in getattr(schedule, k) for name, _ in launch.args}
         buffers = schedule.buffers.values()
         self.transient = [b for b in buffers if b.role == "transient"]  # only while forward_once runs
         self.forward_buffers = [b for b in buffers if b.role != "transient" and (
@@ -109,12 +109,12 @@ class Executor:
         return {n: Slotted(base + o, s, sb) for n, (o, s, sb) in layout.items()}, pool
 
     def run(self, launches, memory: dict, T: int, B: int, t: int, lengths: int):
-        for l in launches:
-            rows = B if l.rows == "B" else T * B
+        for launch in launches:
+            rows = B if launch.rows == "B" else T * B
             grid = tuple(min(-(-(e.n * (rows if e.rows else 1)) // e.div), limit) or 1
-                         for e, limit in zip(l.grid, GRID_LIMITS))
-            ptrs = [memory[name].at({"base": 0, "t": t, "t+1": t + 1}[sel]) for name, sel in l.args]
-            self.device.launch(l.kernel, grid, l.block, rows, t, lengths, ptrs)
+                         for e, limit in zip(launch.grid, GRID_LIMITS))
+            ptrs = [memory[name].at({"base": 0, "t": t, "t+1": t + 1}[sel]) for name, sel in launch.args]
+            self.device.launch(launch.kernel, grid, launch.block, rows, t, lengths, ptrs)
 
 
 # grid-stride loops (and the product kernel's loop over g) make any grid size correct,
@@ -223,7 +223,9 @@ class CudaModule:
             ex.run(sched.backward_step, memory, T, B, t, saved["lengths"])
         ex.run(sched.backward_once, memory, T, B, 0, saved["lengths"])
         dev = saved["on_device"]
-        out = lambda buf, lead, name: self._copy_out(memory[buf], lead + self._value_shape(name), dev)
+
+        def out(buf, lead, name):
+            return self._copy_out(memory[buf], lead + self._value_shape(name), dev)
         cell = self.cell
         return Gradients(
             params={d.name: out(f"d_acc:{d.name}", (), d.name) for d in cell.of_kind("param")},
