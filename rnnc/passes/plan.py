@@ -11,10 +11,16 @@ Two choices make a Plan:
   as PyTorch's AOTAutograd partitioner) and a list of names to recompute.
 - Across time. Steps are run in segments. Without a memory budget there is
   one segment (T steps, all residuals kept). Under a budget the forward keeps
-  only the states at the start of each segment; the backward replays a
-  segment from its checkpoint, then backpropagates through it. Hoisted
-  products and the cotangents kept for the batched parameter-gradient
-  products are made per segment too, so every sequence-long buffer shrinks.
+  only the states at the start of each segment and the last segment's
+  residuals; the backward replays every other segment from its checkpoint,
+  then backpropagates through it (Chen et al. 2016). Hoisted products and the
+  cotangents kept for the batched parameter-gradient products are made per
+  segment too, so every sequence-long buffer shrinks. Segment lengths are not
+  uniform: a segment replayed earlier in the backward has more checkpoints
+  beside it, so `segment_lengths` gives each the most steps that fit, which
+  makes the last segment (never replayed) as long as it can be. Checkpoints
+  are not nested (one level; revolve's multi-level schedules would reach
+  smaller budgets at more recompute).
 
 Policy (choosing) is kept apart from mechanism (deriving and applying the
 choice), as JAX's checkpoint policies are; `Plan.format` shows the result.
