@@ -123,12 +123,13 @@ def test_lstm_peak_bytes_equal_the_plan():
         assert module.peak_bytes(7, 3) == program.plan.peak_bytes(7, 3, "float32"), policy
 
 
-def test_memory_budget_plans_are_refused_with_a_clear_error():
-    program = rnnc.compile(cases.ROOT / "examples/lstm.cell", dims={"D": 3, "H": 5},
-                           memory_budget=6000, seq_len=20, batch=3)
-    assert program.plan.segments is not None
-    with pytest.raises(ValueError, match="memory_budget"):
-        generate(program)
+def test_checkpointed_plans_hold_the_plans_stored_bytes():
+    for path in cases.EXAMPLES:
+        roomy = cases.compile_example(path, "none").plan.peak_bytes(9, 3)
+        program = rnnc.compile(path, dims=cases.dims_of(path), memory_budget=roomy // 2, seq_len=9, batch=3)
+        assert len(program.plan.segments) > 1
+        module = CudaModule(program, generate(program).schedule, device=None)
+        assert module.stored_bytes(9, 3) == program.plan.stored_bytes(9, 3, "float32"), path.stem
 
 
 def test_float64_is_refused_on_cuda():

@@ -67,6 +67,25 @@ def test_manual_recompute_lists(path, names, workdir):
     assert not cases.mismatches(cases.run(module, args, cases.LENGTHS), cases.reference(program, args, cases.LENGTHS))
 
 
+@pytest.mark.parametrize("path", cases.EXAMPLES, ids=lambda p: p.stem)
+def test_checkpointed_plans_equal_numpy_reference(path, workdir):
+    """A memory budget: the forward keeps states at segment starts, the backward
+    replays each segment; twice on one forward result gives the same gradients."""
+    steps, batch = 9, 3
+    roomy = cases.compile_example(path, "none").plan.peak_bytes(steps, batch)
+    program = rnnc.compile(path, dims=cases.dims_of(path), memory_budget=roomy // 2, seq_len=steps, batch=batch)
+    assert len(program.plan.segments) > 1
+    module, _ = emulated(program, workdir)
+    args = cases.arguments(program, steps=steps, batch=batch)
+    lengths = np.array([9, 4, 0])
+    got = cases.run(module, args, lengths)
+    assert not cases.mismatches(got, cases.reference(program, args, lengths))
+    res = module.forward(**{k: args[k] for k in ("inputs", "states", "contexts", "params")}, lengths=lengths)
+    first, again = (module.backward(res, args["d_outputs"], args["d_states"]) for _ in range(2))
+    for name, grad in first.params.items():
+        np.testing.assert_array_equal(again.params[name], grad, err_msg=name)
+
+
 def test_user_names_reserved_in_c_and_cuda(workdir):
     program = rnnc.compile(KEYWORD_CELL, dims={"D": 3, "H": 5}, recompute="none")
     module, _ = emulated(program, workdir)

@@ -75,15 +75,25 @@ def c_float(value: float) -> str:
 class Buffer:
     """Device memory for one value: `slots` copies of [B, numel] (batched) or [numel].
 
-    slots: "one"; "T" (one per step); "tape" (T when training, else 1);
-    "state" (T + 1 when training, else 2: the state before every step and the final one).
+    slots: "one"; "T" (one per step); "tape" (one per step when training,
+    else 1); "state" (one per step and the final one when training, else 2).
+    The caller's sequences (roles input, output, d_output, d_input) have a slot
+    for every step of the sequence; the others only for the steps of one
+    segment, indexed from the segment's start.
     """
 
     name: str
     numel: int
     batched: bool
     slots: str
-    role: str  # input param context state d_output (given by the caller) or scratch
+    role: str  # input param context state d_output d_state (the caller's), output d_input, scratch, transient
+
+    @property
+    def whole_sequence(self) -> bool:
+        return self.role in WHOLE_SEQUENCE
+
+
+WHOLE_SEQUENCE = ("input", "output", "d_output", "d_input")
 
 
 @dataclass(frozen=True)
@@ -100,17 +110,26 @@ class Launch:
     kernel: str
     grid: tuple  # 3 Extents
     block: int
-    rows: str  # "B" or "TB"
+    rows: str  # "B", or "TB": B times the number of steps of the segment being run
     args: tuple  # (buffer name, selector) pairs; selector: base, t or t+1 (modulo the slots)
 
 
 @dataclass
 class Schedule:
+    """The launches of each part of a call, in order. The host runs `forward_seq`
+    once, then per segment of steps (one segment unless the Plan checkpoints)
+    `forward_pre` over the segment's rows and `forward_step` per step; the
+    backward runs per segment, last first, `backward_step` per step (last
+    first) then `backward_segment` over the segment's rows, and finally
+    `backward_seq` once."""
+
     buffers: dict = field(default_factory=dict)  # name -> Buffer
-    forward_once: list = field(default_factory=list)
+    forward_seq: list = field(default_factory=list)
+    forward_pre: list = field(default_factory=list)
     forward_step: list = field(default_factory=list)
     backward_step: list = field(default_factory=list)
-    backward_once: list = field(default_factory=list)
+    backward_segment: list = field(default_factory=list)
+    backward_seq: list = field(default_factory=list)
     zero_before_backward: list = field(default_factory=list)  # buffers the backward accumulates into
 
     def to_json(self) -> dict:
@@ -140,7 +159,8 @@ class Schedule:
         return {launch.kernel: len(launch.args) for launch in self.launches()}
 
 
-LAUNCH_LISTS = ("forward_once", "forward_step", "backward_step", "backward_once")
+LAUNCH_LISTS = ("forward_seq", "forward_pre", "forward_step", "backward_step", "backward_segment",
+                "backward_seq")
 
 
 # --- templates -----------------------------------------------------------------------
@@ -566,10 +586,6 @@ class Lowering:
         self.cell = program.cell
         self.hoisted = program.hoisted
         self.plan = program.plan
-        if getattr(self.plan, "segments", None) is not None:
-            raise ValueError("memory_budget: the cuda backend does not run plans that checkpoint "
-                             "states across time yet; compile without memory_budget (a per-step "
-                             "recompute policy works) or use backend='numpy'")
         self.gen = Generator()
         self.schedule = Schedule()
         self.decl = {d.name: d for d in self.cell.decls}
@@ -638,17 +654,18 @@ class Lowering:
     def lower(self) -> Generated:
         s = self.schedule
         self.caller_buffers()
-        s.forward_once = self.forward_once()
+        s.forward_seq, s.forward_pre = self.forward_once()
         s.forward_step = self.forward_step() + self.commit()
         deferred = self.deferred()
         s.backward_step = self.seeds(deferred) + self.backward_step(deferred) + self.grads(deferred)
-        s.backward_once = self.after_loop(deferred) + self.pre_backward() + self.seq_backward()
+        s.backward_segment = self.after_loop(deferred) + self.pre_backward()
+        s.backward_seq = self.seq_backward()
         s.zero_before_backward = [b.name for b in s.buffers.values()
                                   if b.name.split(":", 1)[0] in ("d_row", "d_acc")]
         return Generated(render("module.cu.j2", cell=comment(self.cell.name),
                                 kernels=self.gen.sources), s)
 
-    def forward_once(self) -> list:
+    def forward_once(self) -> tuple:
         """The hoisted regions. What they keep (values read later) lives in
         `seq:`/`pre:` buffers; their other results are transient scratch,
         freed when the regions have run."""
@@ -659,7 +676,7 @@ class Lowering:
                           lambda v, n: self.seq_home(v) if v in seq_kept else self.transient(v, n, "one"))
         pre = self.region("pre", "TB", h.pre.nodes, pre_kept, lambda v: self.hoisted_value(v, "base"),
                           lambda v, n: self.pre_home(v) if v in pre_kept else self.transient(v, n, "T"))
-        return seq + pre
+        return seq, pre
 
     def transient(self, name, node, slots) -> Ref:
         return self.buffer(f"once:{name}", concrete_shape(node.shape), node.batched,
@@ -808,7 +825,9 @@ class Lowering:
         return self.buffer(f"d_acc:{w}", self.shape(w), v.batched)
 
     def d_row(self, w, selector) -> Ref:
-        return self.buffer(f"d_row:{w}", self.shape(w), True, "T", selector=selector)
+        """The per-step cotangent of an input (returned) or of a `pre` value."""
+        role = "d_input" if w in self.decl else "scratch"
+        return self.buffer(f"d_row:{w}", self.shape(w), True, "T", role, selector)
 
     def grads(self, deferred) -> list:
         external = self.bwd_external(deferred)
@@ -833,7 +852,7 @@ class Lowering:
         return self.glue("grads", targets)
 
     def after_loop(self, deferred) -> list:
-        """The deferred parameter-gradient products over all T*B rows, added to their accumulators."""
+        """The deferred parameter-gradient products over all rows of a segment, added to their accumulators."""
         producers = self.step_bwd.graph.producers()
         home, external = self.bwd_home(deferred), self.bwd_external(deferred, "base")
         recomputed = {n.out: n for n in self.plan.recompute}

@@ -74,46 +74,78 @@ def wrap_all(arrays: dict | None):
 # --- the schedule's interpreter ------------------------------------------------------------
 @dataclass
 class Slotted:
+    """A buffer in a pool: `slots` slots; a segment's buffer counts them from the segment's start."""
+
     ptr: int
     slots: int
     slot_bytes: int
+    per_segment: bool
 
-    def at(self, index: int) -> int:
+    def at(self, step: int, start: int = 0) -> int:
+        index = step - start if self.per_segment else step
         return self.ptr + (index % self.slots if self.slots else 0) * self.slot_bytes  # T = 0: no slots
 
 
-def slot_count(kind: str, T: int, train: bool) -> int:
-    return {"one": 1, "T": T, "tape": T if train else 1, "state": T + 1 if train else 2}[kind]
+@dataclass(frozen=True)
+class Steps:
+    """Steps start..stop of a sequence of T steps, batch B: one segment of a call."""
+
+    T: int
+    B: int
+    start: int
+    stop: int
+
+    @property
+    def rows(self) -> int:
+        return (self.stop - self.start) * self.B
+
+
+def segments(plan, T: int, train: bool) -> list:
+    """(start, stop) of each segment the Plan runs; inference keeps nothing, so one segment."""
+    lengths = plan.segments_for(T) if train else ((T,) if T else ())
+    bounds, start = [], 0
+    for n in lengths:
+        bounds.append((start, start + n))
+        start += n
+    return bounds or [(0, 0)]
+
+
+def slot_count(buffer, T: int, longest: int, train: bool) -> int:
+    if buffer.whole_sequence:
+        return T
+    steps = longest
+    return {"one": 1, "T": steps, "tape": steps if train else 1, "state": steps + 1 if train else 2}[buffer.slots]
 
 
 class Executor:
     def __init__(self, schedule: Schedule, device):
         self.schedule, self.device = schedule, device
-        forward = {name for k in ("forward_once", "forward_step")
+        forward = {name for k in ("forward_seq", "forward_pre", "forward_step")
                    for launch in getattr(schedule, k) for name, _ in launch.args}
         buffers = schedule.buffers.values()
-        self.transient = [b for b in buffers if b.role == "transient"]  # only while forward_once runs
+        self.transient = [b for b in buffers if b.role == "transient"]  # only while forward_pre runs
         self.forward_buffers = [b for b in buffers if b.role != "transient" and (
             b.name in forward or b.role in ("input", "param", "context", "state", "output"))]
         self.backward_buffers = [b for b in buffers if b.role != "transient" and b not in self.forward_buffers]
 
-    def allocate(self, buffers, T: int, B: int, train: bool):
+    def allocate(self, buffers, T: int, B: int, longest: int, train: bool):
         """One pool for `buffers`: (name -> Slotted, the pool to keep alive)."""
         layout, offset = {}, 0
         for b in buffers:
             slot_bytes = (B if b.batched else 1) * b.numel * 4
-            slots = slot_count(b.slots, T, train)
-            layout[b.name] = (offset, slots, slot_bytes)
+            slots = slot_count(b, T, longest, train)
+            layout[b.name] = (offset, slots, slot_bytes, not b.whole_sequence)
             offset += -(-max(slots * slot_bytes, 1) // ALIGN) * ALIGN
         base, pool = self.device.alloc(offset)
-        return {n: Slotted(base + o, s, sb) for n, (o, s, sb) in layout.items()}, pool
+        return {n: Slotted(base + o, *rest) for n, (o, *rest) in layout.items()}, pool
 
-    def run(self, launches, memory: dict, T: int, B: int, t: int, lengths: int):
+    def run(self, launches, memory: dict, steps: Steps, t: int, lengths: int):
         for launch in launches:
-            rows = B if launch.rows == "B" else T * B
+            rows = steps.B if launch.rows == "B" else steps.rows
             grid = tuple(min(-(-(e.n * (rows if e.rows else 1)) // e.div), limit) or 1
                          for e, limit in zip(launch.grid, GRID_LIMITS))
-            ptrs = [memory[name].at({"base": 0, "t": t, "t+1": t + 1}[sel]) for name, sel in launch.args]
+            index = {"base": steps.start, "t": t, "t+1": t + 1}
+            ptrs = [memory[name].at(index[sel], steps.start) for name, sel in launch.args]
             self.device.launch(launch.kernel, grid, launch.block, rows, t, lengths, ptrs)
 
 
@@ -122,8 +154,25 @@ class Executor:
 GRID_LIMITS = (2**31 - 1, 65535, 65535)
 
 
+@dataclass
+class Call:
+    """What one forward keeps for its backward."""
+
+    T: int
+    B: int
+    bounds: list  # (start, stop) per segment
+    memory: dict
+    pools: list  # device memory to keep alive
+    lengths: int  # device pointer
+    checkpoints: dict  # state name -> Slotted: the states at the start of every segment but the last
+    on_device: bool
+    replayed: bool = False  # a backward replayed segments, overwriting the last one's values
+
+
 # --- the module --------------------------------------------------------------------------------
 class CudaModule:
+    """The NumPy module's API on the GPU (see the module docstring)."""
+
     backend = "cuda"
 
     def __init__(self, program, schedule: Schedule, device, dtype="float32"):
@@ -135,119 +184,170 @@ class CudaModule:
         self.device = device
         self.executor = Executor(schedule, device)
         self.buffers = schedule.buffers
+        self.states = [d.name for d in self.cell.of_kind("state")]
 
     def init_params(self, seed: int = 0) -> dict:
         """The same parameters as the NumPy module's, in float32 NumPy arrays."""
         return NumpyModule(self.program, "float32").init_params(seed)
 
     # --- moving arrays -------------------------------------------------------------------------
-    def _copy_in(self, slotted: Slotted, array, slot: int = 0):
-        ptr = slotted.at(slot)
+    def _copy_in(self, ptr: int, array):
         if isinstance(array, DeviceArray):
             self.device.dtod(ptr, array.ptr, array.nbytes)
         else:
             self.device.htod(ptr, np.ascontiguousarray(array))
 
-    def _copy_out(self, slotted: Slotted, shape: tuple, on_device: bool, slot: int = 0):
+    def _copy_out(self, ptr: int, shape: tuple, on_device: bool):
         if on_device:
             out = self.device.empty(shape)
-            self.device.dtod(int(out.__cuda_array_interface__["data"][0]), slotted.at(slot),
-                             math.prod(shape) * 4)
+            self.device.dtod(int(out.__cuda_array_interface__["data"][0]), ptr, math.prod(shape) * 4)
             return out
         out = np.empty(shape, np.float32)
-        self.device.dtoh(out, slotted.at(slot))
+        self.device.dtoh(out, ptr)
         return out
-
-    # --- forward -----------------------------------------------------------------------------------
-    def forward(self, inputs, params, states=None, contexts=None, lengths=None, train=True):
-        kinds = (np.ndarray, DeviceArray)
-        T, B, inputs, params, states, contexts, lengths = bind_forward(
-            self.cell, self.dtype, wrap_all(inputs), wrap_all(params), wrap_all(states),
-            wrap_all(contexts), lengths, kinds)
-        on_device = isinstance(next(iter(inputs.values())), DeviceArray)
-        ex = self.executor
-        memory, pool = ex.allocate(ex.forward_buffers, T, B, train)
-        for kind, given in (("input", inputs), ("param", params), ("context", contexts)):
-            for name, array in given.items():
-                self._copy_in(memory[f"{kind}:{name}"], array)
-        for d in self.cell.of_kind("state"):
-            slot = memory[f"state:{d.name}"]
-            if d.name in states:
-                self._copy_in(slot, states[d.name])
-            else:
-                self.device.memset0(slot.at(0), slot.slot_bytes)
-        full = np.full(B, T, np.int32) if lengths is None else lengths.astype(np.int32)
-        lengths_mem, lengths_pool = self.device.alloc(B * 4)
-        self.device.htod(lengths_mem, full)
-        scratch, scratch_pool = ex.allocate(ex.transient, T, B, train)
-        ex.run(ex.schedule.forward_once, {**memory, **scratch}, T, B, 0, lengths_mem)
-        del scratch, scratch_pool  # the hoisted regions' scratch is not held past them
-        for t in range(T):
-            ex.run(ex.schedule.forward_step, memory, T, B, t, lengths_mem)
-        outputs = {o: self._copy_out(memory[f"output:{o}"], (T, B) + self._value_shape(v), on_device)
-                   for o, v in self.cell.outputs}
-        final = {d.name: self._copy_out(memory[f"state:{d.name}"], (B,) + self._value_shape(d.name),
-                                        on_device, slot=T) for d in self.cell.of_kind("state")}
-        saved = dict(T=T, B=B, memory=memory, pools=(pool, lengths_pool), lengths=lengths_mem,
-                     on_device=on_device) if train else None
-        stored = self.stored_bytes(T, B) if train else 0
-        return ForwardResult(outputs, final, stored, saved)
 
     def _value_shape(self, name: str) -> tuple:
         return concrete_shape(self.program.cell.graph.values()[name].shape)
 
+    # --- forward -----------------------------------------------------------------------------------
+    def forward(self, inputs, params, states=None, contexts=None, lengths=None, train=True):
+        T, B, inputs, params, states, contexts, lengths = bind_forward(
+            self.cell, self.dtype, wrap_all(inputs), wrap_all(params), wrap_all(states),
+            wrap_all(contexts), lengths, (np.ndarray, DeviceArray))
+        ex, sched = self.executor, self.executor.schedule
+        bounds = segments(self.program.plan, T, train)
+        longest = max(stop - start for start, stop in bounds)
+        memory, pool = ex.allocate(ex.forward_buffers, T, B, longest, train)
+        checkpoints, ckpt_pool = self._checkpoints(B, len(bounds) - 1 if train else 0)
+        call = Call(T, B, bounds, memory, [pool, ckpt_pool], 0, checkpoints,
+                    isinstance(next(iter(inputs.values())), DeviceArray))
+        for kind, given in (("input", inputs), ("param", params), ("context", contexts)):
+            for name, array in given.items():
+                self._copy_in(memory[f"{kind}:{name}"].ptr, array)
+        for s in self.states:
+            slot = memory[f"state:{s}"]
+            if s in states:
+                self._copy_in(slot.ptr, states[s])
+            else:
+                self.device.memset0(slot.ptr, slot.slot_bytes)
+        call.lengths, lengths_pool = self.device.alloc(B * 4)
+        call.pools.append(lengths_pool)
+        self.device.htod(call.lengths, np.full(B, T, np.int32) if lengths is None else lengths.astype(np.int32))
+        ex.run(sched.forward_seq, memory, Steps(T, B, 0, 0), 0, call.lengths)
+        self._run_segments(call)
+        start, stop = bounds[-1]
+        outputs = {o: self._copy_out(memory[f"output:{o}"].ptr, (T, B) + self._value_shape(v), call.on_device)
+                   for o, v in self.cell.outputs}
+        final = {s: self._copy_out(memory[f"state:{s}"].at(stop, start), (B,) + self._value_shape(s),
+                                   call.on_device) for s in self.states}
+        return ForwardResult(outputs, final, self.stored_bytes(T, B) if train else 0, call if train else None)
+
+    def _checkpoints(self, B: int, count: int):
+        sizes = {s: B * self.buffers[f"state:{s}"].numel * 4 for s in self.states}
+        base, pool = self.device.alloc(sum(-(-max(n * count, 1) // ALIGN) * ALIGN for n in sizes.values()))
+        out, offset = {}, 0
+        for s, n in sizes.items():
+            out[s] = Slotted(base + offset, count, n, False)
+            offset += -(-max(n * count, 1) // ALIGN) * ALIGN
+        return out, pool
+
+    def _run_segments(self, call: Call):
+        """Every segment in order from the initial states in slot 0 of the state
+        buffers, checkpointing each segment's states but the last one's."""
+        for j, (start, stop) in enumerate(call.bounds):
+            if j < len(call.bounds) - 1:
+                self._copy_states(call.memory, 0, call.checkpoints, j)
+            self._run_segment(call.memory, Steps(call.T, call.B, start, stop), call.lengths)
+            if j < len(call.bounds) - 1 and stop > start:  # the next segment starts from slot 0
+                for s in self.states:
+                    state = call.memory[f"state:{s}"]
+                    self.device.dtod(state.ptr, state.at(stop, start), state.slot_bytes)
+
+    def _copy_states(self, memory: dict, slot: int, checkpoints: dict, j: int, restore: bool = False):
+        """Each state's slot `slot` into checkpoint j, or back when `restore`."""
+        for s in self.states:
+            state, ckpt = memory[f"state:{s}"].at(slot), checkpoints[s].at(j)
+            self.device.dtod(*((state, ckpt) if restore else (ckpt, state)), memory[f"state:{s}"].slot_bytes)
+
+    def _run_segment(self, memory: dict, steps: Steps, lengths: int):
+        """The hoisted rows of the segment's steps, then the steps, from the states in slot 0."""
+        ex = self.executor
+        scratch, scratch_pool = ex.allocate(ex.transient, steps.T, steps.B, steps.stop - steps.start, True)
+        ex.run(ex.schedule.forward_pre, {**memory, **scratch}, steps, steps.start, lengths)
+        del scratch, scratch_pool  # the hoisted regions' scratch is not held past them
+        for t in range(steps.start, steps.stop):
+            ex.run(ex.schedule.forward_step, memory, steps, t, lengths)
+
     # --- backward -------------------------------------------------------------------------------------
     def backward(self, result: ForwardResult, d_outputs=None, d_states=None) -> Gradients:
-        saved = result._tape
-        if saved is None:
+        """Segments last first: replay a segment from its checkpoint (the forward
+        kept the last one), backpropagate through its steps, then its rows' products."""
+        call = result._tape
+        if call is None:
             raise ValueError("backward: this result came from forward(..., train=False), which keeps "
                              "nothing for the backward; run forward with train=True")
-        T, B = saved["T"], saved["B"]
+        T, B = call.T, call.B
         d_outputs, d_states = bind_cotangents(self.cell, self.dtype, T, B, wrap_all(d_outputs),
                                               wrap_all(d_states), (np.ndarray, DeviceArray))
         ex, sched = self.executor, self.executor.schedule
-        own, pool = ex.allocate(ex.backward_buffers, T, B, True)
-        memory = {**saved["memory"], **own}
+        longest = max(stop - start for start, stop in call.bounds)
+        own, pool = ex.allocate(ex.backward_buffers, T, B, longest, True)
+        memory = {**call.memory, **own}
         for name in sched.zero_before_backward:
-            m = memory[name]
-            self.device.memset0(m.ptr, m.slots * m.slot_bytes)
+            self.device.memset0(memory[name].ptr, memory[name].slots * memory[name].slot_bytes)
         for kind, given, names in (("d_output", d_outputs, [o for o, _ in self.cell.outputs]),
-                                   ("d_state", d_states, [d.name for d in self.cell.of_kind("state")])):
+                                   ("d_state", d_states, self.states)):
             for name in names:
                 m = memory[f"{kind}:{name}"]
                 if name in given:
-                    self._copy_in(m, given[name])
+                    self._copy_in(m.ptr, given[name])
                 else:
                     self.device.memset0(m.ptr, m.slots * m.slot_bytes)
-        for t in reversed(range(T)):
-            ex.run(sched.backward_step, memory, T, B, t, saved["lengths"])
-        ex.run(sched.backward_once, memory, T, B, 0, saved["lengths"])
-        dev = saved["on_device"]
+        if call.replayed:  # an earlier backward overwrote the last segment's values: rebuild them
+            self._copy_states(memory, 0, call.checkpoints, 0, restore=True)
+            self._run_segments(call)
+        for j in reversed(range(len(call.bounds))):
+            start, stop = call.bounds[j]
+            steps = Steps(T, B, start, stop)
+            if j < len(call.bounds) - 1:  # replay: the forward kept only its checkpoint
+                self._copy_states(memory, 0, call.checkpoints, j, restore=True)
+                self._run_segment(memory, steps, call.lengths)
+                call.replayed = True
+            for t in reversed(range(start, stop)):
+                ex.run(sched.backward_step, memory, steps, t, call.lengths)
+            ex.run(sched.backward_segment, memory, steps, start, call.lengths)
+        ex.run(sched.backward_seq, memory, Steps(T, B, 0, 0), 0, call.lengths)
 
         def out(buf, lead, name):
-            return self._copy_out(memory[buf], lead + self._value_shape(name), dev)
+            return self._copy_out(memory[buf].ptr, lead + self._value_shape(name), call.on_device)
         cell = self.cell
         return Gradients(
             params={d.name: out(f"d_acc:{d.name}", (), d.name) for d in cell.of_kind("param")},
             inputs={d.name: out(f"d_row:{d.name}", (T, B), d.name) for d in cell.of_kind("input")},
-            states={d.name: out(f"d_state:{d.name}", (B,), d.name) for d in cell.of_kind("state")},
+            states={s: out(f"d_state:{s}", (B,), s) for s in self.states},
             contexts={d.name: out(f"d_acc:{d.name}", (B,), d.name) for d in cell.of_kind("context")},
             peak_bytes=self.peak_bytes(T, B))
 
     # --- memory ------------------------------------------------------------------------------------------
     def _held(self, T: int, B: int, names) -> int:
+        """Bytes of `names` for a training call of T steps: the longest segment's slots
+        (the final state is returned, not held)."""
+        longest = max(stop - start for start, stop in segments(self.program.plan, T, True))
         total = 0
         for name in names:
             b = self.buffers[name]
-            slots = slot_count(b.slots, T, True) - (1 if b.slots == "state" else 0)  # the final state is returned
+            slots = slot_count(b, T, longest, True) - (b.slots == "state")
             total += slots * (B if b.batched else 1) * b.numel * 4
         return total
 
     def stored_bytes(self, T: int, B: int) -> int:
         """What the forward keeps for the backward: the hoisted values, the
-        states before every step and the values the Plan stores per step."""
+        checkpoints, and the states before every step and the values the Plan
+        stores per step for one segment."""
         kept = [n for n in self.buffers if n.split(":", 1)[0] in ("seq", "pre", "tape", "state")]
-        return self._held(T, B, kept)
+        checkpoints = (len(segments(self.program.plan, T, True)) - 1) * sum(
+            B * self.buffers[f"state:{s}"].numel * 4 for s in self.states)
+        return self._held(T, B, kept) + checkpoints
 
     def peak_bytes(self, T: int, B: int) -> int:
         """The stored bytes plus what the backward holds across steps: the
