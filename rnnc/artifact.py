@@ -141,11 +141,14 @@ def read_module(directory) -> dict:
 
 
 def load(directory, backend: str = "numpy", dtype: str | None = None):
-    """A module from an artifact directory, on the NumPy or CUDA backend."""
+    """A module from an artifact directory, on the NumPy or CUDA backend: the
+    program is rebuilt from the stored source, dims, policy and budget."""
     d = Path(directory)
     module = read_module(d)
+    plan = module["plan"]
     program = compile_program(module["source"]["text"], dims=module["dims"], cell=module["cell"],
-                              recompute=module["recompute"])
+                              recompute=module["recompute"], memory_budget=plan["budget"],
+                              seq_len=plan["seq_len"], batch=plan["batch"], dtype=plan["dtype"])
     if backend != "cuda":
         return program.load(backend=backend, dtype=dtype)
     from .backends.cuda.codegen import Generated, Schedule

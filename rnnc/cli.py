@@ -96,7 +96,8 @@ def load_for_run(args):
 
 def cmd_compile(args) -> int:
     from .artifact import write
-    program = compile_for_cli(args)
+    budget = None if args.memory_budget is None else parse_bytes(args.memory_budget)
+    program = compile_for_cli(args, memory_budget=budget, seq_len=args.seq_len, batch=args.batch)
     module = write(program, args.output, recompute=args.recompute, arch=args.arch)
     for note in module["notes"]:
         print(f"rnnc: warning: {note}", file=sys.stderr)
@@ -194,7 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--target", default="cuda", choices=("cuda",))
     c.add_argument("--arch", help="GPU architecture of the cubin, e.g. sm_90 (default: the local "
                                   "GPU's, else sm_80)")
-    c.add_argument("--recompute", default="auto", help="none, all, auto or value names")
+    c.add_argument("--recompute", default="auto", help="none, all, auto or value names (a,b)")
+    c.add_argument("--memory-budget", metavar="BYTES",
+                   help="checkpoint states to fit forward+backward (float32) in BYTES for "
+                        "--seq-len steps of --batch, e.g. 64MiB")
+    c.add_argument("--seq-len", type=int, default=100, metavar="T", help="steps the budget is for (default 100)")
+    c.add_argument("--batch", type=int, default=16, metavar="B", help="batch the budget is for (default 16)")
 
     c = with_cell(command("plan", cmd_plan, "show what the backward stores and recomputes, and "
                                             "the bytes and flops that costs"))

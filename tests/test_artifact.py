@@ -55,6 +55,16 @@ def test_round_trip_with_the_numpy_backend(tmp_path, path):
         np.testing.assert_array_equal(loaded[name], direct[name], err_msg=name)
 
 
+def test_memory_budget_survives_the_round_trip(tmp_path):
+    out = tmp_path / "budget_mod"
+    assert main(["compile", str(LSTM), "-D", "D=8", "-D", "H=16", "--memory-budget", "40KiB",
+                 "--seq-len", "50", "--batch", "4", "-o", str(out)]) == 0
+    direct = rnnc.compile(LSTM, dims={"D": 8, "H": 16}, memory_budget=40 << 10, seq_len=50, batch=4)
+    loaded = rnnc.load(out)
+    assert len(direct.plan.segments) > 1
+    assert loaded.program.plan.segments == direct.plan.segments
+
+
 def test_module_json_describes_the_module(tmp_path):
     out = compiled(tmp_path, policy="all")
     module = json.loads((out / "module.json").read_text())
