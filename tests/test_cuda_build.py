@@ -106,30 +106,17 @@ def test_schedule_survives_json():
 
 
 @pytest.mark.parametrize("path", cases.EXAMPLES, ids=lambda p: p.stem)
-def test_stored_bytes_equal_the_plan(path):
-    for policy in cases.POLICIES:
-        program = cases.compile_example(path, policy)
+def test_held_bytes_equal_the_plans_predictions(path):
+    """The buffers the runtime holds are what the Plan predicts, stored and peak,
+    under every policy and under a memory budget (also for a shorter sequence)."""
+    roomy = cases.compile_example(path, "none").plan.peak_bytes(9, 3)
+    budgeted = rnnc.compile(path, dims=cases.dims_of(path), memory_budget=roomy // 2, seq_len=9, batch=3)
+    assert len(budgeted.plan.segments) > 1
+    for program in [cases.compile_example(path, p) for p in cases.POLICIES] + [budgeted]:
         module = CudaModule(program, generate(program).schedule, device=None)
-        assert module.stored_bytes(7, 3) == program.plan.stored_bytes(7, 3, "float32"), policy
-
-
-def test_lstm_peak_bytes_equal_the_plan():
-    # the LSTM's batched parameter-gradient products read only stored states and the
-    # per-step row cotangents the Plan counts; cells whose products read other
-    # per-step cotangents hold those too, above the Plan's figure
-    for policy in cases.POLICIES:
-        program = cases.compile_example(cases.ROOT / "examples/lstm.cell", policy)
-        module = CudaModule(program, generate(program).schedule, device=None)
-        assert module.peak_bytes(7, 3) == program.plan.peak_bytes(7, 3, "float32"), policy
-
-
-def test_checkpointed_plans_hold_the_plans_stored_bytes():
-    for path in cases.EXAMPLES:
-        roomy = cases.compile_example(path, "none").plan.peak_bytes(9, 3)
-        program = rnnc.compile(path, dims=cases.dims_of(path), memory_budget=roomy // 2, seq_len=9, batch=3)
-        assert len(program.plan.segments) > 1
-        module = CudaModule(program, generate(program).schedule, device=None)
-        assert module.stored_bytes(9, 3) == program.plan.stored_bytes(9, 3, "float32"), path.stem
+        for T in (9, 5):
+            assert module.stored_bytes(T, 3) == program.plan.stored_bytes(T, 3, "float32"), program.plan.policy
+            assert module.peak_bytes(T, 3) == program.plan.peak_bytes(T, 3, "float32"), program.plan.policy
 
 
 def test_float64_is_refused_on_cuda():

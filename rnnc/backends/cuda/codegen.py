@@ -657,7 +657,7 @@ class Lowering:
         s.forward_seq, s.forward_pre = self.forward_once()
         s.forward_step = self.forward_step() + self.commit()
         deferred = self.deferred()
-        s.backward_step = self.seeds(deferred) + self.backward_step(deferred) + self.grads(deferred)
+        s.backward_step = self.seeds() + self.backward_step(deferred) + self.grads(deferred)
         s.backward_segment = self.after_loop(deferred) + self.pre_backward()
         s.backward_seq = self.seq_backward()
         s.zero_before_backward = [b.name for b in s.buffers.values()
@@ -731,41 +731,44 @@ class Lowering:
 
     def deferred(self) -> dict:
         """Parameter-gradient products of the step backward that sum over the
-        batch: run once after the loop over all T*B rows instead of per step
-        (node name -> the value it is the gradient of)."""
+        batch and read only values kept for every step anyway (states, stored
+        values, inputs, `pre` values and their cotangents): run once after the
+        loop over all rows of a segment instead of once per step, at no extra
+        memory (node name -> the value it is the gradient of)."""
+        graph = self.step_bwd.graph
+        kept = set(self.states) | self.stored | set(self.row_gradients())
+        kept |= {d.name for d in self.cell.of_kind("input")} | set(self.hoisted.pre.outputs)
+        return {g: w for g, w in self.sole_gradients().items()
+                if graph.producers()[g].op in DEFERRABLE and not graph.producers()[g].batched
+                and all(self.values_bwd(a).batched and a in kept for a in graph.producers()[g].args)}
+
+    def sole_gradients(self) -> dict:
+        """Backward nodes that are the gradient of one whole-sequence value
+        (param, context, `seq` value) and nothing else: they can add straight
+        into its accumulator (node name -> the value)."""
         graph = self.step_bwd.graph
         read = {a for n in graph.nodes for a in n.args}
-        per_step = set(self.states) | self.stored | {v.name for v in graph.inputs
-                                                      if v.name in dict(self.step_bwd.seeds).values()}
-        per_step |= {n.out for n in graph.nodes} | {n.out for n in self.plan.recompute}
-        per_step |= {d.name for d in self.cell.of_kind("input")} | set(self.hoisted.pre.outputs)
-        uses = [g for _, g in self.step_bwd.grads if g]
-        out = {}
-        for w, g in self.step_bwd.grads:
-            node = graph.producers().get(g)
-            if (node is not None and node.op in DEFERRABLE and not node.batched and g not in read
-                    and uses.count(g) == 1 and all(self.values_bwd(a).batched and a in per_step
-                                                   for a in node.args)):
-                out[g] = w
-        return out
+        grads = [g for _, g in self.step_bwd.grads if g]
+        per_step = set(self.states) | self.row_targets()
+        return {g: w for w, g in self.step_bwd.grads
+                if g in graph.producers() and g not in read and grads.count(g) == 1 and w not in per_step
+                and graph.producers()[g].batched == self.values[w].batched
+                and concrete_shape(graph.producers()[g].shape) == self.shape(w)}
+
+    def row_targets(self) -> set:
+        return {d.name for d in self.cell.of_kind("input")} | set(self.hoisted.pre.outputs)
 
     def values_bwd(self, name):
         return self.step_bwd.graph.values().get(name) or self.values[name]
 
-    def deferred_args(self, deferred) -> set:
-        producers = self.step_bwd.graph.producers()
-        return {a for g in deferred for a in producers[g].args}
-
-    def seed_ref(self, seed, deferred, selector="t") -> Ref:
+    def seed_ref(self, seed) -> Ref:
         value = self.values_bwd(seed)
-        slotted = seed in self.deferred_args(deferred)
-        return self.buffer(f"seed:{seed}", concrete_shape(value.shape), value.batched,
-                           "T" if slotted else "one", selector=selector if slotted else "base")
+        return self.buffer(f"seed:{seed}", concrete_shape(value.shape), value.batched)
 
     def d_state(self, s) -> Ref:
         return self.buffer(f"d_state:{s}", self.shape(s), True, "one", "d_state")
 
-    def seeds(self, deferred) -> list:
+    def seeds(self) -> list:
         """Each step output's cotangent: the carried state cotangents and the
         output cotangents given for this step, zero past the sequence's length."""
         targets = []
@@ -778,34 +781,35 @@ class Lowering:
                 terms += [at(self.buffer(f"d_output:{o}", self.shape(out), True, "T", "d_output", "t"))
                           for o in outputs]
                 return f"{valid} * ({' + '.join(terms) or '0.0f'})"
-            targets.append((self.seed_ref(seed, deferred), "=", build))
+            targets.append((self.seed_ref(seed), "=", build))
         return self.glue("seeds", targets)
 
     def row_gradients(self) -> dict:
         """Step-backward values that are the gradient of exactly one input or
         `pre` value (its per-step row cotangent), by value name."""
-        rows = {d.name for d in self.cell.of_kind("input")} | set(self.hoisted.pre.outputs)
         grads = [g for _, g in self.step_bwd.grads if g]
-        return {g: w for w, g in self.step_bwd.grads if g and w in rows and grads.count(g) == 1}
+        return {g: w for w, g in self.step_bwd.grads if g and w in self.row_targets() and grads.count(g) == 1}
 
-    def bwd_home(self, deferred):
-        slotted = self.deferred_args(deferred)
-        row_grads = self.row_gradients()
+    def bwd_home(self):
+        """Where backward values live: row cotangents in their per-step rows,
+        sole gradients of whole-sequence values in their accumulators (added
+        to), the rest in one step's scratch."""
+        rows, sole = self.row_gradients(), self.sole_gradients()
 
         def home(name, node):
-            if name in slotted and name in row_grads:  # kept per step anyway: no second copy
-                return self.d_row(row_grads[name], "t")
-            if name in slotted:
-                return self.buffer(f"bwd_t:{name}", concrete_shape(node.shape), node.batched, "T", selector="t")
+            if name in rows:
+                return self.d_row(rows[name], "t")
+            if name in sole:
+                return self.accumulator(sole[name])
             return self.buffer(f"bwd:{name}", concrete_shape(node.shape), node.batched)
         return home
 
-    def bwd_external(self, deferred, selector="t"):
+    def bwd_external(self, selector="t"):
         seeds = dict((s, o) for o, s in self.step_bwd.seeds)
 
         def external(name):
             if name in seeds:
-                return self.seed_ref(name, deferred, selector)
+                return self.seed_ref(name)
             if name in self.stored and name not in self.states:
                 return self.buffer(f"tape:{name}", self.shape(name), self.values[name].batched, "tape",
                                    selector=selector)
@@ -816,8 +820,9 @@ class Lowering:
         """The Plan's recomputation and the backward step as one region, so
         recomputed elementwise values are inlined into the backward kernels."""
         nodes = list(self.plan.recompute) + [n for n in self.step_bwd.graph.nodes if n.out not in deferred]
-        exports = {g for _, g in self.step_bwd.grads if g} | self.deferred_args(deferred)
-        return self.region("bwd", "B", nodes, exports, self.bwd_external(deferred), self.bwd_home(deferred))
+        exports = {g for _, g in self.step_bwd.grads if g}
+        accumulate = set(self.sole_gradients()) - set(deferred)
+        return self.region("bwd", "B", nodes, exports, self.bwd_external(), self.bwd_home(), accumulate)
 
     def accumulator(self, w) -> Ref:
         """Where the gradient of a whole-sequence value (param, context, `seq` value) adds up."""
@@ -830,36 +835,36 @@ class Lowering:
         return self.buffer(f"d_row:{w}", self.shape(w), True, "T", role, selector)
 
     def grads(self, deferred) -> list:
-        external = self.bwd_external(deferred)
+        """The state cotangents carried to the step before (kept as they are past
+        a sequence's length), the row cotangents and accumulations the
+        backward kernels did not write in place."""
+        external, home = self.bwd_external(), self.bwd_home()
         producers = self.step_bwd.graph.producers()
-        home = self.bwd_home(deferred)
-        rows = {d.name for d in self.cell.of_kind("input")} | set(self.hoisted.pre.outputs)
+        in_place = set(self.sole_gradients()) | set(deferred)
 
         def ref(g):
             return home(g, producers[g]) if g in producers else external(g)
         targets = []
         for w, g in self.step_bwd.grads:
-            if g in deferred:
-                continue
             if w in self.states:
                 targets.append((self.d_state(w), "=", lambda at, valid, w=w, g=g:
                                 (f"{at(ref(g))} + " if g else "") + f"(1.0f - {valid}) * {at(self.d_state(w))}"))
-            elif g and w in rows:
+            elif not g or g in in_place:
+                continue
+            elif w in self.row_targets():
                 if ref(g).buffer != f"d_row:{w}":  # unless the backward wrote it there already
                     targets.append((self.d_row(w, "t"), "=", lambda at, valid, g=g: at(ref(g))))
-            elif g:
+            else:
                 targets.append((self.accumulator(w), "+=", lambda at, valid, g=g: at(ref(g))))
         return self.glue("grads", targets)
 
     def after_loop(self, deferred) -> list:
         """The deferred parameter-gradient products over all rows of a segment, added to their accumulators."""
         producers = self.step_bwd.graph.producers()
-        home, external = self.bwd_home(deferred), self.bwd_external(deferred, "base")
-        recomputed = {n.out: n for n in self.plan.recompute}
+        home, external = self.bwd_home(), self.bwd_external("base")
 
-        def whole(name):  # every step's slot at once: the base of a T-slot buffer
-            node = producers.get(name) or recomputed.get(name)
-            return replace(home(name, node), selector="base") if node else external(name)
+        def whole(name):  # every step's slot at once: the base of a per-step buffer
+            return replace(home(name, producers[name]), selector="base") if name in producers else external(name)
         launches = []
         for g, w in deferred.items():
             target = self.accumulator(w)

@@ -351,17 +351,12 @@ class CudaModule:
 
     def peak_bytes(self, T: int, B: int) -> int:
         """The stored bytes plus what the backward holds across steps: the
-        cotangents accumulated for the hoisted values and those kept per step
-        for the batched parameter-gradient products."""
-        return self.stored_bytes(T, B) + self._held(T, B, self._backward_held())
-
-    def _backward_held(self):
+        cotangents of the hoisted values (accumulated for the `seq` values,
+        per step for the `pre` values, read by the batched products)."""
         decls = {d.name for d in self.cell.decls}
-        for name, b in self.buffers.items():
-            role, value = name.split(":", 1)
-            if (role in ("d_row", "d_acc") and value not in decls) or role == "bwd_t" or (
-                    role == "seed" and b.slots == "T"):
-                yield name
+        held = [name for name in self.buffers
+                if name.split(":", 1)[0] in ("d_row", "d_acc") and name.split(":", 1)[1] not in decls]
+        return self.stored_bytes(T, B) + self._held(T, B, held)
 
 
 # --- PyCUDA -----------------------------------------------------------------------------------------
