@@ -17,14 +17,20 @@ that drift in the machine's speed falls on all of them alike.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import time
 from pathlib import Path
 
-import numpy as np
+# one BLAS thread: the plans are compared with each other, and a thread pool
+# fighting other processes for the cores makes single runs slower at random
+for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(var, "1")
 
-import rnnc
-from rnnc.gradcheck import random_arguments
+import numpy as np  # noqa: E402
+
+import rnnc  # noqa: E402
+from rnnc.gradcheck import random_arguments  # noqa: E402
 
 EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "examples").glob("*.cell"))
 DIMS = {"D": 128, "H": 128, "E": 64, "S": 16}
