@@ -21,11 +21,11 @@ extern "C" __global__ void __launch_bounds__(256, 2) rnnc_pre_1_dot(const int ro
                 const int r_ = l_ / 32, c_ = l_ % 32;
                 {
                     const int m = m0 + r_, k = k0 + c_;
-                    As[c_][r_] = (m < M && k < K) ? v_input_3ax_40base[m * 3 + k] : 0.0f;
+                    As[k - k0][m - m0] = (m < M && k < K) ? v_input_3ax_40base[m * 3 + k] : 0.0f;
                 }
                 {
                     const int k = k0 + r_, n = n0 + c_;
-                    Bs[r_][c_] = (k < K && n < N) ? v_param_3aW_40base[k * 20 + n] : 0.0f;
+                    Bs[k - k0][n - n0] = (k < K && n < N) ? v_param_3aW_40base[k * 20 + n] : 0.0f;
                 }
             }
             __syncthreads();
@@ -81,11 +81,11 @@ extern "C" __global__ void __launch_bounds__(256, 2) rnnc_step_2_dot(const int r
                 const int r_ = l_ / 32, c_ = l_ % 32;
                 {
                     const int m = m0 + r_, k = k0 + c_;
-                    As[c_][r_] = (m < M && k < K) ? v_state_3ah_40t[m * 5 + k] : 0.0f;
+                    As[k - k0][m - m0] = (m < M && k < K) ? v_state_3ah_40t[m * 5 + k] : 0.0f;
                 }
                 {
                     const int k = k0 + r_, n = n0 + c_;
-                    Bs[r_][c_] = (k < K && n < N) ? v_param_3aU_40base[k * 20 + n] : 0.0f;
+                    Bs[k - k0][n - n0] = (k < K && n < N) ? v_param_3aU_40base[k * 20 + n] : 0.0f;
                 }
             }
             __syncthreads();
@@ -338,11 +338,11 @@ extern "C" __global__ void __launch_bounds__(256, 2) rnnc_bwd_7_dot(const int ro
                 const int r_ = l_ / 32, c_ = l_ % 32;
                 {
                     const int m = m0 + r_, k = k0 + c_;
-                    As[c_][r_] = (m < M && k < K) ? v_d_5frow_3a_251_40t[m * 20 + k] : 0.0f;
+                    As[k - k0][m - m0] = (m < M && k < K) ? v_d_5frow_3a_251_40t[m * 20 + k] : 0.0f;
                 }
                 {
-                    const int k = k0 + r_, n = n0 + c_;
-                    Bs[r_][c_] = (k < K && n < N) ? v_param_3aU_40base[k + n * 20] : 0.0f;
+                    const int n = n0 + r_, k = k0 + c_;
+                    Bs[k - k0][n - n0] = (k < K && n < N) ? v_param_3aU_40base[k + n * 20] : 0.0f;
                 }
             }
             __syncthreads();
@@ -415,12 +415,12 @@ extern "C" __global__ void __launch_bounds__(256, 2) rnnc_dgrad_9_dot(const int 
             for (int l_ = threadIdx.x; l_ < 32 * 32; l_ += 256) {
                 const int r_ = l_ / 32, c_ = l_ % 32;
                 {
-                    const int m = m0 + r_, k = k0 + c_;
-                    As[c_][r_] = (m < M && k < K) ? v_state_3ah_40base[m + k * 5] : 0.0f;
+                    const int k = k0 + r_, m = m0 + c_;
+                    As[k - k0][m - m0] = (m < M && k < K) ? v_state_3ah_40base[m + k * 5] : 0.0f;
                 }
                 {
                     const int k = k0 + r_, n = n0 + c_;
-                    Bs[r_][c_] = (k < K && n < N) ? v_d_5frow_3a_251_40base[k * 20 + n] : 0.0f;
+                    Bs[k - k0][n - n0] = (k < K && n < N) ? v_d_5frow_3a_251_40base[k * 20 + n] : 0.0f;
                 }
             }
             __syncthreads();
@@ -490,11 +490,11 @@ extern "C" __global__ void __launch_bounds__(256, 2) rnnc_pre_bwd_11_dot(const i
                 const int r_ = l_ / 32, c_ = l_ % 32;
                 {
                     const int m = m0 + r_, k = k0 + c_;
-                    As[c_][r_] = (m < M && k < K) ? v_d_5frow_3a_251_40base[m * 20 + k] : 0.0f;
+                    As[k - k0][m - m0] = (m < M && k < K) ? v_d_5frow_3a_251_40base[m * 20 + k] : 0.0f;
                 }
                 {
-                    const int k = k0 + r_, n = n0 + c_;
-                    Bs[r_][c_] = (k < K && n < N) ? v_param_3aW_40base[k + n * 20] : 0.0f;
+                    const int n = n0 + r_, k = k0 + c_;
+                    Bs[k - k0][n - n0] = (k < K && n < N) ? v_param_3aW_40base[k + n * 20] : 0.0f;
                 }
             }
             __syncthreads();
@@ -549,12 +549,12 @@ extern "C" __global__ void __launch_bounds__(256, 2) rnnc_pre_bwd_12_dot(const i
             for (int l_ = threadIdx.x; l_ < 32 * 32; l_ += 256) {
                 const int r_ = l_ / 32, c_ = l_ % 32;
                 {
-                    const int m = m0 + r_, k = k0 + c_;
-                    As[c_][r_] = (m < M && k < K) ? v_input_3ax_40base[m + k * 3] : 0.0f;
+                    const int k = k0 + r_, m = m0 + c_;
+                    As[k - k0][m - m0] = (m < M && k < K) ? v_input_3ax_40base[m + k * 3] : 0.0f;
                 }
                 {
                     const int k = k0 + r_, n = n0 + c_;
-                    Bs[r_][c_] = (k < K && n < N) ? v_d_5frow_3a_251_40base[k * 20 + n] : 0.0f;
+                    Bs[k - k0][n - n0] = (k < K && n < N) ? v_d_5frow_3a_251_40base[k * 20 + n] : 0.0f;
                 }
             }
             __syncthreads();

@@ -390,9 +390,23 @@ def contraction(spec: str, a: Ref, b: Ref, out: Ref) -> dict:
         for op in "abc":
             result[f"{op}_{var}"] = [(i, st[op].get(c, 0)) for i, c in zip(idx, letters)]
     return {"sizes": {v: result[f"{v}_size"] for v in "gmnk"},
+            # neighbouring threads load neighbouring addresses: the tile index that
+            # varies fastest (c_) walks the operand's unit-stride axis
+            "a_map": tile_map("m", "k", result["a_m"], "m0"),
+            "b_map": tile_map("n", "k", result["b_n"], "n0"),
             "a_offset": offset(result["a_g"] + result["a_m"] + result["a_k"]),
             "b_offset": offset(result["b_g"] + result["b_k"] + result["b_n"]),
             "c_offset": offset(result["c_g"] + result["c_m"] + result["c_n"])}
+
+
+def tile_map(free: str, summed: str, free_terms: list, origin: str) -> str:
+    """How a tile load's (r_, c_) become the operand's indices: c_ (consecutive
+    threads) along the free index when its innermost letter has unit stride,
+    else along the summed one."""
+    along_free = bool(free_terms) and free_terms[-1][1] == 1
+    first, second = (summed, free) if along_free else (free, summed)
+    origins = {free: origin, summed: "k0"}
+    return f"{first} = {origins[first]} + r_, {second} = {origins[second]} + c_"
 
 
 def reduction_axes(n, src: Ref):
