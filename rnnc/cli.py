@@ -116,26 +116,16 @@ def compile_for_cli(args, **options):
     return program
 
 
-UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
-
-
 def parse_bytes(text: str) -> int:
-    """`64MiB`, `2GiB`, `500kB`, `1e6` or `123456` as a number of bytes."""
-    number = text.strip().rstrip("bBiIkKmMgG")
-    unit = text.strip()[len(number):].lower() or "b"
-    try:
-        value = float(number) * UNITS[unit]
-    except (ValueError, KeyError):
-        raise ValueError(f"--memory-budget {text}: expected bytes, as in 64MiB, 2GiB, 500kB or "
-                         f"1000000 (units: {', '.join(UNITS)})") from None
-    return int(value)
+    """`--memory-budget 64MiB` as bytes (the API's own parser: rnnc.compile takes the string too)."""
+    from .passes.plan import parse_budget
+    return parse_budget(text)
 
 
 def cmd_plan(args) -> int:
     from .passes.plan import format_table, make_plan
-    budget = None if args.memory_budget is None else parse_bytes(args.memory_budget)
-    program = compile_for_cli(args, memory_budget=budget, seq_len=args.seq_len, batch=args.batch,
-                              dtype=args.dtype)
+    program = compile_for_cli(args, memory_budget=args.memory_budget, seq_len=args.seq_len,
+                              batch=args.batch, dtype=args.dtype)
     beside = {p: make_plan(program.hoisted, program.grads, p) for p in ("none", "all")}
     print(format_table(program.plan, program.hoisted.step, args.seq_len, args.batch, args.dtype, beside))
     return 0

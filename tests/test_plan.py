@@ -9,7 +9,7 @@ import pytest
 
 import rnnc
 from rnnc.driver import check_source, read_source
-from rnnc.passes.plan import STORE_COST
+from rnnc.passes.plan import STORE_COST, parse_budget
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings  # noqa: E402
@@ -179,12 +179,15 @@ def test_cli_plan_prints_the_table_beside_none_and_all(capsys):
     assert code == 0 and "memory_budget=64.00 MiB" in capsys.readouterr().out
 
 
-def test_cli_budget_units():
-    from rnnc.cli import parse_bytes
-    assert parse_bytes("64MiB") == 64 << 20 and parse_bytes("2GiB") == 2 << 30
-    assert parse_bytes("500kB") == 500_000 and parse_bytes("1e6") == 10**6 and parse_bytes("77") == 77
-    with pytest.raises(ValueError, match="64MiB"):
-        parse_bytes("lots")
+def test_budgets_take_units():
+    plan = compile_example(example("lstm"), memory_budget="1MiB", seq_len=T, batch=B).plan
+    assert plan.budget == 1 << 20
+    for text, value in (("64MiB", 64 << 20), ("2GiB", 2 << 30), ("500kB", 500_000), ("1e6", 10**6),
+                        ("77", 77), (2.5e4, 25_000)):
+        assert parse_budget(text) == value
+    for bad in ("lots", "-3MiB", float("nan"), True):
+        with pytest.raises(ValueError, match="memory_budget"):
+            parse_budget(bad)
 
 
 def test_cli_graph_writes_dot_and_says_how_to_render(tmp_path, capsys, monkeypatch):

@@ -34,6 +34,7 @@ backend holds exactly these buffers, in this order (see `_timeline`).
 from __future__ import annotations
 
 import math
+import numbers
 from collections import deque
 from dataclasses import dataclass
 
@@ -226,7 +227,7 @@ class Plan:
         what = f"recompute={self.policy}"
         if self.budget is not None:
             what += (f", memory_budget={format_bytes(self.budget)} for T={self.seq_len}, "
-                     f"B={self.batch}, {self.dtype}: {len(self.segments)} segments")
+                     f"B={self.batch}, {self.dtype}: {len(self.segments)} segment{'s' * (len(self.segments) > 1)}")
         return what
 
     def format(self, T: int | None = None, B: int | None = None, dtype: str | None = None) -> str:
@@ -445,8 +446,20 @@ def smallest_budget(costs: Costs, T: int, B: int) -> int:
     return high
 
 
+UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
+
+
 def parse_budget(budget) -> int:
-    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget <= 0:
+    """Bytes: a number (1.5e9) or a string with a unit ("64MiB", "2GB", "1e6")."""
+    if isinstance(budget, str):
+        number = budget.strip().rstrip("bBiIkKmMgG")
+        unit = budget.strip()[len(number):].lower() or "b"
+        try:
+            return parse_budget(float(number) * UNITS[unit])
+        except (ValueError, KeyError):
+            raise ValueError(f"memory_budget: {budget!r} is not a number of bytes; write it as "
+                             f"64MiB, 2GiB, 500kB or 1000000 (units: {', '.join(UNITS)})") from None
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real) or not budget >= 1:
         raise ValueError(f"memory_budget: expected a positive number of bytes, got {budget!r}")
     return int(budget)
 
