@@ -115,8 +115,7 @@ def emit(source: Source, stage: str, cell: str | None = None, dims: dict | None 
     grads = differentiate(hoisted)
     if stage == "grad":
         return "\n\n".join(b.format(f"backward of {name}") for name, b in grads.items())
-    if stage == "cuda":
-        require_dims(checked.cell, source)  # the kernels' sizes are constants
+    require_dims(checked.cell, source)  # costs and kernel sizes need real sizes
     plan = make_plan(hoisted, grads, recompute)
     if stage == "cuda":
         from .backends.cuda.codegen import generate

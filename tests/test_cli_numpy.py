@@ -53,3 +53,9 @@ def test_a_path_with_a_brace_is_still_a_path(tmp_path, capsys):
     path.write_text((EXAMPLES / "indrnn.cell").read_text())
     assert main(["check", str(path)]) == 0
     assert "ok" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("stage", ["plan", "cuda"])
+def test_emit_of_sized_stages_needs_dims(capsys, stage):
+    assert main(["emit", str(EXAMPLES / "lstm.cell"), "--stage", stage]) == 1
+    assert "need values" in capsys.readouterr().err
