@@ -188,3 +188,12 @@ def test_real_allocations_match_the_plan(name, policy):
     assert g.peak_bytes == predicted
     assert predicted <= real <= predicted + returned + scratch_bytes(prog, T, B, 8), (
         real - predicted - returned, scratch_bytes(prog, T, B, 8))
+
+
+def test_a_budgeted_plan_runs_shorter_sequences_within_its_budget():
+    prog = compile_policy(example("gru"), "budget 25%")
+    res, g, _ = run(prog, T=T - 3, lengths=True)
+    assert g.peak_bytes == prog.plan.peak_bytes(T - 3, B, "float64") <= prog.plan.budget
+    mod = prog.load()
+    with pytest.raises(ValueError, match=f"seq_len={T + 1}"):
+        mod.forward(**random_arguments(mod, T=T + 1, B=B))
