@@ -201,3 +201,39 @@ def test_cli_graph_writes_dot_and_says_how_to_render(tmp_path, capsys, monkeypat
     assert main(["graph", str(example("lstm")), *dims, "-o", str(tmp_path / "g.svg")]) == 1
     assert "apt-get install graphviz" in capsys.readouterr().err
     assert (tmp_path / "g.dot").exists()
+
+
+def compositions(n):
+    """Every way to write n as an ordered sum of positive parts."""
+    if n == 0:
+        yield ()
+        return
+    for first in range(1, n + 1):
+        for rest in compositions(n - first):
+            yield (first,) + rest
+
+
+@pytest.mark.parametrize("fraction", [0.12, 0.16, 0.2, 0.35, 0.6])
+@pytest.mark.parametrize("name", ["lstm", "attention_lstm"])
+def test_budget_schedule_is_the_best_segmentation(name, fraction):
+    """Against every segmentation of a short sequence, under every per-step
+    choice: none that fits the budget replays less than the planner's choice,
+    and none fits a budget the planner calls too small."""
+    from dataclasses import replace
+    steps = 8
+    none = compile_example(example(name), recompute="none").plan
+    budget = int(fraction * none.peak_bytes(steps, B))
+    try:
+        chosen = compile_example(example(name), memory_budget=budget, seq_len=steps, batch=B).plan
+    except ValueError:
+        chosen = None
+    fitting = 0
+    for policy in ("none", "auto", "all"):
+        base = compile_example(example(name), recompute=policy).plan
+        for segments in compositions(steps):
+            rival = replace(base, segments=segments, seq_len=steps)
+            if rival.peak_bytes(steps, B) <= budget:
+                fitting += 1
+                assert chosen is not None, (policy, segments)
+                assert chosen.recompute_flops(steps, B) <= rival.recompute_flops(steps, B), (policy, segments)
+    assert (chosen is None) == (fitting == 0)
