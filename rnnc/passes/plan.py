@@ -580,7 +580,11 @@ def format_table(plan: Plan, step: Graph, T: int, B: int, dtype: str, beside: di
             kept = "recomputed: " + ", ".join(f"{n.out}={n.op}" for n in ops)
         rows.append((name, shape, format_bytes(elements(v).at(B) * size), kept))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    lines = [f"plan ({plan.describe()}); totals for T={T}, B={B}, {np.dtype(dtype).name}", ""]
+    lines = [f"plan ({plan.describe()}); totals for T={T}, B={B}, {np.dtype(dtype).name}"]
+    if plan.segments is not None:
+        lines.append(f"segments (a checkpoint at the start of each but the last): "
+                     f"{format_segments(plan.segments_for(T))}")
+    lines.append("")
     lines += ["  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3] for r in rows]
     plans = {"this plan": plan, **beside}
     measures = (("stored", lambda p: format_bytes(p.stored_bytes(T, B, dtype))),
