@@ -474,20 +474,21 @@ def budget_plan(hoisted, grads, recompute, budget, T, B, dtype) -> Plan:
             raise ValueError(f"{name}: memory_budget needs a positive integer {name}, got {v!r}")
     size = dtype_size(dtype)
     choices = PER_STEP_CHOICES if isinstance(recompute, str) and recompute == "auto" else (recompute,)
-    fitting, floors = [], []
+    fitting, all_costs = [], []
     for choice in choices:
         per_step = per_step_plan(hoisted, grads["step"], choice)
         costs = measure(hoisted, grads, per_step.stored, per_step.recompute)
+        all_costs.append(costs)
         lengths = segment_lengths(costs, T, B, budget // size)
-        floors.append(smallest_budget(costs, T, B) * size)
         if lengths is not None:
             plan = Plan(per_step.policy, per_step.residuals, per_step.stored, per_step.recompute,
                         costs, lengths, int(T), int(B), budget, np.dtype(dtype).name)
             fitting.append((plan.recompute_flops(T, B), plan.peak_bytes(T, B, dtype), len(fitting), plan))
     if not fitting:
+        floor = min(smallest_budget(costs, T, B) for costs in all_costs) * size
         raise ValueError(f"memory_budget: {budget} bytes ({format_bytes(budget)}) is too small for "
                          f"T={T}, B={B}, {np.dtype(dtype).name}; the smallest feasible budget is "
-                         f"{min(floors)} bytes ({format_bytes(min(floors))})")
+                         f"{floor} bytes ({format_bytes(floor)})")
     return min(fitting)[-1]
 
 
