@@ -570,16 +570,20 @@ def format_table(plan: Plan, step: Graph, T: int, B: int, dtype: str, beside: di
     `beside` (name -> Plan) in columns next to this one."""
     size = dtype_size(dtype)
     values, inputs, stored = step.values(), {v.name for v in step.inputs}, set(plan.stored)
+    producers = step.producers()
     rows = [("value", "shape", "bytes/step", "kept")]
     for name in dict.fromkeys(plan.residuals + plan.stored):
         v = values[name]
+        label = name  # a compiler-made name says what it computes
+        if name.startswith("%") and name in producers:
+            label += f" = {producers[name].op}({', '.join(producers[name].args)})"
         shape = "[" + ", ".join(str(s) for s in v.shape) + "]"
         if name in stored:
             kept = "stored" + (" (state)" if name in inputs else "")
         else:
             ops = rerun_for(step, [name], stored)
             kept = "recomputed: " + ", ".join(f"{n.out}={n.op}" for n in ops)
-        rows.append((name, shape, format_bytes(elements(v).at(B) * size), kept))
+        rows.append((label, shape, format_bytes(elements(v).at(B) * size), kept))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = [f"plan ({plan.describe()}); totals for T={T}, B={B}, {np.dtype(dtype).name}"]
     if plan.segments is not None:
