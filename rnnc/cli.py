@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
         c.set_defaults(func=func)
         return c
 
-    def with_cell(c, nargs=None):
+    def with_cell(c):
         c.add_argument("file", metavar="FILE", help=".cell file")
         c.add_argument("-D", action="append", metavar="NAME=VALUE", help="bind a dim, e.g. -D H=256")
         c.add_argument("--cell", help="which cell of the file (default: the first)")

@@ -16,7 +16,7 @@ from .errors import CellError, Source
 from .frontend import check as checker
 from .frontend import parse as parser
 from .ir import Cell, format_cell
-from .passes.autodiff import Backward, vjp
+from .passes.autodiff import vjp
 from .passes.hoist import Hoisted, hoist
 from .passes.plan import Plan, make_plan
 

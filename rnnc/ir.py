@@ -10,7 +10,7 @@ character no identifier can (`%3`, `d:h`), so they never collide.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import Pos
@@ -102,9 +102,6 @@ class Cell:
         """The step as one region: declarations in, next states and outputs out."""
         outs = tuple(v for _, v in self.nexts) + tuple(v for _, v in self.outputs)
         return Graph(tuple(d.value for d in self.decls), self.nodes, outs)
-
-    def with_nodes(self, nodes) -> "Cell":
-        return replace(self, nodes=tuple(nodes))
 
 
 # --- printing ---------------------------------------------------------------

@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 
 from .ir import Node, Value
-from .shapes import Shape, Size, broadcast, shape_str
+from .shapes import Size, broadcast, shape_str
 
 
 class ShapeError(Exception):

@@ -122,12 +122,6 @@ def shape_str(shape: Shape) -> str:
     return "[" + ", ".join(str(s) for s in shape) + "]"
 
 
-def concrete(shape: Shape) -> tuple | None:
-    """The shape as plain ints, or None while a dim is unbound."""
-    values = tuple(s.value for s in shape)
-    return None if any(v is None for v in values) else values
-
-
 def broadcast(a: Shape, b: Shape) -> Shape | None:
     """NumPy broadcasting of two per-example shapes; None when they clash."""
     out = []

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from .. import ops
 from ..errors import CellError, CellWarning, Pos, Source
-from ..ir import Cell, Decl, Value
+from ..ir import Cell, Decl
 from ..shapes import Size, shape_str
 from . import parse as ast
 
