@@ -64,6 +64,16 @@ class Graph:
         return {n.out: n for n in self.nodes}
 
 
+def live_nodes(nodes, roots) -> list:
+    """The nodes that some root needs, directly or through other nodes, in order."""
+    needed, live = set(roots), []
+    for n in reversed(nodes):
+        if n.out in needed:
+            live.append(n)
+            needed.update(n.args)
+    return list(reversed(live))
+
+
 @dataclass(frozen=True)
 class Decl:
     """A declared input, context, state or param of a cell."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from .. import ops
 from ..errors import CellError, CellWarning, Pos, Source
-from ..ir import Cell, Decl
+from ..ir import Cell, Decl, live_nodes
 from ..shapes import Size, shape_str
 from . import parse as ast
 
@@ -88,7 +88,9 @@ class _Checker:
                 raise CellError(f"state '{d.name}' has no 'next {d.name} = ...'", d.pos)
         nexts = tuple((d.name, self.nexts[d.name][0]) for d in self.decls if d.kind == "state")
         roots = [v for _, v in nexts] + [v for _, v in self.outputs]
-        nodes, used = _live_nodes(self.builder.nodes, roots)
+        nodes = live_nodes(self.builder.nodes, roots)
+        # A value read only by unused values is not reported: they are.
+        used = set(roots) | {a for n in self.builder.nodes for a in n.args}
         warnings = self._unused_warnings(used)
         dims = tuple((name, self.binding.get(name)) for name in self.dims)
         return Checked(Cell(c.name, dims, tuple(self.decls), tuple(nodes), nexts,
@@ -203,26 +205,11 @@ class _Checker:
             if d.kind == "dim":
                 self._bind(item.id, item.pos, "dim")
                 continue
-            init = None
-            if item.init is not None:
-                init = self._literal(item.init)
+            init = None if item.init is None else _param_init(item.init)
             self._bind(item.name, item.pos, d.kind)
             decl = Decl(d.kind, item.name, self._shape(item), init, item.pos)
             self.decls.append(decl)
             self.builder.values[decl.name] = decl.value
-
-    def _literal(self, e, what: str = "a param's initial value") -> float:
-        """A number literal, optionally negated."""
-        value = None
-        if isinstance(e, ast.Number):
-            value = e.value
-        elif isinstance(e, ast.Unary) and isinstance(e.operand, ast.Number):
-            value = -e.operand.value
-        if value is None:
-            raise CellError(f"{what} must be a number", e.pos)
-        if not math.isfinite(value):
-            raise CellError(f"{what} must be a finite number", e.pos)
-        return value
 
     def _assign(self, s: ast.Assign):
         if isinstance(s.value, ast.Call) and s.value.func == "split":
@@ -308,8 +295,9 @@ class _Checker:
             return self._emit("dot", left, right, name=name, pos=e.pos, spec=spec)
         return self._emit(e.op, left, right, name=name, pos=e.pos)
 
-    def _call_args(self, c: ast.Call, arity: int | None, min_args: int = 1):
-        """Positional args and integer keyword args of a call, checked."""
+    def _call_args(self, c: ast.Call, arity: int | None):
+        """Positional args and integer keyword args of a call, checked (`arity`
+        None: any number of positional args, at least one)."""
         if c.func not in BUILTINS:
             raise CellError(f"unknown function '{c.func}' (functions: {', '.join(BUILTINS)})", c.pos)
         positional = [a for a in c.args if not isinstance(a, ast.Keyword)]
@@ -325,24 +313,14 @@ class _Checker:
                 raise CellError(f"{c.func}() has no argument '{a.name}' (keywords: {valid})", a.pos)
             if a.name in keywords:
                 raise CellError(f"{c.func}() got argument '{a.name}' twice", a.pos)
-            keywords[a.name] = self._int_literal(a.value, a.name)
+            keywords[a.name] = _int_literal(a.value, a.name)
         n = len(positional)
         if arity is not None and n != arity:
             plural = "s" if arity != 1 else ""
             raise CellError(f"{c.func}() takes {arity} argument{plural}, got {n}", c.pos)
-        if n < min_args:
-            raise CellError(f"{c.func}() takes at least {min_args} argument(s), got {n}", c.pos)
+        if n < 1:
+            raise CellError(f"{c.func}() takes at least 1 argument(s), got {n}", c.pos)
         return positional, keywords
-
-    def _int_literal(self, e, what: str) -> int:
-        value = None
-        if isinstance(e, ast.Number):
-            value = e.value
-        elif isinstance(e, ast.Unary) and isinstance(e.operand, ast.Number):
-            value = -e.operand.value
-        if value is None or not math.isfinite(value) or value != int(value):
-            raise CellError(f"'{what}' must be an integer literal", e.pos)
-        return int(value)
 
     def _call(self, c: ast.Call, name: str | None) -> str:
         if c.func == "split":
@@ -378,7 +356,7 @@ class _Checker:
             raise CellError("split() takes a value and a number of parts: split(x, n) or "
                             f"split(x, n, axis=k), got {len(positional)} positional "
                             f"argument{'s' if len(positional) != 1 else ''}", c.pos)
-        parts = self._int_literal(c.args[1], "parts")
+        parts = _int_literal(c.args[1], "parts")
         if parts < 1:
             raise CellError(f"split() needs a positive number of parts, not {parts}", c.args[1].pos)
         c = ast.Call(c.pos, c.func, (c.args[0],) + c.args[2:])
@@ -399,22 +377,33 @@ class _Checker:
                 for k, nm in enumerate(names)]
 
 
+def _number(e) -> float | None:
+    """The value of a number literal, optionally negated (`-1`); None for anything else."""
+    if isinstance(e, ast.Number):
+        return e.value
+    if isinstance(e, ast.Unary) and isinstance(e.operand, ast.Number):
+        return -e.operand.value
+    return None
+
+
+def _param_init(e) -> float:
+    value = _number(e)
+    if value is None:
+        raise CellError("a param's initial value must be a number", e.pos)
+    if not math.isfinite(value):
+        raise CellError("a param's initial value must be a finite number", e.pos)
+    return value
+
+
+def _int_literal(e, what: str) -> int:
+    value = _number(e)
+    if value is None or not math.isfinite(value) or value != int(value):
+        raise CellError(f"'{what}' must be an integer literal", e.pos)
+    return int(value)
+
+
 def _start(e) -> Pos:
     """Where an expression begins (a binary node's own position is its operator)."""
     while isinstance(e, ast.Binary):
         e = e.left
     return e.pos
-
-
-def _live_nodes(nodes, roots):
-    """The nodes that some root needs, in order, and every name they read."""
-    needed = set(roots)
-    live = []
-    for node in reversed(nodes):
-        if node.out in needed:
-            live.append(node)
-            needed.update(node.args)
-    used = set(roots)
-    for node in nodes:
-        used.update(node.args)
-    return list(reversed(live)), used

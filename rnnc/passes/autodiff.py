@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..ir import Graph, Value, format_graph
+from ..ir import Graph, Value, format_graph, live_nodes
 from ..ops import OPS, Builder
 
 
@@ -53,7 +53,7 @@ def vjp(forward: Graph, wrt: tuple, prefix: str = "%g") -> Backward:
                 parts.setdefault(arg, []).append(ga)
     cot = {v: _total(builder, p) for v, p in parts.items() if v in wrt}
     grads = tuple((w, cot.get(w)) for w in wrt)
-    nodes = _live(builder.nodes, [g for _, g in grads if g is not None])
+    nodes = live_nodes(builder.nodes, [g for _, g in grads if g is not None])
     # literals are free: the backward makes its own rather than storing them
     read = {a for n in nodes for a in n.args}
     nodes = [n for n in forward.nodes if n.op == "const" and n.out in read] + nodes
@@ -93,12 +93,3 @@ def _order_key(size) -> float:
     """A number that orders sizes the way they compare for any large dims."""
     value = size.bind({s: 10**6 for s in size.symbols})
     return float(sum(value.terms.values()))
-
-
-def _live(nodes, roots):
-    needed, live = set(roots), []
-    for n in reversed(nodes):
-        if n.out in needed:
-            live.append(n)
-            needed.update(n.args)
-    return list(reversed(live))
