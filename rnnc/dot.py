@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .ir import Graph
 from .passes.plan import Plan
+from .shapes import shape_str
 
 # fill colours: what the backward gets from the forward, and how
 STYLE = {
@@ -34,8 +35,8 @@ def to_dot(step: Graph, plan: Plan, title: str) -> str:
         lines.append(f"  {quote(v.name)} [{STYLE[kind]}, shape=box];")
     for n in step.nodes:
         kind = "stored" if n.out in stored else "recomputed" if n.out in rerun else "other"
-        shape = "[" + ", ".join(str(s) for s in n.shape) + "]"
-        lines.append(f"  {quote(n.out)} [label={quote(f'{n.out} = {n.op} {shape}')}, {STYLE[kind]}];")
+        label = f"{n.out} = {n.op} {shape_str(n.shape)}"
+        lines.append(f"  {quote(n.out)} [label={quote(label)}, {STYLE[kind]}];")
         lines += [f"  {quote(a)} -> {quote(n.out)};" for a in n.args]
     for out in dict.fromkeys(step.outputs):
         lines.append(f"  {quote('out ' + out)} [shape=plaintext, label={quote('-> ' + out)}];")

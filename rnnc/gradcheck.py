@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .shapes import concrete_shape
+
 
 @dataclass(frozen=True)
 class Report:
@@ -31,7 +33,7 @@ def random_arguments(module, T: int, B: int, seed: int = 0, with_lengths: bool =
     cell = module.cell
 
     def draw(decl, lead):
-        shape = lead + tuple(s.value for s in decl.shape)
+        shape = lead + concrete_shape(decl.shape)
         return rng.normal(size=shape).astype(module.dtype)
 
     params = {k: (v + 0.1 * rng.normal(size=v.shape)).astype(module.dtype)

@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 
 from .ir import Node, Value
-from .shapes import Size, broadcast, shape_str
+from .shapes import Size, broadcast, concrete_shape, shape_str
 
 
 class ShapeError(Exception):
@@ -412,7 +412,7 @@ defop("transpose", 1, transpose_shape, lambda n, x: np.swapaxes(x, -1, -2),
 def reduce_to_np(n, g):
     """Sum `g` down to the target shape: over the batch axis when the target is
     shared, over leading axes the target lacks, and over its unit axes."""
-    target = tuple(s.value for s in n.attr("shape"))
+    target = concrete_shape(n.attr("shape"))
     if n.attr("src_batched") and not n.batched:
         g = g.sum(axis=0)
     lead = int(n.batched)
@@ -435,7 +435,7 @@ def broadcast_in_np(n, g):
     lead = int(n.batched)
     if n.attr("axis") is not None:
         g = np.expand_dims(g, n.attr("axis") + lead)
-    target = tuple(s.value for s in n.attr("shape"))
+    target = concrete_shape(n.attr("shape"))
     return np.broadcast_to(g, g.shape[:lead] + target)
 
 

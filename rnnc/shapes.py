@@ -118,8 +118,14 @@ class Size:
 Shape = tuple  # tuple of Size
 
 
-def shape_str(shape: Shape) -> str:
+def shape_str(shape) -> str:
+    """`[H, 4*H]`: a shape of sizes or of ints, as messages and printers show it."""
     return "[" + ", ".join(str(s) for s in shape) + "]"
+
+
+def concrete_shape(shape: Shape) -> tuple:
+    """The shape as plain ints (every dim bound)."""
+    return tuple(int(s.value) for s in shape)
 
 
 def broadcast(a: Shape, b: Shape) -> Shape | None:

@@ -9,14 +9,12 @@ from __future__ import annotations
 import numpy as np
 
 from ..ir import Cell
+from ..shapes import concrete_shape, shape_str
 
 
-def concrete_shape(shape) -> tuple:
-    return tuple(int(s.value) for s in shape)
-
-
-def fmt(shape) -> str:
-    return "[" + ", ".join(str(s) for s in shape) + "]"
+def _shape_or_type(array) -> str:
+    """How a wrong argument is described: its shape, or its type when it has none."""
+    return shape_str(array.shape) if hasattr(array, "shape") else type(array).__name__
 
 
 def check_names(arg: str, given: dict | None, expected: list, required: bool) -> dict:
@@ -32,10 +30,10 @@ def check_names(arg: str, given: dict | None, expected: list, required: bool) ->
 
 def check_array(label: str, array, expected: tuple, dtype, array_type=np.ndarray):
     if not isinstance(array, array_type):
-        raise ValueError(f"{label}: expected an array of shape {fmt(expected)} and dtype "
+        raise ValueError(f"{label}: expected an array of shape {shape_str(expected)} and dtype "
                          f"{np.dtype(dtype).name}, got {type(array).__name__}")
     if tuple(array.shape) != tuple(expected):
-        raise ValueError(f"{label}: expected shape {fmt(expected)}, got {fmt(array.shape)}")
+        raise ValueError(f"{label}: expected shape {shape_str(expected)}, got {shape_str(array.shape)}")
     if np.dtype(array.dtype) != np.dtype(dtype):
         raise ValueError(f"{label}: dtype {np.dtype(array.dtype).name} but the module's dtype is "
                          f"{np.dtype(dtype).name} (convert it with .astype('{np.dtype(dtype).name}'))")
@@ -59,14 +57,14 @@ class Binder:
         if not isinstance(array, self.array_type) or array.ndim != len(shape) + 1 + with_time:
             lead = "T, B" if with_time else "B"
             raise ValueError(f"{label}: expected shape [{lead}{''.join(', ' + str(s) for s in shape)}], "
-                             f"got {fmt(getattr(array, 'shape', ())) if hasattr(array, 'shape') else type(array).__name__}")
+                             f"got {_shape_or_type(array)}")
         if with_time:
             self._fix(label, "T", array.shape[0])
         self._fix(label, "B", array.shape[with_time])
         lead = (self.T, self.B) if with_time else (self.B,)
         if tuple(array.shape[:len(lead)]) != lead:
             what = "sequence length T" if with_time and array.shape[0] != self.T else "batch size B"
-            raise ValueError(f"{label}: expected shape {fmt(lead + shape)}, got {fmt(array.shape)} "
+            raise ValueError(f"{label}: expected shape {shape_str(lead + shape)}, got {shape_str(array.shape)} "
                              f"({what} differs from {self.first})")
         return check_array(label, array, lead + shape, self.dtype, self.array_type)
 
@@ -80,8 +78,8 @@ class Binder:
         if lengths is None:
             return None
         if not isinstance(lengths, np.ndarray) or lengths.shape != (self.B,):
-            shape = fmt(lengths.shape) if hasattr(lengths, "shape") else type(lengths).__name__
-            raise ValueError(f"lengths: expected shape [{self.B}] (one length per batch element), got {shape}")
+            raise ValueError(f"lengths: expected shape [{self.B}] (one length per batch element), "
+                             f"got {_shape_or_type(lengths)}")
         if not np.issubdtype(lengths.dtype, np.integer):
             raise ValueError(f"lengths: expected an integer array, got dtype {lengths.dtype}")
         if lengths.size and (lengths.min() < 0 or lengths.max() > self.T):

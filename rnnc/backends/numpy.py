@@ -14,7 +14,8 @@ import numpy as np
 
 from ..ops import OPS, align
 from ..passes.plan import held_values
-from .args import bind_cotangents, bind_forward, concrete_shape
+from ..shapes import concrete_shape
+from .args import bind_cotangents, bind_forward
 
 
 class Runner:

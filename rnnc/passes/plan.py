@@ -42,6 +42,7 @@ import numpy as np
 
 from ..ir import Graph, Node
 from ..ops import OPS, numel
+from ..shapes import concrete_shape, shape_str
 from .hoist import Hoisted
 
 POLICIES = ("none", "all", "auto")
@@ -85,7 +86,7 @@ def elements(value) -> Amount:
 def node_flops(node: Node, values: dict) -> Amount:
     """Flops of one node; the op's rule counts per example, once for a shared node
     whose arguments are all shared."""
-    shapes = [tuple(int(s.value) for s in values[a].shape) for a in node.args]
+    shapes = [concrete_shape(values[a].shape) for a in node.args]
     flops = OPS[node.op].flops(node, shapes)
     per_example = node.batched or any(values[a].batched for a in node.args)
     return Amount(flops, 0) if per_example else Amount(0, flops)
@@ -577,13 +578,12 @@ def format_table(plan: Plan, step: Graph, T: int, B: int, dtype: str, beside: di
         label = name  # a compiler-made name says what it computes
         if name.startswith("%") and name in producers:
             label += f" = {producers[name].op}({', '.join(producers[name].args)})"
-        shape = "[" + ", ".join(str(s) for s in v.shape) + "]"
         if name in stored:
             kept = "stored" + (" (state)" if name in inputs else "")
         else:
             ops = rerun_for(step, [name], stored)
             kept = "recomputed: " + ", ".join(f"{n.out}={n.op}" for n in ops)
-        rows.append((label, shape, format_bytes(elements(v).at(B) * size), kept))
+        rows.append((label, shape_str(v.shape), format_bytes(elements(v).at(B) * size), kept))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = [f"plan ({plan.describe()}); totals for T={T}, B={B}, {np.dtype(dtype).name}"]
     if plan.segments is not None:

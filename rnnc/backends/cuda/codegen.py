@@ -33,7 +33,7 @@ from importlib import resources
 import jinja2
 
 from ...ops import BATCH, OPS
-from ..args import concrete_shape
+from ...shapes import concrete_shape
 
 BLOCK = 256  # threads per block of every kernel family
 TILE = 32  # the product kernel's tile edge (contract.cu.j2 assumes 16x16 threads, 2x2 each)
