@@ -262,7 +262,8 @@ def dot_shape(shapes, attrs):
 
 def dot_vjp(B, n, g):
     """d(a) = g contracted with b back to a's letters; likewise for b."""
-    (la, lb), out = n.attr("spec").split("->")[0].split(","), n.attr("spec").split("->")[1]
+    ins, out = n.attr("spec").split("->")
+    la, lb = ins.split(",")
     a, b = n.args
     da = B.emit("dot", g, b, spec=f"{out},{lb}->{la}")
     db = B.emit("dot", a, g, spec=f"{la},{out}->{lb}")
@@ -289,9 +290,10 @@ def reduce_shape(shapes, attrs):
     return shape[:axis] + shape[axis + 1:]
 
 
-def _axis(n, rank):
-    """The NumPy axis of per-example axis `axis` of a value of rank `rank`."""
-    return n.attr("axis") % rank + int(n.batched)
+def _numpy_axis(n, x):
+    """The NumPy axis of array `x` that node `n`'s per-example `axis` names
+    (one further when `x` has the batch axis)."""
+    return n.attr("axis") % (x.ndim - n.batched) + int(n.batched)
 
 
 def reduce_vjp(scale):
@@ -306,15 +308,15 @@ def reduce_vjp(scale):
 
 
 defop("sum", 1, reduce_shape,
-      lambda n, x: x.sum(axis=_axis(n, x.ndim - n.batched), keepdims=bool(n.attr("keepdims"))),
+      lambda n, x: x.sum(axis=_numpy_axis(n, x), keepdims=bool(n.attr("keepdims"))),
       reduce_vjp(scale=False), None, lambda n, shapes: numel(shapes[0]))
 defop("mean", 1, reduce_shape,
-      lambda n, x: x.mean(axis=_axis(n, x.ndim - n.batched), keepdims=bool(n.attr("keepdims"))),
+      lambda n, x: x.mean(axis=_numpy_axis(n, x), keepdims=bool(n.attr("keepdims"))),
       reduce_vjp(scale=True), None, lambda n, shapes: numel(shapes[0]) + numel(n.shape))
 
 
 def softmax_np(n, x):
-    axis = _axis(n, x.ndim - n.batched)
+    axis = _numpy_axis(n, x)
     e = np.exp(x - x.max(axis=axis, keepdims=True))
     return e / e.sum(axis=axis, keepdims=True)
 
@@ -325,9 +327,12 @@ def softmax_vjp(B, n, g):
     return [B.mul(n.out, B.sub(g, inner))]
 
 
-defop("softmax", 1, lambda shapes, attrs: (norm_axis(attrs["axis"], len(shapes[0]), shapes[0]),
-                                           shapes[0])[1],
-      softmax_np, softmax_vjp, None, lambda n, shapes: 5 * numel(n.shape))
+def softmax_shape(shapes, attrs):
+    norm_axis(attrs["axis"], len(shapes[0]), shapes[0])  # refuses an axis out of range
+    return shapes[0]
+
+
+defop("softmax", 1, softmax_shape, softmax_np, softmax_vjp, None, lambda n, shapes: 5 * numel(n.shape))
 
 
 # --- structure: slices, concatenation, transposes, gradient plumbing ------------
@@ -338,7 +343,7 @@ def slice_shape(shapes, attrs):
 
 
 def slice_np(n, x):
-    axis = _axis(n, x.ndim - n.batched)
+    axis = _numpy_axis(n, x)
     index = [slice(None)] * x.ndim
     index[axis] = slice(n.attr("start").value, n.attr("stop").value)
     return x[tuple(index)]
@@ -354,6 +359,11 @@ def slice_vjp(B, n, g):
 defop("slice", 1, slice_shape, slice_np, slice_vjp, None, lambda n, shapes: 0)
 
 
+def pad_shape(shapes, attrs):
+    shape, axis = shapes[0], attrs["axis"]
+    return shape[:axis] + (shape[axis] + attrs["before"] + attrs["after"],) + shape[axis + 1:]
+
+
 def pad_np(n, g):
     axis = n.attr("axis") + int(n.batched)
     widths = [(0, 0)] * g.ndim
@@ -361,9 +371,7 @@ def pad_np(n, g):
     return np.pad(g, widths)
 
 
-defop("pad", 1, lambda shapes, attrs: shapes[0][:attrs["axis"]]
-      + (shapes[0][attrs["axis"]] + attrs["before"] + attrs["after"],) + shapes[0][attrs["axis"] + 1:],
-      pad_np, None, None, lambda n, shapes: 0)
+defop("pad", 1, pad_shape, pad_np, None, None, lambda n, shapes: 0)
 
 
 def concat_shape(shapes, attrs):
@@ -423,11 +431,12 @@ def reduce_to_np(n, g):
     return g.sum(axis=units, keepdims=True) if units else g
 
 
-def reduce_to_shape(shapes, attrs):
+def shape_attr(shapes, attrs):
+    """The shape rule of gradient plumbing: the result's shape is an attribute."""
     return attrs["shape"]
 
 
-defop("reduce_to", 1, reduce_to_shape, reduce_to_np, None, None, lambda n, shapes: numel(shapes[0]),
+defop("reduce_to", 1, shape_attr, reduce_to_np, None, None, lambda n, shapes: numel(shapes[0]),
       batched=lambda flags, attrs: attrs["batched"])
 
 
@@ -439,4 +448,4 @@ def broadcast_in_np(n, g):
     return np.broadcast_to(g, g.shape[:lead] + target)
 
 
-defop("broadcast_in", 1, reduce_to_shape, broadcast_in_np, None, None, lambda n, shapes: 0)
+defop("broadcast_in", 1, shape_attr, broadcast_in_np, None, None, lambda n, shapes: 0)
