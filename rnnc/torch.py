@@ -11,16 +11,19 @@ NumPy backend, sharing memory with the tensors. CUDA tensors run on rnnc's
 CUDA backend without a copy through the host, relying on what that backend
 does:
 
-- `program.load(backend="cuda", dtype=...)` gives a module with the NumPy
-  module's `forward`/`backward`, which accepts anything with
-  `__cuda_array_interface__` (torch tensors, made contiguous here) and
-  returns such arrays (wrapped with `torch.as_tensor`, no copy);
+- `rnnc.backends.cuda.runtime.load(program, dtype, device=index, empty=...)`
+  gives a module with the NumPy module's `forward`/`backward`, which accepts
+  anything with `__cuda_array_interface__` (torch tensors, made contiguous
+  here) and makes its results and working memory with `empty`, here
+  `torch.empty` on the tensors' device (so torch owns and frees all of it,
+  from any thread);
 - `lengths` stays a host NumPy integer array (the host loop over time reads it);
-- it runs in the device's primary context, the one torch uses (PyCUDA's
-  primary-context mode), and launches on the legacy default stream; each
-  call is fenced both ways with torch's current stream (`wait_stream`), so
-  rnnc's kernels are ordered with the torch work before and after them
-  without a host synchronisation.
+- it runs in that device's primary context, the one torch uses, pushing it
+  on the calling thread for each call (autograd runs the backward on its own
+  thread), and launches on the legacy default stream; each call is fenced
+  both ways with torch's current stream (`wait_stream`), so rnnc's kernels
+  are ordered with the torch work before and after them without a host
+  synchronisation.
 
 PyTorch is an optional extra: `pip install 'rnnc[torch]'`.
 """
@@ -80,8 +83,12 @@ class _CudaBackend:
     """CUDA tensors on the CUDA backend (see the module docstring for what it relies on)."""
 
     def __init__(self, program: Program, dtype: str, device: torch.device):
+        from .backends.cuda.runtime import load
+
+        def empty(shape):
+            return torch.empty(shape, dtype=torch.float32, device=device)
         try:
-            self.module = program.load(backend="cuda", dtype=dtype)
+            self.module = load(program, dtype, device=device.index, empty=empty)
         except (ImportError, ValueError, RuntimeError, OSError) as err:
             # the backend's own message says what is missing and what to install
             raise RuntimeError(

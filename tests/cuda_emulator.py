@@ -16,6 +16,7 @@ import ctypes
 import hashlib
 import shutil
 import subprocess
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +135,9 @@ class EmulatedDevice:
                                                  ctypes.POINTER(ctypes.c_void_p)]
             self.kernels[name] = fn
         self.launched = []
+
+    def active(self):
+        return nullcontext()
 
     def alloc(self, nbytes: int):
         pool = np.full(max(nbytes, 1) + 256, 0xFF, np.uint8)  # NaN bytes: unwritten memory shows

@@ -54,3 +54,24 @@ def test_gpuarrays_in_give_gpuarrays_out():
 @skip_without_gpu
 def test_sizes_past_one_tile_and_one_block():
     assert not cases.large_lstm_mismatches(lambda program: program.load("cuda"))
+
+
+@skip_without_gpu
+def test_torch_cell_on_gpu_equals_cpu():
+    """rnnc.torch on CUDA tensors: the backward runs on autograd's own thread,
+    results and working memory come from torch's allocator."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("PyTorch without CUDA")
+    import rnnc.torch
+
+    def run(device):
+        cell = rnnc.torch.Cell(cases.ROOT / "examples/lstm.cell", dims={"D": 5, "H": 7},
+                               dtype=torch.float32).to(device)
+        x = torch.linspace(-1, 1, 4 * 3 * 5).reshape(4, 3, 5).to(device).requires_grad_()
+        outputs, states = cell(x, lengths=[4, 2, 3])
+        (outputs["y"].square().sum() + states["h"].sum()).backward()
+        return [t.detach().cpu() for t in (outputs["y"], states["h"], x.grad, *(p.grad for p in cell.params.values()))]
+    for _ in range(2):  # a second step reuses memory torch freed after the first
+        for got, want in zip(run("cuda"), run("cpu")):
+            assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), (got - want).abs().max()

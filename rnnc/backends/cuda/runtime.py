@@ -7,12 +7,14 @@ copies results out. `PycudaDevice` is the real device; anything with the same
 few methods works (the tests run the kernels through a CPU emulation of CUDA).
 
 `CudaModule` has the NumPy module's API. It takes NumPy arrays, PyCUDA
-GPUArrays or anything with `__cuda_array_interface__` (contiguous float32),
-and returns NumPy arrays for NumPy input, GPUArrays otherwise.
+GPUArrays or anything with `__cuda_array_interface__` (contiguous float32, on
+the module's GPU), and returns NumPy arrays for NumPy input, GPUArrays (or what
+the device's `empty` makes) otherwise.
 """
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -211,6 +213,10 @@ class CudaModule:
 
     # --- forward -----------------------------------------------------------------------------------
     def forward(self, inputs, params, states=None, contexts=None, lengths=None, train=True):
+        with self.device.active():  # the device's context, on whichever thread calls
+            return self._forward(inputs, params, states, contexts, lengths, train)
+
+    def _forward(self, inputs, params, states, contexts, lengths, train):
         T, B, inputs, params, states, contexts, lengths = bind_forward(
             self.cell, self.dtype, wrap_all(inputs), wrap_all(params), wrap_all(states),
             wrap_all(contexts), lengths, (np.ndarray, DeviceArray))
@@ -280,6 +286,10 @@ class CudaModule:
 
     # --- backward -------------------------------------------------------------------------------------
     def backward(self, result: ForwardResult, d_outputs=None, d_states=None) -> Gradients:
+        with self.device.active():  # torch's autograd calls this from its own thread
+            return self._backward(result, d_outputs, d_states)
+
+    def _backward(self, result: ForwardResult, d_outputs, d_states) -> Gradients:
         """Segments last first: replay a segment from its checkpoint (the forward
         kept the last one), backpropagate through its steps, then its rows' products."""
         call = result._tape
@@ -361,61 +371,102 @@ class CudaModule:
 
 # --- PyCUDA -----------------------------------------------------------------------------------------
 class PycudaDevice:
-    """The real device: a PyCUDA context on GPU 0 and the cubin's functions."""
+    """The real device: a PyCUDA context and the cubin's functions.
 
-    def __init__(self):
+    `ordinal=None` runs in the PyCUDA context active on this thread (pycuda.autoinit's,
+    say), else in GPU 0's primary context, made active on this thread for good as
+    pycuda.autoprimaryctx does (so the caller can make and read GPUArrays). An ordinal
+    picks that GPU's primary context, the one the CUDA runtime and PyTorch use, and
+    leaves no context active. PyCUDA keeps a context stack per thread, so every call
+    pushes the context and pops it after (`active`): the module works from any thread,
+    such as torch's autograd threads. `empty(shape)` makes float32 device arrays
+    (results, and the pools behind them): PyCUDA GPUArrays unless given; PyCUDA frees
+    its device memory only where its context is active or on the thread that made the
+    context (elsewhere it leaks it, with a warning), so rnnc.torch passes torch.empty.
+    """
+
+    def __init__(self, ordinal: int | None = None, empty=None):
         drv = import_pycuda()
         try:
             drv.init()
-            if drv.Device.count() == 0:
+            count = drv.Device.count()
+            if count == 0:
                 raise CudaUnavailable("backend='cuda': the CUDA driver sees no GPU; run on a machine "
                                       "with an NVIDIA GPU or use backend='numpy'")
-            import pycuda.autoprimaryctx  # noqa: F401  (the device's primary context, shared with other libraries)
+            if ordinal is None and drv.Context.get_current() is None:
+                import pycuda.autoprimaryctx  # noqa: F401  (a first import pushes it; PyCUDA pops it at exit)
+            current = drv.Context.get_current() if ordinal is None else None
+            if current is not None:
+                self.context, self.gpu = current, drv.Context.get_device()
+            else:
+                if not 0 <= (ordinal or 0) < count:
+                    raise CudaUnavailable(f"backend='cuda': there is no GPU {ordinal}; the CUDA driver "
+                                          f"sees {count} (0 to {count - 1})")
+                self.gpu = drv.Device(ordinal or 0)
+                self.context = self.gpu.retain_primary_context()
         except drv.Error as err:
             raise CudaUnavailable(f"backend='cuda': the CUDA driver failed ({err}); install the NVIDIA "
                                   "driver or use backend='numpy'") from None
-        import pycuda.gpuarray as gpuarray
-        self.drv, self.gpuarray = drv, gpuarray
+        self.drv = drv
+        self.empty = empty or self._gpuarray
         self.functions = {}
+
+    @contextmanager
+    def active(self):
+        self.context.push()
+        try:
+            yield
+        finally:
+            self.drv.Context.pop()
 
     @property
     def arch(self) -> str:
-        major, minor = self.drv.Context.get_device().compute_capability()
+        major, minor = self.gpu.compute_capability()
         return f"sm_{major}{minor}"
 
     def load_module(self, cubin_path, arities: dict):
         """The cubin's kernels, each prepared for (rows, t, lengths, buffers...)."""
-        self.module = self.drv.module_from_file(str(cubin_path))
-        for name, n in arities.items():
-            f = self.module.get_function(name)
-            f.prepare("iiP" + "P" * n)
-            self.functions[name] = f
+        with self.active():
+            try:
+                self.module = self.drv.module_from_file(str(cubin_path))
+            except self.drv.Error as err:  # PyCUDA's errors are not RuntimeErrors: say what this one means
+                raise CudaUnavailable(f"backend='cuda': this GPU ({self.arch}) cannot load {cubin_path} "
+                                      f"({err}); rebuild it for {self.arch}") from None
+            for name, n in arities.items():
+                f = self.module.get_function(name)
+                f.prepare("iiP" + "P" * n)
+                self.functions[name] = f
+
+    @staticmethod
+    def _gpuarray(shape):
+        from pycuda import gpuarray
+        return gpuarray.empty(shape, np.float32)
 
     def alloc(self, nbytes: int):
-        pool = self.drv.mem_alloc(max(nbytes, 1))
-        return int(pool), pool
+        pool = self.empty((max(-(-nbytes // 4), 1),))
+        return int(pool.__cuda_array_interface__["data"][0]), pool
 
+    # the driver's copies and memsets run in order with the launches (all on stream 0);
+    # empty arrays may have a null pointer, which the driver need not accept
     def htod(self, ptr: int, array: np.ndarray):
-        self.drv.memcpy_htod(ptr, array)
+        if array.nbytes:
+            self.drv.memcpy_htod(ptr, array)
 
     def dtoh(self, out: np.ndarray, ptr: int):
-        self.drv.memcpy_dtoh(out, ptr)
+        if out.nbytes:
+            self.drv.memcpy_dtoh(out, ptr)
 
     def dtod(self, dst: int, src: int, nbytes: int):
-        self.drv.memcpy_dtod(dst, src, nbytes)
+        if nbytes:
+            self.drv.memcpy_dtod(dst, src, nbytes)
 
     def memset0(self, ptr: int, nbytes: int):
-        self.drv.memset_d8(ptr, 0, nbytes)
-
-    def empty(self, shape):
-        return self.gpuarray.empty(shape, np.float32)
+        if nbytes:
+            self.drv.memset_d8(ptr, 0, nbytes)
 
     def launch(self, kernel, grid, block, rows, t, lengths, ptrs):
         self.functions[kernel].prepared_call(grid, (block, 1, 1), np.int32(rows), np.int32(t),
                                              np.uintp(lengths), *[np.uintp(p) for p in ptrs])
-
-    def synchronize(self):
-        self.drv.Context.synchronize()
 
 
 def import_pycuda():
@@ -430,15 +481,17 @@ def import_pycuda():
     return drv
 
 
-def load(program, dtype="float32", generated=None, cubin_for=None) -> CudaModule:
+def load(program, dtype="float32", generated=None, cubin_for=None, device: int | None = None,
+         empty=None) -> CudaModule:
     """A CudaModule for a Program: the generated kernels (given, or generated
-    now) built for the local GPU, or `cubin_for(arch)`'s cubin, loaded with PyCUDA."""
+    now) built for the GPU, or `cubin_for(arch)`'s cubin, loaded with PyCUDA
+    (`device` and `empty`: see PycudaDevice)."""
     from .build import compile_cubin
     from .codegen import generate
     if np.dtype(dtype) != np.float32:
         raise ValueError(f"dtype: the cuda backend runs float32 only, got {dtype!r} "
                          "(use backend='numpy' for float64)")
-    device = PycudaDevice()  # fails first, and says why, without a GPU
+    device = PycudaDevice(device, empty)  # fails first, and says why, without a GPU
     generated = generated or generate(program)
     arch = device.arch
     cubin_path = cubin_for(arch) if cubin_for else compile_cubin(generated.source, arch).path
