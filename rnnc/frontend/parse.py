@@ -102,13 +102,13 @@ class Module(Node):
     cells: tuple
 
 
-def format_ast(node, indent: int = 0) -> str:
+def format_ast(node) -> str:
     """An indented, stable rendering of an AST (for `rnnc emit --stage ast`).
 
     Written with an explicit stack, so a very long expression (a sum of
     thousands of terms nests that deep) prints without recursion."""
     lines = []
-    stack = [(node, indent)]
+    stack = [(node, 0)]
     while stack:
         node, indent = stack.pop()
         pad = "  " * indent
@@ -300,9 +300,9 @@ def _is_keyword(tok) -> bool:
 
 def _unclosed(open_brackets: list, before: str = "") -> str:
     tok = open_brackets[-1]
-    closer = {"LPAR": "')'", "LSQB": "']'", "LBRACE": "'}'"}[tok.type]
     before = " " + before if before else ""
-    return f"'{tok}' at line {tok.line}:{tok.column} is never closed (expected {closer}{before})"
+    return (f"'{tok}' at line {tok.line}:{tok.column} is never closed "
+            f"(expected {_describe(_OPENERS[tok.type])}{before})")
 
 
 def _syntax_error(err: lark.exceptions.LarkError, source: Source,
@@ -310,43 +310,50 @@ def _syntax_error(err: lark.exceptions.LarkError, source: Source,
     if isinstance(err, lark.exceptions.UnexpectedCharacters):
         return CellError(f"unexpected character {err.char!r}", Pos(err.line, err.column), source)
     if isinstance(err, lark.exceptions.UnexpectedToken):
-        tok = err.token
-        # The token before `tok`: lark's contextual lexer refuses some tokens
-        # itself, before the post-lexer passes them on.
-        if recent and recent[-1] is tok:
-            prev = recent[-2] if len(recent) == 2 else None
-        else:
-            prev = recent[-1] if recent else None
-        expected = sorted(_describe(t) for t in err.expected if not t.startswith("__"))
-        hint = f"; expected {', '.join(expected)}" if expected and len(expected) <= 6 else ""
-        if tok.type == "$END" or getattr(tok, "line", None) in (None, -1):
-            if open_brackets:
-                return CellError(f"unexpected end of file: {_unclosed(open_brackets)}",
-                                 source.last_pos, source)
-            return CellError(f"unexpected end of file{hint}", source.last_pos, source)
-        inner = open_brackets[-1] if open_brackets else None
-        if (inner is not None and inner.type != "LBRACE" and inner.line < tok.line
-                and prev is not None and prev.end_line is not None and prev.end_line < tok.line
-                and prev.type in ("NAME", "NUMBER", "RPAR", "RSQB")):
-            # A new line that looks like a new statement, while a bracket is
-            # open: the bracket is the mistake, not this line.
-            return CellError(_unclosed(open_brackets, f"before line {tok.line}"), _pos(inner),
-                             source)
-        if (tok.type == "_NL" and prev is not None
-                and prev.type in ("COMMA", "EQUAL", "PLUS", "MINUS", "STAR", "SLASH", "AT")):
-            return CellError(f"the line ends after '{prev}'; a statement is one line, and "
-                             "continues onto the next only inside ( ) or [ ]", _pos(prev), source)
-        if tok.type in ("EQUAL", "COMMA", "LSQB") and _is_keyword(prev):
-            return CellError(f"'{prev}' is a reserved keyword and cannot be used as a name",
-                             _pos(prev), source)
-        if _is_keyword(tok):
-            return CellError(f"'{tok}' is a reserved keyword and cannot be used here",
-                             _pos(tok), source)
-        text = "end of line" if tok.type == "_NL" else repr(str(tok))
-        return CellError(f"unexpected {text}{hint}", _pos(tok), source)
+        return _unexpected_token(err, source, open_brackets, recent)
     if isinstance(err, lark.exceptions.UnexpectedEOF):
         return CellError("unexpected end of file", source.last_pos, source)
     return CellError(f"syntax error: {err}", None, source)
+
+
+def _unexpected_token(err: lark.exceptions.UnexpectedToken, source: Source,
+                      open_brackets: list, recent: list) -> CellError:
+    """The error for a token the grammar does not allow where it stands,
+    worded after its most likely cause."""
+    tok = err.token
+    # The token before `tok`: lark's contextual lexer refuses some tokens
+    # itself, before the post-lexer passes them on.
+    if recent and recent[-1] is tok:
+        prev = recent[-2] if len(recent) == 2 else None
+    else:
+        prev = recent[-1] if recent else None
+    expected = sorted(_describe(t) for t in err.expected if not t.startswith("__"))
+    hint = f"; expected {', '.join(expected)}" if expected and len(expected) <= 6 else ""
+    if tok.type == "$END" or getattr(tok, "line", None) in (None, -1):
+        if open_brackets:
+            return CellError(f"unexpected end of file: {_unclosed(open_brackets)}",
+                             source.last_pos, source)
+        return CellError(f"unexpected end of file{hint}", source.last_pos, source)
+    inner = open_brackets[-1] if open_brackets else None
+    if (inner is not None and inner.type != "LBRACE" and inner.line < tok.line
+            and prev is not None and prev.end_line is not None and prev.end_line < tok.line
+            and prev.type in ("NAME", "NUMBER", "RPAR", "RSQB")):
+        # A new line that looks like a new statement, while a bracket is
+        # open: the bracket is the mistake, not this line.
+        return CellError(_unclosed(open_brackets, f"before line {tok.line}"), _pos(inner),
+                         source)
+    if (tok.type == "_NL" and prev is not None
+            and prev.type in ("COMMA", "EQUAL", "PLUS", "MINUS", "STAR", "SLASH", "AT")):
+        return CellError(f"the line ends after '{prev}'; a statement is one line, and "
+                         "continues onto the next only inside ( ) or [ ]", _pos(prev), source)
+    if tok.type in ("EQUAL", "COMMA", "LSQB") and _is_keyword(prev):
+        return CellError(f"'{prev}' is a reserved keyword and cannot be used as a name",
+                         _pos(prev), source)
+    if _is_keyword(tok):
+        return CellError(f"'{tok}' is a reserved keyword and cannot be used here",
+                         _pos(tok), source)
+    text = "end of line" if tok.type == "_NL" else repr(str(tok))
+    return CellError(f"unexpected {text}{hint}", _pos(tok), source)
 
 
 def parse(source: Source) -> Module:
