@@ -264,7 +264,9 @@ def fake_pycuda(monkeypatch, cuda: FakeCuda, package_dir) -> types.ModuleType:
     package.__path__ = [str(package_dir)]
     for name, module in (("pycuda", package), ("pycuda.driver", drv), ("pycuda.gpuarray", gpuarray)):
         monkeypatch.setitem(sys.modules, name, module)
-    monkeypatch.delitem(sys.modules, "pycuda.autoprimaryctx", raising=False)
+    # importing autoprimaryctx runs the fake; afterwards the real one (or none) is back
+    monkeypatch.setitem(sys.modules, "pycuda.autoprimaryctx", None)
+    del sys.modules["pycuda.autoprimaryctx"]
     return drv
 
 

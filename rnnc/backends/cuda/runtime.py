@@ -374,15 +374,17 @@ class PycudaDevice:
     """The real device: a PyCUDA context and the cubin's functions.
 
     `ordinal=None` runs in the PyCUDA context active on this thread (pycuda.autoinit's,
-    say), else in GPU 0's primary context, made active on this thread for good as
-    pycuda.autoprimaryctx does (so the caller can make and read GPUArrays). An ordinal
-    picks that GPU's primary context, the one the CUDA runtime and PyTorch use, and
-    leaves no context active. PyCUDA keeps a context stack per thread, so every call
-    pushes the context and pops it after (`active`): the module works from any thread,
-    such as torch's autograd threads. `empty(shape)` makes float32 device arrays
-    (results, and the pools behind them): PyCUDA GPUArrays unless given; PyCUDA frees
-    its device memory only where its context is active or on the thread that made the
-    context (elsewhere it leaks it, with a warning), so rnnc.torch passes torch.empty.
+    say), else in pycuda.autoprimaryctx's: a GPU's primary context (GPU 0's unless
+    CUDA_DEVICE says otherwise), left active on this thread (so the caller can make and
+    read GPUArrays) until PyCUDA pops it at exit. An ordinal picks that GPU's primary
+    context, the one the CUDA runtime and PyTorch use, and leaves no context active.
+
+    PyCUDA keeps a context stack per thread, so every call pushes the context and pops
+    it after (`active`): the module works from any thread, such as torch's autograd
+    threads. `empty(shape)` makes float32 device arrays (results, and the pools behind
+    them): PyCUDA GPUArrays unless given. PyCUDA frees its device memory only where its
+    context is active or on the thread that made the context (elsewhere it leaks it,
+    with a warning), so rnnc.torch passes torch.empty.
     """
 
     def __init__(self, ordinal: int | None = None, empty=None):
@@ -394,7 +396,7 @@ class PycudaDevice:
                 raise CudaUnavailable("backend='cuda': the CUDA driver sees no GPU; run on a machine "
                                       "with an NVIDIA GPU or use backend='numpy'")
             if ordinal is None and drv.Context.get_current() is None:
-                import pycuda.autoprimaryctx  # noqa: F401  (a first import pushes it; PyCUDA pops it at exit)
+                import pycuda.autoprimaryctx  # noqa: F401  (its first import pushes the context)
             current = drv.Context.get_current() if ordinal is None else None
             if current is not None:
                 self.context, self.gpu = current, drv.Context.get_device()
