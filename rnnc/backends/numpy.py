@@ -130,11 +130,17 @@ class Saved:
     used: bool = False
 
 
-def _valid_mask(lengths, t: int, batch: int, rank: int, dtype):
-    """1 for batch elements still inside their sequence at step t, else 0, shaped to broadcast."""
+def _valid_mask(lengths, t: int, dtype):
+    """[B]: 1 for batch elements still inside their sequence at step t, else 0
+    (None without lengths: every element is)."""
     if lengths is None:
         return None
-    return (t < lengths).astype(dtype).reshape((batch,) + (1,) * rank)
+    return (t < lengths).astype(dtype)
+
+
+def _per_row(mask, like: np.ndarray):
+    """A [B] mask shaped to broadcast against a batched array [B, ...]."""
+    return mask.reshape(mask.shape[:1] + (1,) * (like.ndim - 1))
 
 
 class NumpyModule:
@@ -231,8 +237,7 @@ class NumpyModule:
         """The hoisted values of steps start..stop as flat rows [(stop-start)*B, ...], held."""
         if not self.program.hoisted.pre.nodes:
             return {}
-        env = dict(call.shared)
-        env.update((x, a[start:stop].reshape((-1,) + a.shape[2:])) for x, a in call.inputs.items())
+        env = _rows_env(call, start, stop)
         self.run_pre.run(env)
         return call.ledger.keep_all({v: env[v] for v in self.pre_held})
 
@@ -252,18 +257,17 @@ class NumpyModule:
             env = self._step_env(call, pre, start, t)
             env.update(state)
             self.run_step.run(env)
-            valid = _valid_mask(call.lengths, t, B, 0, self.dtype)
+            valid = _valid_mask(call.lengths, t, self.dtype)
             if outputs is not None:
                 for o, v in self.cell.outputs:
                     y = self._batched(v, env[v], B)
-                    outputs[o][t] = y if valid is None else y * valid.reshape((B,) + (1,) * (y.ndim - 1))
+                    outputs[o][t] = y if valid is None else y * _per_row(valid, y)
             if tape is not None:
                 tape.append(call.ledger.keep_all({v: env[v] for v in stored}))
             new_state = {}
             for s, v in self.cell.nexts:
                 new = self._batched(v, env[v], B)
-                new_state[s] = new if valid is None else np.where(
-                    valid.reshape((B,) + (1,) * (new.ndim - 1)) > 0, new, state[s])
+                new_state[s] = new if valid is None else np.where(_per_row(valid, new) > 0, new, state[s])
             state = new_state
         return state
 
@@ -333,7 +337,7 @@ class NumpyModule:
         env = self._step_env(call, pre, start, t)
         env.update(stored)
         self.run_recompute.run(env)
-        valid = _valid_mask(call.lengths, t, B, 0, self.dtype)
+        valid = _valid_mask(call.lengths, t, self.dtype)
         env.update(self._seeds(step_bwd, d_outputs, d_state, t, B, valid))
         self.run_grad["step"].run(env)
         row = (t - start) * B
@@ -364,7 +368,7 @@ class NumpyModule:
                 if v == out and o in d_outputs:
                     total = total + d_outputs[o][t]
             if valid is not None:
-                total = total * valid.reshape((B,) + (1,) * (total.ndim - 1))
+                total = total * _per_row(valid, total)
             seeds[seed] = total
         return seeds
 
@@ -374,8 +378,7 @@ class NumpyModule:
         pre_bwd = self.program.grads["pre"]
         if not self.program.hoisted.pre.nodes:
             return
-        env = dict(call.shared)
-        env.update((x, a[start:stop].reshape((-1,) + a.shape[2:])) for x, a in call.inputs.items())
+        env = _rows_env(call, start, stop)
         env.update(pre)
         env.update((seed, d_rows[out]) for out, seed in pre_bwd.seeds)
         self.run_grad["pre"].run(env)
@@ -418,6 +421,14 @@ class Accumulators:
             sums[name] = np.array(g)
 
 
+def _rows_env(call: Call, start: int, stop: int) -> dict:
+    """What the hoisted `pre` region and its backward read over steps
+    start..stop: the shared values and the inputs as flat rows [(stop-start)*B, ...]."""
+    env = dict(call.shared)
+    env.update((x, a[start:stop].reshape((-1,) + a.shape[2:])) for x, a in call.inputs.items())
+    return env
+
+
 def _bounds(lengths) -> list:
     """(start, stop) of consecutive segments of the given lengths."""
     stops = np.cumsum(lengths, dtype=int).tolist()
@@ -426,4 +437,4 @@ def _bounds(lengths) -> list:
 
 def _keep(d_state, valid):
     """The part of a state's cotangent that passes an invalid step unchanged."""
-    return d_state * (1 - valid.reshape(valid.shape[:1] + (1,) * (d_state.ndim - 1)))
+    return d_state * (1 - _per_row(valid, d_state))
