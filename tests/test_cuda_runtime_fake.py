@@ -1,6 +1,7 @@
-"""The PyCUDA path of the CUDA backend (PycudaDevice, runtime.load) against a
-fake `pycuda` that checks every call against PyCUDA's real API and semantics,
-and runs the kernels through the CPU emulation (tests/cuda_emulator.py).
+"""The PyCUDA path of the CUDA backend (PycudaDevice, runtime.load, and how
+rnnc.torch loads it) against a fake `pycuda` that checks every call against
+PyCUDA's real API and semantics, and runs the kernels through the CPU
+emulation (tests/cuda_emulator.py).
 
 What the fake holds the runtime to, as PyCUDA 2026.1 does:
 - a context stack per thread: allocating, loading a module, copying and
@@ -438,3 +439,20 @@ def test_no_pycuda_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "pycuda.driver", None)
     with pytest.raises(CudaUnavailable, match=r"pip install 'rnnc\[cuda\]'"):
         PycudaDevice()
+
+
+def test_torch_cells_run_on_the_tensors_gpu_with_torchs_memory(monkeypatch):
+    torch = pytest.importorskip("torch")
+    import rnnc.torch
+    from rnnc.backends.cuda import runtime
+    seen = {}
+
+    def load(program, dtype, device=None, empty=None):
+        seen.update(dtype=dtype, device=device, array=empty((2, 3)))
+        return object()
+    monkeypatch.setattr(runtime, "load", load)
+    monkeypatch.setattr(torch, "empty", lambda shape, dtype, device: ("torch.empty", shape, dtype, device))
+    cell = rnnc.torch.Cell(LSTM, dims={"D": 2, "H": 3}, dtype=torch.float32)
+    cell._backend(torch.device("cuda", 1), torch.float32)
+    assert seen == {"dtype": "float32", "device": 1,
+                    "array": ("torch.empty", (2, 3), torch.float32, torch.device("cuda", 1))}
