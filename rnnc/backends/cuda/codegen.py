@@ -231,7 +231,7 @@ class Loop:
         self.memo: dict = {}
         self.refs: dict = {}  # param -> Ref
         numel = math.prod(shape)
-        self.total = f"rows * {numel}" if batched else str(numel)
+        self.total = size_expr(numel, batched)
         self.row = self.temp_int(f"i_ / {numel}") if batched else None
         flat = self.temp_int(f"i_ % {numel}") if batched else "i_"
         self.index = tuple(self.temp_int(e) for e in decode(flat, list(shape))) if shape else ()
@@ -247,12 +247,16 @@ class Loop:
             self.memo[key] = name
         return self.memo[key]
 
-    def load(self, ref: Ref, row, index) -> str:
+    def element(self, ref: Ref, row, index) -> str:
+        """`ref`'s element at (row, index) as a C lvalue; the row counts only when batched."""
         self.refs[ref.param] = ref
         terms = list(zip(index, strides(ref.shape)))
         if ref.batched:
             terms.insert(0, (row, ref.numel))
-        return self.temp("float", f"{ref.param}[{offset(terms)}]")
+        return f"{ref.param}[{offset(terms)}]"
+
+    def load(self, ref: Ref, row, index) -> str:
+        return self.temp("float", self.element(ref, row, index))
 
     def value(self, name: str, row, index) -> str:
         """The C expression of value `name` at (row, index), inlining fusible producers."""
@@ -276,11 +280,8 @@ class Loop:
         return where.shape if isinstance(where, Ref) else concrete_shape(where.shape)
 
     def store(self, ref: Ref, expr_name: str, op: str = "="):
-        self.refs[ref.param] = ref
-        terms = list(zip(self.index, strides(ref.shape)))
-        if ref.batched:
-            terms.insert(0, (self.row, ref.numel))
-        self.lines.append(f"{ref.param}[{offset(terms)}] {op} {expr_name};")
+        """`ref` at this loop's own element gets (`=`) or adds (`+=`) `expr_name`."""
+        self.lines.append(f"{self.element(ref, self.row, self.index)} {op} {expr_name};")
 
     def at(self, ref: Ref) -> str:
         """`ref` loaded at this loop's own element (broadcast the NumPy way)."""
@@ -579,7 +580,6 @@ class Generator:
                   lanes=size_expr(outer * inner, src.batched))
 
 
-
 # --- the whole program ---------------------------------------------------------------------
 DEFERRABLE = {"dot", "reduce_to"}
 
@@ -720,10 +720,15 @@ class Lowering:
             loop = loops.setdefault(key, Loop(target.shape, target.batched, lambda name: None))
             valid = loop.temp("float", f"(t < lengths[{loop.row}]) ? 1.0f : 0.0f") if loop.batched else "1.0f"
             loop.store(target, loop.temp("float", build(loop.at, valid)), op)
+        return self.glue_kernel(label, "B", loops, label)
+
+    def glue_kernel(self, label, rows, loops: dict, note) -> list:
+        """The launch of one elementwise kernel of `loops` (none without loops),
+        outside any region's phases."""
         if not loops:
             return []
-        region = Region(self.gen, label, "B", [], set(), None, None)
-        self.gen.elementwise(region, "glue", list(loops.values()), [label])
+        region = Region(self.gen, label, rows, [], set(), None, None)
+        self.gen.elementwise(region, "glue", list(loops.values()), [note])
         return region.launches
 
     def commit(self) -> list:
@@ -749,12 +754,11 @@ class Lowering:
         values, inputs, `pre` values and their cotangents): run once after the
         loop over all rows of a segment instead of once per step, at no extra
         memory (node name -> the value it is the gradient of)."""
-        graph = self.step_bwd.graph
-        kept = set(self.states) | self.stored | set(self.row_gradients())
-        kept |= {d.name for d in self.cell.of_kind("input")} | set(self.hoisted.pre.outputs)
+        producers = self.step_bwd.graph.producers()
+        kept = set(self.states) | self.stored | set(self.row_gradients()) | self.row_targets()
         return {g: w for g, w in self.sole_gradients().items()
-                if graph.producers()[g].op in DEFERRABLE and not graph.producers()[g].batched
-                and all(self.values_bwd(a).batched and a in kept for a in graph.producers()[g].args)}
+                if producers[g].op in DEFERRABLE and not producers[g].batched
+                and all(self.values_bwd(a).batched and a in kept for a in producers[g].args)}
 
     def sole_gradients(self) -> dict:
         """Backward nodes that are the gradient of one whole-sequence value
@@ -902,11 +906,7 @@ class Lowering:
             loop = loops.setdefault((target.shape, target.batched), Loop(target.shape, target.batched, None))
             source = home(g, producers[g]) if g in producers else external(g)
             loop.store(target, loop.at(source), "+=")
-        if loops:
-            region = Region(self.gen, f"{label}_add", rows, [], set(), None, None)
-            self.gen.elementwise(region, "glue", list(loops.values()), [f"{label}: add gradients"])
-            launches += region.launches
-        return launches
+        return launches + self.glue_kernel(f"{label}_add", rows, loops, f"{label}: add gradients")
 
     def pre_backward(self) -> list:
         if not self.hoisted.pre.nodes:
