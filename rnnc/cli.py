@@ -96,8 +96,8 @@ def load_for_run(args):
 
 def cmd_compile(args) -> int:
     from .artifact import write
-    budget = None if args.memory_budget is None else parse_bytes(args.memory_budget)
-    program = compile_for_cli(args, memory_budget=budget, seq_len=args.seq_len, batch=args.batch)
+    program = compile_for_cli(args, memory_budget=args.memory_budget, seq_len=args.seq_len,
+                              batch=args.batch)
     module = write(program, args.output, recompute=args.recompute, arch=args.arch)
     for note in module["notes"]:
         print(f"rnnc: warning: {note}", file=sys.stderr)
@@ -108,18 +108,13 @@ def cmd_compile(args) -> int:
 
 
 def compile_for_cli(args, **options):
-    from .driver import compile as compile_cell
-    program = compile_cell(args.file, dims=parse_dims(args.D), cell=args.cell,
-                           recompute=getattr(args, "recompute", "auto"), **options)
+    """The Program of the command's FILE, -D, --cell and --recompute; warnings to stderr.
+    A --memory-budget string ("64MiB") is parsed by the planner, as the API's is."""
+    program = driver.compile(args.file, dims=parse_dims(args.D), cell=args.cell,
+                             recompute=getattr(args, "recompute", "auto"), **options)
     for warning in program.warnings:
         print(warning.format(), file=sys.stderr)
     return program
-
-
-def parse_bytes(text: str) -> int:
-    """`--memory-budget 64MiB` as bytes (the API's own parser: rnnc.compile takes the string too)."""
-    from .passes.plan import parse_budget
-    return parse_budget(text)
 
 
 def cmd_plan(args) -> int:
@@ -157,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--cell", help="which cell of the file (default: the first)")
         return c
 
+    def with_recompute(c):
+        c.add_argument("--recompute", default="auto", help="none, all, auto or value names (a,b)")
+
     c = command("check", cmd_check, "parse and check .cell files")
     c.add_argument("files", nargs="+", metavar="FILE")
     c.add_argument("--cell", help="which cell of each file (default: the first)")
@@ -166,26 +164,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = with_cell(command("gradcheck", cmd_gradcheck,
                           "check gradients against float64 finite differences (numpy backend)"))
+    with_recompute(c)
     c.add_argument("--seq-len", type=int, default=3, metavar="T")
     c.add_argument("--batch", type=int, default=2, metavar="B")
     c.add_argument("--lengths", action="store_true", help="random sequence lengths")
     c.add_argument("--tolerance", type=float, default=1e-6)
-    c.add_argument("--recompute", default="auto", help="none, all, auto or value names")
 
     c = with_cell(command("run", cmd_run, "forward and backward on random data, with timing"))
+    with_recompute(c)
     c.add_argument("--seq-len", type=int, default=20, metavar="T")
     c.add_argument("--batch", type=int, default=8, metavar="B")
     c.add_argument("--backend", default="numpy", choices=("numpy", "cuda"))
     c.add_argument("--dtype", default=None, choices=("float32", "float64"),
                    help="default: float64 on numpy, float32 on cuda")
-    c.add_argument("--recompute", default="auto", help="none, all, auto or value names")
 
     c = with_cell(command("compile", cmd_compile, "compile a cell into an artifact directory"))
+    with_recompute(c)
     c.add_argument("-o", "--output", required=True, metavar="DIR", help="the artifact directory")
     c.add_argument("--target", default="cuda", choices=("cuda",))
     c.add_argument("--arch", help="GPU architecture of the cubin, e.g. sm_90 (default: the local "
                                   "GPU's, else sm_80)")
-    c.add_argument("--recompute", default="auto", help="none, all, auto or value names (a,b)")
     c.add_argument("--memory-budget", metavar="BYTES",
                    help="checkpoint states to fit forward+backward (float32) in BYTES for "
                         "--seq-len steps of --batch, e.g. 64MiB")
@@ -194,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = with_cell(command("plan", cmd_plan, "show what the backward stores and recomputes, and "
                                             "the bytes and flops that costs"))
-    c.add_argument("--recompute", default="auto", help="none, all, auto or value names (a,b)")
+    with_recompute(c)
     c.add_argument("--seq-len", type=int, default=100, metavar="T", help="steps (default 100)")
     c.add_argument("--batch", type=int, default=16, metavar="B", help="batch size (default 16)")
     c.add_argument("--dtype", default="float32", choices=("float32", "float64"))
@@ -203,8 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = with_cell(command("graph", cmd_graph, "draw the step graph, stored and recomputed values "
                                               "marked (DOT; SVG or PNG with Graphviz)"))
+    with_recompute(c)
     c.add_argument("-o", "--output", required=True, metavar="FILE", help="cell.dot, cell.svg or cell.png")
-    c.add_argument("--recompute", default="auto", help="none, all, auto or value names (a,b)")
     return p
 
 
@@ -215,10 +213,9 @@ def main(argv=None) -> int:
     except CellError as err:
         print(err.format(), file=sys.stderr)
         return 1
-    except ValueError as err:  # a bad argument, already worded for the user
-        print(f"rnnc: error: {err}", file=sys.stderr)
-        return 1
-    except ToolchainError as err:  # nvcc, PyCUDA, the driver or a GPU is missing: says what to install
+    # a bad argument, already worded for the user; or nvcc, PyCUDA, the
+    # driver or a GPU is missing, and the message says what to install
+    except (ValueError, ToolchainError) as err:
         print(f"rnnc: error: {err}", file=sys.stderr)
         return 1
 
