@@ -396,12 +396,12 @@ def per_step_plan(hoisted: Hoisted, step_backward, policy) -> PerStep:
                          f"or a list of value names to recompute (from: "
                          f"{', '.join(recompute_candidates(hoisted))})")
     # states are always stored: nothing earlier in the step can rebuild them
-    stored = choice | set(state_names(hoisted))
+    states = set(state_names(hoisted))
+    stored = choice | states
     recompute = rerun_for(hoisted.step, [r for r in residuals if r not in stored], stored)
     # store only what the backward step or the recomputation actually reads
     read = set(residuals) | {a for n in recompute for a in n.args}
     # (states always: a replayed segment's checkpoint becomes its first step's states)
-    states = set(state_names(hoisted))
     kept = tuple(v for v in step_candidates(hoisted) if v in stored and (v in read or v in states))
     return PerStep(name, residuals, kept, recompute)
 
@@ -549,8 +549,8 @@ class FlowNetwork:
             while parent[v] is not None:
                 path.append((parent[v], v))
                 v = parent[v]
-            push = min(self.capacity[u][v] for u, v in path)  # finite: every path to the sink
-            # crosses some value's store edge
+            # finite: every path to the sink crosses some value's store edge
+            push = min(self.capacity[u][v] for u, v in path)
             for u, v in path:
                 self.capacity[u][v] -= push
                 self.capacity[v][u] += push
@@ -569,7 +569,22 @@ def format_table(plan: Plan, step: Graph, T: int, B: int, dtype: str, beside: di
     """Each value the plan stores or the backward reads: shape, bytes per step, and
     stored or recomputed by which ops; then totals for T and B, with the plans in
     `beside` (name -> Plan) in columns next to this one."""
-    size = dtype_size(dtype)
+    lines = [f"plan ({plan.describe()}); totals for T={T}, B={B}, {np.dtype(dtype).name}"]
+    if plan.segments is not None:
+        lines.append(f"segments (a checkpoint at the start of each but the last): "
+                     f"{format_segments(plan.segments_for(T))}")
+    rows = _value_rows(plan, step, B, dtype)
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines.append("")
+    lines += ["  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3] for r in rows]
+    lines.append("")
+    lines += _totals({"this plan": plan, **beside}, T, B, dtype)
+    return "\n".join(lines)
+
+
+def _value_rows(plan: Plan, step: Graph, B: int, dtype: str) -> list:
+    """(value, shape, bytes per step, how it is kept) for each value the plan
+    stores or the backward reads, after a header row."""
     values, inputs, stored = step.values(), {v.name for v in step.inputs}, set(plan.stored)
     producers = step.producers()
     rows = [("value", "shape", "bytes/step", "kept")]
@@ -581,17 +596,14 @@ def format_table(plan: Plan, step: Graph, T: int, B: int, dtype: str, beside: di
         if name in stored:
             kept = "stored" + (" (state)" if name in inputs else "")
         else:
-            ops = rerun_for(step, [name], stored)
-            kept = "recomputed: " + ", ".join(f"{n.out}={n.op}" for n in ops)
-        rows.append((label, shape_str(v.shape), format_bytes(elements(v).at(B) * size), kept))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    lines = [f"plan ({plan.describe()}); totals for T={T}, B={B}, {np.dtype(dtype).name}"]
-    if plan.segments is not None:
-        lines.append(f"segments (a checkpoint at the start of each but the last): "
-                     f"{format_segments(plan.segments_for(T))}")
-    lines.append("")
-    lines += ["  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3] for r in rows]
-    plans = {"this plan": plan, **beside}
+            rerun = rerun_for(step, [name], stored)
+            kept = "recomputed: " + ", ".join(f"{n.out}={n.op}" for n in rerun)
+        rows.append((label, shape_str(v.shape), format_bytes(elements(v).at(B) * dtype_size(dtype)), kept))
+    return rows
+
+
+def _totals(plans: dict, T: int, B: int, dtype: str) -> list:
+    """Bytes and flops of each plan (name -> Plan), one column a plan."""
     measures = (("stored", lambda p: format_bytes(p.stored_bytes(T, B, dtype))),
                 ("peak", lambda p: format_bytes(p.peak_bytes(T, B, dtype))),
                 ("recompute flops", lambda p: f"{p.recompute_flops(T, B):,}"),
@@ -599,7 +611,5 @@ def format_table(plan: Plan, step: Graph, T: int, B: int, dtype: str, beside: di
     table = [("",) + tuple(plans)] + [(label,) + tuple(f(p) for p in plans.values())
                                       for label, f in measures]
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
-    lines.append("")
-    lines += ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(r, widths)))
-              for r in table]
-    return "\n".join(lines)
+    return ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(r, widths)))
+            for r in table]
