@@ -53,17 +53,16 @@ def vjp(forward: Graph, wrt: tuple, prefix: str = "%g") -> Backward:
                 parts.setdefault(arg, []).append(ga)
     cot = {v: _total(builder, p) for v, p in parts.items() if v in wrt}
     grads = tuple((w, cot.get(w)) for w in wrt)
-    nodes = live_nodes(builder.nodes, [g for _, g in grads if g is not None])
-    # literals are free: the backward makes its own rather than storing them
+    given = [g for _, g in grads if g is not None]
+    nodes = live_nodes(builder.nodes, given)
     read = {a for n in nodes for a in n.args}
+    # literals are free: the backward makes its own rather than storing them
     nodes = [n for n in forward.nodes if n.op == "const" and n.out in read] + nodes
     produced = {n.out for n in nodes}
-    read = {a for n in nodes for a in n.args} | {g for _, g in grads if g is not None}
-    seed_names = [s for _, s in seeds]
-    inputs = [values[v] for v in values if v in read and v not in produced]
-    inputs += [builder.values[s] for s in seed_names]
-    return Backward(Graph(tuple(inputs), tuple(nodes), tuple(g for _, g in grads if g)),
-                    seeds, grads)
+    # inputs: the forward values it reads or gives as a gradient (residuals), then the seeds
+    inputs = [values[v] for v in values if (v in read or v in given) and v not in produced]
+    inputs += [builder.values[s] for _, s in seeds]
+    return Backward(Graph(tuple(inputs), tuple(nodes), tuple(given)), seeds, grads)
 
 
 def _total(builder: Builder, parts: list) -> str:
