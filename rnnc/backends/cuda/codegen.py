@@ -369,15 +369,7 @@ def contraction(spec: str, a: Ref, b: Ref, out: Ref) -> dict:
     lonely = [c for c in la + lb if c not in out_letters and not (c in la and c in lb)]
     if lonely:
         raise ValueError(f"dot {spec}: letter {lonely[0]!r} is summed in one operand only")
-
-    def stride_table(letters, ref):
-        own = [c for c in letters if c != BATCH]
-        table = dict(zip(own, strides(ref.shape)))
-        if BATCH in letters:
-            table[BATCH] = ref.numel
-        return table
-
-    st = {"a": stride_table(la, a), "b": stride_table(lb, b), "c": stride_table(out_letters, out)}
+    st = {"a": letter_strides(la, a), "b": letter_strides(lb, b), "c": letter_strides(out_letters, out)}
     groups = {"g": [c for c in out_letters if c in la and c in lb],
               "m": [c for c in out_letters if c in la and c not in lb],
               "n": [c for c in out_letters if c in lb and c not in la],
@@ -398,6 +390,16 @@ def contraction(spec: str, a: Ref, b: Ref, out: Ref) -> dict:
             "a_offset": offset(result["a_g"] + result["a_m"] + result["a_k"]),
             "b_offset": offset(result["b_g"] + result["b_k"] + result["b_n"]),
             "c_offset": offset(result["c_g"] + result["c_m"] + result["c_n"])}
+
+
+def letter_strides(letters: str, ref: Ref) -> dict:
+    """The stride in `ref`'s buffer of each letter of its part of a `dot` spec
+    (the batch letter strides over whole rows)."""
+    own = [c for c in letters if c != BATCH]
+    table = dict(zip(own, strides(ref.shape)))
+    if BATCH in letters:
+        table[BATCH] = ref.numel
+    return table
 
 
 def tile_map(free: str, summed: str, free_terms: list, origin: str) -> str:
