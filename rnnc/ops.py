@@ -11,7 +11,8 @@ Conventions:
 - A VJP rule receives a `Builder`, the forward node and the name of the
   cotangent of its result, and returns one cotangent name (or None) per input.
 - `cuda` is a C expression over `{0}`, `{1}` for elementwise ops and None for
-  structural ops, which the CUDA code generator lowers to index arithmetic.
+  the others, which the CUDA code generator lowers itself: structural ops to
+  index arithmetic, products, reductions and softmax to kernels of their own.
 - `flops` is the cost per example.
 """
 from __future__ import annotations
@@ -51,6 +52,7 @@ def defop(name, arity, shape, numpy, vjp, cuda, flops, elementwise=False, batche
 
 
 def numel(shape) -> int:
+    """Elements of a shape of bound sizes or of ints."""
     return math.prod(int(s.value) if isinstance(s, Size) else int(s) for s in shape)
 
 

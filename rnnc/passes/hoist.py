@@ -49,6 +49,8 @@ def classify(cell: Cell) -> dict:
 
 
 def hoist(cell: Cell) -> Hoisted:
+    """The step's nodes in their three regions, each region a graph of its own
+    that reads what earlier regions (or the declarations) give it."""
     region = classify(cell)
     nodes = {name: [n for n in cell.nodes if region[n.out] == name and n.op != "const"]
              for name in ("seq", "pre", "step")}

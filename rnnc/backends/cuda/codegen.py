@@ -13,8 +13,10 @@ fill in the prepared strings, one template per kernel family:
 - `reduce.cu.j2`: sum, mean and reduce_to (a sum over some axes).
 - `softmax.cu.j2`: softmax over one small axis.
 
-A region's nodes are split into phases: a *breaking* node (a product or a
-reduction) needs all of its arguments before it starts, so it ends the phase
+`module.cu.j2` puts the kernels into one self-contained file.
+
+A region's nodes are split into phases: a *breaking* node (a product, a
+reduction or a softmax) needs all of its arguments before it starts, so it ends the phase
 its arguments come from. Every value is stored row-major as [rows, *shape]
 (batched) or [*shape] (shared); rows is B per step and T*B for the hoisted
 `pre` region. Per-example sizes are compile-time constants; only `rows` and
