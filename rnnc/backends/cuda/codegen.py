@@ -769,13 +769,18 @@ class Lowering:
         (param, context, `seq` value) and nothing else: they can add straight
         into its accumulator (node name -> the value)."""
         graph = self.step_bwd.graph
+        producers = graph.producers()
         read = {a for n in graph.nodes for a in n.args}
-        grads = [g for _, g in self.step_bwd.grads if g]
         per_step = set(self.states) | self.row_targets()
-        return {g: w for w, g in self.step_bwd.grads
-                if g in graph.producers() and g not in read and grads.count(g) == 1 and w not in per_step
-                and graph.producers()[g].batched == self.values[w].batched
-                and concrete_shape(graph.producers()[g].shape) == self.shape(w)}
+        return {g: w for g, w in self.single_gradients().items()
+                if g in producers and g not in read and w not in per_step
+                and producers[g].batched == self.values[w].batched
+                and concrete_shape(producers[g].shape) == self.shape(w)}
+
+    def single_gradients(self) -> dict:
+        """Step-backward values that are the gradient of one value only (name -> that value)."""
+        grads = [g for _, g in self.step_bwd.grads if g]
+        return {g: w for w, g in self.step_bwd.grads if g and grads.count(g) == 1}
 
     def row_targets(self) -> set:
         return {d.name for d in self.cell.of_kind("input")} | set(self.hoisted.pre.outputs)
@@ -809,8 +814,7 @@ class Lowering:
     def row_gradients(self) -> dict:
         """Step-backward values that are the gradient of exactly one input or
         `pre` value (its per-step row cotangent), by value name."""
-        grads = [g for _, g in self.step_bwd.grads if g]
-        return {g: w for w, g in self.step_bwd.grads if g and w in self.row_targets() and grads.count(g) == 1}
+        return {g: w for g, w in self.single_gradients().items() if w in self.row_targets()}
 
     def bwd_home(self):
         """Where backward values live: row cotangents in their per-step rows,
