@@ -294,6 +294,16 @@ class Loop:
         return self.temp_int(f"min(max({expr}, 0), {n - 1})")
 
 
+def loop_for(loops: dict, shape: tuple, batched: bool, resolve=None) -> Loop:
+    """The loop of `loops` over the elements of (shape, batched), made on first
+    use: a kernel runs one grid-stride loop per shape it writes. Without
+    `resolve` the loop only loads and stores buffers (`Loop.at`, `Loop.store`)."""
+    key = (shape, batched)
+    if key not in loops:
+        loops[key] = Loop(shape, batched, resolve)
+    return loops[key]
+
+
 def broadcast_index(arg_shape: tuple, out_shape: tuple, index: tuple) -> tuple:
     """An argument's index under right-aligned NumPy broadcasting (size-1 axes read index 0)."""
     lead = len(out_shape) - len(arg_shape)
@@ -504,10 +514,7 @@ class Region:
         loops: dict = {}
         resolve = self.resolver(level)
         for n in stores:
-            key = (concrete_shape(n.shape), n.batched)
-            if key not in loops:
-                loops[key] = Loop(key[0], key[1], resolve)
-            loop = loops[key]
+            loop = loop_for(loops, concrete_shape(n.shape), n.batched, resolve)
             value = loop.node(n, loop.row, loop.index)
             loop.store(self.ref(n.out), value, "+=" if n.out in self.accumulate else "=")
         self.gen.elementwise(self, f"phase{level}", list(loops.values()),
@@ -717,11 +724,10 @@ class Lowering:
 
     def glue(self, label, targets) -> list:
         """One elementwise kernel from (target Ref, op, expression builder) triples;
-        the builder gets the loop, a loader and the `valid` 0/1 of the row."""
+        the builder gets a loader (`Loop.at`) and the `valid` 0/1 of the row."""
         loops: dict = {}
         for target, op, build in targets:
-            key = (target.shape, target.batched)
-            loop = loops.setdefault(key, Loop(target.shape, target.batched, lambda name: None))
+            loop = loop_for(loops, target.shape, target.batched)
             valid = loop.temp("float", f"(t < lengths[{loop.row}]) ? 1.0f : 0.0f") if loop.batched else "1.0f"
             loop.store(target, loop.temp("float", build(loop.at, valid)), op)
         return self.glue_kernel(label, "B", loops, label)
@@ -911,7 +917,7 @@ class Lowering:
             if not g:
                 continue
             target = add_to(w)
-            loop = loops.setdefault((target.shape, target.batched), Loop(target.shape, target.batched, None))
+            loop = loop_for(loops, target.shape, target.batched)
             source = home(g, producers[g]) if g in producers else external(g)
             loop.store(target, loop.at(source), "+=")
         return launches + self.glue_kernel(f"{label}_add", rows, loops, f"{label}: add gradients")
