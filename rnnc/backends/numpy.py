@@ -158,8 +158,7 @@ class NumpyModule:
         self.run_step = Runner(h.step.nodes, h.step.values())
         self.run_recompute = Runner(program.plan.recompute, h.step.values())
         self.run_grad = {k: Runner(b.graph.nodes, b.graph.values()) for k, b in grads.items()}
-        # every value's shape, by name (compiler-made names differ between regions)
-        self.values = {**h.cell.graph.values(), **h.seq.values(), **h.pre.values(), **h.step.values()}
+        self.values = h.values()
         # the hoisted values kept after their region runs, as the plan counts them
         self.seq_held = tuple(n.out for n in held_values(h.seq, grads["seq"].residuals))
         self.pre_held = tuple(n.out for n in held_values(h.pre, grads["pre"].residuals))

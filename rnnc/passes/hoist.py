@@ -23,6 +23,11 @@ class Hoisted:
     pre: Graph  # inputs (rows = T*B) and shared values in; values the step reads out
     step: Graph  # everything a step sees in; next states and outputs out
 
+    def values(self) -> dict:
+        """Every value of the step and of its regions, by name."""
+        return {**self.cell.graph.values(), **self.seq.values(), **self.pre.values(),
+                **self.step.values()}
+
     def format(self) -> str:
         return "\n\n".join(format_graph(g, title) for g, title in (
             (self.seq, "once per sequence"), (self.pre, "all steps at once (T*B rows)"),

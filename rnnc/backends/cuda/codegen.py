@@ -614,8 +614,7 @@ class Lowering:
         self.gen = Generator()
         self.schedule = Schedule()
         self.decl = {d.name: d for d in self.cell.decls}
-        self.values = {**self.cell.graph.values(), **self.hoisted.seq.values(),
-                       **self.hoisted.pre.values(), **self.hoisted.step.values()}
+        self.values = self.hoisted.values()
         self.stored = set(self.plan.stored)
         self.states = [d.name for d in self.cell.of_kind("state")]
         for _, v in self.cell.nexts + self.cell.outputs:
