@@ -44,6 +44,7 @@ def _is_file(text: str) -> bool:
 
 
 def check_source(source: Source, cell: str | None = None, dims: dict | None = None) -> checker.Checked:
+    """Parse and check: the step IR of one cell (the first unless `cell` names one)."""
     return checker.check(parser.parse(source), source, cell, dims)
 
 
@@ -75,6 +76,7 @@ class Program:
 
 
 def require_dims(cell: Cell, source: Source):
+    """Refuse a cell with an unbound dim: plans and kernels need every size."""
     unbound = [name for name, value in cell.dims if value is None]
     if unbound:
         raise checker.BindError(f"dims {', '.join(unbound)} of cell '{cell.name}' need values "
