@@ -124,6 +124,17 @@ class Costs:
     step_flops: Amount  # per step, forward
     recompute_flops: Amount  # per step, rerun in the backward step
 
+    @property
+    def backward_fixed(self) -> Amount:
+        """Held through the whole backward: the once-per-sequence values and their cotangents."""
+        return self.seq_held + self.seq_cotangents
+
+    @property
+    def backward_per_step(self) -> Amount:
+        """Held per step of the segment being backpropagated: its hoisted rows,
+        stored values and row cotangents."""
+        return self.pre_held + self.stored + self.pre_cotangents
+
 
 def measure(hoisted: Hoisted, grads: dict, stored: tuple, recompute: tuple) -> Costs:
     step_values = hoisted.step.values()
@@ -182,7 +193,7 @@ class Plan:
     def _timeline(self, T: int, B: int):
         """Elements held after each event of forward then backward, in the backend's order."""
         c = self.costs
-        per_step = c.pre_held + c.stored + c.pre_cotangents
+        per_step = c.backward_per_step
         lengths = self.segments_for(T)
         last = len(lengths) - 1
         held = c.seq_held.at(B)
@@ -416,9 +427,9 @@ def segment_lengths(costs: Costs, T: int, B: int, budget_elements: int) -> tuple
     row cotangents, so segment j may hold at most
     (budget - fixed - j * checkpoint) // per_step steps: early segments may be
     longer than late ones."""
-    fixed = (costs.seq_held + costs.seq_cotangents).at(B)
+    fixed = costs.backward_fixed.at(B)
     checkpoint = costs.state.at(B)
-    per_step = (costs.pre_held + costs.stored + costs.pre_cotangents).at(B)
+    per_step = costs.backward_per_step.at(B)
     caps, covered = [], 0
     while covered < T:
         cap = (budget_elements - fixed - len(caps) * checkpoint) // max(per_step, 1)
@@ -436,8 +447,7 @@ def segment_lengths(costs: Costs, T: int, B: int, budget_elements: int) -> tuple
 def smallest_budget(costs: Costs, T: int, B: int) -> int:
     """The least number of elements some segmentation fits in (a bisection)."""
     low = 0
-    high = (costs.seq_held + costs.seq_cotangents).at(B) + T * (
-        costs.state + costs.pre_held + costs.stored + costs.pre_cotangents).at(B)
+    high = costs.backward_fixed.at(B) + T * (costs.state + costs.backward_per_step).at(B)
     while low < high:
         mid = (low + high) // 2
         if segment_lengths(costs, T, B, mid) is None:
