@@ -334,9 +334,8 @@ class _Checker:
         if c.func in ("sum", "mean"):
             kw.setdefault("keepdims", 0)
             if kw["keepdims"] not in (0, 1):
-                where = next(a.pos for a in c.args
-                             if isinstance(a, ast.Keyword) and a.name == "keepdims")
-                raise CellError(f"keepdims must be 0 or 1, not {kw['keepdims']}", where)
+                raise CellError(f"keepdims must be 0 or 1, not {kw['keepdims']}",
+                                _keyword_pos(c, "keepdims"))
         if "axis" in kw:
             self._check_axis(kw["axis"], values[0], c)
         return self._emit(c.func, *values, name=name, pos=c.pos, **kw)
@@ -344,11 +343,8 @@ class _Checker:
     def _check_axis(self, axis: int, value: str, c: ast.Call):
         shape = self.builder.values[value].shape
         if not -len(shape) <= axis < len(shape):
-            # at the `axis=` argument when there is one, else at the call
-            where = next((a.pos for a in c.args if isinstance(a, ast.Keyword) and a.name == "axis"),
-                         c.pos)
             raise CellError(f"axis {axis} is out of range for {c.func}() of shape "
-                            f"{shape_str(shape)} (rank {len(shape)})", where)
+                            f"{shape_str(shape)} (rank {len(shape)})", _keyword_pos(c, "axis"))
 
     def _split(self, c: ast.Call, targets: int, names: list) -> list:
         positional = [a for a in c.args if not isinstance(a, ast.Keyword)]
@@ -400,6 +396,11 @@ def _int_literal(e, what: str) -> int:
     if value is None or not math.isfinite(value) or value != int(value):
         raise CellError(f"'{what}' must be an integer literal", e.pos)
     return int(value)
+
+
+def _keyword_pos(c: ast.Call, name: str) -> Pos:
+    """Where the `name=` argument of a call is, or the call's own place without one."""
+    return next((a.pos for a in c.args if isinstance(a, ast.Keyword) and a.name == name), c.pos)
 
 
 def _start(e) -> Pos:
