@@ -162,6 +162,14 @@ def softplus_np(x):
     return np.logaddexp(0.0, x)
 
 
+def g_where_wins(B, g, x, y, larger: bool):
+    """The cotangent of max (larger) or min for argument x against y: g where x
+    is strictly the larger (smaller) one, 0 elsewhere and at a tie, summed down
+    to x's shape."""
+    wins = B.emit("gt", x, y) if larger else B.emit("gt", y, x)
+    return B.reduce_to(B.mul(g, wins), x)
+
+
 # --- elementwise ops -------------------------------------------------------------
 defop("add", 2, broadcast_shapes, lambda n, a, b: a + b,
       lambda B, n, g: [B.reduce_to(g, n.args[0]), B.reduce_to(g, n.args[1])],
@@ -178,12 +186,12 @@ defop("div", 2, broadcast_shapes, lambda n, a, b: a / b,
                        B.reduce_to(B.neg(B.mul(B.div(g, n.args[1]), n.out)), n.args[1])],
       "({0} / {1})", per_element(1), elementwise=True)
 defop("max", 2, broadcast_shapes, lambda n, a, b: np.maximum(a, b),
-      lambda B, n, g: [B.reduce_to(B.mul(g, B.emit("gt", n.args[0], n.args[1])), n.args[0]),
-                       B.reduce_to(B.mul(g, B.emit("gt", n.args[1], n.args[0])), n.args[1])],
+      lambda B, n, g: [g_where_wins(B, g, *n.args, larger=True),
+                       g_where_wins(B, g, *reversed(n.args), larger=True)],
       "fmaxf({0}, {1})", per_element(1), elementwise=True)
 defop("min", 2, broadcast_shapes, lambda n, a, b: np.minimum(a, b),
-      lambda B, n, g: [B.reduce_to(B.mul(g, B.emit("gt", n.args[1], n.args[0])), n.args[0]),
-                       B.reduce_to(B.mul(g, B.emit("gt", n.args[0], n.args[1])), n.args[1])],
+      lambda B, n, g: [g_where_wins(B, g, *n.args, larger=False),
+                       g_where_wins(B, g, *reversed(n.args), larger=False)],
       "fminf({0}, {1})", per_element(1), elementwise=True)
 # gt(a, b) is 1 where a > b else 0: the derivative of max, min, relu and abs,
 # which is 0 at a tie. It only appears in backward graphs.
