@@ -183,6 +183,10 @@ class NumpyModule:
     def _shape(self, name: str) -> tuple:
         return concrete_shape(self.values[name].shape)
 
+    def _zeros(self, name: str, lead: tuple = ()) -> np.ndarray:
+        """Zeros of value `name`'s per-example shape behind the leading axes `lead`."""
+        return np.zeros(lead + self._shape(name), self.dtype)
+
     def _batched(self, name: str, array, batch: int):
         """A value as a batched array (shared values and literals broadcast over the batch)."""
         shape = (batch,) + self._shape(name)
@@ -202,8 +206,8 @@ class NumpyModule:
                     _bounds(self.program.plan.segments_for(T)), ledger)
         # the forward runs on its own copies of the initial states: a checkpoint owns them
         state = {d.name: np.array(states[d.name]) if d.name in states
-                 else np.zeros((B,) + self._shape(d.name), self.dtype) for d in self.cell.of_kind("state")}
-        outputs = {o: np.zeros((T, B) + self._shape(v), self.dtype) for o, v in self.cell.outputs}
+                 else self._zeros(d.name, (B,)) for d in self.cell.of_kind("state")}
+        outputs = {o: self._zeros(v, (T, B)) for o, v in self.cell.outputs}
         checkpoints, pre, tape = [], {}, None
         for j, (start, stop) in enumerate(call.bounds):
             last = train and j == len(call.bounds) - 1
@@ -288,22 +292,21 @@ class NumpyModule:
         B, ledger = call.B, call.ledger
         acc = Accumulators(
             d_inputs={x: np.zeros(a.shape, self.dtype) for x, a in call.inputs.items()},
-            d_seq=ledger.keep_all({o: np.zeros(((B,) if self.values[o].batched else ()) + self._shape(o),
-                                                self.dtype) for o in self.program.hoisted.seq.outputs}),
+            d_seq=ledger.keep_all({o: self._zeros(o, (B,) if self.values[o].batched else ())
+                                   for o in self.program.hoisted.seq.outputs}),
             d_shared={})
-        d_state = {d.name: d_states.get(d.name, np.zeros((B,) + self._shape(d.name), self.dtype))
+        d_state = {d.name: d_states.get(d.name, self._zeros(d.name, (B,)))
                    for d in self.cell.of_kind("state")}
         for j in reversed(range(len(call.bounds))):
             d_state = self._backward_segment(call, saved, j, d_outputs, d_state, acc)
         self._backward_seq(call, acc)
         cell = self.cell
-        zeros = lambda name, lead: np.zeros(lead + self._shape(name), self.dtype)
         return Gradients(
-            params={d.name: acc.d_shared.get(d.name, zeros(d.name, ())) for d in cell.of_kind("param")},
+            params={d.name: acc.d_shared.get(d.name, self._zeros(d.name)) for d in cell.of_kind("param")},
             inputs=acc.d_inputs,
             states=d_state,
             contexts={d.name: self._batched(d.name, acc.d_shared[d.name], B) if d.name in acc.d_shared
-                      else zeros(d.name, (B,)) for d in cell.of_kind("context")},
+                      else self._zeros(d.name, (B,)) for d in cell.of_kind("context")},
             peak_bytes=ledger.peak)
 
     def _backward_segment(self, call, saved, j, d_outputs, d_state, acc) -> dict:
@@ -318,7 +321,7 @@ class NumpyModule:
             ledger.release_all(state)
             pre, tape = self._run_pre(call, start, stop), []
             self._run_steps(call, pre, start, stop, state, tape)
-        d_rows = ledger.keep_all({v: np.zeros(((stop - start) * B,) + self._shape(v), self.dtype)
+        d_rows = ledger.keep_all({v: self._zeros(v, ((stop - start) * B,))
                                   for v in self.program.hoisted.pre.outputs})
         for t in reversed(range(start, stop)):
             stored = tape.pop()
@@ -359,7 +362,7 @@ class NumpyModule:
         """Cotangents of the step's outputs at step t: d_outputs[t] and the carried d_state."""
         seeds = {}
         for out, seed in step_bwd.seeds:
-            total = np.zeros((B,) + self._shape(out), self.dtype)
+            total = self._zeros(out, (B,))
             for s, v in self.cell.nexts:
                 if v == out:
                     total = total + d_state[s]
