@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 
@@ -62,8 +64,6 @@ def cmd_gradcheck(args) -> int:
 
 
 def cmd_run(args) -> int:
-    import time
-
     from .gradcheck import random_arguments
     module = load_for_run(args)
     arrays = random_arguments(module, args.seq_len, args.batch)
@@ -84,8 +84,6 @@ def cmd_run(args) -> int:
 
 def load_for_run(args):
     """The module `rnnc run` runs: an artifact directory or a .cell file, on --backend."""
-    from pathlib import Path
-
     from .artifact import load
     if Path(args.file).is_dir():
         if args.D:
@@ -127,8 +125,6 @@ def cmd_plan(args) -> int:
 
 
 def cmd_graph(args) -> int:
-    from pathlib import Path
-
     from .dot import to_dot, write_graph
     program = compile_for_cli(args)
     text = to_dot(program.hoisted.step, program.plan, f"cell {program.cell.name}, one step")
