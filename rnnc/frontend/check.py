@@ -19,6 +19,7 @@ from . import parse as ast
 
 ELEMENTWISE_FUNCS = ("sigmoid", "tanh", "relu", "exp", "log", "sqrt", "abs", "softplus")
 BINARY_FUNCS = ("max", "min")
+# functions over axes, with the keyword arguments each takes
 AXIS_FUNCS = {"sum": ("axis", "keepdims"), "mean": ("axis", "keepdims"), "softmax": ("axis",),
               "split": ("axis",), "concat": ("axis",), "transpose": ()}
 BUILTINS = ELEMENTWISE_FUNCS + BINARY_FUNCS + tuple(AXIS_FUNCS)
