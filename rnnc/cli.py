@@ -48,7 +48,7 @@ def cmd_check(args) -> int:
 
 def cmd_emit(args) -> int:
     source = driver.read_source(args.file)
-    print(driver.emit(source, args.stage, args.cell, parse_dims(args.D)))
+    print(driver.emit(source, args.stage, args.cell, parse_dims(args.D), args.recompute))
     return 0
 
 
@@ -157,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = with_cell(command("emit", cmd_emit, "print one stage of the pipeline"))
     c.add_argument("--stage", required=True, choices=driver.STAGES)
+    with_recompute(c)  # for the plan and cuda stages
 
     c = with_cell(command("gradcheck", cmd_gradcheck,
                           "check gradients against float64 finite differences (numpy backend)"))

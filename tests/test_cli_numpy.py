@@ -59,3 +59,12 @@ def test_a_path_with_a_brace_is_still_a_path(tmp_path, capsys):
 def test_emit_of_sized_stages_needs_dims(capsys, stage):
     assert main(["emit", str(EXAMPLES / "lstm.cell"), "--stage", stage]) == 1
     assert "need values" in capsys.readouterr().err
+
+
+def test_emit_plan_follows_recompute(capsys):
+    args = ["emit", str(EXAMPLES / "lstm.cell"), "--stage", "plan", "-D", "D=3", "-D", "H=2"]
+    assert main(args + ["--recompute", "none"]) == 0
+    assert "recomputed: (none)" in capsys.readouterr().out
+    assert main(args + ["--recompute", "all"]) == 0
+    out = capsys.readouterr().out
+    assert "stored per step: h, c\n" in out and "recompute=all" in out
