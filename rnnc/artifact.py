@@ -48,7 +48,7 @@ def write(program, out_dir, recompute="auto", arch: str | None = None, build: bo
     The cubin is built for `arch` (default: the local GPU's, else sm_80) when
     nvcc is there; `build=False` skips it."""
     from .backends.cuda.build import BuildError, check_arch, compile_cubin, default_arch
-    from .backends.cuda.codegen import generate
+    from .backends.cuda.lowering import generate
 
     generated = generate(program)
     files = {"kernels.cu": generated.source.encode(), "cell.ir": describe(program).encode()}
@@ -151,7 +151,7 @@ def load(directory, backend: str = "numpy", dtype: str | None = None):
                               seq_len=plan["seq_len"], batch=plan["batch"], dtype=plan["dtype"])
     if backend != "cuda":
         return program.load(backend=backend, dtype=dtype)
-    from .backends.cuda.codegen import Generated, Schedule
+    from .backends.cuda.schedule import Generated, Schedule
     from .backends.cuda.runtime import load as load_cuda
     generated = Generated((d / "kernels.cu").read_text(), Schedule.from_json(module["schedule"]))
 

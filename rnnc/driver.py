@@ -120,6 +120,6 @@ def emit(source: Source, stage: str, cell: str | None = None, dims: dict | None 
     require_dims(checked.cell, source)  # costs and kernel sizes need real sizes
     plan = make_plan(hoisted, grads, recompute)
     if stage == "cuda":
-        from .backends.cuda.codegen import generate
+        from .backends.cuda.lowering import generate
         return generate(Program(source, checked.cell, checked.warnings, hoisted, grads, plan)).source
     return plan.format()

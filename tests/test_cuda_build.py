@@ -18,8 +18,11 @@ import pytest
 
 import rnnc
 from rnnc.backends.cuda import build
-from rnnc.backends.cuda.codegen import Schedule, generate, mangle
-from rnnc.backends.cuda.runtime import CudaModule, CudaUnavailable
+from rnnc.backends.cuda.cexpr import mangle
+from rnnc.backends.cuda.device import CudaUnavailable
+from rnnc.backends.cuda.lowering import generate
+from rnnc.backends.cuda.runtime import CudaModule
+from rnnc.backends.cuda.schedule import Schedule
 
 import cuda_cases as cases
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import rnnc
-from rnnc.backends.cuda.codegen import generate
+from rnnc.backends.cuda.lowering import generate
 from rnnc.backends.cuda.runtime import CudaModule
 
 import cuda_cases as cases

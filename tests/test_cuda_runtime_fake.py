@@ -32,8 +32,9 @@ import numpy as np
 import pytest
 
 import rnnc
-from rnnc.backends.cuda.codegen import generate
-from rnnc.backends.cuda.runtime import CudaUnavailable, PycudaDevice, load
+from rnnc.backends.cuda.device import CudaUnavailable, PycudaDevice
+from rnnc.backends.cuda.lowering import generate
+from rnnc.backends.cuda.runtime import load
 
 import cuda_cases as cases
 import cuda_emulator

@@ -1,4 +1,15 @@
-"""The CUDA backend: codegen (IR + Plan -> CUDA C), build (nvcc -> cubin), runtime (PyCUDA)."""
+"""The CUDA backend, in the order a program goes through it:
+
+- `lowering.py`: the program (IR + Plan) as CUDA C and a schedule, every value
+  in a buffer; `region.py` lowers one region's nodes into kernels,
+  `elementwise.py` the fused loops of a phase, `kernels.py` builds each kernel
+  from its template (`templates/*.cu.j2`), `cexpr.py` spells names, literals
+  and indices in C.
+- `schedule.py`: the schedule, plain data shared by the runtime and the artifact.
+- `build.py`: nvcc turns the source into a cubin, cached on disk.
+- `runtime.py`: `CudaModule`, the NumPy module's API, running the schedule
+  through `executor.py` on a device (`device.py`: PyCUDA).
+"""
 
 
 class ToolchainError(RuntimeError):

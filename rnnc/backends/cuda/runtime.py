@@ -1,34 +1,30 @@
 """Running: a host loop over time launches the generated kernels.
 
-`Executor` interprets a `Schedule` on a `Device`: it allocates the buffers of
-one call in one pool, copies the caller's arrays in, runs the once-per-sequence
-launches, then the per-step launches for t = 0..T-1 (and T-1..0 backward), and
-copies results out. `PycudaDevice` is the real device; anything with the same
-few methods works (the tests run the kernels through a CPU emulation of CUDA).
+`CudaModule` has the NumPy module's API. Per call it allocates the buffers
+in pools, copies the caller's arrays in, runs the once-per-sequence launches,
+then per segment of steps the hoisted rows and the per-step launches for
+t = start..stop-1 (and back, last segment first, for the backward, replaying
+a segment from its checkpoint), and copies results out; `executor.Executor`
+runs the launches on a device (`device.PycudaDevice`, or the tests' CPU
+emulation of CUDA).
 
-`CudaModule` has the NumPy module's API. It takes NumPy arrays, PyCUDA
-GPUArrays or anything with `__cuda_array_interface__` (contiguous float32, on
-the module's GPU), and returns NumPy arrays for NumPy input, GPUArrays (or what
-the device's `empty` makes) otherwise.
+It takes NumPy arrays, PyCUDA GPUArrays or anything with
+`__cuda_array_interface__` (contiguous float32, on the module's GPU), and
+returns NumPy arrays for NumPy input, GPUArrays (or what the device's `empty`
+makes) otherwise.
 """
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..args import bind_cotangents, bind_forward, concrete_shape
 from ..numpy import ForwardResult, Gradients, NumpyModule
-from . import ToolchainError
-from .codegen import Schedule
-
-ALIGN = 256  # bytes between buffers of a pool (the alignment cudaMalloc gives)
-
-
-class CudaUnavailable(ToolchainError):
-    """PyCUDA, the driver or a GPU is missing; the message says which and what to do."""
+from .device import PycudaDevice
+from .executor import Executor, Slotted, Steps, aligned, segments, slot_count
+from .schedule import Schedule
 
 
 # --- arrays the caller passes ------------------------------------------------------------
@@ -74,87 +70,6 @@ def wrap_all(arrays: dict | None):
 
 
 # --- the schedule's interpreter ------------------------------------------------------------
-@dataclass
-class Slotted:
-    """A buffer in a pool: `slots` slots; a segment's buffer counts them from the segment's start."""
-
-    ptr: int
-    slots: int
-    slot_bytes: int
-    per_segment: bool
-
-    def at(self, step: int, start: int = 0) -> int:
-        index = step - start if self.per_segment else step
-        return self.ptr + (index % self.slots if self.slots else 0) * self.slot_bytes  # T = 0: no slots
-
-
-@dataclass(frozen=True)
-class Steps:
-    """Steps start..stop of a sequence of T steps, batch B: one segment of a call."""
-
-    T: int
-    B: int
-    start: int
-    stop: int
-
-    @property
-    def rows(self) -> int:
-        return (self.stop - self.start) * self.B
-
-
-def segments(plan, T: int, train: bool) -> list:
-    """(start, stop) of each segment the Plan runs; inference keeps nothing, so one segment."""
-    lengths = plan.segments_for(T) if train else ((T,) if T else ())
-    bounds, start = [], 0
-    for n in lengths:
-        bounds.append((start, start + n))
-        start += n
-    return bounds or [(0, 0)]
-
-
-def slot_count(buffer, T: int, longest: int, train: bool) -> int:
-    if buffer.whole_sequence:
-        return T
-    steps = longest
-    return {"one": 1, "T": steps, "tape": steps if train else 1, "state": steps + 1 if train else 2}[buffer.slots]
-
-
-class Executor:
-    def __init__(self, schedule: Schedule, device):
-        self.schedule, self.device = schedule, device
-        forward = {name for k in ("forward_seq", "forward_pre", "forward_step")
-                   for launch in getattr(schedule, k) for name, _ in launch.args}
-        buffers = schedule.buffers.values()
-        self.transient = [b for b in buffers if b.role == "transient"]  # only while forward_pre runs
-        self.forward_buffers = [b for b in buffers if b.role != "transient" and (
-            b.name in forward or b.role in ("input", "param", "context", "state", "output"))]
-        self.backward_buffers = [b for b in buffers if b.role != "transient" and b not in self.forward_buffers]
-
-    def allocate(self, buffers, T: int, B: int, longest: int, train: bool):
-        """One pool for `buffers`: (name -> Slotted, the pool to keep alive)."""
-        layout, offset = {}, 0
-        for b in buffers:
-            slot_bytes = (B if b.batched else 1) * b.numel * 4
-            slots = slot_count(b, T, longest, train)
-            layout[b.name] = (offset, slots, slot_bytes, not b.whole_sequence)
-            offset += -(-max(slots * slot_bytes, 1) // ALIGN) * ALIGN
-        base, pool = self.device.alloc(offset)
-        return {n: Slotted(base + o, *rest) for n, (o, *rest) in layout.items()}, pool
-
-    def run(self, launches, memory: dict, steps: Steps, t: int, lengths: int):
-        for launch in launches:
-            rows = steps.B if launch.rows == "B" else steps.rows
-            grid = tuple(min(-(-(e.n * (rows if e.rows else 1)) // e.div), limit) or 1
-                         for e, limit in zip(launch.grid, GRID_LIMITS))
-            index = {"base": steps.start, "t": t, "t+1": t + 1}
-            ptrs = [memory[name].at(index[sel], steps.start) for name, sel in launch.args]
-            self.device.launch(launch.kernel, grid, launch.block, rows, t, lengths, ptrs)
-
-
-# grid-stride loops (and the product kernel's loop over g) make any grid size correct,
-# so huge launches are capped at the hardware's limits
-GRID_LIMITS = (2**31 - 1, 65535, 65535)
-
 
 @dataclass
 class Call:
@@ -250,11 +165,11 @@ class CudaModule:
 
     def _checkpoints(self, B: int, count: int):
         sizes = {s: B * self.buffers[f"state:{s}"].numel * 4 for s in self.states}
-        base, pool = self.device.alloc(sum(-(-max(n * count, 1) // ALIGN) * ALIGN for n in sizes.values()))
+        base, pool = self.device.alloc(sum(aligned(n * count) for n in sizes.values()))
         out, offset = {}, 0
         for s, n in sizes.items():
             out[s] = Slotted(base + offset, count, n, False)
-            offset += -(-max(n * count, 1) // ALIGN) * ALIGN
+            offset += aligned(n * count)
         return out, pool
 
     def _run_segments(self, call: Call):
@@ -370,118 +285,6 @@ class CudaModule:
 
 
 # --- PyCUDA -----------------------------------------------------------------------------------------
-class PycudaDevice:
-    """The real device: a PyCUDA context and the cubin's functions.
-
-    `ordinal=None` runs in the PyCUDA context active on this thread (pycuda.autoinit's,
-    say), else in pycuda.autoprimaryctx's: a GPU's primary context (GPU 0's unless
-    CUDA_DEVICE says otherwise), left active on this thread (so the caller can make and
-    read GPUArrays) until PyCUDA pops it at exit. An ordinal picks that GPU's primary
-    context, the one the CUDA runtime and PyTorch use, and leaves no context active.
-
-    PyCUDA keeps a context stack per thread, so every call pushes the context and pops
-    it after (`active`): the module works from any thread, such as torch's autograd
-    threads. `empty(shape)` makes float32 device arrays (results, and the pools behind
-    them): PyCUDA GPUArrays unless given. PyCUDA frees its device memory only where its
-    context is active or on the thread that made the context (elsewhere it leaks it,
-    with a warning), so rnnc.torch passes torch.empty.
-    """
-
-    def __init__(self, ordinal: int | None = None, empty=None):
-        drv = import_pycuda()
-        try:
-            drv.init()
-            count = drv.Device.count()
-            if count == 0:
-                raise CudaUnavailable("backend='cuda': the CUDA driver sees no GPU; run on a machine "
-                                      "with an NVIDIA GPU or use backend='numpy'")
-            if ordinal is None and drv.Context.get_current() is None:
-                import pycuda.autoprimaryctx  # noqa: F401  (its first import pushes the context)
-            current = drv.Context.get_current() if ordinal is None else None
-            if current is not None:
-                self.context, self.gpu = current, drv.Context.get_device()
-            else:
-                if not 0 <= (ordinal or 0) < count:
-                    raise CudaUnavailable(f"backend='cuda': there is no GPU {ordinal}; the CUDA driver "
-                                          f"sees {count} (0 to {count - 1})")
-                self.gpu = drv.Device(ordinal or 0)
-                self.context = self.gpu.retain_primary_context()
-        except drv.Error as err:
-            raise CudaUnavailable(f"backend='cuda': the CUDA driver failed ({err}); install the NVIDIA "
-                                  "driver or use backend='numpy'") from None
-        self.drv = drv
-        self.empty = empty or self._gpuarray
-        self.functions = {}
-
-    @contextmanager
-    def active(self):
-        self.context.push()
-        try:
-            yield
-        finally:
-            self.drv.Context.pop()
-
-    @property
-    def arch(self) -> str:
-        major, minor = self.gpu.compute_capability()
-        return f"sm_{major}{minor}"
-
-    def load_module(self, cubin_path, arities: dict):
-        """The cubin's kernels, each prepared for (rows, t, lengths, buffers...)."""
-        with self.active():
-            try:
-                self.module = self.drv.module_from_file(str(cubin_path))
-            except self.drv.Error as err:  # PyCUDA's errors are not RuntimeErrors: say what this one means
-                raise CudaUnavailable(f"backend='cuda': this GPU ({self.arch}) cannot load {cubin_path} "
-                                      f"({err}); rebuild it for {self.arch}") from None
-            for name, n in arities.items():
-                f = self.module.get_function(name)
-                f.prepare("iiP" + "P" * n)
-                self.functions[name] = f
-
-    @staticmethod
-    def _gpuarray(shape):
-        from pycuda import gpuarray
-        return gpuarray.empty(shape, np.float32)
-
-    def alloc(self, nbytes: int):
-        pool = self.empty((max(-(-nbytes // 4), 1),))
-        return int(pool.__cuda_array_interface__["data"][0]), pool
-
-    # the driver's copies and memsets run in order with the launches (all on stream 0);
-    # empty arrays may have a null pointer, which the driver need not accept
-    def htod(self, ptr: int, array: np.ndarray):
-        if array.nbytes:
-            self.drv.memcpy_htod(ptr, array)
-
-    def dtoh(self, out: np.ndarray, ptr: int):
-        if out.nbytes:
-            self.drv.memcpy_dtoh(out, ptr)
-
-    def dtod(self, dst: int, src: int, nbytes: int):
-        if nbytes:
-            self.drv.memcpy_dtod(dst, src, nbytes)
-
-    def memset0(self, ptr: int, nbytes: int):
-        if nbytes:
-            self.drv.memset_d8(ptr, 0, nbytes)
-
-    def launch(self, kernel, grid, block, rows, t, lengths, ptrs):
-        self.functions[kernel].prepared_call(grid, (block, 1, 1), np.int32(rows), np.int32(t),
-                                             np.uintp(lengths), *[np.uintp(p) for p in ptrs])
-
-
-def import_pycuda():
-    try:
-        import pycuda.driver as drv
-    except ImportError as err:
-        if "libcuda" in str(err):
-            raise CudaUnavailable(f"backend='cuda': the NVIDIA driver is missing ({err}); install it "
-                                  "on a machine with an NVIDIA GPU, or use backend='numpy'") from None
-        raise CudaUnavailable("backend='cuda' needs PyCUDA: pip install 'rnnc[cuda]' (or pip install "
-                              "pycuda), with the NVIDIA driver and a GPU; or use backend='numpy'") from None
-    return drv
-
 
 def load(program, dtype="float32", generated=None, cubin_for=None, device: int | None = None,
          empty=None) -> CudaModule:
@@ -489,7 +292,7 @@ def load(program, dtype="float32", generated=None, cubin_for=None, device: int |
     now) built for the GPU, or `cubin_for(arch)`'s cubin, loaded with PyCUDA
     (`device` and `empty`: see PycudaDevice)."""
     from .build import compile_cubin
-    from .codegen import generate
+    from .lowering import generate
     if np.dtype(dtype) != np.float32:
         raise ValueError(f"dtype: the cuda backend runs float32 only, got {dtype!r} "
                          "(use backend='numpy' for float64)")

@@ -1,0 +1,127 @@
+"""The real device: PyCUDA's driver, a GPU's context and the cubin's kernels,
+behind the few methods `executor.Executor` and `runtime.CudaModule` call
+(alloc, copies, memset0, launch, active)."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import numpy as np
+
+from . import ToolchainError
+
+
+class CudaUnavailable(ToolchainError):
+    """PyCUDA, the driver or a GPU is missing; the message says which and what to do."""
+
+
+class PycudaDevice:
+    """The real device: a PyCUDA context and the cubin's functions.
+
+    `ordinal=None` runs in the PyCUDA context active on this thread (pycuda.autoinit's,
+    say), else in pycuda.autoprimaryctx's: a GPU's primary context (GPU 0's unless
+    CUDA_DEVICE says otherwise), left active on this thread (so the caller can make and
+    read GPUArrays) until PyCUDA pops it at exit. An ordinal picks that GPU's primary
+    context, the one the CUDA runtime and PyTorch use, and leaves no context active.
+
+    PyCUDA keeps a context stack per thread, so every call pushes the context and pops
+    it after (`active`): the module works from any thread, such as torch's autograd
+    threads. `empty(shape)` makes float32 device arrays (results, and the pools behind
+    them): PyCUDA GPUArrays unless given. PyCUDA frees its device memory only where its
+    context is active or on the thread that made the context (elsewhere it leaks it,
+    with a warning), so rnnc.torch passes torch.empty.
+    """
+
+    def __init__(self, ordinal: int | None = None, empty=None):
+        drv = import_pycuda()
+        try:
+            drv.init()
+            count = drv.Device.count()
+            if count == 0:
+                raise CudaUnavailable("backend='cuda': the CUDA driver sees no GPU; run on a machine "
+                                      "with an NVIDIA GPU or use backend='numpy'")
+            if ordinal is None and drv.Context.get_current() is None:
+                import pycuda.autoprimaryctx  # noqa: F401  (its first import pushes the context)
+            current = drv.Context.get_current() if ordinal is None else None
+            if current is not None:
+                self.context, self.gpu = current, drv.Context.get_device()
+            else:
+                if not 0 <= (ordinal or 0) < count:
+                    raise CudaUnavailable(f"backend='cuda': there is no GPU {ordinal}; the CUDA driver "
+                                          f"sees {count} (0 to {count - 1})")
+                self.gpu = drv.Device(ordinal or 0)
+                self.context = self.gpu.retain_primary_context()
+        except drv.Error as err:
+            raise CudaUnavailable(f"backend='cuda': the CUDA driver failed ({err}); install the NVIDIA "
+                                  "driver or use backend='numpy'") from None
+        self.drv = drv
+        self.empty = empty or self._gpuarray
+        self.functions = {}
+
+    @contextmanager
+    def active(self):
+        self.context.push()
+        try:
+            yield
+        finally:
+            self.drv.Context.pop()
+
+    @property
+    def arch(self) -> str:
+        major, minor = self.gpu.compute_capability()
+        return f"sm_{major}{minor}"
+
+    def load_module(self, cubin_path, arities: dict):
+        """The cubin's kernels, each prepared for (rows, t, lengths, buffers...)."""
+        with self.active():
+            try:
+                self.module = self.drv.module_from_file(str(cubin_path))
+            except self.drv.Error as err:  # PyCUDA's errors are not RuntimeErrors: say what this one means
+                raise CudaUnavailable(f"backend='cuda': this GPU ({self.arch}) cannot load {cubin_path} "
+                                      f"({err}); rebuild it for {self.arch}") from None
+            for name, n in arities.items():
+                f = self.module.get_function(name)
+                f.prepare("iiP" + "P" * n)
+                self.functions[name] = f
+
+    @staticmethod
+    def _gpuarray(shape):
+        from pycuda import gpuarray
+        return gpuarray.empty(shape, np.float32)
+
+    def alloc(self, nbytes: int):
+        pool = self.empty((max(-(-nbytes // 4), 1),))
+        return int(pool.__cuda_array_interface__["data"][0]), pool
+
+    # the driver's copies and memsets run in order with the launches (all on stream 0);
+    # empty arrays may have a null pointer, which the driver need not accept
+    def htod(self, ptr: int, array: np.ndarray):
+        if array.nbytes:
+            self.drv.memcpy_htod(ptr, array)
+
+    def dtoh(self, out: np.ndarray, ptr: int):
+        if out.nbytes:
+            self.drv.memcpy_dtoh(out, ptr)
+
+    def dtod(self, dst: int, src: int, nbytes: int):
+        if nbytes:
+            self.drv.memcpy_dtod(dst, src, nbytes)
+
+    def memset0(self, ptr: int, nbytes: int):
+        if nbytes:
+            self.drv.memset_d8(ptr, 0, nbytes)
+
+    def launch(self, kernel, grid, block, rows, t, lengths, ptrs):
+        self.functions[kernel].prepared_call(grid, (block, 1, 1), np.int32(rows), np.int32(t),
+                                             np.uintp(lengths), *[np.uintp(p) for p in ptrs])
+
+
+def import_pycuda():
+    try:
+        import pycuda.driver as drv
+    except ImportError as err:
+        if "libcuda" in str(err):
+            raise CudaUnavailable(f"backend='cuda': the NVIDIA driver is missing ({err}); install it "
+                                  "on a machine with an NVIDIA GPU, or use backend='numpy'") from None
+        raise CudaUnavailable("backend='cuda' needs PyCUDA: pip install 'rnnc[cuda]' (or pip install "
+                              "pycuda), with the NVIDIA driver and a GPU; or use backend='numpy'") from None
+    return drv

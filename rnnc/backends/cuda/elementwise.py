@@ -1,0 +1,151 @@
+"""Elementwise lowering: the fused loops of a phase kernel.
+
+A phase stores some values; every elementwise op, slice, pad, concatenation,
+transpose and broadcast they are computed from is inlined into their
+expressions (structural ops become index arithmetic, `STRUCTURAL`), with
+common subexpressions shared per element. Values made by earlier kernels are
+loaded from their buffers.
+"""
+from __future__ import annotations
+
+import math
+
+from ...ops import OPS
+from ...shapes import concrete_shape
+from .cexpr import Ref, c_float, decode, offset, size_expr, strides
+
+
+class Loop:
+    """One grid-stride loop of a phase kernel over the elements of one shape:
+    statements (with common subexpressions shared) and the stores."""
+
+    def __init__(self, shape: tuple, batched: bool, resolve):
+        self.shape, self.batched, self.resolve = shape, batched, resolve
+        self.lines: list = []
+        self.memo: dict = {}
+        self.refs: dict = {}  # param -> Ref
+        numel = math.prod(shape)
+        self.total = size_expr(numel, batched)
+        self.row = self.temp_int(f"i_ / {numel}") if batched else None
+        flat = self.temp_int(f"i_ % {numel}") if batched else "i_"
+        self.index = tuple(self.temp_int(e) for e in decode(flat, list(shape))) if shape else ()
+
+    def temp_int(self, expr: str) -> str:
+        return expr if expr.isidentifier() or expr.isdigit() else self.temp("int", expr)
+
+    def temp(self, ctype: str, expr: str) -> str:
+        key = (ctype, expr)
+        if key not in self.memo:
+            name = f"{'j' if ctype == 'int' else 'f'}{len(self.memo)}"
+            self.lines.append(f"const {ctype} {name} = {expr};")
+            self.memo[key] = name
+        return self.memo[key]
+
+    def element(self, ref: Ref, row, index) -> str:
+        """`ref`'s element at (row, index) as a C lvalue; the row counts only when batched."""
+        self.refs[ref.param] = ref
+        terms = list(zip(index, strides(ref.shape)))
+        if ref.batched:
+            terms.insert(0, (row, ref.numel))
+        return f"{ref.param}[{offset(terms)}]"
+
+    def load(self, ref: Ref, row, index) -> str:
+        return self.temp("float", self.element(ref, row, index))
+
+    def value(self, name: str, row, index) -> str:
+        """The C expression of value `name` at (row, index), inlining fusible producers."""
+        where = self.resolve(name)
+        if isinstance(where, Ref):
+            return self.load(where, row if where.batched else None, index)
+        return self.node(where, row, index)
+
+    def node(self, n, row, index) -> str:
+        shape = concrete_shape(n.shape)
+        if n.op == "const":
+            return c_float(n.attr("value"))
+        lower = STRUCTURAL.get(n.op)
+        if lower is not None:
+            return lower(self, n, shape, row, index)
+        args = [self.value(a, row, broadcast_index(self.shape_of(a), shape, index)) for a in n.args]
+        return self.temp("float", OPS[n.op].cuda.format(*args))
+
+    def shape_of(self, name: str) -> tuple:
+        where = self.resolve(name)
+        return where.shape if isinstance(where, Ref) else concrete_shape(where.shape)
+
+    def store(self, ref: Ref, expr_name: str, op: str = "="):
+        """`ref` at this loop's own element gets (`=`) or adds (`+=`) `expr_name`."""
+        self.lines.append(f"{self.element(ref, self.row, self.index)} {op} {expr_name};")
+
+    def at(self, ref: Ref) -> str:
+        """`ref` loaded at this loop's own element (broadcast the NumPy way)."""
+        return self.load(ref, self.row if ref.batched else None,
+                         broadcast_index(ref.shape, self.shape, self.index))
+
+    def clamp(self, expr: str, n: int) -> str:
+        return self.temp_int(f"min(max({expr}, 0), {n - 1})")
+
+
+def loop_for(loops: dict, shape: tuple, batched: bool, resolve=None) -> Loop:
+    """The loop of `loops` over the elements of (shape, batched), made on first
+    use: a kernel runs one grid-stride loop per shape it writes. Without
+    `resolve` the loop only loads and stores buffers (`Loop.at`, `Loop.store`)."""
+    key = (shape, batched)
+    if key not in loops:
+        loops[key] = Loop(shape, batched, resolve)
+    return loops[key]
+
+
+def broadcast_index(arg_shape: tuple, out_shape: tuple, index: tuple) -> tuple:
+    """An argument's index under right-aligned NumPy broadcasting (size-1 axes read index 0)."""
+    lead = len(out_shape) - len(arg_shape)
+    return tuple("0" if a == 1 and out_shape[lead + k] != 1 else index[lead + k]
+                 for k, a in enumerate(arg_shape))
+
+
+def lower_slice(loop: Loop, n, shape, row, index):
+    axis = n.attr("axis") % len(shape)
+    moved = list(index)
+    moved[axis] = loop.temp_int(f"{index[axis]} + {n.attr('start').value}")
+    return loop.value(n.args[0], row, tuple(moved))
+
+
+def lower_pad(loop: Loop, n, shape, row, index):
+    # the argument is read at a clamped index (always in bounds) and the pad selects 0 outside
+    axis, before = n.attr("axis"), n.attr("before").value
+    size = shape[axis] - before - n.attr("after").value
+    j = loop.temp_int(f"{index[axis]} - {before}")
+    moved = list(index)
+    moved[axis] = loop.clamp(j, size)
+    inner = loop.value(n.args[0], row, tuple(moved))
+    return loop.temp("float", f"({j} >= 0 && {j} < {size}) ? {inner} : 0.0f")
+
+
+def lower_concat(loop: Loop, n, shape, row, index):
+    axis = n.attr("axis") % len(shape)
+    start, parts = 0, []
+    for a in n.args:
+        size = loop.shape_of(a)[axis]
+        moved = list(index)
+        moved[axis] = loop.clamp(f"{index[axis]} - {start}", size)
+        parts.append((start + size, loop.value(a, row, tuple(moved))))
+        start += size
+    expr = parts[-1][1]
+    for stop, value in reversed(parts[:-1]):
+        expr = f"({index[axis]} < {stop}) ? {value} : {expr}"
+    return loop.temp("float", expr)
+
+
+def lower_transpose(loop: Loop, n, shape, row, index):
+    return loop.value(n.args[0], row, tuple(reversed(index)))
+
+
+def lower_broadcast_in(loop: Loop, n, shape, row, index):
+    axis = n.attr("axis")
+    kept = tuple(ix for k, ix in enumerate(index) if k != axis) if axis is not None else index
+    kept_shape = tuple(s for k, s in enumerate(shape) if k != axis) if axis is not None else shape
+    return loop.value(n.args[0], row, broadcast_index(loop.shape_of(n.args[0]), kept_shape, kept))
+
+
+STRUCTURAL = {"slice": lower_slice, "pad": lower_pad, "concat": lower_concat,
+              "transpose": lower_transpose, "broadcast_in": lower_broadcast_in}

@@ -1,0 +1,107 @@
+"""The schedule's interpreter: buffers of one call in pools, and launches on a device.
+
+`Executor` runs a `Schedule`'s launches on a `Device`: `PycudaDevice`
+(`device.py`) or anything with the same few methods (the tests run the kernels
+through a CPU emulation of CUDA). A buffer has slots (one per step of a
+segment, say); a launch's arguments pick a slot by the step being run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .schedule import Schedule
+
+ALIGN = 256  # bytes between buffers of a pool (the alignment cudaMalloc gives)
+
+
+def aligned(nbytes: int) -> int:
+    """The bytes `nbytes` takes in a pool (at least one, so every buffer has its own address)."""
+    return -(-max(nbytes, 1) // ALIGN) * ALIGN
+
+
+@dataclass
+class Slotted:
+    """A buffer in a pool: `slots` slots; a segment's buffer counts them from the segment's start."""
+
+    ptr: int
+    slots: int
+    slot_bytes: int
+    per_segment: bool
+
+    def at(self, step: int, start: int = 0) -> int:
+        index = step - start if self.per_segment else step
+        return self.ptr + (index % self.slots if self.slots else 0) * self.slot_bytes  # T = 0: no slots
+
+
+@dataclass(frozen=True)
+class Steps:
+    """Steps start..stop of a sequence of T steps, batch B: one segment of a call."""
+
+    T: int
+    B: int
+    start: int
+    stop: int
+
+    @property
+    def rows(self) -> int:
+        return (self.stop - self.start) * self.B
+
+
+def segments(plan, T: int, train: bool) -> list:
+    """(start, stop) of each segment the Plan runs; inference keeps nothing, so one segment."""
+    lengths = plan.segments_for(T) if train else ((T,) if T else ())
+    bounds, start = [], 0
+    for n in lengths:
+        bounds.append((start, start + n))
+        start += n
+    return bounds or [(0, 0)]
+
+
+def slot_count(buffer, T: int, longest: int, train: bool) -> int:
+    if buffer.whole_sequence:
+        return T
+    steps = longest
+    return {"one": 1, "T": steps, "tape": steps if train else 1, "state": steps + 1 if train else 2}[buffer.slots]
+
+
+class Executor:
+    """Runs a Schedule's launches on a device. Its buffers fall in three
+    groups, each allocated as one pool when needed: `forward_buffers` (the
+    caller's and those the forward launches read or write), `backward_buffers`
+    (the rest, for a backward only) and `transient` (the hoisted regions'
+    scratch, held only while they run)."""
+
+    def __init__(self, schedule: Schedule, device):
+        self.schedule, self.device = schedule, device
+        forward = {name for k in ("forward_seq", "forward_pre", "forward_step")
+                   for launch in getattr(schedule, k) for name, _ in launch.args}
+        buffers = schedule.buffers.values()
+        self.transient = [b for b in buffers if b.role == "transient"]  # only while forward_pre runs
+        self.forward_buffers = [b for b in buffers if b.role != "transient" and (
+            b.name in forward or b.role in ("input", "param", "context", "state", "output"))]
+        self.backward_buffers = [b for b in buffers if b.role != "transient" and b not in self.forward_buffers]
+
+    def allocate(self, buffers, T: int, B: int, longest: int, train: bool):
+        """One pool for `buffers`: (name -> Slotted, the pool to keep alive)."""
+        layout, offset = {}, 0
+        for b in buffers:
+            slot_bytes = (B if b.batched else 1) * b.numel * 4
+            slots = slot_count(b, T, longest, train)
+            layout[b.name] = (offset, slots, slot_bytes, not b.whole_sequence)
+            offset += aligned(slots * slot_bytes)
+        base, pool = self.device.alloc(offset)
+        return {n: Slotted(base + o, *rest) for n, (o, *rest) in layout.items()}, pool
+
+    def run(self, launches, memory: dict, steps: Steps, t: int, lengths: int):
+        for launch in launches:
+            rows = steps.B if launch.rows == "B" else steps.rows
+            grid = tuple(min(-(-(e.n * (rows if e.rows else 1)) // e.div), limit) or 1
+                         for e, limit in zip(launch.grid, GRID_LIMITS))
+            index = {"base": steps.start, "t": t, "t+1": t + 1}
+            ptrs = [memory[name].at(index[sel], steps.start) for name, sel in launch.args]
+            self.device.launch(launch.kernel, grid, launch.block, rows, t, lengths, ptrs)
+
+
+# grid-stride loops (and the product kernel's loop over g) make any grid size correct,
+# so huge launches are capped at the hardware's limits
+GRID_LIMITS = (2**31 - 1, 65535, 65535)
