@@ -9,8 +9,8 @@ import numpy as np
 import rnnc
 from rnnc.backends.args import concrete_shape
 
-ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = sorted(ROOT.glob("examples/*.cell"))
+from conftest import compile_sized, declared_dims, example
+
 POLICIES = ("none", "auto", "all")
 # small dims, all different, so a transposed or swapped index cannot pass by accident
 DIMS = {"D": 3, "H": 5, "E": 4, "S": 6}
@@ -20,12 +20,11 @@ TOLERANCE = 1e-4  # times the reference's largest magnitude, per array
 
 
 def dims_of(path: Path) -> dict:
-    declared = rnnc.driver.check_source(rnnc.driver.read_source(path)).cell.dims
-    return {name: DIMS[name] for name, _ in declared}
+    return declared_dims(path, DIMS)
 
 
 def compile_example(path: Path, policy: str):
-    return rnnc.compile(path, dims=dims_of(path), recompute=policy)
+    return compile_sized(path, DIMS, recompute=policy)
 
 
 def arguments(program, seed: int = 1, steps: int = T, batch: int = B) -> dict:
@@ -82,7 +81,7 @@ def mismatches(got: dict, want: dict) -> dict:
 def large_lstm_mismatches(load) -> dict:
     """An LSTM with sizes past one 32x32 product tile and one 256-thread block,
     and a batch past one tile, run by `load(program)`'s module, against the reference."""
-    program = rnnc.compile(ROOT / "examples/lstm.cell", dims={"D": 70, "H": 97}, recompute="auto")
+    program = rnnc.compile(example("lstm"), dims={"D": 70, "H": 97}, recompute="auto")
     steps, batch = 3, 37
     args = arguments(program, steps=steps, batch=batch)
     lengths = np.random.default_rng(2).integers(0, steps + 1, size=batch)

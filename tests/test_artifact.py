@@ -22,8 +22,9 @@ from rnnc.backends.cuda import build
 from rnnc.cli import main
 
 import cuda_cases as cases
+from conftest import example
 
-LSTM = cases.ROOT / "examples/lstm.cell"
+LSTM = example("lstm")
 HAS_NVCC = bool(build.shutil.which("nvcc") or Path("/usr/local/cuda/bin/nvcc").exists())
 needs_nvcc = pytest.mark.skipif(not HAS_NVCC, reason="needs nvcc (the CUDA toolkit)")
 
@@ -40,7 +41,7 @@ def compiled(tmp_path, path=LSTM, policy="none", arch="sm_80") -> Path:
     return out
 
 
-@pytest.mark.parametrize("path", [LSTM, cases.ROOT / "examples/attention_lstm.cell"], ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", [LSTM, example("attention_lstm")], ids=lambda p: p.stem)
 def test_round_trip_with_the_numpy_backend(tmp_path, path):
     out = compiled(tmp_path, path, "none")
     names = {p.name for p in out.iterdir()}

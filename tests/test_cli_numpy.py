@@ -1,15 +1,13 @@
 """`rnnc gradcheck`, `rnnc run` and `rnnc emit --stage hoist|grad` from the command line."""
-from pathlib import Path
-
 import pytest
 
+from conftest import example
 from rnnc.cli import main
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def test_gradcheck_passes_and_reports_every_argument(capsys):
-    code = main(["gradcheck", str(EXAMPLES / "gru.cell"), "-D", "D=3", "-D", "H=2", "--lengths"])
+    code = main(["gradcheck", str(example("gru")), "-D", "D=3", "-D", "H=2", "--lengths"])
     out = capsys.readouterr().out
     assert code == 0
     for name in ("params['W']", "inputs['x']", "states['h']", "worst relative error", "ok"):
@@ -18,14 +16,14 @@ def test_gradcheck_passes_and_reports_every_argument(capsys):
 
 def test_gradcheck_fails_above_tolerance(capsys):
     # float64 central differences are good to ~1e-9 here, never to 1e-30
-    code = main(["gradcheck", str(EXAMPLES / "lstm.cell"), "-D", "D=2", "-D", "H=2",
+    code = main(["gradcheck", str(example("lstm")), "-D", "D=2", "-D", "H=2",
                  "--tolerance", "1e-30"])
     assert code == 1
     assert "FAILED" in capsys.readouterr().out
 
 
 def test_run_prints_shapes(capsys):
-    code = main(["run", str(EXAMPLES / "attention_lstm.cell"), "-D", "D=3", "-D", "H=4", "-D", "E=5",
+    code = main(["run", str(example("attention_lstm")), "-D", "D=3", "-D", "H=4", "-D", "E=5",
                  "-D", "S=6", "--seq-len", "7", "--batch", "2"])
     out = capsys.readouterr().out
     assert code == 0
@@ -33,7 +31,7 @@ def test_run_prints_shapes(capsys):
 
 
 def test_missing_dims_is_a_user_error(capsys):
-    assert main(["run", str(EXAMPLES / "lstm.cell")]) == 1
+    assert main(["run", str(example("lstm"))]) == 1
     assert "D, H" in capsys.readouterr().err
 
 
@@ -42,7 +40,7 @@ def test_missing_dims_is_a_user_error(capsys):
     ("grad", ["backward of step", "d:h_new", "gives"]),
 ])
 def test_emit_later_stages(capsys, stage, words):
-    assert main(["emit", str(EXAMPLES / "lstm.cell"), "--stage", stage, "-D", "D=3", "-D", "H=2"]) == 0
+    assert main(["emit", str(example("lstm")), "--stage", stage, "-D", "D=3", "-D", "H=2"]) == 0
     out = capsys.readouterr().out
     for word in words:
         assert word in out
@@ -50,19 +48,19 @@ def test_emit_later_stages(capsys, stage, words):
 
 def test_a_path_with_a_brace_is_still_a_path(tmp_path, capsys):
     path = tmp_path / "odd{name}.cell"
-    path.write_text((EXAMPLES / "indrnn.cell").read_text())
+    path.write_text(example("indrnn").read_text())
     assert main(["check", str(path)]) == 0
     assert "ok" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("stage", ["plan", "cuda"])
 def test_emit_of_sized_stages_needs_dims(capsys, stage):
-    assert main(["emit", str(EXAMPLES / "lstm.cell"), "--stage", stage]) == 1
+    assert main(["emit", str(example("lstm")), "--stage", stage]) == 1
     assert "need values" in capsys.readouterr().err
 
 
 def test_emit_plan_follows_recompute(capsys):
-    args = ["emit", str(EXAMPLES / "lstm.cell"), "--stage", "plan", "-D", "D=3", "-D", "H=2"]
+    args = ["emit", str(example("lstm")), "--stage", "plan", "-D", "D=3", "-D", "H=2"]
     assert main(args + ["--recompute", "none"]) == 0
     assert "recomputed: (none)" in capsys.readouterr().out
     assert main(args + ["--recompute", "all"]) == 0

@@ -25,6 +25,7 @@ from rnnc.backends.cuda.runtime import CudaModule
 from rnnc.backends.cuda.schedule import Schedule
 
 import cuda_cases as cases
+from conftest import EXAMPLES, example
 
 GOLDEN = Path(__file__).parent / "golden" / "lstm_D3_H5_auto.cu"
 ARCHS = ("sm_80", "sm_90")
@@ -35,7 +36,7 @@ needs_nvcc = pytest.mark.skipif(not build.shutil.which("nvcc") and not Path("/us
 def sources() -> dict:
     """Generated source of every example under every policy (identical ones once)."""
     out = {}
-    for path in cases.EXAMPLES:
+    for path in EXAMPLES:
         for policy in cases.POLICIES:
             out.setdefault(generate(cases.compile_example(path, policy)).source, f"{path.stem}/{policy}")
     return out
@@ -50,7 +51,7 @@ def test_every_example_compiles_for_sm80_and_sm90_without_spills(tmp_path):
         return name, arch, build.compile_cubin(src, arch, cache=tmp_path)
     with ThreadPoolExecutor(2) as pool:  # nvcc is single-threaded; the test machines have 2 cores
         results = list(pool.map(compile_one, jobs))
-    assert len(results) == len(jobs) >= 2 * len(cases.EXAMPLES)
+    assert len(results) == len(jobs) >= 2 * len(EXAMPLES)
     for name, arch, cubin in results:
         assert cubin.path.read_bytes()[:4] == b"\x7fELF", (name, arch)
         assert "Compiling entry function" in cubin.log  # ptxas -v really reported
@@ -61,7 +62,7 @@ def test_every_example_compiles_for_sm80_and_sm90_without_spills(tmp_path):
 def test_bare_nvcc_compiles_the_source(tmp_path):
     """kernels.cu needs no include path, macro or flag: `nvcc -cubin -arch=sm_80 kernels.cu`."""
     src = tmp_path / "kernels.cu"
-    src.write_text(generate(cases.compile_example(cases.ROOT / "examples/attention_lstm.cell", "auto")).source)
+    src.write_text(generate(cases.compile_example(example("attention_lstm"), "auto")).source)
     done = subprocess.run([build.nvcc_path(), "-cubin", "-arch=sm_80", "kernels.cu"], cwd=tmp_path,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -69,7 +70,7 @@ def test_bare_nvcc_compiles_the_source(tmp_path):
 
 
 def test_lstm_source_matches_golden_file():
-    source = generate(rnnc.compile(cases.ROOT / "examples/lstm.cell", dims={"D": 3, "H": 5},
+    source = generate(rnnc.compile(example("lstm"), dims={"D": 3, "H": 5},
                                    recompute="auto")).source
     if os.environ.get("RNNC_UPDATE_GOLDEN") == "1":
         GOLDEN.parent.mkdir(exist_ok=True)
@@ -79,7 +80,7 @@ def test_lstm_source_matches_golden_file():
 
 
 def test_generated_source_is_deterministic():
-    program = cases.compile_example(cases.ROOT / "examples/recurrent_attention_lstm.cell", "all")
+    program = cases.compile_example(example("recurrent_attention_lstm"), "all")
     assert generate(program).source == generate(program).source
 
 
@@ -93,22 +94,22 @@ def test_mangled_names_are_distinct_identifiers_never_keywords():
 
 
 def test_user_names_reach_c_only_mangled():
-    source = generate(rnnc.compile(cases.ROOT / "examples/attention_lstm.cell",
-                                   dims=cases.dims_of(cases.ROOT / "examples/attention_lstm.cell"))).source
+    source = generate(rnnc.compile(example("attention_lstm"),
+                                   dims=cases.dims_of(example("attention_lstm")))).source
     code = "\n".join(line.split("//")[0] for line in source.splitlines())
     for name in ("enc", "keys", "alpha", "ctx", "h_new"):
         assert not re.search(rf"(?<![A-Za-z0-9_]){name}(?![A-Za-z0-9_])", code), name
 
 
 def test_schedule_survives_json():
-    generated = generate(cases.compile_example(cases.ROOT / "examples/attention_lstm.cell", "none"))
+    generated = generate(cases.compile_example(example("attention_lstm"), "none"))
     again = Schedule.from_json(generated.schedule.to_json())
     assert again == generated.schedule
     assert set(again.kernels()) == set(re.findall(r'extern "C" __global__ void __launch_bounds__\([^)]*\) (\w+)',
                                                    generated.source))
 
 
-@pytest.mark.parametrize("path", cases.EXAMPLES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
 def test_held_bytes_equal_the_plans_predictions(path):
     """The buffers the runtime holds are what the Plan predicts, stored and peak,
     under every policy and under a memory budget (also for a shorter sequence)."""
@@ -123,7 +124,7 @@ def test_held_bytes_equal_the_plans_predictions(path):
 
 
 def test_float64_is_refused_on_cuda():
-    program = rnnc.compile(cases.ROOT / "examples/lstm.cell", dims={"D": 3, "H": 5})
+    program = rnnc.compile(example("lstm"), dims={"D": 3, "H": 5})
     with pytest.raises(ValueError, match="float32 only"):
         program.load("cuda", dtype="float64")
 
@@ -138,7 +139,7 @@ def test_missing_nvcc_says_what_to_install(monkeypatch):
 def test_missing_pycuda_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "pycuda", None)  # import pycuda fails as if not installed
     monkeypatch.setitem(sys.modules, "pycuda.driver", None)
-    program = rnnc.compile(cases.ROOT / "examples/lstm.cell", dims={"D": 3, "H": 5})
+    program = rnnc.compile(example("lstm"), dims={"D": 3, "H": 5})
     with pytest.raises(CudaUnavailable, match=r"pip install 'rnnc\[cuda\]'"):
         program.load("cuda")
 
@@ -157,6 +158,6 @@ def test_spill_report_is_parsed():
 
 def test_emit_stage_cuda_prints_the_source(capsys):
     from rnnc.cli import main
-    assert main(["emit", str(cases.ROOT / "examples/indrnn.cell"), "--stage", "cuda", "-D", "D=2", "-D", "H=3"]) == 0
+    assert main(["emit", str(example("indrnn")), "--stage", "cuda", "-D", "D=2", "-D", "H=3"]) == 0
     out = capsys.readouterr().out
     assert out.count('extern "C" __global__') >= 4 and "rnnc_step_" in out

@@ -16,6 +16,7 @@ from rnnc.backends.cuda.runtime import CudaModule
 
 import cuda_cases as cases
 import cuda_emulator
+from conftest import EXAMPLES, example
 
 pytestmark = pytest.mark.skipif(not cuda_emulator.available(), reason="needs g++ for the CUDA emulation")
 
@@ -35,11 +36,6 @@ cell kw {
 """
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    return tmp_path_factory.mktemp("emulated")
-
-
 def emulated(program, workdir):
     generated = generate(program)
     device = cuda_emulator.EmulatedDevice(generated, workdir)
@@ -47,7 +43,7 @@ def emulated(program, workdir):
 
 
 @pytest.mark.parametrize("policy", cases.POLICIES)
-@pytest.mark.parametrize("path", cases.EXAMPLES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
 def test_example_equals_numpy_reference(path, policy, workdir):
     program = cases.compile_example(path, policy)
     module, _ = emulated(program, workdir)
@@ -60,14 +56,14 @@ def test_example_equals_numpy_reference(path, policy, workdir):
 
 @pytest.mark.parametrize("path, names", [("lstm", "c_new"), ("attention_lstm", "alpha,h_new")])
 def test_manual_recompute_lists(path, names, workdir):
-    program = cases.compile_example(cases.ROOT / f"examples/{path}.cell", names)
+    program = cases.compile_example(example(path), names)
     assert {n.out for n in program.plan.recompute} >= set(names.split(","))
     module, _ = emulated(program, workdir)
     args = cases.arguments(program)
     assert not cases.mismatches(cases.run(module, args, cases.LENGTHS), cases.reference(program, args, cases.LENGTHS))
 
 
-@pytest.mark.parametrize("path", cases.EXAMPLES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
 def test_checkpointed_plans_equal_numpy_reference(path, workdir):
     """A memory budget: the forward keeps states at segment starts, the backward
     replays each segment; twice on one forward result gives the same gradients."""
@@ -95,7 +91,7 @@ def test_user_names_reserved_in_c_and_cuda(workdir):
 
 
 def test_device_arrays_in_give_device_arrays_out(workdir):
-    program = cases.compile_example(cases.ROOT / "examples/lstm.cell", "auto")
+    program = cases.compile_example(example("lstm"), "auto")
     module, _ = emulated(program, workdir)
     args = cases.arguments(program)
 
@@ -111,7 +107,7 @@ def test_sizes_past_one_tile_and_one_block(workdir):
 
 
 def test_inference_keeps_nothing_and_refuses_backward(workdir):
-    program = cases.compile_example(cases.ROOT / "examples/gru.cell", "none")
+    program = cases.compile_example(example("gru"), "none")
     module, _ = emulated(program, workdir)
     args = cases.arguments(program)
     forward = {k: args[k] for k in ("inputs", "states", "contexts", "params")}
@@ -125,7 +121,7 @@ def test_inference_keeps_nothing_and_refuses_backward(workdir):
 
 def test_parameter_gradient_products_run_after_the_loop(workdir):
     """dU of the LSTM is one product over all T*B rows, not one per step."""
-    program = cases.compile_example(cases.ROOT / "examples/lstm.cell", "auto")
+    program = cases.compile_example(example("lstm"), "auto")
     module, device = emulated(program, workdir)
     args = cases.arguments(program)
     cases.run(module, args, None)
@@ -136,7 +132,7 @@ def test_parameter_gradient_products_run_after_the_loop(workdir):
 
 
 def test_wrong_arguments_are_value_errors_naming_them(workdir):
-    program = cases.compile_example(cases.ROOT / "examples/lstm.cell", "auto")
+    program = cases.compile_example(example("lstm"), "auto")
     module, _ = emulated(program, workdir)
     args = cases.arguments(program)
     with pytest.raises(ValueError, match=r"inputs\['x'\].*float64"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 import cuda_cases as cases
+from conftest import EXAMPLES, example
 
 pytestmark = pytest.mark.gpu
 
@@ -26,7 +27,7 @@ skip_without_gpu = pytest.mark.skipif(REASON is not None, reason=f"needs a GPU: 
 
 @skip_without_gpu
 @pytest.mark.parametrize("policy", cases.POLICIES)
-@pytest.mark.parametrize("path", cases.EXAMPLES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
 def test_example_equals_numpy_reference(path, policy):
     program = cases.compile_example(path, policy)
     module = program.load("cuda")
@@ -40,7 +41,7 @@ def test_example_equals_numpy_reference(path, policy):
 @skip_without_gpu
 def test_gpuarrays_in_give_gpuarrays_out():
     import pycuda.gpuarray as gpuarray
-    program = cases.compile_example(cases.ROOT / "examples/attention_lstm.cell", "auto")
+    program = cases.compile_example(example("attention_lstm"), "auto")
     module = program.load("cuda")
     args = cases.arguments(program)
 
@@ -66,7 +67,7 @@ def test_torch_cell_on_gpu_equals_cpu():
     import rnnc.torch
 
     def run(device):
-        cell = rnnc.torch.Cell(cases.ROOT / "examples/lstm.cell", dims={"D": 5, "H": 7},
+        cell = rnnc.torch.Cell(example("lstm"), dims={"D": 5, "H": 7},
                                dtype=torch.float32).to(device)
         x = torch.linspace(-1, 1, 4 * 3 * 5).reshape(4, 3, 5).to(device).requires_grad_()
         outputs, states = cell(x, lengths=[4, 2, 3])

@@ -38,11 +38,12 @@ from rnnc.backends.cuda.runtime import load
 
 import cuda_cases as cases
 import cuda_emulator
+from conftest import example
 
 pytestmark = pytest.mark.skipif(not cuda_emulator.available(), reason="needs g++ for the CUDA emulation")
 
 GRID_MAX = (2**31 - 1, 65535, 65535)
-LSTM = cases.ROOT / "examples/lstm.cell"
+LSTM = example("lstm")
 
 
 class FakeError(Exception):
@@ -272,11 +273,6 @@ def fake_pycuda(monkeypatch, cuda: FakeCuda, package_dir) -> types.ModuleType:
     return drv
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    return tmp_path_factory.mktemp("fake_pycuda")
-
-
 @pytest.fixture
 def cuda(monkeypatch, tmp_path):
     fake = FakeCuda()
@@ -317,7 +313,7 @@ def test_numpy_in_numpy_out_equals_reference(cuda, workdir):
 
 def test_gpuarrays_in_give_gpuarrays_out(cuda, workdir):
     from pycuda import gpuarray
-    program = cases.compile_example(cases.ROOT / "examples/attention_lstm.cell", "auto")
+    program = cases.compile_example(example("attention_lstm"), "auto")
     module, _ = loaded(cuda, program, workdir)  # as on a GPU: load first, then make GPUArrays
     args = cases.arguments(program)
 

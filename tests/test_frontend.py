@@ -5,11 +5,7 @@ D=3, H=5, E=7, S=11 (all different, so a wrong axis shows).
 """
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -17,8 +13,7 @@ import rnnc
 from rnnc import driver
 from rnnc.cli import main
 
-ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = ROOT / "examples"
+from conftest import EXAMPLES, example, run_rnnc
 NAMES = ["lstm", "gru", "milstm", "attention_lstm", "recurrent_attention_lstm",
          "layernorm_lstm", "peephole_lstm", "indrnn"]
 DIMS = {"D": 3, "H": 5, "E": 7, "S": 11}
@@ -53,12 +48,12 @@ def dims_args(names) -> list:
 
 # --- the shipped examples ------------------------------------------------------
 def test_all_eight_examples_ship():
-    assert sorted(p.stem for p in EXAMPLES.glob("*.cell")) == sorted(NAMES)
+    assert sorted(p.stem for p in EXAMPLES) == sorted(NAMES)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_example_checks_without_warnings(name, capsys):
-    path = EXAMPLES / f"{name}.cell"
+    path = example(name)
     checked = driver.check_source(driver.read_source(path))
     assert checked.warnings == ()
     assert checked.cell.name == name
@@ -70,23 +65,23 @@ def test_example_checks_without_warnings(name, capsys):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_example_has_a_header_and_one_cell(name):
-    text = (EXAMPLES / f"{name}.cell").read_text()
+    text = example(name).read_text()
     assert text.startswith(f"# {name}.cell -- ")
     assert len(re.findall(r"^cell ", text, flags=re.M)) == 1
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_example_checks_with_dims_bound(name):
-    cell = driver.check_source(driver.read_source(EXAMPLES / f"{name}.cell")).cell
+    cell = driver.check_source(driver.read_source(example(name))).cell
     bound = {k: DIMS[k] for k, _ in cell.dims}
-    checked = driver.check_source(driver.read_source(EXAMPLES / f"{name}.cell"), dims=bound)
+    checked = driver.check_source(driver.read_source(example(name)), dims=bound)
     assert dict(checked.cell.dims) == bound
     for node in checked.cell.nodes:
         assert all(s.value is not None for s in node.shape), node
 
 
 def test_lstm_ir_shapes(capsys):
-    text = emit(capsys, str(EXAMPLES / "lstm.cell"), "--stage", "ir", *dims_args("DH"))
+    text = emit(capsys, str(example("lstm")), "--stage", "ir", *dims_args("DH"))
     assert text.splitlines()[0] == "cell lstm  dims D=3 H=5"
     v = ir_values(text)
     # D=3, H=5: gates are 4*H = 20 wide
@@ -109,7 +104,7 @@ def test_lstm_ir_shapes(capsys):
 
 
 def test_attention_lstm_ir_shapes(capsys):
-    text = emit(capsys, str(EXAMPLES / "attention_lstm.cell"), "--stage", "ir",
+    text = emit(capsys, str(example("attention_lstm")), "--stage", "ir",
                 *dims_args("DHES"))
     assert text.splitlines()[0] == "cell attention_lstm  dims D=3 H=5 E=7 S=11"
     v = ir_values(text)
@@ -317,7 +312,7 @@ cell canon {
 
 
 def test_symbolic_emit_without_dims(capsys):
-    text = emit(capsys, str(EXAMPLES / "attention_lstm.cell"), "--stage", "ir")
+    text = emit(capsys, str(example("attention_lstm")), "--stage", "ir")
     assert text.splitlines()[0] == "cell attention_lstm  dims D H E S"
     v = ir_values(text)
     assert v["U"] == ("E + H, 4*H", True)
@@ -393,7 +388,7 @@ def test_long_expressions_do_not_hit_recursion_limits(capsys, tmp_path):
 
 
 def test_emit_ast_has_positions(capsys):
-    text = emit(capsys, str(EXAMPLES / "lstm.cell"), "--stage", "ast")
+    text = emit(capsys, str(example("lstm")), "--stage", "ast")
     assert text.splitlines()[0] == "Module @1:1"
     assert re.search(r"Cell @\d+:6 name='lstm'", text)
     # a binary expression is placed at its operator
@@ -401,12 +396,6 @@ def test_emit_ast_has_positions(capsys):
 
 
 # --- the command line ------------------------------------------------------------------
-def run_rnnc(*args):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "rnnc.cli", *args], capture_output=True,
-                          text=True, cwd=ROOT, env=env, timeout=120)
-
-
 def test_exit_status_0_for_good_files():
     proc = run_rnnc("check", *(f"examples/{n}.cell" for n in NAMES))
     assert proc.returncode == 0, proc.stderr

@@ -9,7 +9,6 @@ position inside the file: never another exception.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 
@@ -22,7 +21,8 @@ from rnnc.errors import Source  # noqa: E402
 from rnnc.frontend import check as checker  # noqa: E402
 from rnnc.frontend import parse as parser  # noqa: E402
 
-EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "examples").glob("*.cell"))
+from conftest import EXAMPLES  # noqa: E402
+
 TEXTS = [p.read_text() for p in EXAMPLES]
 TOKEN = re.compile(r"\s+|[A-Za-z_][A-Za-z0-9_]*|\d+\.?\d*(?:[eE][-+]?\d+)?|#[^\n]*|.")
 

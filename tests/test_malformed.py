@@ -13,14 +13,13 @@ with exit status 1 and no traceback.
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from rnnc.cli import main
+
+from conftest import example, run_rnnc
 
 HERE = Path(__file__).resolve().parent
 CORPUS = HERE / "malformed"
@@ -133,13 +132,6 @@ def test_check_reports_the_error(name, args, where, words, capsys):
     assert_reported(err, str(file), where, words, file)
 
 
-def run_rnnc(*args, cwd=None):
-    """The real command, in a fresh process (as a user runs it)."""
-    env = dict(os.environ, PYTHONPATH=str(HERE.parent))
-    return subprocess.run([sys.executable, "-m", "rnnc.cli", *args], capture_output=True,
-                          text=True, cwd=cwd, env=env, timeout=120)
-
-
 @pytest.mark.parametrize("name", ["unexpected_eof", "no_broadcast", "split_not_divisible"])
 def test_a_real_process_reports_the_error(name):
     row = next(r for r in TABLE if r[0] == name)
@@ -151,7 +143,7 @@ def test_a_real_process_reports_the_error(name):
 
 
 def test_check_of_several_files_reports_each_and_fails(capsys):
-    good = HERE.parent / "examples" / "lstm.cell"
+    good = example("lstm")
     bad = CORPUS / "unknown_name.cell"
     assert main(["check", str(good), str(bad), str(CORPUS / "no_input.cell")]) == 1
     out, err = capsys.readouterr()

@@ -2,13 +2,10 @@
 bytes the backend holds are the bytes the plan predicts (and, by tracemalloc,
 the bytes the process really allocates)."""
 import tracemalloc
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-import rnnc
-from rnnc.driver import check_source, read_source
 from rnnc.gradcheck import random_arguments
 from rnnc.ops import numel
 
@@ -16,7 +13,8 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-EXAMPLES = sorted(Path(__file__).resolve().parent.parent.glob("examples/*.cell"))
+from conftest import EXAMPLES, compile_sized, example  # noqa: E402
+
 SMALL = {"D": 3, "H": 4, "E": 3, "S": 2}
 T, B = 7, 3
 # the seed's manual choice: recompute the gate pre-activations
@@ -25,12 +23,7 @@ POLICIES = ["none", "auto", "all", "manual", "budget 60%", "budget 25%"]
 
 
 def compile_example(path, dims=SMALL, **kw):
-    declared = [name for name, _ in check_source(read_source(path)).cell.dims]
-    return rnnc.compile(path, dims={d: dims[d] for d in declared}, **kw)
-
-
-def example(name):
-    return next(p for p in EXAMPLES if p.stem == name)
+    return compile_sized(path, dims, **kw)
 
 
 def compile_policy(path, policy, dtype="float64", T=T, B=B):

@@ -1,21 +1,18 @@
 """The NumPy reference backend: gradients, semantics, argument checking."""
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 import rnnc
-from rnnc.driver import check_source, read_source
 from rnnc.gradcheck import gradcheck, random_arguments
 from rnnc.passes.hoist import classify
 
-EXAMPLES = sorted(Path(__file__).resolve().parent.parent.glob("examples/*.cell"))
+from conftest import EXAMPLES, compile_sized, example
+
 SMALL = {"D": 3, "H": 2, "E": 3, "S": 4}
 
 
 def compile_small(path, **kw):
-    declared = [name for name, _ in check_source(read_source(path)).cell.dims]
-    return rnnc.compile(path, dims={d: SMALL[d] for d in declared}, **kw)
+    return compile_sized(path, SMALL, **kw)
 
 
 @pytest.mark.parametrize("lengths", [False, True], ids=["full", "lengths"])
@@ -30,7 +27,7 @@ def test_example_gradients_match_finite_differences(path, lengths):
 
 
 def lstm(dims=None, **kw):
-    return rnnc.compile(Path(EXAMPLES[0]).with_name("lstm.cell"), dims=dims or {"D": 3, "H": 4}, **kw)
+    return rnnc.compile(example("lstm"), dims=dims or {"D": 3, "H": 4}, **kw)
 
 
 def test_hoisting_splits_the_step():
@@ -38,14 +35,14 @@ def test_hoisting_splits_the_step():
     region = classify(cell)
     dots = {n.args: region[n.out] for n in cell.nodes if n.op == "dot"}
     assert dots == {("x", "W"): "pre", ("h", "U"): "step"}
-    att = compile_small(Path(EXAMPLES[0]).with_name("attention_lstm.cell")).cell
+    att = compile_small(example("attention_lstm")).cell
     assert classify(att)["keys"] == "seq"
 
 
 def test_attention_is_per_example():
     """alpha[S] @ enc[S, E] is a vector-matrix product for each batch element;
     compared with the cell's equations written out per element by hand."""
-    prog = compile_small(Path(EXAMPLES[0]).with_name("attention_lstm.cell"))
+    prog = compile_small(example("attention_lstm"))
     mod = prog.load()
     args = random_arguments(mod, T=2, B=3, seed=1)
     res = mod.forward(**args)
@@ -187,6 +184,6 @@ def test_bad_program_arguments():
     with pytest.raises(ValueError, match="none, all, auto"):
         lstm(recompute="sometimes")
     with pytest.raises(rnnc.CellError, match="D, H"):
-        rnnc.compile(Path(EXAMPLES[0]).with_name("lstm.cell"))
+        rnnc.compile(example("lstm"))
     with pytest.raises(ValueError, match="no dim 'K'"):
         lstm(dims={"D": 3, "H": 4, "K": 2})

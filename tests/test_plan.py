@@ -3,30 +3,25 @@
 These tests make plans and read their predictions; tests/test_memory.py runs
 them on the NumPy backend and checks the predictions against what it holds.
 """
-from pathlib import Path
 
 import pytest
 
 import rnnc
-from rnnc.driver import check_source, read_source
+from rnnc.driver import read_source
 from rnnc.passes.plan import STORE_COST, parse_budget
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-EXAMPLES = sorted(Path(__file__).resolve().parent.parent.glob("examples/*.cell"))
+from conftest import EXAMPLES, compile_sized, example  # noqa: E402
+
 DIMS = {"D": 8, "H": 16, "E": 8, "S": 5}
 T, B = 50, 4
 
 
 def compile_example(path, **kw):
-    declared = [name for name, _ in check_source(read_source(path)).cell.dims]
-    return rnnc.compile(path, dims={d: DIMS[d] for d in declared}, **kw)
-
-
-def example(name):
-    return next(p for p in EXAMPLES if p.stem == name)
+    return compile_sized(path, DIMS, **kw)
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)

@@ -1,6 +1,4 @@
 """rnnc.torch.Cell: autograd, weights from and to nn.LSTM/nn.GRU, argument errors."""
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -13,7 +11,8 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence  # noqa
 import rnnc  # noqa: E402
 from rnnc.torch import Cell  # noqa: E402
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+from conftest import example  # noqa: E402
+
 TOL = 1e-9
 
 
@@ -52,10 +51,10 @@ GRADCHECK_CASES = {
 
 
 @pytest.mark.parametrize("lengths", [None, [3, 1]], ids=["full", "lengths"])
-@pytest.mark.parametrize("example", sorted(GRADCHECK_CASES))
-def test_gradcheck(example, lengths):
+@pytest.mark.parametrize("name", sorted(GRADCHECK_CASES))
+def test_gradcheck(name, lengths):
     """Every input, initial state, context and param, through outputs and final states."""
-    cell = Cell(EXAMPLES / f"{example}.cell", dims=GRADCHECK_CASES[example], dtype=torch.float64)
+    cell = Cell(example(name), dims=GRADCHECK_CASES[name], dtype=torch.float64)
     randomise(cell, seed=1)
     batch = random_batch(cell, T=3, B=2, seed=2)
     params = {k: v.detach().clone().requires_grad_() for k, v in cell.params.items()}
@@ -76,7 +75,7 @@ def test_gradcheck(example, lengths):
 
 def test_mixed_gradient_needs():
     """Only some arguments need gradients: those get the full run's values, the rest none."""
-    cell = Cell(EXAMPLES / "lstm.cell", dims={"D": 2, "H": 3}, dtype=torch.float64)
+    cell = Cell(example("lstm"), dims={"D": 2, "H": 3}, dtype=torch.float64)
     randomise(cell, seed=3)
     batch = random_batch(cell, T=4, B=2, seed=4)
     outputs, finals = cell(batch["inputs"], states=batch["states"])
@@ -97,7 +96,7 @@ def test_mixed_gradient_needs():
 
 def test_unused_result_counts_as_zero():
     """A final state the loss does not use (no cotangent reaches rnnc) acts as a zero cotangent."""
-    cell = Cell(EXAMPLES / "gru.cell", dims={"D": 2, "H": 3}, dtype=torch.float64)
+    cell = Cell(example("gru"), dims={"D": 2, "H": 3}, dtype=torch.float64)
     x = torch.randn(4, 2, 2, dtype=torch.float64, requires_grad=True)
     outputs, _ = cell(x)
     outputs["y"].pow(2).sum().backward()
@@ -109,7 +108,7 @@ def test_unused_result_counts_as_zero():
 
 
 def test_inference_keeps_no_graph_and_matches_training():
-    cell = Cell(EXAMPLES / "lstm.cell", dims={"D": 2, "H": 3}, dtype=torch.float64)
+    cell = Cell(example("lstm"), dims={"D": 2, "H": 3}, dtype=torch.float64)
     randomise(cell, seed=5)
     x = torch.randn(4, 2, 2, dtype=torch.float64)
     train_out, _ = cell(x)
@@ -121,7 +120,7 @@ def test_inference_keeps_no_graph_and_matches_training():
 
 def test_in_place_change_before_backward_is_caught():
     """The backward reads the input's memory, so changing it in place must raise, not mislead."""
-    cell = Cell(EXAMPLES / "gru.cell", dims={"D": 2, "H": 3}, dtype=torch.float64)
+    cell = Cell(example("gru"), dims={"D": 2, "H": 3}, dtype=torch.float64)
     x = torch.randn(3, 2, 2, dtype=torch.float64, requires_grad=True)
     x_leafless = x * 1  # a non-leaf, so it may be changed in place
     outputs, _ = cell(x_leafless)
@@ -132,7 +131,7 @@ def test_in_place_change_before_backward_is_caught():
 
 
 def test_float32_matches_float64():
-    cell = Cell(EXAMPLES / "gru.cell", dims={"D": 3, "H": 4}, dtype=torch.float32)
+    cell = Cell(example("gru"), dims={"D": 3, "H": 4}, dtype=torch.float32)
     x = torch.randn(5, 2, 3)
     out32, _ = cell(x)
     out64, _ = cell.double()(x.double())
@@ -257,7 +256,7 @@ def test_from_torch_rejects_what_a_cell_cannot_hold(make, match):
 
 
 def test_to_torch_rejects_other_cells():
-    cell = Cell(EXAMPLES / "peephole_lstm.cell", dims={"D": 3, "H": 4})
+    cell = Cell(example("peephole_lstm"), dims={"D": 3, "H": 4})
     with pytest.raises(ValueError, match="not the shipped lstm or gru"):
         cell.to_torch()
 
@@ -265,7 +264,7 @@ def test_to_torch_rejects_other_cells():
 # --- argument errors ----------------------------------------------------------------------
 @pytest.fixture
 def lstm32():
-    return Cell(EXAMPLES / "lstm.cell", dims={"D": 3, "H": 4}, dtype=torch.float32)
+    return Cell(example("lstm"), dims={"D": 3, "H": 4}, dtype=torch.float32)
 
 
 def test_mixed_dtypes_name_the_argument(lstm32):
@@ -306,7 +305,7 @@ def test_single_tensor_needs_a_single_input_cell():
 
 
 def test_program_with_compile_options_is_an_error():
-    prog = rnnc.compile(EXAMPLES / "gru.cell", dims={"D": 2, "H": 3})
+    prog = rnnc.compile(example("gru"), dims={"D": 2, "H": 3})
     assert Cell(prog).program is prog
     with pytest.raises(ValueError, match="dims apply only when compiling"):
         Cell(prog, dims={"D": 2, "H": 3})

@@ -19,7 +19,9 @@ from torch import nn  # noqa: E402
 
 from rnnc.torch import Cell  # noqa: E402
 
-GRU_CELL = Path(__file__).resolve().parent.parent / "examples" / "gru.cell"
+from conftest import example  # noqa: E402
+
+GRU_CELL = example("gru")
 WORLD, T, B, D, H = 2, 5, 4, 3, 4
 LR = 0.5
 DEADLINE_S = 120  # a hang guard only: the test normally takes a few seconds

@@ -8,8 +8,6 @@ outputs, final states, and the gradients of every parameter, of the inputs
 and of the initial states, with full-length and with packed variable-length
 sequences.
 """
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -20,7 +18,8 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence  # noqa
 
 import rnnc  # noqa: E402
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+from conftest import example  # noqa: E402
+
 T, B, D, H = 6, 4, 3, 5
 TOL = 1e-9
 # includes a full-length element, a length-1 element and the B=4 order unsorted
@@ -91,7 +90,7 @@ def run_torch(kind: str, net, data, lengths):
 
 
 def run_rnnc(kind: str, net, data, lengths, recompute: str):
-    prog = rnnc.compile(EXAMPLES / f"{kind}.cell", dims={"D": D, "H": H}, recompute=recompute)
+    prog = rnnc.compile(example(kind), dims={"D": D, "H": H}, recompute=recompute)
     mod = prog.load(backend="numpy", dtype="float64")
     res = mod.forward(inputs={"x": data["x"]}, params=rnnc_params(kind, net),
                       states=data["states"],
