@@ -7,8 +7,9 @@ budgets of 20%, 10% and 5% of `none`'s peak: peak bytes (measured by the
 backend, equal to the plan's prediction) and forward+backward time, each as a
 ratio to `none`. Then inference's forward time against training's.
 
-Table 2: every example under `none`, `auto`, `all` and the seed's manual
-choice (recompute the gate pre-activations): peak bytes and time, and whether
+Table 2: every example under `none`, `auto`, `all` and the manual choice of
+Caffe2's `recurrent_net` in its memory mode (its `recompute_blobs_on_backward`
+names the gate pre-activations): peak bytes and time, and whether
 `auto` lies on the front (no tested plan has both fewer bytes and less time).
 
 Times are the best of --repeats runs, the plans of a table taken in turn so
@@ -35,8 +36,8 @@ from rnnc.gradcheck import random_arguments  # noqa: E402
 EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "examples").glob("*.cell"))
 DIMS = {"D": 128, "H": 128, "E": 64, "S": 16}
 DTYPE = "float32"
-# the seed's memory mode: recompute the gate pre-activations (and what follows from them)
-SEED_CHOICE = {"gru": ["hu"], "indrnn": ["h_new"]}
+# Caffe2's recurrent_net in its memory mode: recompute the gate pre-activations (and what follows from them)
+CAFFE2_CHOICE = {"gru": ["hu"], "indrnn": ["h_new"]}
 BUDGETS = (20, 10, 5)  # percent of none's peak
 
 
@@ -126,15 +127,15 @@ def inference_line(case: Case, repeats: int) -> str:
 def examples_table(T: int, B: int, repeats: int) -> str:
     rows = []
     for path in EXAMPLES:
-        seed = SEED_CHOICE.get(path.stem, ["gates"])
+        caffe2 = CAFFE2_CHOICE.get(path.stem, ["gates"])
         cases = [Case(p, compile_plan(path, T, B, recompute=p), T, B) for p in ("none", "auto", "all")]
-        cases.append(Case("seed " + ",".join(seed), compile_plan(path, T, B, recompute=seed), T, B))
+        cases.append(Case("caffe2 " + ",".join(caffe2), compile_plan(path, T, B, recompute=caffe2), T, B))
         measure(cases, repeats)
         auto = cases[1]
         dominated = [c.label for c in cases if c.peak < auto.peak and c.time < auto.time]
         cells = [f"{mib(c.peak)} {c.time:.2f}s" for c in cases]
         rows.append((path.stem, *cells, "yes" if not dominated else "no: " + ", ".join(dominated)))
-    header = ("cell", "none", "auto", "all", "seed (gates)", "auto on front")
+    header = ("cell", "none", "auto", "all", "caffe2 (gates)", "auto on front")
     return (f"Every example, D=H=128 E=64 S=16, T={T}, B={B}, {DTYPE}: peak and fwd+bwd time "
             f"(best of {repeats})\n" + table(rows, header))
 

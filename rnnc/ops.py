@@ -1,8 +1,8 @@
 """The op registry: every fact about an op, registered together.
 
 Each `defop(...)` call states one op's shape rule, NumPy implementation,
-derivative (VJP) rule, CUDA expression and cost side by side, the way JAX's
-`lax.py` keeps a primitive and its rules in adjacent lines.
+derivative (VJP) rule, CUDA expression and cost side by side, as JAX defines
+each primitive together with its rules.
 
 Conventions:
 - Shapes are per example (no batch axis). A NumPy rule receives arrays with a

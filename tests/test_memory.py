@@ -17,7 +17,7 @@ from conftest import EXAMPLES, compile_sized, example  # noqa: E402
 
 SMALL = {"D": 3, "H": 4, "E": 3, "S": 2}
 T, B = 7, 3
-# the seed's manual choice: recompute the gate pre-activations
+# Caffe2's recurrent_net in its memory mode: recompute the gate pre-activations
 MANUAL = {"gru": ["hu"], "indrnn": ["h_new"]}
 POLICIES = ["none", "auto", "all", "manual", "budget 60%", "budget 25%"]
 

@@ -69,9 +69,10 @@ def test_auto_on_the_lstm_keeps_the_recurrent_product():
     assert all(n.op not in ("dot",) for n in auto.recompute)
 
 
-def test_manual_list_recomputes_the_whole_statement_like_the_seed():
+def test_manual_list_recomputes_the_whole_statement_like_caffe2():
     """recompute=["gates"] reruns `gates = x @ W + h @ U + b` and all that follows
-    from it: only the states are stored, as the seed's memory mode."""
+    from it: only the states are stored, as in Caffe2's recurrent_net when
+    its recompute_blobs_on_backward names the gates."""
     plan = compile_example(example("lstm"), recompute=["gates"]).plan
     assert plan.stored == ("h", "c")
     assert any(n.op == "dot" for n in plan.recompute)

@@ -25,11 +25,11 @@ Two choices make a Plan:
 Policy (choosing) is kept apart from mechanism (deriving and applying the
 choice), as JAX's checkpoint policies are; `Plan.format` shows the result.
 
-Memory is counted as DESIGN.md section 3 says: `stored_bytes` is what the
-forward keeps for the backward, `peak_bytes` the most held at any moment of
-forward plus backward, leaving out the caller's arrays, the returned arrays
-(outputs, final states, gradients) and one region run's scratch. The NumPy
-backend holds exactly these buffers, in this order (see `_timeline`).
+Memory is counted so: `stored_bytes` is what the forward keeps for the
+backward, `peak_bytes` the most held at any moment of forward plus backward,
+leaving out the caller's arrays, the returned arrays (outputs, final states,
+gradients) and one region run's scratch. The NumPy backend holds exactly
+these buffers, in this order (see `_timeline`).
 """
 from __future__ import annotations
 
@@ -353,7 +353,8 @@ def choose_auto(hoisted: Hoisted, residuals: tuple) -> set:
 
 
 def choose_manual(hoisted: Hoisted, residuals: tuple, names: list) -> set:
-    """Recompute the named values, as the seed's `recompute_blobs_on_backward`.
+    """Recompute the named values, as Caffe2's `recurrent_net` recomputes the
+    blobs its `recompute_blobs_on_backward` names.
 
     A name the user wrote stands for its whole statement: its compiler-made
     intermediates (`%3`) are recomputed with it, so `recompute=["gates"]`
