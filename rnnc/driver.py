@@ -23,9 +23,11 @@ from .passes.plan import Plan, make_plan
 STAGES = ("ast", "ir", "hoist", "grad", "plan", "cuda")
 
 
-def read_source(path_or_text: str | os.PathLike) -> Source:
+def read_source(path_or_text: str | os.PathLike | Source) -> Source:
     """A `.cell` file by path, or the program text itself (a string with a '{'
-    that names no file)."""
+    that names no file, or a Source)."""
+    if isinstance(path_or_text, Source):
+        return path_or_text
     text = str(path_or_text)
     if isinstance(path_or_text, os.PathLike) or "{" not in text or _is_file(text):
         path = Path(path_or_text)

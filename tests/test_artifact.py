@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import rnnc
-from rnnc.artifact import ArtifactError, read_module, write
+from rnnc.artifact import ArtifactError, read, write
 from rnnc.backends.cuda import build
 from rnnc.cli import main
 
@@ -104,7 +104,7 @@ def test_changed_kernels_are_detected_by_hash(tmp_path):
     with open(out / "kernels.cu", "a") as f:
         f.write("// edited\n")
     with pytest.raises(ArtifactError, match=r"kernels\.cu: damaged"):
-        read_module(out)
+        read(out)
 
 
 def test_other_format_versions_are_refused(tmp_path):
@@ -113,7 +113,7 @@ def test_other_format_versions_are_refused(tmp_path):
     module["format"] = 99
     (out / "module.json").write_text(json.dumps(module))
     with pytest.raises(ArtifactError, match="format version 99"):
-        read_module(out)
+        read(out)
 
 
 def test_missing_module_json_and_non_directories(tmp_path):
@@ -131,13 +131,13 @@ def test_writes_replace_an_artifact_and_leave_no_temporaries(tmp_path):
     assert json.loads((out / "module.json").read_text())["plan"]["policy"] == "all"
     assert not (out / "kernels.sm_80.cubin").exists()  # nothing left from the old artifact
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
-    read_module(out)
+    read(out)
 
 
 def test_refuses_to_overwrite_a_directory_that_is_not_an_artifact(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    with pytest.raises(ArtifactError, match="not an rnnc artifact"):
+    with pytest.raises(ArtifactError, match="not a complete rnnc artifact"):
         write(rnnc.compile(LSTM, dims={"D": 3, "H": 5}), tmp_path / "mine", build=False)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 

@@ -1,18 +1,25 @@
 """Building: nvcc turns the generated source into a cubin, cached on disk.
 
-The cache key is a hash of the source, the nvcc options and `nvcc --version`,
-so a new compiler or new flags never reuse an old cubin. Cubins are written to
-a temporary file and renamed into place, so two processes building the same
-cell at once both succeed and the cache never holds a half-written file.
+The cache is $RNNC_CACHE_DIR, else $XDG_CACHE_HOME/rnnc, else ~/.cache/rnnc.
+An entry is named by a hash of the source, the nvcc options and `nvcc
+--version` (so a new compiler or new flags never reuse an old cubin), the
+arch, and the hash of the cubin itself: an entry whose bytes no longer match
+its name is removed and built again, never served. Cubins are written to a
+temporary file and renamed into place, so two processes building the same
+cell at once both succeed and the cache never holds a half-written file. A
+cache directory that cannot be made or written is a warning, and the cubin is
+built in a temporary directory instead.
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import re
 import shutil
 import subprocess
 import tempfile
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -27,11 +34,16 @@ class BuildError(ToolchainError):
     """nvcc is missing or rejected the generated source."""
 
 
+class CacheWarning(UserWarning):
+    """The cubin cache cannot be used; cubins are built without it."""
+
+
 @dataclass(frozen=True)
 class Cubin:
     path: Path
     arch: str
     log: str  # ptxas's report (empty when the cubin came from the cache)
+    data: bytes  # the cubin, as checked against the hash in its name
 
     def spills(self) -> int:
         return spill_bytes(self.log)
@@ -53,7 +65,7 @@ def nvcc_version(nvcc: str) -> str:
 
 
 def check_arch(arch: str) -> str:
-    if not re.fullmatch(r"sm_\d+[a-z]?", arch):
+    if not isinstance(arch, str) or not re.fullmatch(r"sm_[0-9]+[a-z]?", arch):
         raise ValueError(f"arch: expected a name like sm_80 or sm_90, got {arch!r}")
     return arch
 
@@ -86,11 +98,46 @@ def compile_cubin(source: str, arch: str | None = None, cache: Path | None = Non
     """The cubin of `source` for `arch`, from the cache or built by nvcc."""
     arch = check_arch(arch or default_arch())
     nvcc = nvcc_path()
-    cache = Path(cache or cache_dir())
-    target = cache / f"{cache_key(source, arch, nvcc)}.{arch}.cubin"
-    if target.exists():
-        return Cubin(target, arch, "")
-    cache.mkdir(parents=True, exist_ok=True)
+    entry = f"{cache_key(source, arch, nvcc)}.{arch}"
+    cache = usable_cache(Path(cache or cache_dir()))
+    return from_cache(cache, entry, arch) or run_nvcc(nvcc, source, arch, cache, entry)
+
+
+def usable_cache(cache: Path) -> Path:
+    """`cache`, made if need be, when a file can be written there; else (with a
+    warning) a temporary directory of this process."""
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=cache).close()
+        return cache
+    except OSError as err:
+        warnings.warn(CacheWarning(f"the cubin cache {cache} is unusable ({err.strerror or err}); "
+                                   "building without it (set RNNC_CACHE_DIR to a writable directory)"),
+                      stacklevel=3)
+        return scratch_dir()
+
+
+@lru_cache(maxsize=None)
+def scratch_dir() -> Path:
+    path = tempfile.mkdtemp(prefix="rnnc-cubins-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return Path(path)
+
+
+def from_cache(cache: Path, entry: str, arch: str) -> Cubin | None:
+    """The entry's cubin when its bytes match the hash in its name; a damaged one is removed."""
+    for path in cache.glob(f"{entry}.*.cubin"):
+        try:
+            data = path.read_bytes()
+            if path.name == f"{entry}.{hashlib.sha256(data).hexdigest()}.cubin":
+                return Cubin(path, arch, "", data)
+            path.unlink()
+        except OSError:  # gone meanwhile, or unreadable: built again
+            continue
+    return None
+
+
+def run_nvcc(nvcc: str, source: str, arch: str, cache: Path, entry: str) -> Cubin:
     with tempfile.TemporaryDirectory(dir=cache, prefix=".build-") as work:
         src = Path(work) / "kernels.cu"
         src.write_text(source)
@@ -99,8 +146,10 @@ def compile_cubin(source: str, arch: str | None = None, cache: Path | None = Non
                               capture_output=True, text=True)
         if done.returncode != 0:
             raise BuildError(f"nvcc failed for {arch} (exit {done.returncode}):\n{done.stderr.strip()}")
+        data = out.read_bytes()
+        target = cache / f"{entry}.{hashlib.sha256(data).hexdigest()}.cubin"
         os.replace(out, target)  # atomic: readers see no cubin or a whole one
-    return Cubin(target, arch, done.stderr)
+    return Cubin(target, arch, done.stderr, data)
 
 
 def spill_bytes(log: str) -> int:
