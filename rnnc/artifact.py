@@ -83,6 +83,8 @@ def write(program, out_dir, recompute="auto", arch: str | None = None, build: bo
     from .backends.cuda.build import BuildError, check_arch, compile_cubin, default_arch
     from .backends.cuda.lowering import generate
 
+    out = Path(out_dir)
+    _check_target(out)  # before the build, and again under the lock before replacing
     generated = generate(program)
     files = {"kernels.cu": generated.source.encode(), "cell.ir": describe(program).encode()}
     notes = []
@@ -113,7 +115,7 @@ def write(program, out_dir, recompute="auto", arch: str | None = None, build: bo
         if len(data) > size_limit(name):
             raise ArtifactError(name, f"{len(data)} bytes, more than the artifact format's "
                                       f"limit of {size_limit(name)}", None)
-    _write_dir(Path(out_dir), files)
+    _write_dir(out, files)
     return {**module, "notes": notes}
 
 
@@ -124,10 +126,9 @@ def describe(program) -> str:
 def _write_dir(out: Path, files: dict):
     """All files into a fresh temporary sibling of `out`, then renamed to `out`,
     replacing only a complete artifact (the old one is moved aside, then removed)."""
-    _check_target_name(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with _locked(out):
-        _check_replaceable(out)
+        _check_target(out)
         staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
         try:
             for name, data in files.items():
@@ -144,15 +145,13 @@ def _write_dir(out: Path, files: dict):
                 shutil.rmtree(staging)
 
 
-def _check_target_name(out: Path):
+def _check_target(out: Path):
+    """`out` is absent, an empty directory, or a complete artifact holding only
+    its own files: nothing of the user's is ever replaced."""
     here = Path.cwd().resolve()
     if out.name in ("", ".", "..") or out.resolve() in (here, *here.parents):
         raise ArtifactError(f"-o {out}", "name a directory of its own for the artifact (it is replaced "
                             "as a whole), not the current, parent or root directory", None)
-
-
-def _check_replaceable(out: Path):
-    """`out` is absent, an empty directory, or a complete artifact holding only its own files."""
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         kind = "a symbolic link" if out.is_symlink() else "a file"
         raise ArtifactError(out, f"exists and is {kind}, not an artifact directory", "refusing to "

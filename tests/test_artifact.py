@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -134,12 +135,65 @@ def test_writes_replace_an_artifact_and_leave_no_temporaries(tmp_path):
     read(out)
 
 
-def test_refuses_to_overwrite_a_directory_that_is_not_an_artifact(tmp_path):
-    (tmp_path / "mine").mkdir()
-    (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    with pytest.raises(ArtifactError, match="not a complete rnnc artifact"):
-        write(rnnc.compile(LSTM, dims={"D": 3, "H": 5}), tmp_path / "mine", build=False)
-    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+def snapshot(d: Path) -> dict:
+    return {str(p.relative_to(d)): p.read_bytes() if p.is_file() else None for p in sorted(d.rglob("*"))}
+
+
+def a_users_project(d: Path) -> dict:
+    """A directory that has a module.json of its own, and more."""
+    (d / "src").mkdir(parents=True)
+    (d / "module.json").write_text('{"name": "my-js-module"}')
+    (d / "notes.txt").write_text("keep me")
+    (d / "src" / "main.c").write_text("int main(void) { return 0; }\n")
+    return snapshot(d)
+
+
+def damaged_artifact(d: Path) -> dict:
+    write(rnnc.compile(LSTM, dims={"D": 3, "H": 5}), d, build=False)
+    (d / "cell.ir").write_text("edited by hand\n")
+    return snapshot(d)
+
+
+def artifact_with_notes(d: Path) -> dict:
+    write(rnnc.compile(LSTM, dims={"D": 3, "H": 5}), d, build=False)
+    (d / "NOTES").write_text("what I tried")
+    return snapshot(d)
+
+
+@pytest.mark.parametrize("make,reason", [
+    (a_users_project, r"not a complete rnnc artifact \(module\.json: format version None"),
+    (damaged_artifact, r"not a complete rnnc artifact \(cell\.ir: damaged"),
+    (artifact_with_notes, r"also holds NOTES, which rnnc did not write"),
+], ids=["project", "damaged", "notes"])
+def test_compile_never_replaces_what_is_not_a_complete_artifact(tmp_path, capsys, make, reason):
+    before = make(tmp_path / "mine")
+    assert main(["compile", str(LSTM), "-D", "D=3", "-D", "H=5", "-o", str(tmp_path / "mine")]) == 1
+    assert re.search(reason + r".*refusing to replace it", capsys.readouterr().err)
+    assert snapshot(tmp_path / "mine") == before
+    assert [p.name for p in tmp_path.iterdir()] == ["mine"]  # no temporaries either
+
+
+@pytest.mark.parametrize("target,message", [
+    (".", r"-o \.: name a directory of its own"),
+    ("..", r"-o \.\.: name a directory of its own"),
+    ("a_file", r"a_file: exists and is a file, not an artifact directory"),
+    ("a_link", r"a_link: exists and is a symbolic link"),
+])
+def test_compile_into_the_current_directory_a_file_or_a_link_is_refused(tmp_path, monkeypatch, capsys,
+                                                                        target, message):
+    (tmp_path / "a_file").write_text("mine")
+    (tmp_path / "a_link").symlink_to(compiled(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(tmp_path)
+    assert main(["compile", str(LSTM), "-D", "D=3", "-D", "H=5", "-o", target]) == 1
+    assert re.search(message, capsys.readouterr().err)
+    assert snapshot(tmp_path) == before
+
+
+def test_an_empty_directory_becomes_the_artifact(tmp_path):
+    (tmp_path / "empty").mkdir()
+    write(rnnc.compile(LSTM, dims={"D": 3, "H": 5}), tmp_path / "empty", build=False)
+    assert read(tmp_path / "empty").module["cell"] == "lstm"
 
 
 def test_compile_without_nvcc_writes_an_artifact_without_cubin(tmp_path):
