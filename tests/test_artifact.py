@@ -7,6 +7,7 @@ building the same cell into one cache both succeed with one intact cubin.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -194,6 +195,73 @@ def test_an_empty_directory_becomes_the_artifact(tmp_path):
     (tmp_path / "empty").mkdir()
     write(rnnc.compile(LSTM, dims={"D": 3, "H": 5}), tmp_path / "empty", build=False)
     assert read(tmp_path / "empty").module["cell"] == "lstm"
+
+
+KILLED_BETWEEN_RENAMES = """
+import os, sys, rnnc
+from rnnc.artifact import write
+real_replace = os.replace
+
+def replace(src, dst):  # the first rename moves the old artifact aside; then the process dies
+    real_replace(src, dst)
+    os._exit(9)
+os.replace = replace
+write(rnnc.compile(sys.argv[1], dims={"D": 3, "H": 5}, recompute="all"), sys.argv[2], build=False)
+"""
+
+
+def stranded(tmp_path) -> list:
+    return sorted(p.name.split("-")[0] for p in tmp_path.iterdir() if p.name.startswith("."))
+
+
+@pytest.mark.parametrize("then", ["load", "compile"])
+def test_a_writer_killed_between_its_renames_is_recovered(tmp_path, then):
+    out = tmp_path / "mod"
+    write(rnnc.compile(LSTM, dims={"D": 3, "H": 5}, recompute="none"), out, recompute="none", build=False)
+    done = subprocess.run([sys.executable, "-c", KILLED_BETWEEN_RENAMES, str(LSTM), str(out)])
+    assert done.returncode == 9
+    assert not out.exists() and stranded(tmp_path) == [".mod.old", ".mod.tmp"]
+    if then == "load":  # the old artifact is back, whole
+        assert rnnc.load(out).program.plan.policy == "none"
+    else:
+        write(rnnc.compile(LSTM, dims={"D": 3, "H": 5}, recompute="auto"), out, build=False)
+        assert read(out).module["plan"]["policy"] == "auto"
+    assert stranded(tmp_path) == []
+
+
+CONCURRENT_WRITES = """
+import sys, rnnc
+from rnnc.artifact import write
+program = rnnc.compile(sys.argv[1], dims={"D": 3, "H": 5}, recompute=sys.argv[3])
+for _ in range(6):
+    write(program, sys.argv[2], recompute=sys.argv[3], build=False)
+"""
+
+
+def test_concurrent_writers_and_a_loader_all_succeed(tmp_path):
+    out = tmp_path / "mod"
+    write(rnnc.compile(LSTM, dims={"D": 3, "H": 5}), out, build=False)
+    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT_WRITES, str(LSTM), str(out), policy],
+                              stderr=subprocess.PIPE, text=True) for policy in ("none", "all")]
+    policies = set()
+    while any(p.poll() is None for p in procs):
+        policies.add(rnnc.load(out).program.plan.policy)  # never a missing or half-written artifact
+    assert [p.wait() for p in procs] == [0, 0], [p.stderr.read() for p in procs]
+    assert policies and policies <= {"auto", "none", "all"}
+    assert read(out).module["plan"]["policy"] in ("none", "all")
+    assert stranded(tmp_path) == []
+
+
+def test_a_writer_that_cannot_get_the_lock_says_why(tmp_path, monkeypatch):
+    monkeypatch.setattr(rnnc.artifact, "LOCK_WAIT", 0.2)
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as another rnnc writing beside it would
+        with pytest.raises(ArtifactError, match=r"mod: another rnnc process has held .* for 0 s.*try again"):
+            write(rnnc.compile(LSTM, dims={"D": 3, "H": 5}), tmp_path / "mod", build=False)
+    finally:
+        os.close(fd)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_compile_without_nvcc_writes_an_artifact_without_cubin(tmp_path):
