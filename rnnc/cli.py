@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -203,10 +204,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def print_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"rnnc: warning: {message}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with warnings.catch_warnings():  # rnnc's own warnings as one line each (the cache's)
+            warnings.showwarning = print_warning
+            return args.func(args)
     except CellError as err:
         print(err.format(), file=sys.stderr)
         return 1

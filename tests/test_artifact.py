@@ -299,3 +299,50 @@ def test_two_processes_building_one_cell_into_one_cache(tmp_path):
     assert not [p for p in cache.iterdir() if p.name.startswith(".build-")]  # no temporaries left
     direct = build.compile_cubin(source.read_text(), "sm_80", cache=tmp_path / "other")
     assert cubins[0].read_bytes() == direct.path.read_bytes()  # intact: the bytes nvcc gives
+
+
+TINY_KERNEL = 'extern "C" __global__ void tiny(float *x) { x[threadIdx.x] *= 2.0f; }\n'
+
+
+@needs_nvcc
+@pytest.mark.parametrize("damage", [b"", b"\x7fELF but cut short", None], ids=["empty", "cut", "deleted"])
+def test_a_damaged_cache_entry_is_built_again_never_served(tmp_path, damage):
+    cache = tmp_path / "cache"
+    first = build.compile_cubin(TINY_KERNEL, "sm_80", cache=cache)
+    assert first.data[:4] == b"\x7fELF" and first.path.read_bytes() == first.data
+    if damage is None:
+        first.path.unlink()
+    else:
+        first.path.write_bytes(damage)
+    again = build.compile_cubin(TINY_KERNEL, "sm_80", cache=cache)
+    assert again.log  # nvcc ran: ptxas reported
+    assert again.data == first.data and again.path.read_bytes() == first.data
+    assert [p.name for p in cache.glob("*.cubin")] == [again.path.name]
+    assert build.compile_cubin(TINY_KERNEL, "sm_80", cache=cache).log == ""  # served, intact
+
+
+@needs_nvcc
+def test_an_artifact_never_gets_a_damaged_cached_cubin(tmp_path, capsys):
+    out = compiled(tmp_path)
+    cubin = (out / "kernels.sm_80.cubin").read_bytes()
+    for entry in (tmp_path / "cache").glob("*.cubin"):
+        entry.write_bytes(b"")
+    again = compiled(tmp_path)  # the same cell: its cache entry, now empty
+    assert (again / "kernels.sm_80.cubin").read_bytes() == cubin
+    assert read(again).files["kernels.sm_80.cubin"] == cubin
+
+
+@needs_nvcc
+def test_an_unusable_cache_directory_is_a_warning(tmp_path, monkeypatch, capsys):
+    a_file = tmp_path / "not_a_directory"
+    a_file.write_text("")
+    for cache in (a_file, a_file / "below"):
+        monkeypatch.setenv("RNNC_CACHE_DIR", str(cache))
+        with pytest.warns(build.CacheWarning, match=f"the cubin cache {cache} is unusable.*RNNC_CACHE_DIR"):
+            cubin = build.compile_cubin(TINY_KERNEL, "sm_80")
+        assert cubin.data[:4] == b"\x7fELF" and cubin.path.read_bytes() == cubin.data
+        assert main(["compile", str(LSTM), "-D", "D=3", "-D", "H=5", "-o", str(tmp_path / "mod")]) == 0
+        err = capsys.readouterr().err
+        assert err.startswith("rnnc: warning: the cubin cache") and err.count("\n") == 1
+        assert (tmp_path / "mod" / "kernels.sm_80.cubin").read_bytes()[:4] == b"\x7fELF"
+    assert a_file.read_text() == ""
