@@ -326,6 +326,29 @@ def test_gpuarrays_in_give_gpuarrays_out(cuda, workdir):
     assert not cases.mismatches(got, cases.reference(program, args, cases.LENGTHS))
 
 
+def test_the_backward_reads_the_copies_the_forward_made(cuda, workdir):
+    """Unlike the NumPy backend, which refuses it, the CUDA backend may see the
+    caller's arrays change after the forward: it copied them to the device."""
+    program = cases.compile_example(cases.ROOT / "examples/attention_lstm.cell", "auto")
+    module, _ = loaded(cuda, program, workdir)
+    args = cases.arguments(program)
+    lengths = cases.LENGTHS.copy()
+    result = module.forward(args["inputs"], args["params"], args["states"], args["contexts"], lengths)
+    for group in ("inputs", "params", "states", "contexts"):
+        for array in args[group].values():
+            array *= 2
+    lengths[:] = 1
+    grads = module.backward(result, args["d_outputs"], args["d_states"])
+    for group in ("inputs", "params", "states", "contexts"):
+        for array in args[group].values():
+            array /= 2  # exactly as they were, for the reference
+    want = cases.reference(program, args, cases.LENGTHS)
+    for group in ("params", "inputs", "states", "contexts"):
+        for name, g in getattr(grads, group).items():
+            ref = want[f"grad {group} {name}"]
+            assert np.abs(g - ref).max() <= cases.TOLERANCE * np.abs(ref).max(), (group, name)
+
+
 def test_runs_in_the_context_active_when_loaded(cuda, workdir):
     user = sys.modules["pycuda.driver"].Device(0).retain_primary_context()
     user.push()  # as pycuda.autoinit does

@@ -187,3 +187,56 @@ def test_bad_program_arguments():
         rnnc.compile(example("lstm"))
     with pytest.raises(ValueError, match="no dim 'K'"):
         lstm(dims={"D": 3, "H": 4, "K": 2})
+
+
+# a cell of these tests' own with every kind of argument the backward reads again
+CONTEXT_GATE = """
+cell context_gate {
+    dim D, H, C
+    input x[D]
+    context k[C]
+    state h[H]
+    param W[D, H], U[H, H], V[C, H]
+
+    h_new = tanh(x @ W + h @ U) * sigmoid(k @ V)
+    next h = h_new
+    output y = h_new
+}
+"""
+
+
+def the_array(args: dict, label: str) -> np.ndarray:
+    """The array `label` names ("inputs['x']" or "lengths")."""
+    if label == "lengths":
+        return args["lengths"]
+    group, name = label.split("[")
+    return args[group][name.strip("[]'")]
+
+
+@pytest.mark.parametrize("label", ["inputs['x']", "params['U']", "states['h']", "contexts['k']", "lengths"])
+@pytest.mark.parametrize("budget", [None, "1500"], ids=["one segment", "checkpointed"])
+def test_an_argument_changed_in_place_before_the_backward_is_refused(label, budget):
+    """Without the check the backward would read the changed arrays (the
+    checkpointed plan replays segments from them), giving wrong gradients."""
+    program = rnnc.compile(CONTEXT_GATE, dims={"D": 3, "H": 4, "C": 2}, memory_budget=budget,
+                           seq_len=12, batch=3, dtype="float64")
+    assert (program.plan.segments is not None and len(program.plan.segments) > 1) == (budget is not None)
+    module = program.load(dtype="float64")
+    args = random_arguments(module, T=12, B=3, seed=2, with_lengths=True)
+    args["lengths"][1] = 8
+    d_y = {"y": np.ones((12, 3, 4))}
+    expected = module.backward(module.forward(**args), d_y)
+    result = module.forward(**args)
+    array = the_array(args, label)
+    kept = array.copy()
+    array[1] += 1
+    pattern = label.replace("[", r"\[").replace("]", r"\]")
+    with pytest.raises(ValueError, match=rf"backward: {pattern} was changed in place after the forward"):
+        module.backward(result, d_y)
+    with pytest.raises(ValueError, match=pattern):
+        module.backward(result, d_y)  # still refused: nothing was used up
+    array[...] = kept  # as it was: the backward gives the gradients of the forward that ran
+    got = module.backward(result, d_y)
+    for group in ("params", "inputs", "states", "contexts"):
+        for name, g in getattr(expected, group).items():
+            np.testing.assert_array_equal(getattr(got, group)[name], g, err_msg=f"{group} {name}")

@@ -8,6 +8,7 @@ bytes it holds, which must equal the Plan's predictions.
 """
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -127,7 +128,36 @@ class Saved:
     checkpoints: list  # states at the start of every segment but the last
     pre: dict  # hoisted rows of the last segment
     tape: list  # stored values of each step of the last segment
+    fingerprints: dict  # of the caller's arrays, which the backward reads again
     used: bool = False
+
+
+def _caller_arrays(args: dict) -> dict:
+    """The caller's arrays of a forward call, by the name errors give them ("inputs['x']")."""
+    arrays = {f"{group}[{name!r}]": a for group in ("inputs", "params", "states", "contexts")
+              for name, a in (args[group] or {}).items()}
+    if args["lengths"] is not None:
+        arrays["lengths"] = args["lengths"]
+    return arrays
+
+
+def _fingerprint(array) -> tuple:
+    """Shape, dtype and a CRC of the bytes: enough to notice an accidental change,
+    and faster than a cryptographic hash (about 1 GB/s; a forward reads its arrays many times)."""
+    array = np.asarray(array)
+    return array.shape, array.dtype.str, zlib.crc32(np.ascontiguousarray(array).view(np.uint8).reshape(-1))
+
+
+def _check_unchanged(saved: Saved):
+    """The backward reads the caller's arrays where they are (copying them would
+    cost memory the plan does not count): one changed in place since the
+    forward would give wrong gradients, so it is refused, as torch refuses a
+    tensor saved for backward and changed in place."""
+    for label, array in _caller_arrays(saved.args).items():
+        if _fingerprint(array) != saved.fingerprints[label]:
+            raise ValueError(f"backward: {label} was changed in place after the forward, which the "
+                             "backward reads again; its gradients would be wrong. Change a copy, or "
+                             "run the forward again after the change")
 
 
 def _valid_mask(lengths, t: int, dtype):
@@ -221,7 +251,10 @@ class NumpyModule:
                 pre = {}  # gone before the next segment's rows are made
         if not train:
             ledger.release_all(self._held_seq(call))
-        saved = Saved(args, call, checkpoints, pre, tape) if train else None
+        saved = None
+        if train:
+            fingerprints = {k: _fingerprint(a) for k, a in _caller_arrays(args).items()}
+            saved = Saved(args, call, checkpoints, pre, tape, fingerprints)
         # a final state may be a stored value too: the caller gets its own copy
         final = {s: a.copy() if ledger.holds(a) else a for s, a in state.items()}
         return ForwardResult(outputs, final, ledger.current, saved)
@@ -285,6 +318,7 @@ class NumpyModule:
                              "nothing for the backward; run forward with train=True")
         d_outputs, d_states = bind_cotangents(self.cell, self.dtype, saved.call.T, saved.call.B,
                                               d_outputs, d_states)
+        _check_unchanged(saved)
         if saved.used:  # an earlier backward freed what the forward kept: rebuild it
             saved = self.forward(**saved.args)._tape
         saved.used = True
