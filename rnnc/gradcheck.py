@@ -29,6 +29,9 @@ class Report:
 
 def random_arguments(module, T: int, B: int, seed: int = 0, with_lengths: bool = False) -> dict:
     """Random inputs, initial states, contexts, params (and lengths) for `module`."""
+    for name, value in (("T", T), ("B", B)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
     rng = np.random.default_rng(seed)
     cell = module.cell
 
@@ -48,8 +51,9 @@ def random_arguments(module, T: int, B: int, seed: int = 0, with_lengths: bool =
 
 
 def gradcheck(module, T: int = 3, B: int = 2, seed: int = 0, with_lengths: bool = False,
-              eps: float = 1e-6) -> Report:
-    """Worst relative error of every argument's gradient against central differences."""
+              eps: float = 1e-6, progress=None) -> Report:
+    """Worst relative error of every argument's gradient against central differences.
+    `progress(label, entries, index, count)` is called before each argument's."""
     if module.dtype != np.float64:
         raise ValueError(f"gradcheck needs a float64 module, got {module.dtype}")
     args = random_arguments(module, T, B, seed, with_lengths)
@@ -65,12 +69,15 @@ def gradcheck(module, T: int = 3, B: int = 2, seed: int = 0, with_lengths: bool 
                 + sum(float((r.states[k] * d).sum()) for k, d in d_states.items()))
 
     errors = {}
-    for group in ("params", "inputs", "states", "contexts"):
-        for name, array in args[group].items():
-            numeric = _central_differences(loss, array, eps)
-            analytic = getattr(grads, group)[name]
-            scale = max(np.abs(numeric).max(), np.abs(analytic).max(), 1e-3)
-            errors[f"{group}[{name!r}]"] = float(np.abs(numeric - analytic).max() / scale)
+    checked = [(f"{group}[{name!r}]", group, name, array) for group in ("params", "inputs", "states", "contexts")
+               for name, array in args[group].items()]
+    for index, (label, group, name, array) in enumerate(checked):
+        if progress:
+            progress(label, array.size, index, len(checked))
+        numeric = _central_differences(loss, array, eps)
+        analytic = getattr(grads, group)[name]
+        scale = max(np.abs(numeric).max(), np.abs(analytic).max(), 1e-3)
+        errors[label] = float(np.abs(numeric - analytic).max() / scale)
     return Report(errors)
 
 

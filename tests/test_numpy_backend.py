@@ -145,13 +145,18 @@ def bad_calls():
     yield "negative length", dict(lengths=np.array([-1, 2])), ["lengths", "0..3"]
     yield "lengths shape", dict(lengths=np.array([1, 2, 3])), ["lengths", "[2]", "[3]"]
     yield "float lengths", dict(lengths=np.array([1.0, 2.0])), ["lengths", "integer"]
+    yield "float lengths list", dict(lengths=[1.0, 2]), ["lengths", "integer"]
+    yield "ragged lengths", dict(lengths=[1, [2]]), ["lengths", "2 integers"]
+    yield "inputs a list", dict(inputs=[x]), ["inputs", "expected a dict of arrays by name (x)", "list"]
+    yield "params an array", dict(params=np.zeros((3, 16))), ["params", "a dict", "(W, U, b)", "ndarray"]
+    yield "states a list", dict(states=[np.zeros((B, H))]), ["states", "a dict", "(h, c)", "list"]
 
 
 @pytest.mark.parametrize("case,override,words", list(bad_calls()), ids=[c[0] for c in bad_calls()])
 def test_bad_forward_arguments(case, override, words):
     mod = lstm().load()
     params = mod.init_params()
-    if override.get("params") == "W_wrong":
+    if isinstance(override.get("params"), str):  # "W_wrong"
         override = dict(params={**params, "W": params["W"].T.copy()})
     call = dict(inputs={"x": np.zeros((3, 2, 3))}, params=params)
     call.update(override)
@@ -173,12 +178,49 @@ def test_bad_backward_arguments():
     inference = mod.forward({"x": np.zeros((3, 2, 3))}, mod.init_params(), train=False)
     with pytest.raises(ValueError, match="train=False"):
         mod.backward(inference, {"y": np.zeros((3, 2, 4))})
+    with pytest.raises(TypeError, match=r"d_outputs: expected a dict of arrays by name \(y\), got ndarray"):
+        mod.backward(res, np.zeros((3, 2, 4)))
+    with pytest.raises(TypeError, match="backward: expected the result of this module's forward, got NoneType"):
+        mod.backward(None)
+
+
+def test_wrong_kinds_of_argument_are_both_type_and_value_errors():
+    mod = lstm().load()
+    for error in (TypeError, ValueError):
+        with pytest.raises(error, match="inputs: expected a dict"):
+            mod.forward([np.zeros((3, 2, 3))], mod.init_params())
+
+
+def test_lengths_may_be_any_integer_array_like():
+    mod = lstm().load()
+    call = dict(inputs={"x": np.random.default_rng(0).normal(size=(3, 2, 3))}, params=mod.init_params())
+    want = mod.forward(**call, lengths=np.array([3, 1])).outputs["y"]
+    for lengths in ([3, 1], (3, 1), np.array([3, 1], np.int8), [np.int64(3), 1]):
+        np.testing.assert_array_equal(mod.forward(**call, lengths=lengths).outputs["y"], want)
+    assert not want[2, 1].any() and want[2, 0].any()  # the lengths took effect
+
+
+def test_numpy_integer_dims_are_ints():
+    prog = lstm(dims={"D": np.int64(3), "H": np.int32(4)})
+    assert prog.cell.dims == (("D", 3), ("H", 4))
+    assert all(type(v) is int for _, v in prog.cell.dims)
+    with pytest.raises(ValueError, match="dims: expected a dict of dim name -> positive integer, got list"):
+        lstm(dims=[3, 4])
+
+
+@pytest.mark.parametrize("T,B", [(0, 2), (3, 0), (-1, 2), (2.5, 2)])
+def test_gradcheck_needs_positive_sizes(T, B):
+    with pytest.raises(ValueError, match=r"[TB]: expected a positive integer"):
+        gradcheck(lstm().load(dtype="float64"), T=T, B=B)
 
 
 def test_bad_program_arguments():
     prog = lstm()
     with pytest.raises(ValueError, match="float32.*float64.*float16"):
         prog.load(dtype="float16")
+    for backend in ("numpy", "cuda"):  # a name NumPy does not know is the same error
+        with pytest.raises(ValueError, match="dtype: expected 'float32' or 'float64', got 'flot'"):
+            prog.load(backend, dtype="flot")
     with pytest.raises(ValueError, match="backend.*numpy"):
         prog.load(backend="tpu")
     with pytest.raises(ValueError, match="none, all, auto"):

@@ -2,9 +2,13 @@
 
 Nothing is broadcast or cast silently: a missing or unknown name, a wrong
 shape, a batch size that differs between arguments, a wrong dtype or a length
-outside 0..T is a ValueError that names the argument and both shapes.
+outside 0..T is a ValueError that names the argument and both shapes; an
+argument of the wrong kind (a list where a dict of arrays belongs) is an
+ArgumentTypeError, both a TypeError and a ValueError.
 """
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -17,7 +21,38 @@ def _shape_or_type(array) -> str:
     return shape_str(array.shape) if hasattr(array, "shape") else type(array).__name__
 
 
+class ArgumentTypeError(TypeError, ValueError):
+    """An argument of the wrong kind; a ValueError too, as every other argument error is."""
+
+
+DTYPES = ("float32", "float64")
+
+
+def module_dtype(dtype) -> np.dtype:
+    """The dtype a module computes in: float32 or float64, given by name or as a dtype."""
+    try:
+        if np.dtype(dtype).name in DTYPES:
+            return np.dtype(dtype)
+    except TypeError:
+        pass
+    raise ValueError(f"dtype: expected 'float32' or 'float64', got {dtype!r}")
+
+
+def saved_for_backward(result):
+    """What a training forward kept in `result` for the backward."""
+    if not hasattr(result, "_tape"):
+        raise ArgumentTypeError(f"backward: expected the result of this module's forward, got "
+                                f"{type(result).__name__}")
+    if result._tape is None:
+        raise ValueError("backward: this result came from forward(..., train=False), which keeps "
+                         "nothing for the backward; run forward with train=True")
+    return result._tape
+
+
 def check_names(arg: str, given: dict | None, expected: list, required: bool) -> dict:
+    if given is not None and not isinstance(given, Mapping):
+        raise ArgumentTypeError(f"{arg}: expected a dict of arrays by name ({', '.join(expected) or 'none'}), "
+                                f"got {type(given).__name__}")
     given = dict(given or {})
     unknown = [k for k in given if k not in expected]
     if unknown:
@@ -75,9 +110,14 @@ class Binder:
         return self._batched(label, array, shape, with_time=False)
 
     def lengths(self, lengths):
+        """Any integer array-like of B lengths (a list too), as a NumPy array."""
         if lengths is None:
             return None
-        if not isinstance(lengths, np.ndarray) or lengths.shape != (self.B,):
+        try:
+            lengths = np.asarray(lengths)
+        except (TypeError, ValueError):  # ragged lists
+            raise ValueError(f"lengths: expected {self.B} integers, one per batch element") from None
+        if lengths.shape != (self.B,):
             raise ValueError(f"lengths: expected shape [{self.B}] (one length per batch element), "
                              f"got {_shape_or_type(lengths)}")
         if not np.issubdtype(lengths.dtype, np.integer):

@@ -16,7 +16,7 @@ import numpy as np
 from ..ops import OPS, align
 from ..passes.plan import held_values
 from ..shapes import concrete_shape
-from .args import bind_cotangents, bind_forward
+from .args import bind_cotangents, bind_forward, module_dtype, saved_for_backward
 
 
 class Runner:
@@ -179,9 +179,7 @@ class NumpyModule:
     def __init__(self, program, dtype="float64"):
         self.program = program
         self.cell = program.cell
-        self.dtype = np.dtype(dtype)
-        if self.dtype not in (np.float32, np.float64):
-            raise ValueError(f"dtype: expected 'float32' or 'float64', got {dtype!r}")
+        self.dtype = module_dtype(dtype)
         h, grads = program.hoisted, program.grads
         self.run_seq = Runner(h.seq.nodes, h.seq.values())
         self.run_pre = Runner(h.pre.nodes, h.pre.values())
@@ -312,10 +310,7 @@ class NumpyModule:
         """Segments from last to first: replay a segment from its checkpoint (the
         last one's values are kept by the forward), backpropagate through its
         steps, then do its hoisted products' backward over its rows at once."""
-        saved = result._tape
-        if saved is None:
-            raise ValueError("backward: this result came from forward(..., train=False), which keeps "
-                             "nothing for the backward; run forward with train=True")
+        saved = saved_for_backward(result)
         d_outputs, d_states = bind_cotangents(self.cell, self.dtype, saved.call.T, saved.call.B,
                                               d_outputs, d_states)
         _check_unchanged(saved)

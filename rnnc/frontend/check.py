@@ -9,6 +9,8 @@ made. Dims given by the caller are substituted as the shapes are built, so
 from __future__ import annotations
 
 import math
+import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .. import ops
@@ -50,9 +52,18 @@ def check(module: ast.Module, source: Source, cell: str | None = None,
           dims: dict | None = None) -> Checked:
     """Check one cell of a parsed file (the first unless `cell` names one)."""
     try:
-        return _Checker(source, select_cell(module, cell, source), dims or {}).run()
+        return _Checker(source, select_cell(module, cell, source), _plain_ints(dims, source)).run()
     except CellError as err:
         raise err.located(source) from None
+
+
+def _plain_ints(dims, source: Source) -> dict:
+    """`dims` with NumPy integers as Python ints (every value is checked later)."""
+    if dims is not None and not isinstance(dims, Mapping):
+        raise BindError(f"dims: expected a dict of dim name -> positive integer, got {type(dims).__name__}",
+                        None, source)
+    return {k: int(v) if isinstance(v, numbers.Integral) and not isinstance(v, bool) else v
+            for k, v in (dims or {}).items()}
 
 
 class _Checker:

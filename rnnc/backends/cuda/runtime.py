@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..args import bind_cotangents, bind_forward, concrete_shape
+from ..args import bind_cotangents, bind_forward, concrete_shape, module_dtype, saved_for_backward
 from ..numpy import ForwardResult, Gradients, NumpyModule
 from .device import PycudaDevice
 from .executor import Executor, Slotted, Steps, aligned, segments, slot_count
@@ -207,10 +207,7 @@ class CudaModule:
     def _backward(self, result: ForwardResult, d_outputs, d_states) -> Gradients:
         """Segments last first: replay a segment from its checkpoint (the forward
         kept the last one), backpropagate through its steps, then its rows' products."""
-        call = result._tape
-        if call is None:
-            raise ValueError("backward: this result came from forward(..., train=False), which keeps "
-                             "nothing for the backward; run forward with train=True")
+        call = saved_for_backward(result)
         T, B = call.T, call.B
         d_outputs, d_states = bind_cotangents(self.cell, self.dtype, T, B, wrap_all(d_outputs),
                                               wrap_all(d_states), (np.ndarray, DeviceArray))
@@ -293,7 +290,7 @@ def load(program, dtype="float32", generated=None, cubin_for=None, device: int |
     (`device` and `empty`: see PycudaDevice)."""
     from .build import compile_cubin
     from .lowering import generate
-    if np.dtype(dtype) != np.float32:
+    if module_dtype(dtype) != np.float32:
         raise ValueError(f"dtype: the cuda backend runs float32 only, got {dtype!r} "
                          "(use backend='numpy' for float64)")
     device = PycudaDevice(device, empty)  # fails first, and says why, without a GPU
