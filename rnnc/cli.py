@@ -1,11 +1,16 @@
 """The `rnnc` command line.
 
 Exit status: 0 success, 1 a user error (printed as file:line:col: error: ...),
-2 a usage error (argparse's own convention).
+2 a usage error (argparse's own convention); every error is one line (or a
+.cell line and its caret), never a traceback.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import signal
+import statistics
 import sys
 import time
 import warnings
@@ -18,25 +23,36 @@ from .backends.cuda import ToolchainError
 from .errors import CellError
 
 
+DEFAULT_T, DEFAULT_B = 5, 3  # the steps and batch of every command that takes --seq-len and --batch
+
+
+def dim_binding(item: str) -> tuple:
+    """One `-D NAME=VALUE`. argparse calls it, so what is not a name and a whole
+    number is a usage error; the checker reports a 0 or an unknown name at the cell's dims."""
+    name, sep, value = item.partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name.strip()):
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, as in -D H=256, got {item!r}")
+    if not re.fullmatch(r"[0-9]+", value.strip()):
+        raise argparse.ArgumentTypeError(f"{item}: a dim must be a positive integer, not {value!r}")
+    return name.strip(), int(value)
+
+
+def positive_int(text: str) -> int:
+    if not re.fullmatch(r"\s*[0-9]+\s*", text) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
 def parse_dims(items: list) -> dict:
-    """`-D H=256 -D E=64` as {"H": 256, "E": 64}; values are checked by the checker."""
-    dims = {}
-    for item in items or ():
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise CellError(f"-D {item}: expected NAME=VALUE, as in -D H=256")
-        try:
-            dims[name.strip()] = int(value)
-        except ValueError:
-            raise CellError(f"-D {item}: a dim must be a positive integer, not {value!r}") from None
-    return dims
+    """`-D H=256 -D E=64` (as dim_binding parsed them) as {"H": 256, "E": 64}."""
+    return dict(items or ())
 
 
 def cmd_check(args) -> int:
     failed = False
     for path in args.files:
         try:
-            checked = driver.check_source(driver.read_source(path), args.cell)
+            checked = driver.check_source(driver.read_source(Path(path)), args.cell)
         except CellError as err:
             print(err.format(), file=sys.stderr)
             failed = True
@@ -48,7 +64,7 @@ def cmd_check(args) -> int:
 
 
 def cmd_emit(args) -> int:
-    source = driver.read_source(args.file)
+    source = driver.read_source(Path(args.file))
     print(driver.emit(source, args.stage, args.cell, parse_dims(args.D), args.recompute))
     return 0
 
@@ -57,7 +73,12 @@ def cmd_gradcheck(args) -> int:
     from .gradcheck import gradcheck
     prog = compile_for_cli(args)
     module = prog.load(backend="numpy", dtype="float64")
-    report = gradcheck(module, T=args.seq_len, B=args.batch, with_lengths=args.lengths)
+
+    def progress(label: str, entries: int, done: int, total: int):
+        print(f"gradcheck: {label}, {entries} entries ({done + 1} of {total})", file=sys.stderr)
+    print(f"gradcheck: T={args.seq_len}, B={args.batch}, float64, central differences of every entry "
+          f"of every argument", file=sys.stderr)
+    report = gradcheck(module, T=args.seq_len, B=args.batch, with_lengths=args.lengths, progress=progress)
     print(report.format())
     ok = report.worst <= args.tolerance
     print(f"{'ok' if ok else 'FAILED'}: tolerance {args.tolerance:.0e}")
@@ -68,18 +89,21 @@ def cmd_run(args) -> int:
     from .gradcheck import random_arguments
     module = load_for_run(args)
     arrays = random_arguments(module, args.seq_len, args.batch)
-    start = time.perf_counter()
-    result = module.forward(**arrays)
-    middle = time.perf_counter()
-    ones = {k: np.ones_like(v) for k, v in result.outputs.items()}
-    grads = module.backward(result, ones)
-    end = time.perf_counter()
+    times = []  # (forward, backward) seconds of each run; the first is a warm-up
+    for _ in range(args.repeat + 1):
+        start = time.perf_counter()
+        result = module.forward(**arrays)
+        middle = time.perf_counter()
+        grads = module.backward(result, {k: np.ones_like(v) for k, v in result.outputs.items()})
+        times.append((middle - start, time.perf_counter() - middle))
     for group, table in (("output", result.outputs), ("state", result.states),
                          ("d param", grads.params), ("d input", grads.inputs)):
         for name, array in table.items():
             print(f"{group:>8} {name}: {list(array.shape)}")
-    print(f"forward {1e3 * (middle - start):.1f} ms, backward {1e3 * (end - middle):.1f} ms "
-          f"({module.backend}, {module.dtype.name}, T={args.seq_len}, B={args.batch})")
+    forward, backward = (1e3 * statistics.median(t[i] for t in times[1:]) for i in (0, 1))
+    print(f"forward {forward:.2f} ms, backward {backward:.2f} ms (median of {args.repeat} runs after a "
+          f"warm-up of {1e3 * times[0][0]:.2f} + {1e3 * times[0][1]:.2f} ms; "
+          f"{module.backend}, {module.dtype.name}, T={args.seq_len}, B={args.batch})")
     return 0
 
 
@@ -109,7 +133,7 @@ def cmd_compile(args) -> int:
 def compile_for_cli(args, **options):
     """The Program of the command's FILE, -D, --cell and --recompute; warnings to stderr.
     A --memory-budget string ("64MiB") is parsed by the planner, as the API's is."""
-    program = driver.compile(args.file, dims=parse_dims(args.D), cell=args.cell,
+    program = driver.compile(Path(args.file), dims=parse_dims(args.D), cell=args.cell,
                              recompute=getattr(args, "recompute", "auto"), **options)
     for warning in program.warnings:
         print(warning.format(), file=sys.stderr)
@@ -135,7 +159,9 @@ def cmd_graph(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
     p = argparse.ArgumentParser(prog="rnnc", description="A compiler for recurrent cells.")
+    p.add_argument("--version", action="version", version=f"rnnc {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name, func, help_text):
@@ -143,14 +169,21 @@ def build_parser() -> argparse.ArgumentParser:
         c.set_defaults(func=func)
         return c
 
-    def with_cell(c):
-        c.add_argument("file", metavar="FILE", help=".cell file")
-        c.add_argument("-D", action="append", metavar="NAME=VALUE", help="bind a dim, e.g. -D H=256")
+    def with_cell(c, metavar="FILE", help_text=".cell file"):
+        c.add_argument("file", metavar=metavar, help=help_text)
+        c.add_argument("-D", action="append", type=dim_binding, metavar="NAME=VALUE",
+                       help="bind a dim, e.g. -D H=256")
         c.add_argument("--cell", help="which cell of the file (default: the first)")
         return c
 
     def with_recompute(c):
         c.add_argument("--recompute", default="auto", help="none, all, auto or value names (a,b)")
+
+    def with_sizes(c, what: str):
+        c.add_argument("--seq-len", type=positive_int, default=DEFAULT_T, metavar="T",
+                       help=f"steps {what} (default {DEFAULT_T})")
+        c.add_argument("--batch", type=positive_int, default=DEFAULT_B, metavar="B",
+                       help=f"batch size {what} (default {DEFAULT_B})")
 
     c = command("check", cmd_check, "parse and check .cell files")
     c.add_argument("files", nargs="+", metavar="FILE")
@@ -163,36 +196,36 @@ def build_parser() -> argparse.ArgumentParser:
     c = with_cell(command("gradcheck", cmd_gradcheck,
                           "check gradients against float64 finite differences (numpy backend)"))
     with_recompute(c)
-    c.add_argument("--seq-len", type=int, default=3, metavar="T")
-    c.add_argument("--batch", type=int, default=2, metavar="B")
+    with_sizes(c, "of the random data")
     c.add_argument("--lengths", action="store_true", help="random sequence lengths")
-    c.add_argument("--tolerance", type=float, default=1e-6)
+    c.add_argument("--tolerance", type=float, default=1e-6, help="worst relative error allowed (default 1e-6)")
 
-    c = with_cell(command("run", cmd_run, "forward and backward on random data, with timing"))
+    c = with_cell(command("run", cmd_run, "forward and backward on random data, with timing"), "DIR|FILE",
+                  "an artifact directory (rnnc compile -o) or a .cell file")
     with_recompute(c)
-    c.add_argument("--seq-len", type=int, default=20, metavar="T")
-    c.add_argument("--batch", type=int, default=8, metavar="B")
+    with_sizes(c, "of the random data")
+    c.add_argument("--repeat", type=positive_int, default=5, metavar="N",
+                   help="timed runs after a warm-up; their median is shown (default 5)")
     c.add_argument("--backend", default="numpy", choices=("numpy", "cuda"))
     c.add_argument("--dtype", default=None, choices=("float32", "float64"),
                    help="default: float64 on numpy, float32 on cuda")
 
     c = with_cell(command("compile", cmd_compile, "compile a cell into an artifact directory"))
     with_recompute(c)
-    c.add_argument("-o", "--output", required=True, metavar="DIR", help="the artifact directory")
+    c.add_argument("-o", "--output", required=True, metavar="DIR",
+                   help="the artifact directory (made, or replaced if it holds an artifact)")
     c.add_argument("--target", default="cuda", choices=("cuda",))
     c.add_argument("--arch", help="GPU architecture of the cubin, e.g. sm_90 (default: the local "
                                   "GPU's, else sm_80)")
     c.add_argument("--memory-budget", metavar="BYTES",
                    help="checkpoint states to fit forward+backward (float32) in BYTES for "
                         "--seq-len steps of --batch, e.g. 64MiB")
-    c.add_argument("--seq-len", type=int, default=100, metavar="T", help="steps the budget is for (default 100)")
-    c.add_argument("--batch", type=int, default=16, metavar="B", help="batch the budget is for (default 16)")
+    with_sizes(c, "the budget is for")
 
     c = with_cell(command("plan", cmd_plan, "show what the backward stores and recomputes, and "
                                             "the bytes and flops that costs"))
     with_recompute(c)
-    c.add_argument("--seq-len", type=int, default=100, metavar="T", help="steps (default 100)")
-    c.add_argument("--batch", type=int, default=16, metavar="B", help="batch size (default 16)")
+    with_sizes(c, "the totals and the budget are for")
     c.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     c.add_argument("--memory-budget", metavar="BYTES",
                    help="checkpoint states to fit forward+backward in BYTES, e.g. 64MiB")
@@ -221,6 +254,16 @@ def main(argv=None) -> int:
     # driver or a GPU is missing, and the message says what to install
     except (ValueError, ToolchainError) as err:
         print(f"rnnc: error: {err}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # the reader went away (rnnc plan ... | head -1): stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        return 128 + signal.SIGPIPE
+    except OSError as err:  # a file that cannot be written or read
+        print(f"rnnc: error: {err.filename + ': ' if err.filename else ''}{err.strerror or err}",
+              file=sys.stderr)
+        return 1
+    except MemoryError as err:
+        print(f"rnnc: error: out of memory ({err}); use smaller dims, --seq-len or --batch", file=sys.stderr)
         return 1
 
 

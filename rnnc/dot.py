@@ -5,6 +5,7 @@ SVG or PNG, renders it with Graphviz's `dot` program where it is installed.
 """
 from __future__ import annotations
 
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -55,13 +56,14 @@ def write_graph(text: str, output: Path) -> list:
     dot_path.write_text(text)
     if dot_path == output:
         return [dot_path]
+    # absolute paths: a name starting with '-' would be read as an option
+    command = ["dot", f"-T{fmt}", str(dot_path.absolute()), "-o", str(output.absolute())]
     program = shutil.which("dot")
     if program is None:
         raise ValueError(f"wrote {dot_path}, but rendering {fmt.upper()} needs Graphviz's `dot`, "
                          f"which is not installed (apt-get install graphviz, brew install graphviz, "
-                         f"or conda install graphviz); or render it with: dot -T{fmt} {dot_path} -o {output}")
-    done = subprocess.run([program, f"-T{fmt}", str(dot_path), "-o", str(output)],
-                          capture_output=True, text=True)
+                         f"or conda install graphviz); or render it with: {shlex.join(command)}")
+    done = subprocess.run([program, *command[1:]], capture_output=True, text=True)
     if done.returncode:
         raise ValueError(f"dot -T{fmt} {dot_path} failed: {done.stderr.strip()}")
     return [dot_path, output]

@@ -21,28 +21,29 @@ from .passes.hoist import Hoisted, hoist
 from .passes.plan import Plan, make_plan
 
 STAGES = ("ast", "ir", "hoist", "grad", "plan", "cuda")
+MAX_SOURCE = 1 << 20  # bytes: more is not a .cell file (and /dev/zero never ends)
 
 
 def read_source(path_or_text: str | os.PathLike | Source) -> Source:
-    """A `.cell` file by path, or the program text itself (a string with a '{'
-    that names no file, or a Source)."""
+    """A `.cell` file by path, or the program itself: a Source, or a string with
+    a '{' and a line break (a cell takes several lines, so a one-line string is
+    always a path). UTF-8, with or without a byte order mark."""
     if isinstance(path_or_text, Source):
         return path_or_text
-    text = str(path_or_text)
-    if isinstance(path_or_text, os.PathLike) or "{" not in text or _is_file(text):
-        path = Path(path_or_text)
-        try:
-            return Source(str(path), path.read_text())
-        except (OSError, UnicodeDecodeError) as err:
-            raise CellError(f"cannot read {path}: {getattr(err, 'strerror', None) or err}") from None
-    return Source("<cell>", text)
-
-
-def _is_file(text: str) -> bool:
+    if isinstance(path_or_text, str) and "{" in path_or_text and "\n" in path_or_text:
+        return Source("<cell>", path_or_text.removeprefix("\ufeff"))
+    path = Path(path_or_text)
     try:
-        return "\n" not in text and Path(text).is_file()
-    except OSError:  # a name too long for the file system is program text
-        return False
+        with open(path, "rb") as f:
+            data = f.read(MAX_SOURCE + 1)
+        if len(data) > MAX_SOURCE:
+            raise CellError(f"cannot read {path}: more than {MAX_SOURCE >> 20} MiB, too large for a .cell file")
+        text = data.decode("utf-8-sig")
+    except OSError as err:
+        raise CellError(f"cannot read {path}: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
+        raise CellError(f"cannot read {path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
+    return Source(str(path), text.replace("\r\n", "\n").replace("\r", "\n"))
 
 
 def check_source(source: Source, cell: str | None = None, dims: dict | None = None) -> checker.Checked:

@@ -58,8 +58,22 @@ class CellError(Exception):
         text = self.source.line_text(self.pos.line) if self.source else None
         if text is None:
             return head
-        caret = " " * (self.pos.col - 1) + "^"
-        return f"{head}\n    {text}\n    {caret}"
+        text, col = clip(text, self.pos.col)
+        return f"{head}\n    {text}\n    {' ' * (col - 1)}^"
+
+
+SHOWN = 60  # characters of a long line shown on each side of the caret
+
+
+def clip(text: str, col: int) -> tuple:
+    """A long line cut to SHOWN characters either side of column `col` ("..." marks
+    a cut), and the caret's column in what is left."""
+    start = max(col - 1 - SHOWN, 0)
+    end = col - 1 + SHOWN
+    if start == 0 and end >= len(text):
+        return text, col
+    prefix = "..." if start else ""
+    return prefix + text[start:end] + ("..." if end < len(text) else ""), col - start + len(prefix)
 
 
 class CellWarning(CellError):

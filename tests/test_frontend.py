@@ -410,9 +410,9 @@ def test_exit_status_1_for_user_errors(capsys):
     proc = run_rnnc("check", "tests/malformed/unknown_name.cell")
     assert proc.returncode == 1
     assert proc.stderr.startswith("tests/malformed/unknown_name.cell:8:27: error: unknown name")
-    assert main(["emit", "examples/lstm.cell", "--stage", "ir", "-D", "H=x"]) == 1
+    assert main(["emit", "examples/lstm.cell", "--stage", "ir", "-D", "K=3"]) == 1  # -D H=x: a usage error
     err = capsys.readouterr().err
-    assert "H=x" in err and "Traceback" not in err
+    assert "no dim 'K'" in err and "Traceback" not in err
     assert main(["check", "no/such/file.cell"]) == 1
     err = capsys.readouterr().err
     assert "no/such/file.cell" in err and "cannot read" in err

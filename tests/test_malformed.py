@@ -99,11 +99,17 @@ def assert_reported(stderr: str, path: str, where: str, words: list, file: Path)
     assert head.startswith(f"{path}:{line}:{col}: error: "), stderr
     for word in words:
         assert word in head, f"{word!r} not in {head!r}"
-    # the source line, then a caret under the column
+    # the source line (a long one cut around the column, "..." where cut), then a caret under the column
     text = source_line(file, line)
     assert len(rest) >= 2, stderr
-    assert rest[0] == "    " + text, stderr
-    assert rest[1] == "    " + " " * (col - 1) + "^", stderr
+    shown, caret = rest[0][4:], rest[1][4:]
+    assert caret == " " * (len(caret) - 1) + "^", stderr
+    offset = col - len(caret)  # where shown[0] stands in the line
+    head = 3 if offset != 0 else 0  # "..." in place of what comes before
+    tail = 3 if offset + len(shown) != len(text) else 0  # and after
+    assert shown[:head] + shown[len(shown) - tail:] == "..."[:head] + "..."[:tail], stderr
+    assert shown[head:len(shown) - tail] == text[offset + head:offset + len(shown) - tail], stderr
+    assert shown[len(caret) - 1:len(caret)] == text[col - 1:col] and len(shown) < 130, stderr  # "" past the end
 
 
 def test_the_corpus_is_all_in_the_table():

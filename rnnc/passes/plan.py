@@ -471,8 +471,8 @@ def parse_budget(budget) -> int:
         except (ValueError, KeyError):
             raise ValueError(f"memory_budget: {budget!r} is not a number of bytes; write it as "
                              f"64MiB, 2GiB, 500kB or 1000000 (units: {', '.join(UNITS)})") from None
-    if isinstance(budget, bool) or not isinstance(budget, numbers.Real) or not budget >= 1:
-        raise ValueError(f"memory_budget: expected a positive number of bytes, got {budget!r}")
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real) or not 1 <= budget < math.inf:
+        raise ValueError(f"memory_budget: expected a positive, finite number of bytes, got {budget!r}")
     return int(budget)
 
 
