@@ -5,16 +5,15 @@ from __future__ import annotations
 import json
 import os
 import stat
-from pathlib import Path
 
 import pytest
 
 import rnnc
+from conftest import example
 from rnnc.artifact import write
 from rnnc.cli import main
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-LSTM = str(EXAMPLES / "lstm.cell")
+LSTM = str(example("lstm"))
 SMALL = ["-D", "D=3", "-D", "H=4"]
 
 
@@ -64,7 +63,7 @@ def test_damaged_artifacts_on_the_command_line(tmp_path, capsys, damage):
 
 def test_a_byte_order_mark_is_accepted(tmp_path, capsys):
     path = tmp_path / "bom.cell"
-    path.write_bytes(b"\xef\xbb\xbf" + (EXAMPLES / "indrnn.cell").read_bytes())
+    path.write_bytes(b"\xef\xbb\xbf" + example("indrnn").read_bytes())
     assert main(["check", str(path)]) == 0
     assert "ok (cell indrnn)" in capsys.readouterr().out
     path.write_bytes(b"\xef\xbb\xbfcell bom {\n    dim H\n}\n")  # no input: reported at the name

@@ -329,7 +329,7 @@ def test_gpuarrays_in_give_gpuarrays_out(cuda, workdir):
 def test_the_backward_reads_the_copies_the_forward_made(cuda, workdir):
     """Unlike the NumPy backend, which refuses it, the CUDA backend may see the
     caller's arrays change after the forward: it copied them to the device."""
-    program = cases.compile_example(cases.ROOT / "examples/attention_lstm.cell", "auto")
+    program = cases.compile_example(example("attention_lstm"), "auto")
     module, _ = loaded(cuda, program, workdir)
     args = cases.arguments(program)
     lengths = cases.LENGTHS.copy()
