@@ -54,8 +54,11 @@ class ArtifactError(ValueError):
     directory), `what` is wrong with it, and what to do."""
 
     def __init__(self, where, what: str, advice: str | None = REBUILD):
-        self.where, self.what = where, what
+        self.where, self.what, self.advice = where, what, advice
         super().__init__(f"{where}: {what}" + (f"; {advice}" if advice else ""))
+
+    def __reduce__(self):  # pickled (as multiprocessing does) with all three parts
+        return type(self), (self.where, self.what, self.advice)
 
 
 def rnnc_version() -> str:
@@ -84,7 +87,8 @@ def write(program, out_dir, recompute="auto", arch: str | None = None, build: bo
     from .backends.cuda.lowering import generate
 
     out = Path(out_dir)
-    _check_target(out)  # before the build, and again under the lock before replacing
+    with _locked(out):  # checked before the build, and again before replacing
+        _check_target(out)
     generated = generate(program)
     files = {"kernels.cu": generated.source.encode(), "cell.ir": describe(program).encode()}
     notes = []
@@ -372,7 +376,8 @@ SCHEMA = (
 
 def load(directory, backend: str = "numpy", dtype: str | None = None):
     """A module from an artifact directory, on the NumPy or CUDA backend: the
-    program is rebuilt from the stored source, dims, policy and budget."""
+    program is rebuilt from the stored source, dims, policy and budget, and
+    must be the one module.json and kernels.cu describe (see `_rebuild`)."""
     artifact = read(directory)
     program, generated = _rebuild(artifact)
     if backend != "cuda":
