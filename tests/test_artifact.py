@@ -183,7 +183,8 @@ def test_compile_never_replaces_what_is_not_a_complete_artifact(tmp_path, capsys
 def test_compile_into_the_current_directory_a_file_or_a_link_is_refused(tmp_path, monkeypatch, capsys,
                                                                         target, message):
     (tmp_path / "a_file").write_text("mine")
-    (tmp_path / "a_link").symlink_to(compiled(tmp_path))
+    write(rnnc.compile(LSTM, dims={"D": 3, "H": 5}), tmp_path / "mod", build=False)
+    (tmp_path / "a_link").symlink_to(tmp_path / "mod")
     monkeypatch.chdir(tmp_path)
     before = snapshot(tmp_path)
     assert main(["compile", str(LSTM), "-D", "D=3", "-D", "H=5", "-o", target]) == 1
