@@ -1,7 +1,7 @@
 """Compiled modules on disk: `rnnc compile -o DIR` writes one, `rnnc.load(DIR)` reads it.
 
 A directory holds `module.json` (format version, rnnc version, the cell's
-source text and its hash, dims, recompute policy, the Plan, kernel names,
+source text and its hash, dims, recompute policy, precision, the Plan, kernel names,
 launches and buffer layout, and the hash of every other file), `kernels.cu`,
 `kernels.<arch>.cubin` when nvcc was there, and `cell.ir` (the IR, hoisting
 and plan, for people).
@@ -38,6 +38,8 @@ from pathlib import Path
 from .driver import compile as compile_program
 from .errors import CellError, Source
 from .ir import format_cell
+from .precision import PRECISIONS
+from .precision import precision as find_precision
 
 FORMAT = 1
 MODULE = "module.json"
@@ -108,6 +110,7 @@ def write(program, out_dir, recompute="auto", arch: str | None = None, build: bo
         "source": {"name": Path(program.source.name).name, "text": source, "sha256": sha256(source.encode())},
         "dims": {k: v for k, v in program.cell.dims},
         "recompute": policy_json(recompute),
+        "precision": program.precision,
         "plan": program.plan.as_dict(),
         "target": "cuda",
         "kernels": generated.schedule.kernels(),
@@ -361,6 +364,7 @@ SCHEMA = (
     ("dims", lambda v: isinstance(v, dict) and all(_is_int(n) and n > 0 for n in v.values()),
      "dim names with positive integers"),
     ("recompute", lambda v: isinstance(v, str) or _is_str_list(v), "a policy or a list of names"),
+    ("precision", lambda v: v in PRECISIONS, " or ".join(PRECISIONS)),
     ("plan", lambda v: isinstance(v, dict), "an object"),
     ("plan.budget", _is_count, "null or a positive integer"),
     ("plan.seq_len", _is_count, "null or a positive integer"),
@@ -374,14 +378,20 @@ SCHEMA = (
 )
 
 
-def load(directory, backend: str = "numpy", dtype: str | None = None):
+def load(directory, backend: str = "numpy", dtype: str | None = None, precision: str | None = None):
     """A module from an artifact directory, on the NumPy or CUDA backend: the
-    program is rebuilt from the stored source, dims, policy and budget, and
-    must be the one module.json and kernels.cu describe (see `_rebuild`)."""
+    program is rebuilt from the stored source, dims, policy, budget and
+    precision, and must be the one module.json and kernels.cu describe (see
+    `_rebuild`). The NumPy backend runs any `precision`; the CUDA backend runs
+    the kernels, so only the one they were compiled for."""
     artifact = read(directory)
     program, generated = _rebuild(artifact)
     if backend != "cuda":
-        return program.load(backend=backend, dtype=dtype)
+        return program.load(backend=backend, dtype=dtype, precision=precision)
+    if precision is not None and find_precision(precision).name != program.precision:
+        raise ArtifactError(artifact.directory, f"its kernels were compiled for precision "
+                            f"{program.precision!r}, not {precision!r}",
+                            f"rebuild it with rnnc compile --precision {precision}")
     from .backends.cuda.runtime import load as load_cuda
     d = artifact.directory
 
@@ -406,7 +416,8 @@ def _rebuild(artifact: Artifact):
     try:
         program = compile_program(source, dims=module["dims"], cell=module["cell"],
                                   recompute=module["recompute"], memory_budget=plan["budget"],
-                                  seq_len=plan["seq_len"], batch=plan["batch"], dtype=plan["dtype"])
+                                  seq_len=plan["seq_len"], batch=plan["batch"], dtype=plan["dtype"],
+                                  precision=module["precision"])
     except (CellError, ValueError) as err:
         first = str(err).splitlines()[0]
         raise ArtifactError(path, f"damaged (its cell does not compile: {first})") from None

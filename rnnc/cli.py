@@ -21,6 +21,8 @@ import numpy as np
 from . import driver
 from .backends.cuda import ToolchainError
 from .errors import CellError
+from .precision import DEFAULT as DEFAULT_PRECISION
+from .precision import PRECISIONS
 
 
 DEFAULT_T, DEFAULT_B = 5, 3  # the steps and batch of every command that takes --seq-len and --batch
@@ -65,7 +67,7 @@ def cmd_check(args) -> int:
 
 def cmd_emit(args) -> int:
     source = driver.read_source(Path(args.file))
-    print(driver.emit(source, args.stage, args.cell, parse_dims(args.D), args.recompute))
+    print(driver.emit(source, args.stage, args.cell, parse_dims(args.D), args.recompute, args.precision))
     return 0
 
 
@@ -103,7 +105,7 @@ def cmd_run(args) -> int:
     forward, backward = (1e3 * statistics.median(t[i] for t in times[1:]) for i in (0, 1))
     print(f"forward {forward:.2f} ms, backward {backward:.2f} ms (median of {args.repeat} runs after a "
           f"warm-up of {1e3 * times[0][0]:.2f} + {1e3 * times[0][1]:.2f} ms; "
-          f"{module.backend}, {module.dtype.name}, T={args.seq_len}, B={args.batch})")
+          f"{module.backend}, {module.dtype.name}, {module.precision.name}, T={args.seq_len}, B={args.batch})")
     return 0
 
 
@@ -113,20 +115,21 @@ def load_for_run(args):
     if Path(args.file).is_dir():
         if args.D:
             raise ValueError(f"-D: {args.file} is a compiled artifact; its dims are fixed")
-        return load(args.file, backend=args.backend, dtype=args.dtype)
-    return compile_for_cli(args).load(backend=args.backend, dtype=args.dtype)
+        return load(args.file, backend=args.backend, dtype=args.dtype, precision=args.precision)
+    return compile_for_cli(args).load(backend=args.backend, dtype=args.dtype, precision=args.precision)
 
 
 def cmd_compile(args) -> int:
     from .artifact import write
     program = compile_for_cli(args, memory_budget=args.memory_budget, seq_len=args.seq_len,
-                              batch=args.batch)
+                              batch=args.batch, precision=args.precision)
     module = write(program, args.output, recompute=args.recompute, arch=args.arch)
     for note in module["notes"]:
         print(f"rnnc: warning: {note}", file=sys.stderr)
     built = [n for n in module["files"] if n.endswith(".cubin")]
     print(f"{args.output}: cell {module['cell']}, {len(module['kernels'])} kernels, "
-          f"{', '.join(built) or 'no cubin'} (recompute={module['plan']['policy']})")
+          f"{', '.join(built) or 'no cubin'} (recompute={module['plan']['policy']}, "
+          f"precision={module['precision']})")
     return 0
 
 
@@ -185,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--batch", type=positive_int, default=DEFAULT_B, metavar="B",
                        help=f"batch size {what} (default {DEFAULT_B})")
 
+    def with_precision(c, default_help):
+        c.add_argument("--precision", choices=tuple(PRECISIONS), help="of products: fp32 (exact) or tf32 "
+                                                                      f"(tensor cores); default: {default_help}")
+
     c = command("check", cmd_check, "parse and check .cell files")
     c.add_argument("files", nargs="+", metavar="FILE")
     c.add_argument("--cell", help="which cell of each file (default: the first)")
@@ -192,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = with_cell(command("emit", cmd_emit, "print one stage of the pipeline"))
     c.add_argument("--stage", required=True, choices=driver.STAGES)
     with_recompute(c)  # for the plan and cuda stages
+    with_precision(c, DEFAULT_PRECISION)  # for the cuda stage
 
     c = with_cell(command("gradcheck", cmd_gradcheck,
                           "check gradients against float64 finite differences (numpy backend)"))
@@ -209,12 +217,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--backend", default="numpy", choices=("numpy", "cuda"))
     c.add_argument("--dtype", default=None, choices=("float32", "float64"),
                    help="default: float64 on numpy, float32 on cuda")
+    with_precision(c, f"an artifact's, else {DEFAULT_PRECISION}")
 
     c = with_cell(command("compile", cmd_compile, "compile a cell into an artifact directory"))
     with_recompute(c)
     c.add_argument("-o", "--output", required=True, metavar="DIR",
                    help="the artifact directory (made, or replaced if it holds an artifact)")
     c.add_argument("--target", default="cuda", choices=("cuda",))
+    with_precision(c, DEFAULT_PRECISION)
     c.add_argument("--arch", help="GPU architecture of the cubin, e.g. sm_90 (default: the local "
                                   "GPU's, else sm_80)")
     c.add_argument("--memory-budget", metavar="BYTES",

@@ -19,6 +19,8 @@ from .ir import Cell, format_cell
 from .passes.autodiff import vjp
 from .passes.hoist import Hoisted, hoist
 from .passes.plan import Plan, make_plan
+from .precision import DEFAULT as DEFAULT_PRECISION
+from .precision import precision as find_precision
 
 STAGES = ("ast", "ir", "hoist", "grad", "plan", "cuda")
 MAX_SOURCE = 1 << 20  # bytes: more is not a .cell file (and /dev/zero never ends)
@@ -67,14 +69,16 @@ class Program:
     hoisted: Hoisted
     grads: dict  # region name -> Backward
     plan: Plan
+    precision: str = DEFAULT_PRECISION  # of products (rnnc/precision.py): what `load` runs unless told otherwise
 
-    def load(self, backend: str = "numpy", dtype: str | None = None):
+    def load(self, backend: str = "numpy", dtype: str | None = None, precision: str | None = None):
+        precision = find_precision(precision or self.precision).name
         if backend == "numpy":
             from .backends.numpy import NumpyModule
-            return NumpyModule(self, dtype or "float64")
+            return NumpyModule(self, dtype or "float64", precision)
         if backend == "cuda":
             from .backends.cuda.runtime import load as load_cuda
-            return load_cuda(self, dtype or "float32")
+            return load_cuda(self, dtype or "float32", precision=precision)
         raise ValueError(f"backend: unknown backend {backend!r} (backends: numpy, cuda)")
 
 
@@ -88,24 +92,26 @@ def require_dims(cell: Cell, source: Source):
 
 def compile(path_or_text, dims: dict | None = None, cell: str | None = None,
             recompute="auto", memory_budget: int | None = None, seq_len: int | None = None,
-            batch: int | None = None, dtype: str = "float32") -> Program:
+            batch: int | None = None, dtype: str = "float32", precision: str | None = None) -> Program:
     """Run the whole pipeline on a `.cell` file (or its text).
 
     `recompute`: "none", "all", "auto" or a list of value names to recompute.
+    `precision`: of products, "fp32" (exact, the default) or "tf32" (rnnc/precision.py).
     `memory_budget`: bytes of `dtype` that forward plus backward may hold for
     `seq_len` steps of batch `batch`; the plan then checkpoints states across
     time (see rnnc/passes/plan.py)."""
+    precision = find_precision(precision).name
     source = read_source(path_or_text)
     checked = check_source(source, cell, dims)
     require_dims(checked.cell, source)
     hoisted = hoist(checked.cell)
     grads = differentiate(hoisted)
     plan = make_plan(hoisted, grads, recompute, memory_budget, seq_len, batch, dtype)
-    return Program(source, checked.cell, checked.warnings, hoisted, grads, plan)
+    return Program(source, checked.cell, checked.warnings, hoisted, grads, plan, precision)
 
 
 def emit(source: Source, stage: str, cell: str | None = None, dims: dict | None = None,
-         recompute="auto") -> str:
+         recompute="auto", precision: str | None = None) -> str:
     """The text of one pipeline stage, as `rnnc emit --stage` prints it."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r} (stages: {', '.join(STAGES)})")
@@ -124,5 +130,6 @@ def emit(source: Source, stage: str, cell: str | None = None, dims: dict | None 
     plan = make_plan(hoisted, grads, recompute)
     if stage == "cuda":
         from .backends.cuda.lowering import generate
-        return generate(Program(source, checked.cell, checked.warnings, hoisted, grads, plan)).source
+        precision = find_precision(precision).name
+        return generate(Program(source, checked.cell, checked.warnings, hoisted, grads, plan, precision)).source
     return plan.format()

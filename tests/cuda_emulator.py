@@ -3,8 +3,12 @@
 The generated `kernels.cu` is compiled by g++ with a small header that defines
 threadIdx, blockIdx, `__shared__` and `__syncthreads`: the blocks of a launch
 run one after another, the threads of a block as fibers (ucontext) that
-switch at every `__syncthreads`, round after round, so a barrier waits for
-all threads of the block as on a GPU. `EmulatedDevice` has the methods the
+switch at every `__syncthreads` and every warp-wide instruction, so a barrier
+waits for all threads of the block, and a warp-wide instruction (tensor-core
+`mma`, a shuffle) for the 32 lanes of the warp, as on a GPU; a barrier or
+warp-wide instruction that not all of them reach aborts with a message.
+`emulated_intrinsics.py` defines the hardware instructions the kernels use
+(templates/intrinsics.cu) for the emulation. `EmulatedDevice` has the methods the
 runtime's `Executor` uses, so the whole CUDA backend (schedule, buffers, host
 loop, kernels) runs and can be compared with the NumPy reference.
 
@@ -21,11 +25,16 @@ from pathlib import Path
 
 import numpy as np
 
+import emulated_intrinsics
+
 HEADER = r"""
 #include <math.h>
 #include <cmath>
 #include <algorithm>
 #include <vector>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <ucontext.h>
 using std::min; using std::max;
 struct dim3 { unsigned x = 1, y = 1, z = 1; };
@@ -33,23 +42,62 @@ static dim3 threadIdx, blockIdx, blockDim, gridDim;
 #define __global__
 #define __launch_bounds__(...)
 #define __shared__ static  /* blocks run one at a time: a block's threads share it */
+#define __device__
+#define __forceinline__ inline
+#define __align__(n) __attribute__((aligned(n)))
 namespace emu {
+// where a thread stands: running (or ready to), waiting at __syncthreads, waiting
+// for the rest of its warp at a warp-wide instruction (mma, shuffle), or done
+enum State { READY, AT_BLOCK, AT_WARP, DONE };
 static ucontext_t scheduler;
 static std::vector<ucontext_t> fibers;
 static std::vector<std::vector<char>> stacks;
-static std::vector<char> done;
+static std::vector<State> state;
 static int current;
 static void (*body)(void*);
 static void* body_arg;
+static void (*block_start)(unsigned threads);  // the intrinsics' per-block state, reset
 static void entry() {
     body(body_arg);
-    done[current] = 1;
+    state[current] = DONE;
     swapcontext(&fibers[current], &scheduler);
+}
+static void wait(State at) {
+    state[current] = at;
+    swapcontext(&fibers[current], &scheduler);
+}
+static void fail(const char* what) {
+    fprintf(stderr, "cuda emulator: block (%u, %u, %u): %s\n", blockIdx.x, blockIdx.y, blockIdx.z, what);
+    abort();
+}
+// Releases the threads that may go on: a warp whose lanes all wait at a warp-wide
+// instruction, else the whole block when every thread not done waits at __syncthreads.
+static bool release(unsigned threads) {
+    bool any = false;
+    for (unsigned w = 0; w < threads; w += 32) {
+        unsigned lanes = std::min(threads - w, 32u), at_warp = 0;
+        for (unsigned i = w; i < w + lanes; ++i) at_warp += state[i] == AT_WARP;
+        if (at_warp == 0) continue;
+        if (at_warp != lanes) fail("a warp-wide instruction not reached by every lane of the warp");
+        for (unsigned i = w; i < w + lanes; ++i) state[i] = READY;
+        any = true;
+    }
+    if (any) return true;
+    unsigned waiting = 0, left = 0;
+    for (unsigned i = 0; i < threads; ++i) {
+        waiting += state[i] == AT_BLOCK;
+        left += state[i] != DONE;
+    }
+    if (left == 0) return false;
+    if (waiting != left) fail("deadlock: threads wait at different barriers");
+    for (unsigned i = 0; i < threads; ++i) if (state[i] == AT_BLOCK) state[i] = READY;
+    return true;
 }
 static void run_block(unsigned threads) {
     fibers.resize(threads);
     stacks.resize(threads);
-    done.assign(threads, 0);
+    state.assign(threads, READY);
+    if (block_start) block_start(threads);
     for (unsigned i = 0; i < threads; ++i) {
         stacks[i].resize(1 << 16);
         getcontext(&fibers[i]);
@@ -58,16 +106,14 @@ static void run_block(unsigned threads) {
         fibers[i].uc_link = nullptr;
         makecontext(&fibers[i], entry, 0);
     }
-    for (bool left = true; left;) {  // one round: every thread up to its next barrier
-        left = false;
+    do {  // one round: every ready thread up to its next barrier or warp-wide instruction
         for (unsigned i = 0; i < threads; ++i) {
-            if (done[i]) continue;
+            if (state[i] != READY) continue;
             current = (int)i;
             threadIdx.x = i;
             swapcontext(&scheduler, &fibers[i]);
-            left = left || !done[i];
         }
-    }
+    } while (release(threads));
 }
 static void run_grid(unsigned gx, unsigned gy, unsigned gz, unsigned bx) {
     gridDim.x = gx; gridDim.y = gy; gridDim.z = gz;
@@ -80,7 +126,7 @@ static void run_grid(unsigned gx, unsigned gy, unsigned gz, unsigned bx) {
             }
 }
 }  // namespace emu
-inline void __syncthreads() { swapcontext(&emu::fibers[emu::current], &emu::scheduler); }
+inline void __syncthreads() { emu::wait(emu::AT_BLOCK); }
 """
 
 WRAPPER = """
@@ -101,7 +147,7 @@ def available() -> bool:
 def build_library(source: str, arities: dict, workdir: Path) -> ctypes.CDLL:
     wrappers = "".join(WRAPPER.format(name=k, params="".join(f", a->p[{i}]" for i in range(n)))
                        for k, n in arities.items())
-    text = HEADER + source + wrappers
+    text = HEADER + emulated_intrinsics.HEADER + source + wrappers
     key = hashlib.sha256(text.encode()).hexdigest()[:16]
     lib = workdir / f"emu_{key}.so"
     if not lib.exists():

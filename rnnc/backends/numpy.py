@@ -15,20 +15,25 @@ import numpy as np
 
 from ..ops import OPS, align
 from ..passes.plan import held_values
+from ..precision import precision as find_precision
 from ..shapes import concrete_shape
 from .args import bind_cotangents, bind_forward, module_dtype, saved_for_backward
 
 
 class Runner:
-    """A list of nodes prepared once: each becomes (output, function, argument names)."""
+    """A list of nodes prepared once: each becomes (output, function, argument names).
+    Products (`dot`) read their operands rounded to the module's precision."""
 
-    def __init__(self, nodes, values: dict):
-        self.steps = [self._prepare(n, values) for n in nodes]
+    def __init__(self, nodes, values: dict, precision):
+        self.steps = [self._prepare(n, values, precision) for n in nodes]
 
     @staticmethod
-    def _prepare(node, values):
+    def _prepare(node, values, precision):
         rule = OPS[node.op].numpy
-        if OPS[node.op].elementwise and node.args:
+        if node.op == "dot" and precision.tensor_cores:
+            def fn(*arrays, rule=rule, node=node):
+                return rule(node, *(precision.round_inputs(x) for x in arrays))
+        elif OPS[node.op].elementwise and node.args:
             rank = len(node.shape)
             flags = [values[a].batched for a in node.args]
 
@@ -176,16 +181,17 @@ def _per_row(mask, like: np.ndarray):
 class NumpyModule:
     backend = "numpy"
 
-    def __init__(self, program, dtype="float64"):
+    def __init__(self, program, dtype="float64", precision: str | None = None):
         self.program = program
         self.cell = program.cell
         self.dtype = module_dtype(dtype)
-        h, grads = program.hoisted, program.grads
-        self.run_seq = Runner(h.seq.nodes, h.seq.values())
-        self.run_pre = Runner(h.pre.nodes, h.pre.values())
-        self.run_step = Runner(h.step.nodes, h.step.values())
-        self.run_recompute = Runner(program.plan.recompute, h.step.values())
-        self.run_grad = {k: Runner(b.graph.nodes, b.graph.values()) for k, b in grads.items()}
+        self.precision = find_precision(precision)
+        h, grads, p = program.hoisted, program.grads, self.precision
+        self.run_seq = Runner(h.seq.nodes, h.seq.values(), p)
+        self.run_pre = Runner(h.pre.nodes, h.pre.values(), p)
+        self.run_step = Runner(h.step.nodes, h.step.values(), p)
+        self.run_recompute = Runner(program.plan.recompute, h.step.values(), p)
+        self.run_grad = {k: Runner(b.graph.nodes, b.graph.values(), p) for k, b in grads.items()}
         self.values = h.values()
         # the hoisted values kept after their region runs, as the plan counts them
         self.seq_held = tuple(n.out for n in held_values(h.seq, grads["seq"].residuals))

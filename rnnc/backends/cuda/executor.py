@@ -82,7 +82,8 @@ class Executor:
         self.backward_buffers = [b for b in buffers if b.role != "transient" and b not in self.forward_buffers]
 
     def allocate(self, buffers, T: int, B: int, longest: int, train: bool):
-        """One pool for `buffers`: (name -> Slotted, the pool to keep alive)."""
+        """One pool for `buffers`: (name -> Slotted, the pool to keep alive).
+        Tickets start at zero (the kernels leave them at zero)."""
         layout, offset = {}, 0
         for b in buffers:
             slot_bytes = (B if b.batched else 1) * b.numel * 4
@@ -90,7 +91,11 @@ class Executor:
             layout[b.name] = (offset, slots, slot_bytes, not b.whole_sequence)
             offset += aligned(slots * slot_bytes)
         base, pool = self.device.alloc(offset)
-        return {n: Slotted(base + o, *rest) for n, (o, *rest) in layout.items()}, pool
+        memory = {n: Slotted(base + o, *rest) for n, (o, *rest) in layout.items()}
+        for b in buffers:
+            if b.role == "tickets":
+                self.device.memset0(memory[b.name].ptr, memory[b.name].slots * memory[b.name].slot_bytes)
+        return memory, pool
 
     def run(self, launches, memory: dict, steps: Steps, t: int, lengths: int):
         for launch in launches:

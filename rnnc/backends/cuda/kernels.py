@@ -25,32 +25,10 @@ import jinja2
 from ...ops import BATCH
 from ...shapes import concrete_shape
 from .cexpr import Ref, c_float, comment, decode, offset, size_expr, strides
-from .schedule import Extent, Launch
+from .products import INPUTS, NOMINAL_ROWS, Contraction, product_kernel
+from .schedule import Buffer, Extent, Launch
 
-BLOCK = 256  # threads per block of every kernel family
-# The product kernel's BLOCK threads form an EDGE x EDGE square (so BLOCK is a
-# square); each thread computes PER_THREAD x PER_THREAD outputs EDGE apart, so
-# a block computes a TILE x TILE tile of the output, reading k TILE at a time
-# through shared memory.
-EDGE = math.isqrt(BLOCK)
-PER_THREAD = 2
-TILE = EDGE * PER_THREAD
-MIN_BLOCKS = 2  # product blocks each multiprocessor must fit at once (bounds the registers per thread)
-
-
-def tile_registers() -> dict:
-    """The product kernel's per-thread registers, as C: PER_THREAD values of A
-    (rows ty, ty + EDGE, ...) and of B (columns tx, tx + EDGE, ...) per k, and
-    an accumulator for each of their products with its (m, n) offset."""
-    picks = range(PER_THREAD)
-
-    def at(base, i):
-        return f"{base} + {i * EDGE}" if i else base
-    return {"a_loads": [f"a{i} = As[kk][{at('ty', i)}]" for i in picks],
-            "b_loads": [f"b{j} = Bs[kk][{at('tx', j)}]" for j in picks],
-            "zeroed": [f"acc{i}{j} = 0.0f" for i in picks for j in picks],
-            "products": [[f"acc{i}{j} += a{i} * b{j};" for j in picks] for i in picks],
-            "outputs": [(f"acc{i}{j}", i * EDGE, j * EDGE) for i in picks for j in picks]}
+BLOCK = 256  # threads per block of the elementwise, reduction and softmax kernels
 
 
 # --- templates -----------------------------------------------------------------------------
@@ -66,6 +44,12 @@ def render(template: str, **values) -> str:
     return environment().get_template(template).render(**values)
 
 
+@lru_cache(maxsize=None)
+def intrinsics() -> str:
+    """templates/intrinsics.cu: the PTX instructions as device functions, C as it is."""
+    return resources.files("rnnc.templates").joinpath("intrinsics.cu").read_text()
+
+
 # --- launch extents --------------------------------------------------------------------------
 def extent(axes: list, div: int = 1) -> Extent:
     """The launch extent of a list of (size or None for rows) sizes."""
@@ -78,10 +62,8 @@ def total_expr(axes: list) -> str:
 
 
 # --- products ----------------------------------------------------------------------------------
-def contraction(spec: str, a: Ref, b: Ref, out: Ref) -> dict:
-    """The `dot` spec as a batched product out[g, m, n] = sum_k A[g, m, k] B[g, k, n]:
-    each of g, m, n, k a group of letters (the batch letter first) with its
-    offset expression in every operand."""
+def contraction(spec: str, a: Ref, b: Ref, out: Ref) -> Contraction:
+    """The `dot` spec as a batched product out[g, m, n] = sum_k A[g, m, k] B[g, k, n]."""
     ins, out_letters = spec.split("->")
     la, lb = ins.split(",")
     size = {}
@@ -90,27 +72,18 @@ def contraction(spec: str, a: Ref, b: Ref, out: Ref) -> dict:
     lonely = [c for c in la + lb if c not in out_letters and not (c in la and c in lb)]
     if lonely:
         raise ValueError(f"dot {spec}: letter {lonely[0]!r} is summed in one operand only")
-    st = {"a": letter_strides(la, a), "b": letter_strides(lb, b), "c": letter_strides(out_letters, out)}
+    strides = {"a": letter_strides(la, a), "b": letter_strides(lb, b), "c": letter_strides(out_letters, out)}
     groups = {"g": [c for c in out_letters if c in la and c in lb],
               "m": [c for c in out_letters if c in la and c not in lb],
               "n": [c for c in out_letters if c in lb and c not in la],
               "k": [c for c in la if c in lb and c not in out_letters]}
-    result = {}
+    sizes, terms = {}, {op: {} for op in "abc"}
     for var, letters in groups.items():
         letters = sorted(letters, key=lambda c: c != BATCH)  # the batch letter outermost
-        sizes = [None if c == BATCH else size[c] for c in letters]
-        idx = decode(var, sizes)
-        result[f"{var}_size"] = sizes
+        sizes[var] = [None if c == BATCH else size[c] for c in letters]
         for op in "abc":
-            result[f"{op}_{var}"] = [(i, st[op].get(c, 0)) for i, c in zip(idx, letters)]
-    return {"sizes": {v: result[f"{v}_size"] for v in "gmnk"},
-            # neighbouring threads load neighbouring addresses: the tile index that
-            # varies fastest (c_) walks the operand's unit-stride axis
-            "a_map": tile_map("m", "k", result["a_m"], "m0"),
-            "b_map": tile_map("n", "k", result["b_n"], "n0"),
-            "a_offset": offset(result["a_g"] + result["a_m"] + result["a_k"]),
-            "b_offset": offset(result["b_g"] + result["b_k"] + result["b_n"]),
-            "c_offset": offset(result["c_g"] + result["c_m"] + result["c_n"])}
+            terms[op][var] = [(i, strides[op].get(c, 0)) for i, c in zip(decode(var, sizes[var]), letters)]
+    return Contraction(sizes, terms, {"a": a.numel, "b": b.numel, "c": out.numel})
 
 
 def letter_strides(letters: str, ref: Ref) -> dict:
@@ -121,16 +94,6 @@ def letter_strides(letters: str, ref: Ref) -> dict:
     if BATCH in letters:
         table[BATCH] = ref.numel
     return table
-
-
-def tile_map(free: str, summed: str, free_terms: list, origin: str) -> str:
-    """How a tile load's (r_, c_) become the operand's indices: c_ (consecutive
-    threads) along the free index when its innermost letter has unit stride,
-    else along the summed one."""
-    along_free = bool(free_terms) and free_terms[-1][1] == 1
-    first, second = (summed, free) if along_free else (free, summed)
-    origins = {free: origin, summed: "k0"}
-    return f"{first} = {origins[first]} + r_, {second} = {origins[second]} + c_"
 
 
 # --- reductions --------------------------------------------------------------------------------
@@ -162,11 +125,15 @@ def flat_terms(var: str, axes: list) -> str:
 class Generator:
     """Collects kernel sources and launches for a whole program. A kernel's
     launch goes to the region it belongs to (`region.launches`), which also
-    gives the kernel's name prefix (`region.label`) and rows (`region.rows`)."""
+    gives the kernel's name prefix (`region.label`) and rows (`region.rows`).
+    Products read their inputs as `precision` says (rnnc/precision.py); the
+    scratch buffers kernels need for themselves (split-K's) go to `scratch`."""
 
-    def __init__(self):
+    def __init__(self, precision):
         self.sources: list = []
         self.count = 0
+        self.inputs = INPUTS[precision.name]
+        self.scratch: dict = {}  # name -> schedule.Buffer
 
     def name(self, region, family: str) -> str:
         self.count += 1
@@ -177,19 +144,23 @@ class Generator:
         params = ["const int rows", "const int t", "const int* lengths"]
         return ", ".join(params + [f"float* {r.param}" for r in refs])
 
-    def emit(self, region, family, template, refs, grid, note, **values):
-        name = self.name(region, family)
+    def emit(self, region, name, template, refs, grid, note, block=BLOCK, **values):
         refs = list({r.param: r for r in refs}.values())
         self.sources.append(render(template, name=name, params=self.signature(refs),
-                                   comment=comment(note), block=BLOCK, **values))
-        region.launches.append(Launch(name, grid, BLOCK, region.rows,
+                                   comment=comment(note), block=block, **values))
+        region.launches.append(Launch(name, grid, block, region.rows,
                                       tuple((r.buffer, r.selector) for r in refs)))
+
+    def scratch_ref(self, name, numel, batched, role="scratch") -> Ref:
+        """A buffer of the kernel's own, `numel` floats (per row when `batched`)."""
+        self.scratch[name] = Buffer(name, numel, batched, "one", role)
+        return Ref(name, "base", (numel,), batched)
 
     def elementwise(self, region, family, loops, comments):
         refs = [r for loop in loops for r in loop.refs.values()]
         work = max((Extent(math.prod(loop.shape), loop.batched, BLOCK) for loop in loops),
                    key=lambda e: (e.rows, e.n))
-        self.emit(region, family, "elementwise.cu.j2", refs, (work, Extent(1), Extent(1)),
+        self.emit(region, self.name(region, family), "elementwise.cu.j2", refs, (work, Extent(1), Extent(1)),
                   "; ".join(comments), loops=[{"total": loop.total, "lines": loop.lines} for loop in loops])
 
     def breaking(self, region, n, args: list, out: Ref, op: str, note: str):
@@ -200,12 +171,28 @@ class Generator:
     def contract(self, region, n, args, out, op, note):
         (a, b), spec = args, n.attr("spec")
         c = contraction(spec, a, b, out)
-        sizes = c.pop("sizes")
-        grid = (extent(sizes["n"], TILE), extent(sizes["m"], TILE), extent(sizes["g"]))
-        exprs = {f"{v}_size": size_expr(e.n, e.rows) for v in "gmnk" for e in [extent(sizes[v])]}
-        self.emit(region, "dot", "contract.cu.j2", [a, b, out], grid, f"{note}  [{spec}]",
-                  a=a.param, b=b.param, c=out.param, op=op, tile=TILE, edge=EDGE, per_thread=PER_THREAD,
-                  min_blocks=MIN_BLOCKS, **tile_registers(), **exprs, **c)
+        kernel = product_kernel(c, self.inputs, NOMINAL_ROWS[region.rows])
+        name, engine = self.name(region, "dot"), kernel.engine
+        refs, extra = [a, b, out], {}
+        if kernel.splits > 1:
+            extra = self.split_buffers(name, c, kernel)
+            refs += list(extra.values())
+            extra = {k: r.param for k, r in extra.items()}
+        grid = (extent(c.sizes["n"], engine.bn), extent(c.sizes["m"], engine.bm),
+                Extent(kernel.splits) if kernel.splits > 1 else extent(c.sizes["g"]))
+        exprs = {f"{v}_size": size_expr(e.n, e.rows) for v in "gmnk" for e in [extent(c.sizes[v])]}
+        self.emit(region, name, "contract.cu.j2", refs, grid, f"{note}  [{spec}]", block=kernel.block,
+                  c=out.param, op=op, **kernel.values(a.param, b.param), **exprs, **extra)
+
+    def split_buffers(self, name, c: Contraction, kernel) -> dict:
+        """A split-K product's workspace (each split's partial sums, [splits, M, N])
+        and tickets (per output tile, the splits done so far; zero between launches)."""
+        e = kernel.engine
+        per_row = {v: math.prod(s for s in c.sizes[v] if s is not None) for v in "mn"}
+        batched = None in c.sizes["m"] + c.sizes["n"]
+        tiles = -(-per_row["m"] // e.bm) * -(-per_row["n"] // e.bn)
+        return {"workspace": self.scratch_ref(f"split:{name}", kernel.splits * per_row["m"] * per_row["n"], batched),
+                "tickets": self.scratch_ref(f"tickets:{name}", tiles, batched, "tickets")}
 
     def reduce(self, region, n, args, out, op, note):
         (src,) = args
@@ -213,7 +200,7 @@ class Generator:
         count = math.prod(s for s, _ in reduced if s is not None)
         scale = f" * {c_float(1.0 / count)}" if n.op == "mean" else ""
         work = extent([s for s, _ in kept], BLOCK)
-        self.emit(region, n.op, "reduce.cu.j2", [src, out], (work, Extent(1), Extent(1)), note,
+        self.emit(region, self.name(region, n.op), "reduce.cu.j2", [src, out], (work, Extent(1), Extent(1)), note,
                   x=src.param, y=out.param, op=op, scale=scale, out_total=total_expr(kept),
                   red_total=total_expr(reduced), base=flat_terms("o_", kept), step=flat_terms("r_", reduced))
 
@@ -223,7 +210,7 @@ class Generator:
         axis = n.attr("axis") % len(shape)
         outer, size, inner = math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1:])
         work = Extent(outer * inner, src.batched, BLOCK)
-        self.emit(region, "softmax", "softmax.cu.j2", [src, out], (work, Extent(1), Extent(1)), note,
+        self.emit(region, self.name(region, "softmax"), "softmax.cu.j2", [src, out], (work, Extent(1), Extent(1)), note,
                   x=src.param, y=out.param, op=op, size=size, inner=inner, span=size * inner,
                   lanes=size_expr(outer * inner, src.batched))
 

@@ -12,10 +12,11 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+from ...precision import precision as find_precision
 from ...shapes import concrete_shape
 from .cexpr import Ref, comment
 from .elementwise import loop_for
-from .kernels import Generator, render
+from .kernels import Generator, intrinsics, render
 from .region import Region
 from .schedule import Buffer, Generated, Schedule
 
@@ -29,12 +30,12 @@ class Lowering:
     value given a home buffer. Buffer names carry the role and the IR name
     (`tape:%4`, `state:h`); they reach C only through `mangle`."""
 
-    def __init__(self, program):
+    def __init__(self, program, precision):
         self.program = program
         self.cell = program.cell
         self.hoisted = program.hoisted
         self.plan = program.plan
-        self.gen = Generator()
+        self.gen = Generator(precision)
         self.schedule = Schedule()
         self.decl = {d.name: d for d in self.cell.decls}
         self.values = self.hoisted.values()
@@ -109,7 +110,8 @@ class Lowering:
         s.backward_seq = self.seq_backward()
         s.zero_before_backward = [b.name for b in s.buffers.values()
                                   if b.name.split(":", 1)[0] in ("d_row", "d_acc")]
-        return Generated(render("module.cu.j2", cell=comment(self.cell.name),
+        s.buffers.update(self.gen.scratch)
+        return Generated(render("module.cu.j2", cell=comment(self.cell.name), intrinsics=intrinsics(),
                                 kernels=self.gen.sources), s)
 
     def forward_once(self) -> tuple:
@@ -369,6 +371,7 @@ class Lowering:
                                           self.accumulator)
 
 
-def generate(program) -> Generated:
-    """CUDA C source and launch schedule of a compiled Program."""
-    return Lowering(program).lower()
+def generate(program, precision: str | None = None) -> Generated:
+    """CUDA C source and launch schedule of a compiled Program, its products at
+    `precision` (default: the Program's)."""
+    return Lowering(program, find_precision(precision or program.precision)).lower()

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ...precision import precision as find_precision
 from ..args import bind_cotangents, bind_forward, concrete_shape, module_dtype, saved_for_backward
 from ..numpy import ForwardResult, Gradients, NumpyModule
 from .device import PycudaDevice
@@ -92,11 +93,12 @@ class CudaModule:
 
     backend = "cuda"
 
-    def __init__(self, program, schedule: Schedule, device, dtype="float32"):
+    def __init__(self, program, schedule: Schedule, device, dtype="float32", precision: str | None = None):
         if np.dtype(dtype) != np.float32:
             raise ValueError(f"dtype: the cuda backend runs float32 only, got {dtype!r} "
                              "(use backend='numpy' for float64)")
         self.program, self.cell = program, program.cell
+        self.precision = find_precision(precision or program.precision)
         self.dtype = np.dtype(np.float32)
         self.device = device
         self.executor = Executor(schedule, device)
@@ -105,7 +107,7 @@ class CudaModule:
 
     def init_params(self, seed: int = 0) -> dict:
         """The same parameters as the NumPy module's, in float32 NumPy arrays."""
-        return NumpyModule(self.program, "float32").init_params(seed)
+        return NumpyModule(self.program, "float32", self.precision.name).init_params(seed)
 
     # --- moving arrays -------------------------------------------------------------------------
     def _copy_in(self, ptr: int, array):
@@ -284,18 +286,20 @@ class CudaModule:
 # --- PyCUDA -----------------------------------------------------------------------------------------
 
 def load(program, dtype="float32", generated=None, cubin_for=None, device: int | None = None,
-         empty=None) -> CudaModule:
+         empty=None, precision: str | None = None) -> CudaModule:
     """A CudaModule for a Program: the generated kernels (given, or generated
-    now) built for the GPU, or `cubin_for(arch)`'s cubin, loaded with PyCUDA
-    (`device` and `empty`: see PycudaDevice)."""
+    now at `precision`, default the Program's) built for the GPU, or
+    `cubin_for(arch)`'s cubin, loaded with PyCUDA (`device` and `empty`: see
+    PycudaDevice)."""
     from .build import compile_cubin
     from .lowering import generate
     if module_dtype(dtype) != np.float32:
         raise ValueError(f"dtype: the cuda backend runs float32 only, got {dtype!r} "
                          "(use backend='numpy' for float64)")
+    precision = find_precision(precision or program.precision).name
     device = PycudaDevice(device, empty)  # fails first, and says why, without a GPU
-    generated = generated or generate(program)
+    generated = generated or generate(program, precision)
     arch = device.arch
     cubin_path = cubin_for(arch) if cubin_for else compile_cubin(generated.source, arch).path
     device.load_module(cubin_path, generated.schedule.arities())
-    return CudaModule(program, generated.schedule, device, dtype)
+    return CudaModule(program, generated.schedule, device, dtype, precision)

@@ -24,7 +24,9 @@ class Buffer:
     numel: int
     batched: bool
     slots: str
-    role: str  # input param context state d_output d_state (the caller's), output d_input, scratch, transient
+    # input param context state d_output d_state (the caller's), output d_input, scratch,
+    # transient, tickets (scratch counters, zero when allocated)
+    role: str
 
     @property
     def whole_sequence(self) -> bool:

@@ -1,0 +1,391 @@
+"""Product kernels: the tile, shared-memory layout and inner loop of every
+`dot`, decided here and spelled out by `templates/contract.cu.j2`.
+
+A block computes a BM x BN tile of out[g, m, n] = sum_k A[g, m, k] B[g, k, n],
+copying BK-wide slices of A and B into shared memory with `cp.async`, two
+stages, so the next slice is in flight while this one is multiplied. Two
+engines multiply a slice:
+
+- `Simt` (exact float32): 16x16 threads, each a TM x TN patch of consecutive
+  outputs, reading TM values of A and TN of B per k as vectors (LDS.64/128).
+- `Mma` (tensor cores): warps of `mma.sync`, each a tile of 16x8 products;
+  TF32 inputs (m16n8k8), or BF16/FP16 (m16n8k16), with float32 sums.
+  Fragments sit in registers in the PTX ISA's layout ("Matrix Fragments for
+  mma.m16n8k8" and "...m16n8k16").
+
+Tiles are sized to the product (`choose_tile`): the largest tile that still
+gives one block per multiprocessor of the GPU the kernels are sized for,
+and split-K (several blocks per tile, each summing part of k, added up by the
+last to finish) where k is long and the tiles too few. Products with one row
+or one column per example (matrix-vector, outer products) stay on `Simt`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .cexpr import offset
+
+GPU_SMS = 132  # multiprocessors of the GPU the tiles are sized for (H100, H200)
+NOMINAL_ROWS = {"B": 64, "TB": 64 * 100}  # rows of a region the tiles are sized for: a batch, T*B
+SHARED_BYTES = 48 * 1024  # static shared memory one block may declare
+MIN_K_TILES = 4  # k slices each split of a split-K product sums, at least
+WARP = 32
+
+
+@dataclass(frozen=True)
+class InputType:
+    """What a product reads: its element type in memory and the engine's instruction.
+    16-bit types are raw bits (`unsigned short`): the kernel only moves them."""
+
+    name: str
+    c_type: str
+    bytes: int
+    mma: str | None = None  # the tensor-core function (templates/intrinsics.cu.j2); None: SIMT
+    mma_k: int = 1
+    convert: str = ""  # applied to a float from shared memory to make a fragment register
+
+
+INPUTS = {t.name: t for t in (
+    InputType("fp32", "float", 4),
+    InputType("tf32", "float", 4, "rnnc_mma_tf32", 8, "rnnc_to_tf32"),
+    InputType("bf16", "unsigned short", 2, "rnnc_mma_bf16", 16),
+    InputType("f16", "unsigned short", 2, "rnnc_mma_f16", 16))}
+
+
+# --- shared memory ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SharedTile:
+    """One operand's slice in shared memory, per stage: `rows` rows along axis
+    `outer` of `cols` elements along axis `inner` (axes named m, n or k), each
+    row `stride` elements apart."""
+
+    array: str
+    outer: str
+    inner: str
+    rows: int
+    cols: int
+    stride: int
+
+    def at(self, **pos) -> str:
+        """The element at tile-relative positions (C expressions by axis name)."""
+        return f"{self.array}[stage][({pos[self.outer]}) * {self.stride} + {pos[self.inner]}]"
+
+    @property
+    def elements(self) -> int:
+        return self.rows * self.stride
+
+
+def padded(cols: int, elem_bytes: int, skew: int) -> int:
+    """A row length of at least `cols` elements that is an odd multiple of
+    `skew` 4-byte words (4 or 8): rows then start `skew` banks apart modulo
+    2*skew, so reads of 32/skew rows at once hit different banks, and rows
+    stay 16-byte aligned for 16-byte copies."""
+    per_word = 4 // elem_bytes
+    words = -(-cols // per_word)
+    words += (skew - words) % (2 * skew)
+    return words * per_word
+
+
+# --- engines -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Simt:
+    """Exact float32: 16x16 threads, thread (tx, ty) owns outputs m = ty*TM + i,
+    n = tx*TN + j; A and B are kept k-major in shared memory, so its TM values
+    of A and TN of B at one k are consecutive and load as vectors."""
+
+    bm: int
+    bn: int
+    kind: InputType
+    threads = 256
+    kstep = 1
+    min_blocks = 2
+
+    @property
+    def tm(self) -> int:
+        return self.bm // 16
+
+    @property
+    def tn(self) -> int:
+        return self.bn // 16
+
+    @property
+    def accs(self) -> int:
+        return self.tm * self.tn
+
+    def summary(self) -> str:
+        return f"float32 FMA, 16x16 threads with {self.tm}x{self.tn} outputs each"
+
+    def inner(self, operand: str, global_inner: str | None) -> str:
+        return {"a": "m", "b": "n"}[operand]
+
+    def stride(self, tile_cols: int, inner: str) -> int:
+        return padded(tile_cols, self.kind.bytes, 4)
+
+    setup = ("const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;",)
+
+    def step(self, a: SharedTile, b: SharedTile) -> list:
+        lines = []
+        a_vals = self._vector_loads(lines, "a", self.tm, lambda i: a.at(m=f"ty * {self.tm} + {i}", k="kk"))
+        b_vals = self._vector_loads(lines, "b", self.tn, lambda j: b.at(k="kk", n=f"tx * {self.tn} + {j}"))
+        for i, av in enumerate(a_vals):
+            lines.append(" ".join(f"acc[{i * self.tn + j}] += {av} * {bv};" for j, bv in enumerate(b_vals)))
+        return lines
+
+    @staticmethod
+    def _vector_loads(lines: list, name: str, count: int, at) -> list:
+        """`count` consecutive floats as float4/float2 loads; their C names."""
+        width = min(count, 4)
+        vector = {4: "float4", 2: "float2", 1: "float"}[width]
+        for v in range(count // width):
+            lines.append(f"const {vector} {name}{v}_ = *reinterpret_cast<const {vector}*>(&{at(v * width)});")
+        if width == 1:
+            return [f"{name}{v}_" for v in range(count)]
+        return [f"{name}{i // width}_.{'xyzw'[i % width]}" for i in range(count)]
+
+    @property
+    def acc_m(self) -> str:
+        return f"ty * {self.tm} + i / {self.tn}"
+
+    @property
+    def acc_n(self) -> str:
+        return f"tx * {self.tn} + i % {self.tn}"
+
+
+@dataclass(frozen=True)
+class Mma:
+    """Tensor cores: WM x WN warps, each a (BM/WM) x (BN/WN) tile of 16x8 mma
+    products. Shared memory keeps each operand in its global layout (so the
+    copies are 16-byte vectors); fragments are read from it in the PTX ISA's
+    layout, lane = 4 * group + quad."""
+
+    bm: int
+    bn: int
+    kind: InputType
+    warps_m: int
+    warps_n: int
+    min_blocks = 1
+
+    @property
+    def threads(self) -> int:
+        return WARP * self.warps_m * self.warps_n
+
+    @property
+    def kstep(self) -> int:
+        return self.kind.mma_k
+
+    @property
+    def mi(self) -> int:  # 16-row products per warp
+        return self.bm // self.warps_m // 16
+
+    @property
+    def ni(self) -> int:  # 8-column products per warp
+        return self.bn // self.warps_n // 8
+
+    @property
+    def accs(self) -> int:
+        return 4 * self.mi * self.ni
+
+    def summary(self) -> str:
+        shape = "m16n8k8" if self.kind.mma_k == 8 else "m16n8k16"
+        return (f"tensor cores ({shape} mma.sync, {self.kind.name} inputs, float32 sums), "
+                f"{self.warps_m}x{self.warps_n} warps with {self.mi}x{self.ni} products each")
+
+    def inner(self, operand: str, global_inner: str | None) -> str:
+        return global_inner or {"a": "k", "b": "n"}[operand]
+
+    def stride(self, tile_cols: int, inner: str) -> int:
+        # a fragment read takes 8 groups (along m or n) x 4 quads (along k): rows of
+        # 4 odd words put 8 rows on different banks when k runs along the row, of 8 odd
+        # words 4 rows when it runs across
+        return padded(tile_cols, self.kind.bytes, 4 if inner == "k" else 8)
+
+    @property
+    def setup(self) -> tuple:
+        return ("const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;",
+                "const int group = lane / 4, quad = lane % 4;  // the PTX ISA's groupID, threadID_in_group",
+                f"const int wm = warp / {self.warps_n} * {16 * self.mi}, "
+                f"wn = warp % {self.warps_n} * {8 * self.ni};")
+
+    def step(self, a: SharedTile, b: SharedTile) -> list:
+        lines = [f"unsigned a_[{self.mi}][4], b_[{self.ni}][2];"]
+        for i in range(self.mi):
+            for r in range(4):  # rows group (+8 for r odd); k per the type's table
+                m = f"wm + {16 * i + 8 * (r % 2)} + group"
+                lines.append(f"a_[{i}][{r}] = {self.fragment(a, m, 'm', r // 2)};")
+        for j in range(self.ni):
+            for r in range(2):
+                n = f"wn + {8 * j} + group"
+                lines.append(f"b_[{j}][{r}] = {self.fragment(b, n, 'n', r)};")
+        lines += [f"{self.kind.mma}(&acc[{4 * (i * self.ni + j)}], a_[{i}], b_[{j}]);"
+                  for i in range(self.mi) for j in range(self.ni)]
+        return lines
+
+    def fragment(self, tile: SharedTile, free: str, axis: str, half: int) -> str:
+        """One fragment register of A (axis m) or B (axis n) at row/column `free`:
+        TF32, k = quad + 4*half; 16-bit types, k = 2*quad + 8*half and the next."""
+        if self.kind.mma_k == 8:
+            return f"{self.kind.convert}({tile.at(**{axis: free, 'k': f'kk + quad + {4 * half}'})})"
+        k = f"kk + 2 * quad + {8 * half}"
+        if tile.inner == "k":  # the two values are neighbours: one 32-bit load
+            return f"*reinterpret_cast<const unsigned*>(&{tile.at(**{axis: free, 'k': k})})"
+        pair = [tile.at(**{axis: free, "k": f"{k} + {h}"}) for h in range(2)]
+        return f"rnnc_pack({pair[0]}, {pair[1]})"
+
+    @property
+    def acc_m(self) -> str:  # accumulator i: product i / 4 (row-major over mi x ni), element i % 4
+        return f"wm + i / {4 * self.ni} * 16 + i / 2 % 2 * 8 + group"
+
+    @property
+    def acc_n(self) -> str:
+        return f"wn + i / 4 % {self.ni} * 8 + quad * 2 + i % 2"
+
+
+# tiles, largest first: (BM, BN) for Simt, (BM, BN, warps along m, along n) for Mma
+SIMT_TILES = ((128, 128), (128, 64), (64, 128), (64, 64), (64, 32), (32, 64), (32, 32))
+MMA_TILES = ((128, 128, 2, 4), (128, 64, 4, 2), (64, 128, 2, 4), (64, 64, 2, 2), (64, 32, 2, 2),
+             (32, 64, 2, 2), (32, 32, 2, 2))
+
+
+def engines(kind: InputType, tensor_cores: bool):
+    """Every engine a product of `kind` may run on, largest tile first."""
+    if tensor_cores:
+        return [Mma(bm, bn, kind, wm, wn) for bm, bn, wm, wn in MMA_TILES]
+    if kind.c_type != "float":
+        raise ValueError(f"{kind.name} products with one row or column per example need a SIMT "
+                         "kernel for 16-bit inputs, which comes with bfloat16 and float16 storage")
+    return [Simt(bm, bn, kind) for bm, bn in SIMT_TILES]
+
+
+def choose_tile(options: list, m: int, n: int, g: int):
+    """The largest tile with at least a block per multiprocessor, else the
+    smallest; a tile is never much larger than the product (BM at most M
+    rounded up to a power of two, at least 32; BN likewise)."""
+    def fits(e):
+        return e.bm <= max(32, 1 << (m - 1).bit_length()) and e.bn <= max(32, 1 << (n - 1).bit_length())
+    fitting = [e for e in options if fits(e)]
+
+    def blocks(e):
+        return -(-m // e.bm) * -(-n // e.bn) * g
+    return next((e for e in fitting if blocks(e) >= GPU_SMS), fitting[-1]), blocks
+
+
+def slice_depth(engine, inner: dict) -> int:
+    """BK: 32 when both stages of both operands fit in shared memory, else 16."""
+    return next(bk for bk in (32, 16) if shared_bytes(shared_tiles(engine, inner, bk), engine) <= SHARED_BYTES)
+
+
+def shared_tiles(engine, inner: dict, bk: int) -> dict:
+    """Each operand's SharedTile for slices of depth `bk`, its rows along `inner[operand]`."""
+    tiles = {}
+    for operand, array, free, width in (("a", "As", "m", engine.bm), ("b", "Bs", "n", engine.bn)):
+        size = {"k": bk, free: width}
+        across = inner[operand]
+        outer = free if across == "k" else "k"
+        tiles[operand] = SharedTile(array, outer, across, size[outer], size[across],
+                                    engine.stride(size[across], across))
+    return tiles
+
+
+def shared_bytes(tiles: dict, engine) -> int:
+    return 2 * sum(t.elements for t in tiles.values()) * engine.kind.bytes  # two stages
+
+
+# --- a product's kernel --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Contraction:
+    """A `dot` spec as out[g, m, n] = sum_k A[g, m, k] B[g, k, n]: each of g, m,
+    n, k a group of letters (the batch letter first), its sizes (None for the
+    rows), and for each operand (a, b, c) the index expression and stride of
+    each letter."""
+
+    sizes: dict  # group -> [size or None]
+    terms: dict  # operand -> group -> [(C expression, stride)]
+    numel: dict  # operand -> elements per row (batched) or in all
+
+    GROUPS = {"a": "gmk", "b": "gkn", "c": "gmn"}
+
+    def offset(self, operand: str) -> str:
+        return offset([t for group in self.GROUPS[operand] for t in self.terms[operand][group]])
+
+    def size(self, group: str, rows: int) -> int:
+        return math.prod(rows if s is None else s for s in self.sizes[group])
+
+    def global_inner(self, operand: str) -> str | None:
+        """The axis (m, n or k) along which the operand is contiguous in memory:
+        the one whose innermost letter has unit stride."""
+        for group in self.GROUPS[operand][1:]:
+            terms = self.terms[operand][group]
+            if terms and terms[-1][1] == 1 and self.sizes[group][-1] is not None:
+                return group
+        return None
+
+    def vector(self, operand: str, axis: str, kind: InputType) -> int:
+        """Elements one copy may move along `axis` (16, 8 or 4 bytes): every
+        stride of the operand but the unit one, its size per row and the
+        innermost letter's size along `axis` are multiples of it, so no vector
+        straddles a row or leaves 16-byte alignment."""
+        if self.global_inner(operand) != axis:
+            return 1
+        strides = [s for group in self.GROUPS[operand] for _, s in self.terms[operand][group] if s != 1]
+        for vec in (16 // kind.bytes, 8 // kind.bytes, 4 // kind.bytes):
+            if all(x % vec == 0 for x in strides + [self.numel[operand], self.sizes[axis][-1]]):
+                return max(vec, 1)
+        return 1
+
+
+@dataclass(frozen=True)
+class ProductKernel:
+    """Everything contract.cu.j2 needs about one product, but names."""
+
+    engine: object  # Simt or Mma
+    bk: int
+    splits: int
+    tiles: dict  # operand -> SharedTile
+    contraction: Contraction
+
+    @property
+    def block(self) -> int:
+        return self.engine.threads
+
+    def loader(self, operand: str, param: str) -> dict:
+        """How the block's threads copy a slice of `operand` into its SharedTile:
+        consecutive threads take consecutive addresses of the operand (its
+        contiguous axis), each `vec` elements at once."""
+        tile, c = self.tiles[operand], self.contraction
+        along = c.global_inner(operand) or tile.inner
+        across = tile.outer if along == tile.inner else tile.inner
+        vec = c.vector(operand, along, self.engine.kind) if along == tile.inner else 1
+        dims = {tile.outer: tile.rows, tile.inner: tile.cols}
+        origin = {"m": "m0", "n": "n0", "k": "k0"}
+        return {"param": param, "elements": tile.elements, "vec": vec,
+                "note": f"[{tile.outer}][{tile.inner}], rows {tile.stride} apart",
+                "row_copies": dims[along] // vec, "copies": dims[across] * dims[along] // vec,
+                "map": f"{along} = {origin[along]} + c_, {across} = {origin[across]} + r_",
+                "copier": f"rnnc_cp_async<{vec * self.engine.kind.bytes}>",
+                "store": tile.at(**{axis: f"{axis} - {origin[axis]}" for axis in (tile.outer, tile.inner)}),
+                "offset": c.offset(operand)}
+
+    def values(self, a_param: str, b_param: str) -> dict:
+        e = self.engine
+        return {"summary": e.summary(), "elem": e.kind.c_type, "bm": e.bm, "bn": e.bn, "bk": self.bk,
+                "kstep": e.kstep, "splits": self.splits, "accs": e.accs, "acc_m": e.acc_m, "acc_n": e.acc_n,
+                "setup": list(e.setup), "step": e.step(self.tiles["a"], self.tiles["b"]),
+                "min_blocks": 2 if e.accs <= 16 else 1, "c_offset": self.contraction.offset("c"),
+                "a": self.loader("a", a_param), "b": self.loader("b", b_param),
+                "epilogue": "contract_split.cu.j2" if self.splits > 1 else "contract_store.cu.j2"}
+
+
+def product_kernel(c: Contraction, kind: InputType, rows: int) -> ProductKernel:
+    """The kernel of one product of inputs `kind`, sized for `rows` rows (the
+    region's nominal rows): tensor cores where the kind has them and the
+    product has more than one row, column and summand, else SIMT."""
+    m, n, k, g = (c.size(group, rows) for group in "mnkg")
+    options = engines(kind, kind.mma is not None and min(m, n, k) > 1)
+    engine, blocks = choose_tile(options, m, n, g)
+    inner = {operand: engine.inner(operand, c.global_inner(operand)) for operand in "ab"}
+    bk = slice_depth(engine, inner)
+    splits = 1
+    if g == 1 and blocks(engine) < GPU_SMS // 2:
+        splits = max(1, min(-(-GPU_SMS // blocks(engine)), k // (MIN_K_TILES * bk)))
+    return ProductKernel(engine, bk, splits, shared_tiles(engine, inner, bk), c)

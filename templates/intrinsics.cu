@@ -1,0 +1,78 @@
+// The few hardware instructions the kernels use, as PTX in small device functions.
+// Built by anything but nvcc (the tests' CPU emulation of CUDA), kernels.cu gets
+// them from elsewhere: the emulator defines the same functions its own way.
+#ifdef __CUDACC__
+// cp.async: copy BYTES from global to shared memory without holding a register,
+// zero-filling when !full; 4, 8 and 16 bytes only, so a lone 16-bit element is
+// copied at once. Copies complete in commit groups (rnnc_cp_async_wait).
+template <int BYTES>
+__device__ __forceinline__ void rnnc_cp_async(void* dst, const void* src, bool full) {
+#if __CUDA_ARCH__ >= 800
+    if constexpr (BYTES == 16) {  // .cg: not kept in L1, the tile lives in shared memory
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+                     :: "r"((unsigned)__cvta_generic_to_shared(dst)), "l"(src), "r"(full ? 16 : 0));
+        return;
+    } else if constexpr (BYTES == 4 || BYTES == 8) {
+        asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n"
+                     :: "r"((unsigned)__cvta_generic_to_shared(dst)), "l"(src), "n"(BYTES),
+                        "r"(full ? BYTES : 0));
+        return;
+    }
+#endif
+    unsigned char* d = static_cast<unsigned char*>(dst);
+    const unsigned char* s = static_cast<const unsigned char*>(src);
+    for (int i = 0; i < BYTES; ++i) {
+        d[i] = full ? s[i] : 0;
+    }
+}
+
+__device__ __forceinline__ void rnnc_cp_async_commit() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n");
+#endif
+}
+
+// wait until at most PENDING of this thread's newest commit groups are still copying
+template <int PENDING>
+__device__ __forceinline__ void rnnc_cp_async_wait() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;\n" :: "n"(PENDING));
+#endif
+}
+
+// a float rounded to TF32 (10 mantissa bits) to nearest, ties away from zero
+__device__ __forceinline__ unsigned rnnc_to_tf32(float x) {
+    unsigned r;
+    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+    return r;
+}
+
+// two 16-bit values (raw bits) as one 32-bit fragment register, the first in the low half
+__device__ __forceinline__ unsigned rnnc_pack(unsigned short lo, unsigned short hi) {
+    return (unsigned)lo | ((unsigned)hi << 16);
+}
+
+// d[0..3] += A * B for one warp: A 16x8 (a[0..3]), B 8x8 (b[0..1]), TF32 inputs, float32 sums
+__device__ __forceinline__ void rnnc_mma_tf32(float* d, const unsigned* a, const unsigned* b) {
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
+                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// d[0..3] += A * B for one warp: A 16x16 (a[0..3], two bf16 each), B 16x8 (b[0..1]), float32 sums
+__device__ __forceinline__ void rnnc_mma_bf16(float* d, const unsigned* a, const unsigned* b) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// the same with fp16 inputs
+__device__ __forceinline__ void rnnc_mma_f16(float* d, const unsigned* a, const unsigned* b) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+#endif
