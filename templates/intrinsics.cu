@@ -47,6 +47,11 @@ __device__ __forceinline__ unsigned rnnc_to_tf32(float x) {
     return r;
 }
 
+// the same as a float, for products that multiply on CUDA cores
+__device__ __forceinline__ float rnnc_round_tf32(float x) {
+    return __uint_as_float(rnnc_to_tf32(x));
+}
+
 // two 16-bit values (raw bits) as one 32-bit fragment register, the first in the low half
 __device__ __forceinline__ unsigned rnnc_pack(unsigned short lo, unsigned short hi) {
     return (unsigned)lo | ((unsigned)hi << 16);

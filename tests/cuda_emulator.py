@@ -153,7 +153,7 @@ def build_library(source: str, arities: dict, workdir: Path) -> ctypes.CDLL:
     if not lib.exists():
         src = workdir / f"emu_{key}.cpp"
         src.write_text(text)
-        subprocess.run(["g++", "-O1", "-std=c++17", "-shared", "-fPIC", "-w", "-o", str(lib), str(src)],
+        subprocess.run(["g++", "-O0", "-std=c++17", "-shared", "-fPIC", "-w", "-o", str(lib), str(src)],
                        check=True, capture_output=True, text=True)
     return ctypes.CDLL(str(lib))
 

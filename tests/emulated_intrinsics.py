@@ -72,6 +72,7 @@ inline unsigned rnnc_to_tf32(float x) {
     if ((u & 0x7F800000u) == 0x7F800000u) return u;  // inf and NaN as they are
     return (u + 0x1000u) & 0xFFFFE000u;  // half of the 13 dropped bits added to the magnitude
 }
+inline float rnnc_round_tf32(float x) { return emu_float(rnnc_to_tf32(x)); }
 inline unsigned rnnc_pack(unsigned short lo, unsigned short hi) { return (unsigned)lo | ((unsigned)hi << 16); }
 
 namespace emu {

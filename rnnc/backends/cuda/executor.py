@@ -100,13 +100,17 @@ class Executor:
     def run(self, launches, memory: dict, steps: Steps, t: int, lengths: int):
         for launch in launches:
             rows = steps.B if launch.rows == "B" else steps.rows
-            grid = tuple(min(-(-(e.n * (rows if e.rows else 1)) // e.div), limit) or 1
-                         for e, limit in zip(launch.grid, GRID_LIMITS))
             index = {"base": steps.start, "t": t, "t+1": t + 1}
             ptrs = [memory[name].at(index[sel], steps.start) for name, sel in launch.args]
-            self.device.launch(launch.kernel, grid, launch.block, rows, t, lengths, ptrs)
+            self.device.launch(launch.kernel, grid(launch, rows), launch.block, rows, t, lengths, ptrs)
 
 
-# grid-stride loops (and the product kernel's loop over g) make any grid size correct,
-# so huge launches are capped at the hardware's limits
+def grid(launch, rows: int) -> tuple:
+    """The blocks of `launch` for `rows` rows. Grid-stride loops (and the
+    product kernel's loop over g) make any grid size correct, so huge launches
+    are capped at the hardware's limits."""
+    return tuple(min(-(-(e.n * (rows if e.rows else 1)) // e.div), limit) or 1
+                 for e, limit in zip(launch.grid, GRID_LIMITS))
+
+
 GRID_LIMITS = (2**31 - 1, 65535, 65535)

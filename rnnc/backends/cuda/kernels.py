@@ -126,13 +126,15 @@ class Generator:
     """Collects kernel sources and launches for a whole program. A kernel's
     launch goes to the region it belongs to (`region.launches`), which also
     gives the kernel's name prefix (`region.label`) and rows (`region.rows`).
-    Products read their inputs as `precision` says (rnnc/precision.py); the
-    scratch buffers kernels need for themselves (split-K's) go to `scratch`."""
+    Products read their inputs as `inputs` (`products.INPUTS`) says: "fp32" or
+    "tf32" for the precisions of rnnc/precision.py, "bf16" or "f16" for 16-bit
+    arrays. The scratch buffers kernels need for themselves (split-K's) go to
+    `scratch`."""
 
-    def __init__(self, precision):
+    def __init__(self, inputs: str):
         self.sources: list = []
         self.count = 0
-        self.inputs = INPUTS[precision.name]
+        self.inputs = INPUTS[inputs]
         self.scratch: dict = {}  # name -> schedule.Buffer
 
     def name(self, region, family: str) -> str:

@@ -35,7 +35,7 @@ class Lowering:
         self.cell = program.cell
         self.hoisted = program.hoisted
         self.plan = program.plan
-        self.gen = Generator(precision)
+        self.gen = Generator(precision.name)
         self.schedule = Schedule()
         self.decl = {d.name: d for d in self.cell.decls}
         self.values = self.hoisted.values()

@@ -41,14 +41,15 @@ class InputType:
     name: str
     c_type: str
     bytes: int
-    mma: str | None = None  # the tensor-core function (templates/intrinsics.cu.j2); None: SIMT
+    mma: str | None = None  # the tensor-core function (templates/intrinsics.cu); None: SIMT
     mma_k: int = 1
     convert: str = ""  # applied to a float from shared memory to make a fragment register
+    rounding: str = ""  # applied to a float before a SIMT multiply, so both engines round alike
 
 
 INPUTS = {t.name: t for t in (
     InputType("fp32", "float", 4),
-    InputType("tf32", "float", 4, "rnnc_mma_tf32", 8, "rnnc_to_tf32"),
+    InputType("tf32", "float", 4, "rnnc_mma_tf32", 8, "rnnc_to_tf32", "rnnc_round_tf32"),
     InputType("bf16", "unsigned short", 2, "rnnc_mma_bf16", 16),
     InputType("f16", "unsigned short", 2, "rnnc_mma_f16", 16))}
 
@@ -128,6 +129,10 @@ class Simt:
         lines = []
         a_vals = self._vector_loads(lines, "a", self.tm, lambda i: a.at(m=f"ty * {self.tm} + {i}", k="kk"))
         b_vals = self._vector_loads(lines, "b", self.tn, lambda j: b.at(k="kk", n=f"tx * {self.tn} + {j}"))
+        if self.kind.rounding:  # the precision's rounding of product inputs, once per value
+            for name, values in (("a", a_vals), ("b", b_vals)):
+                lines += [f"const float {name}{i} = {self.kind.rounding}({v});" for i, v in enumerate(values)]
+            a_vals, b_vals = ([f"{name}{i}" for i in range(len(v))] for name, v in (("a", a_vals), ("b", b_vals)))
         for i, av in enumerate(a_vals):
             lines.append(" ".join(f"acc[{i * self.tn + j}] += {av} * {bv};" for j, bv in enumerate(b_vals)))
         return lines
@@ -270,9 +275,11 @@ def choose_tile(options: list, m: int, n: int, g: int):
     return next((e for e in fitting if blocks(e) >= GPU_SMS), fitting[-1]), blocks
 
 
-def slice_depth(engine, inner: dict) -> int:
-    """BK: 32 when both stages of both operands fit in shared memory, else 16."""
-    return next(bk for bk in (32, 16) if shared_bytes(shared_tiles(engine, inner, bk), engine) <= SHARED_BYTES)
+def slice_depth(engine, inner: dict, k: int) -> int:
+    """BK: 32 when k is longer than 16 and both stages of both operands fit in
+    shared memory, else 16."""
+    return next(bk for bk in (32, 16) if (bk == 16 or k > 16)
+                and shared_bytes(shared_tiles(engine, inner, bk), engine) <= SHARED_BYTES)
 
 
 def shared_tiles(engine, inner: dict, bk: int) -> dict:
@@ -384,7 +391,7 @@ def product_kernel(c: Contraction, kind: InputType, rows: int) -> ProductKernel:
     options = engines(kind, kind.mma is not None and min(m, n, k) > 1)
     engine, blocks = choose_tile(options, m, n, g)
     inner = {operand: engine.inner(operand, c.global_inner(operand)) for operand in "ab"}
-    bk = slice_depth(engine, inner)
+    bk = slice_depth(engine, inner, k)
     splits = 1
     if g == 1 and blocks(engine) < GPU_SMS // 2:
         splits = max(1, min(-(-GPU_SMS // blocks(engine)), k // (MIN_K_TILES * bk)))
