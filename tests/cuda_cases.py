@@ -8,6 +8,7 @@ import numpy as np
 
 import rnnc
 from rnnc.backends.args import concrete_shape
+from rnnc.precision import PRECISIONS
 
 from conftest import compile_sized, declared_dims, example
 
@@ -16,7 +17,19 @@ POLICIES = ("none", "auto", "all")
 DIMS = {"D": 3, "H": 5, "E": 4, "S": 6}
 T, B = 4, 3
 LENGTHS = np.array([4, 2, 0])  # full, partial and empty sequences
-TOLERANCE = 1e-4  # times the reference's largest magnitude, per array
+TOLERANCE = 1e-4  # float32 kernels against the float64 reference, times its largest magnitude, per array
+PRECISIONS_RUN = tuple(PRECISIONS)  # fp32 and tf32
+
+
+def tolerance(precision: str) -> float:
+    """How far the kernels may be from the reference at `precision` (relative
+    to the reference's largest magnitude). The reference rounds every product's
+    inputs as the kernels do (rnnc.precision), so what is left is float32
+    arithmetic (TOLERANCE) and, under a rounding precision, an input that
+    float32 and float64 compute a hair apart landing on neighbouring rounded
+    values: one unit roundoff of the precision (half an ulp of one input, of
+    a term no larger than the output), allowed once."""
+    return TOLERANCE + PRECISIONS[precision].unit_roundoff
 
 
 def dims_of(path: Path) -> dict:
@@ -60,19 +73,20 @@ def run(module, args: dict, lengths, to_array=lambda a: a, to_numpy=np.asarray) 
     return {k: to_numpy(a) for k, a in arrays.items()}
 
 
-def reference(program, args: dict, lengths) -> dict:
+def reference(program, args: dict, lengths, precision: str = "fp32") -> dict:
+    """The float64 NumPy backend's arrays, products rounded as `precision` says."""
     f64 = {k: {n: a.astype(np.float64) for n, a in v.items()} for k, v in args.items()}
-    return run(program.load("numpy", "float64"), f64, lengths)
+    return run(program.load("numpy", "float64", precision), f64, lengths)
 
 
-def mismatches(got: dict, want: dict) -> dict:
-    """Arrays whose max abs error exceeds TOLERANCE times the reference's max magnitude."""
+def mismatches(got: dict, want: dict, tolerance: float = TOLERANCE) -> dict:
+    """Arrays whose max abs error exceeds `tolerance` times the reference's max magnitude."""
     assert got.keys() == want.keys()
     bad = {}
     for name, ref in want.items():
         scale = max(float(np.abs(ref).max(initial=0.0)), 1e-30)
         err = float(np.abs(np.asarray(got[name], np.float64) - ref).max(initial=0.0))
-        if not err <= TOLERANCE * scale:  # NaN fails too
+        if not err <= tolerance * scale:  # NaN fails too
             bad[name] = err / scale
     return bad
 

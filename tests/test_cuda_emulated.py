@@ -2,6 +2,15 @@
 by g++ against a CPU emulation of CUDA (tests/cuda_emulator.py), run by the
 real runtime's host loop, equal the float64 NumPy reference.
 
+Every example runs under every policy, with and without lengths, at both
+precisions: fp32 (exact products on CUDA cores) and tf32 (tensor-core `mma`,
+emulated as a warp-wide instruction in the PTX ISA's fragment layout). The
+reference rounds product inputs as the precision says and the tolerance is
+derived from it (`cuda_cases.tolerance`): under tf32 the kernels agree with
+the rounded reference as closely as fp32 kernels agree with the exact one,
+give or take one TF32 rounding, while the unrounded reference is several
+TF32 roundings away (test_tf32_is_not_exact).
+
 What this cannot check: PyCUDA itself, real concurrency between threads of a
 block beyond barrier order, and timing (tests/test_cuda_gpu.py does, on a GPU).
 """
@@ -36,22 +45,35 @@ cell kw {
 """
 
 
-def emulated(program, workdir):
-    generated = generate(program)
+def emulated(program, workdir, precision="fp32"):
+    generated = generate(program, precision)
     device = cuda_emulator.EmulatedDevice(generated, workdir)
-    return CudaModule(program, generated.schedule, device), device
+    return CudaModule(program, generated.schedule, device, precision=precision), device
 
 
+@pytest.mark.parametrize("precision", cases.PRECISIONS_RUN)
 @pytest.mark.parametrize("policy", cases.POLICIES)
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
-def test_example_equals_numpy_reference(path, policy, workdir):
+def test_example_equals_numpy_reference(path, policy, precision, workdir):
     program = cases.compile_example(path, policy)
-    module, _ = emulated(program, workdir)
+    module, _ = emulated(program, workdir, precision)
     args = cases.arguments(program)
     for lengths in (None, cases.LENGTHS):
         got = cases.run(module, args, lengths)
-        bad = cases.mismatches(got, cases.reference(program, args, lengths))
+        want = cases.reference(program, args, lengths, precision)
+        bad = cases.mismatches(got, want, cases.tolerance(precision))
         assert not bad, f"lengths={lengths}: relative errors {bad}"
+
+
+@pytest.mark.parametrize("path", [example("lstm"), example("attention_lstm")], ids=lambda p: p.stem)
+def test_tf32_is_not_exact(path, workdir):
+    """tf32 kernels are far from the exact reference: the rounding the test
+    above allows for is really done."""
+    program = cases.compile_example(path, "auto")
+    module, _ = emulated(program, workdir, "tf32")
+    args = cases.arguments(program)
+    got, exact = cases.run(module, args, cases.LENGTHS), cases.reference(program, args, cases.LENGTHS)
+    assert cases.mismatches(got, exact, 3 * cases.tolerance("fp32"))
 
 
 @pytest.mark.parametrize("path, names", [("lstm", "c_new"), ("attention_lstm", "alpha,h_new")])
