@@ -1,17 +1,23 @@
 """No-GPU tier of the CUDA backend: generated source, nvcc builds, the cache.
 
-Every example under every policy compiles with nvcc to cubins for sm_80 and
-sm_90 with no register spills; the LSTM's source is compared with a golden
-file (RNNC_UPDATE_GOLDEN=1 rewrites it).
+Every example under every policy and precision compiles with nvcc to cubins
+for sm_80 and sm_90 with no register spills, at the tests' small sizes and at
+the benchmark's (where the products take their largest tiles); under tf32
+every product kernel with more than one row, column and summand runs on
+tensor cores (HMMA in its SASS, read with cuobjdump), and under fp32 none
+does. The LSTM's source is compared with a golden file
+(RNNC_UPDATE_GOLDEN=1 rewrites it).
 """
 from __future__ import annotations
 
 import keyword
 import os
 import re
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
 from pathlib import Path
 
 import pytest
@@ -25,7 +31,7 @@ from rnnc.backends.cuda.runtime import CudaModule
 from rnnc.backends.cuda.schedule import Schedule
 
 import cuda_cases as cases
-from conftest import EXAMPLES, example
+from conftest import EXAMPLES, compile_sized, example
 
 GOLDEN = Path(__file__).parent / "golden" / "lstm_D3_H5_auto.cu"
 ARCHS = ("sm_80", "sm_90")
@@ -33,29 +39,100 @@ needs_nvcc = pytest.mark.skipif(not build.shutil.which("nvcc") and not Path("/us
                                 reason="needs nvcc (the CUDA toolkit)")
 
 
+BENCHMARK_DIMS = {"D": 512, "H": 512, "E": 256, "S": 32}  # benchmarks/gpu.py's sizes
+
+
 def sources() -> dict:
-    """Generated source of every example under every policy (identical ones once)."""
+    """Generated source of every example at the tests' sizes, under every policy
+    in fp32 and under `all` (the most products) in tf32, where only the product
+    kernels differ and the policy changes how many there are, not their kind;
+    and under `auto` in both at the benchmark's sizes (identical ones once):
+    source -> (label, precision)."""
     out = {}
     for path in EXAMPLES:
-        for policy in cases.POLICIES:
-            out.setdefault(generate(cases.compile_example(path, policy)).source, f"{path.stem}/{policy}")
+        for precision in cases.PRECISIONS_RUN:
+            for policy in cases.POLICIES if precision == "fp32" else ("all",):
+                out.setdefault(generate(cases.compile_example(path, policy), precision).source,
+                               (f"{path.stem}/{policy}/{precision}", precision))
+            big = compile_sized(path, BENCHMARK_DIMS, precision=precision)
+            out.setdefault(generate(big).source, (f"{path.stem}/benchmark/{precision}", precision))
     return out
 
 
-@needs_nvcc
-def test_every_example_compiles_for_sm80_and_sm90_without_spills(tmp_path):
-    jobs = [(src, name, arch) for src, name in sources().items() for arch in ARCHS]
+@pytest.fixture(scope="module")
+def cubins(tmp_path_factory):
+    """Every source of `sources()` built for sm_80 and sm_90: [(label, precision, arch, Cubin, source)]."""
+    cache = tmp_path_factory.mktemp("cubins")
+    jobs = [(src, label, precision, arch) for src, (label, precision) in sources().items() for arch in ARCHS]
 
     def compile_one(job):
-        src, name, arch = job
-        return name, arch, build.compile_cubin(src, arch, cache=tmp_path)
+        src, label, precision, arch = job
+        return label, precision, arch, build.compile_cubin(src, arch, cache=cache), src
     with ThreadPoolExecutor(2) as pool:  # nvcc is single-threaded; the test machines have 2 cores
-        results = list(pool.map(compile_one, jobs))
-    assert len(results) == len(jobs) >= 2 * len(EXAMPLES)
-    for name, arch, cubin in results:
-        assert cubin.path.read_bytes()[:4] == b"\x7fELF", (name, arch)
+        return list(pool.map(compile_one, jobs))
+
+
+@needs_nvcc
+def test_every_example_compiles_for_sm80_and_sm90_without_spills(cubins):
+    assert len(cubins) >= 2 * 2 * 2 * len(EXAMPLES)  # archs, precisions, sizes
+    for label, _, arch, cubin, _ in cubins:
+        assert cubin.path.read_bytes()[:4] == b"\x7fELF", (label, arch)
         assert "Compiling entry function" in cubin.log  # ptxas -v really reported
-        assert cubin.spills() == 0, f"{name} {arch}: {re.findall(r'.*spill.*', cubin.log)}"
+        assert cubin.spills() == 0, f"{label} {arch}: {re.findall(r'.*spill.*', cubin.log)}"
+
+
+@lru_cache(maxsize=None)
+def cuobjdump() -> list | None:
+    """The command that prints a cubin's SASS: cuobjdump from the CUDA toolkit, or
+    from the nvidia-cuda-cuobjdump wheel (the test extra) with nvdisasm from
+    nvidia-cuda-nvdisasm beside it; None without either."""
+    found = shutil.which("cuobjdump") or next(
+        (str(p) for p in [Path("/usr/local/cuda/bin/cuobjdump")] if p.exists()), None)
+    if not found:
+        try:
+            import nvidia  # the namespace package of NVIDIA's wheels
+        except ImportError:
+            return None
+        found = next((str(p) for root in nvidia.__path__ for p in sorted(Path(root).glob("*/bin/cuobjdump"))
+                      if (p.parent / "nvdisasm").exists()), None)
+    return [found, "-sass"] if found else None
+
+
+def sass_by_kernel(cubin_path) -> dict:
+    """Each kernel's SASS text in a cubin, by name."""
+    tool = cuobjdump()
+    env = dict(os.environ, PATH=f"{Path(tool[0]).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    text = subprocess.run(tool + [str(cubin_path)], capture_output=True, text=True, check=True, env=env).stdout
+    parts = re.split(r"\n\s*Function : (\w+)\n", text)
+    return dict(zip(parts[1::2], parts[2::2]))
+
+
+def single_row_column_or_summand(source: str, kernel: str) -> bool:
+    """A product kernel whose M, N or K is 1 (the kernel says in its first line)."""
+    body = source.split(f" {kernel}(", 1)[1]
+    sizes = dict(re.findall(r"\b([MNK]) = ([^,;]+)", body.split(";", 1)[0]))
+    return "1" in (sizes["M"], sizes["N"], sizes["K"])
+
+
+@needs_nvcc
+@pytest.mark.skipif(cuobjdump() is None, reason="needs cuobjdump (pip install nvidia-cuda-cuobjdump "
+                                                "nvidia-cuda-nvdisasm, or the CUDA toolkit's)")
+def test_tf32_products_run_on_tensor_cores_and_fp32_products_do_not(cubins):
+    checked = set()
+    for label, precision, arch, cubin, source in cubins:
+        if "/benchmark/" not in label:
+            continue
+        sass = sass_by_kernel(cubin.path)
+        products = [k for k in sass if k.endswith("_dot")]
+        assert products and set(sass) == set(re.findall(r"__global__ void __launch_bounds__\([^)]*\) (\w+)",
+                                                           source))
+        for kernel in products:
+            expected = precision == "tf32" and not single_row_column_or_summand(source, kernel)
+            assert ("HMMA" in sass[kernel]) == expected, f"{label} {arch} {kernel}"
+        if label.split("/")[0] in ("lstm", "gru") and precision == "tf32":  # all their products are big
+            assert all("HMMA" in sass[k] for k in products), (label, arch)
+        checked.add((label, arch))
+    assert len(checked) == len(EXAMPLES) * len(cases.PRECISIONS_RUN) * len(ARCHS)
 
 
 @needs_nvcc

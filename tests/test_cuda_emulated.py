@@ -16,6 +16,8 @@ block beyond barrier order, and timing (tests/test_cuda_gpu.py does, on a GPU).
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 
@@ -51,10 +53,20 @@ def emulated(program, workdir, precision="fp32"):
     return CudaModule(program, generated.schedule, device, precision=precision), device
 
 
+@pytest.fixture(scope="module")
+def every_example_built(workdir):
+    """The emulation of every example under every policy and precision, built
+    two at a time up front (g++ is single-threaded; the test machines have 2 cores)."""
+    generated = [generate(cases.compile_example(path, policy), precision) for path in EXAMPLES
+                 for policy in cases.POLICIES for precision in cases.PRECISIONS_RUN]
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda g: cuda_emulator.build_library(g.source, g.schedule.arities(), workdir), generated))
+
+
 @pytest.mark.parametrize("precision", cases.PRECISIONS_RUN)
 @pytest.mark.parametrize("policy", cases.POLICIES)
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
-def test_example_equals_numpy_reference(path, policy, precision, workdir):
+def test_example_equals_numpy_reference(path, policy, precision, workdir, every_example_built):
     program = cases.compile_example(path, policy)
     module, _ = emulated(program, workdir, precision)
     args = cases.arguments(program)
@@ -110,6 +122,41 @@ def test_user_names_reserved_in_c_and_cuda(workdir):
     args = cases.arguments(program)
     got = cases.run(module, args, cases.LENGTHS)
     assert not cases.mismatches(got, cases.reference(program, args, cases.LENGTHS))
+
+
+# a scalar gain (its gradient: one sum over the batch and H), a layer norm
+# (per-example means over H) and a bias (sums over the batch, side by side)
+REDUCTIONS_CELL = """
+cell normed {
+    dim D, H
+    input x[D]
+    state h[H]
+    param W[D, H], U[H, H], b[H] = 0, s[1] = 0.5
+    a = s * (x @ W + h @ U) + b
+    centred = a - mean(a, axis=-1, keepdims=1)
+    h_new = tanh(centred / sqrt(mean(centred * centred, axis=-1, keepdims=1) + 1e-3))
+    next h = h_new
+    output y = h_new
+}
+"""
+
+
+WARP, SIDE_BY_SIDE, BLOCK = "a warp per output", "8 outputs side by side", "the whole block per output"
+
+
+@pytest.mark.parametrize("dims, layouts", [({"D": 3, "H": 5}, {WARP, BLOCK}),  # db: 5 outputs, a block each
+                                           ({"D": 9, "H": 300}, {WARP, SIDE_BY_SIDE, BLOCK})],
+                         ids=["H5", "H300"])
+def test_reductions_of_every_layout(dims, layouts, workdir):
+    """Each of reduce.cu.j2's ways to share out a sum among threads, with sums
+    shorter than a warp and longer than a block."""
+    program = rnnc.compile(REDUCTIONS_CELL, dims=dims, recompute="none")
+    source = generate(program).source
+    assert {layout for layout in (WARP, SIDE_BY_SIDE, BLOCK) if layout in source} == layouts
+    module, _ = emulated(program, workdir)
+    args = cases.arguments(program, steps=3, batch=37)
+    lengths = np.random.default_rng(3).integers(0, 4, size=37)
+    assert not cases.mismatches(cases.run(module, args, lengths), cases.reference(program, args, lengths))
 
 
 def test_device_arrays_in_give_device_arrays_out(workdir):

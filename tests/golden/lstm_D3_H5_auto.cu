@@ -5,121 +5,226 @@
 // the hoisted regions, t the step (for the lengths mask), lengths[b] the
 // length of sequence b. Buffers are row-major [rows, *shape] or [*shape].
 
+// The few hardware instructions the kernels use, as PTX in small device functions.
+// Built by anything but nvcc (the tests' CPU emulation of CUDA), kernels.cu gets
+// them from elsewhere: the emulator defines the same functions its own way.
+#ifdef __CUDACC__
+// cp.async: copy BYTES from global to shared memory without holding a register,
+// zero-filling when !full; 4, 8 and 16 bytes only, so a lone 16-bit element is
+// copied at once. Copies complete in commit groups (rnnc_cp_async_wait).
+template <int BYTES>
+__device__ __forceinline__ void rnnc_cp_async(void* dst, const void* src, bool full) {
+#if __CUDA_ARCH__ >= 800
+    if constexpr (BYTES == 16) {  // .cg: not kept in L1, the tile lives in shared memory
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+                     :: "r"((unsigned)__cvta_generic_to_shared(dst)), "l"(src), "r"(full ? 16 : 0));
+        return;
+    } else if constexpr (BYTES == 4 || BYTES == 8) {
+        asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n"
+                     :: "r"((unsigned)__cvta_generic_to_shared(dst)), "l"(src), "n"(BYTES),
+                        "r"(full ? BYTES : 0));
+        return;
+    }
+#endif
+    unsigned char* d = static_cast<unsigned char*>(dst);
+    const unsigned char* s = static_cast<const unsigned char*>(src);
+    for (int i = 0; i < BYTES; ++i) {
+        d[i] = full ? s[i] : 0;
+    }
+}
+
+__device__ __forceinline__ void rnnc_cp_async_commit() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n");
+#endif
+}
+
+// wait until at most PENDING of this thread's newest commit groups are still copying
+template <int PENDING>
+__device__ __forceinline__ void rnnc_cp_async_wait() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;\n" :: "n"(PENDING));
+#endif
+}
+
+// a float rounded to TF32 (10 mantissa bits) to nearest, ties away from zero
+__device__ __forceinline__ unsigned rnnc_to_tf32(float x) {
+    unsigned r;
+    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+    return r;
+}
+
+// the same as a float, for products that multiply on CUDA cores
+__device__ __forceinline__ float rnnc_round_tf32(float x) {
+    return __uint_as_float(rnnc_to_tf32(x));
+}
+
+// two 16-bit values (raw bits) as one 32-bit fragment register, the first in the low half
+__device__ __forceinline__ unsigned rnnc_pack(unsigned short lo, unsigned short hi) {
+    return (unsigned)lo | ((unsigned)hi << 16);
+}
+
+// d[0..3] += A * B for one warp: A 16x8 (a[0..3]), B 8x8 (b[0..1]), TF32 inputs, float32 sums
+__device__ __forceinline__ void rnnc_mma_tf32(float* d, const unsigned* a, const unsigned* b) {
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
+                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// d[0..3] += A * B for one warp: A 16x16 (a[0..3], two bf16 each), B 16x8 (b[0..1]), float32 sums
+__device__ __forceinline__ void rnnc_mma_bf16(float* d, const unsigned* a, const unsigned* b) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// the same with fp16 inputs
+__device__ __forceinline__ void rnnc_mma_f16(float* d, const unsigned* a, const unsigned* b) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+#endif
+
+
 // %1 = dot(x, W)  [zk,kj->zj]
-// out[g, m, n] = sum_k A[g, m, k] * B[g, k, n], a 32x32 tile of (m, n) per block,
-// 16x16 threads with 2x2 outputs each, k in steps of 32 through shared memory.
+// out[g, m, n] = sum_k A[g, m, k] * B[g, k, n]: float32 FMA, 16x16 threads with 2x2 outputs each.
+// A block computes a 32x32 tile of (m, n), reading k 16 at a time into shared memory,
+// the next slice copied (cp.async) while this one is multiplied.
 extern "C" __global__ void __launch_bounds__(256, 2) rnnc_pre_1_dot(const int rows, const int t, const int* lengths, float* v_input_3ax_40base, float* v_param_3aW_40base, float* v_pre_3a_251_40base) {
     const int G = 1, M = rows * 1, N = 20, K = 3;
-    __shared__ float As[32][32 + 1];  // [k][m]; +1 avoids bank conflicts
-    __shared__ float Bs[32][32 + 1];  // [k][n]
+    __shared__ __align__(16) float As[2][576];  // [k][m], rows 36 apart
+    __shared__ __align__(16) float Bs[2][576];  // [k][n], rows 36 apart
+    const float* A_ = reinterpret_cast<const float*>(v_input_3ax_40base);
+    const float* B_ = reinterpret_cast<const float*>(v_param_3aW_40base);
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
     const int m0 = blockIdx.y * 32, n0 = blockIdx.x * 32;
-    for (int g = blockIdx.z; g < G; g += gridDim.z) {
-        float acc00 = 0.0f, acc01 = 0.0f, acc10 = 0.0f, acc11 = 0.0f;
-        for (int k0 = 0; k0 < K; k0 += 32) {
-            for (int l_ = threadIdx.x; l_ < 32 * 32; l_ += 256) {
-                const int r_ = l_ / 32, c_ = l_ % 32;
-                {
-                    const int m = m0 + r_, k = k0 + c_;
-                    As[k - k0][m - m0] = (m < M && k < K) ? v_input_3ax_40base[m * 3 + k] : 0.0f;
-                }
-                {
-                    const int k = k0 + r_, n = n0 + c_;
-                    Bs[k - k0][n - n0] = (k < K && n < N) ? v_param_3aW_40base[k * 20 + n] : 0.0f;
-                }
+    // split-K: block z % 1 sums over its own chunk of k, a multiple of 16
+    const int split = blockIdx.z % 1;
+    const int chunk = (K + 16 - 1) / 16 * 16;
+    const int k_begin = split * chunk, k_end = min(K, k_begin + chunk);
+    for (int g = blockIdx.z / 1; g < G; g += gridDim.z / 1) {
+        auto load = [&](int stage, int k0) {  // not unrolled: copies are issued, not waited for
+#pragma unroll 1
+            for (int l_ = threadIdx.x; l_ < 512; l_ += 256) {
+                const int r_ = l_ / 16, c_ = l_ % 16 * 1;
+                const int k = k0 + c_, m = m0 + r_;
+                const bool in_ = m < M && k < k_end;
+                rnnc_cp_async<4>(&As[stage][(k - k0) * 36 + m - m0], A_ + (in_ ? m * 3 + k : 0), in_);
+            }
+#pragma unroll 1
+            for (int l_ = threadIdx.x; l_ < 128; l_ += 256) {
+                const int r_ = l_ / 8, c_ = l_ % 8 * 4;
+                const int n = n0 + c_, k = k0 + r_;
+                const bool in_ = k < k_end && n < N;
+                rnnc_cp_async<16>(&Bs[stage][(k - k0) * 36 + n - n0], B_ + (in_ ? k * 20 + n : 0), in_);
+            }
+            rnnc_cp_async_commit();
+        };
+        float acc[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            acc[i] = 0.0f;
+        }
+        if (k_begin < k_end) {
+            load(0, k_begin);
+        }
+        int stage = 0;
+        for (int k0 = k_begin; k0 < k_end; k0 += 16, stage ^= 1) {
+            if (k0 + 16 < k_end) {  // the next slice goes into the other stage
+                load(stage ^ 1, k0 + 16);
+                rnnc_cp_async_wait<1>();
+            } else {
+                rnnc_cp_async_wait<0>();
             }
             __syncthreads();
-#pragma unroll 8
-            for (int kk = 0; kk < 32; ++kk) {
-                const float a0 = As[kk][ty], a1 = As[kk][ty + 16];
-                const float b0 = Bs[kk][tx], b1 = Bs[kk][tx + 16];
-                acc00 += a0 * b0; acc01 += a0 * b1;
-                acc10 += a1 * b0; acc11 += a1 * b1;
+#pragma unroll
+            for (int kk = 0; kk < 16; kk += 1) {
+                const float2 a0_ = *reinterpret_cast<const float2*>(&As[stage][(kk) * 36 + ty * 2 + 0]);
+                const float2 b0_ = *reinterpret_cast<const float2*>(&Bs[stage][(kk) * 36 + tx * 2 + 0]);
+                acc[0] += a0_.x * b0_.x; acc[1] += a0_.x * b0_.y;
+                acc[2] += a0_.y * b0_.x; acc[3] += a0_.y * b0_.y;
             }
-            __syncthreads();
+            __syncthreads();  // before the next load overwrites this stage
         }
-        {
-            const int m = m0 + ty + 0, n = n0 + tx + 0;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int m = m0 + ty * 2 + i / 2, n = n0 + tx * 2 + i % 2;
             if (m < M && n < N) {
-                v_pre_3a_251_40base[m * 20 + n] = acc00;
-            }
-        }
-        {
-            const int m = m0 + ty + 0, n = n0 + tx + 16;
-            if (m < M && n < N) {
-                v_pre_3a_251_40base[m * 20 + n] = acc01;
-            }
-        }
-        {
-            const int m = m0 + ty + 16, n = n0 + tx + 0;
-            if (m < M && n < N) {
-                v_pre_3a_251_40base[m * 20 + n] = acc10;
-            }
-        }
-        {
-            const int m = m0 + ty + 16, n = n0 + tx + 16;
-            if (m < M && n < N) {
-                v_pre_3a_251_40base[m * 20 + n] = acc11;
+                v_pre_3a_251_40base[m * 20 + n] = acc[i];
             }
         }
     }
 }
 
 // %2 = dot(h, U)  [zk,kj->zj]
-// out[g, m, n] = sum_k A[g, m, k] * B[g, k, n], a 32x32 tile of (m, n) per block,
-// 16x16 threads with 2x2 outputs each, k in steps of 32 through shared memory.
+// out[g, m, n] = sum_k A[g, m, k] * B[g, k, n]: float32 FMA, 16x16 threads with 2x2 outputs each.
+// A block computes a 32x32 tile of (m, n), reading k 16 at a time into shared memory,
+// the next slice copied (cp.async) while this one is multiplied.
 extern "C" __global__ void __launch_bounds__(256, 2) rnnc_step_2_dot(const int rows, const int t, const int* lengths, float* v_state_3ah_40t, float* v_param_3aU_40base, float* v_step_3a_252_40base) {
     const int G = 1, M = rows * 1, N = 20, K = 5;
-    __shared__ float As[32][32 + 1];  // [k][m]; +1 avoids bank conflicts
-    __shared__ float Bs[32][32 + 1];  // [k][n]
+    __shared__ __align__(16) float As[2][576];  // [k][m], rows 36 apart
+    __shared__ __align__(16) float Bs[2][576];  // [k][n], rows 36 apart
+    const float* A_ = reinterpret_cast<const float*>(v_state_3ah_40t);
+    const float* B_ = reinterpret_cast<const float*>(v_param_3aU_40base);
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
     const int m0 = blockIdx.y * 32, n0 = blockIdx.x * 32;
-    for (int g = blockIdx.z; g < G; g += gridDim.z) {
-        float acc00 = 0.0f, acc01 = 0.0f, acc10 = 0.0f, acc11 = 0.0f;
-        for (int k0 = 0; k0 < K; k0 += 32) {
-            for (int l_ = threadIdx.x; l_ < 32 * 32; l_ += 256) {
-                const int r_ = l_ / 32, c_ = l_ % 32;
-                {
-                    const int m = m0 + r_, k = k0 + c_;
-                    As[k - k0][m - m0] = (m < M && k < K) ? v_state_3ah_40t[m * 5 + k] : 0.0f;
-                }
-                {
-                    const int k = k0 + r_, n = n0 + c_;
-                    Bs[k - k0][n - n0] = (k < K && n < N) ? v_param_3aU_40base[k * 20 + n] : 0.0f;
-                }
+    // split-K: block z % 1 sums over its own chunk of k, a multiple of 16
+    const int split = blockIdx.z % 1;
+    const int chunk = (K + 16 - 1) / 16 * 16;
+    const int k_begin = split * chunk, k_end = min(K, k_begin + chunk);
+    for (int g = blockIdx.z / 1; g < G; g += gridDim.z / 1) {
+        auto load = [&](int stage, int k0) {  // not unrolled: copies are issued, not waited for
+#pragma unroll 1
+            for (int l_ = threadIdx.x; l_ < 512; l_ += 256) {
+                const int r_ = l_ / 16, c_ = l_ % 16 * 1;
+                const int k = k0 + c_, m = m0 + r_;
+                const bool in_ = m < M && k < k_end;
+                rnnc_cp_async<4>(&As[stage][(k - k0) * 36 + m - m0], A_ + (in_ ? m * 5 + k : 0), in_);
+            }
+#pragma unroll 1
+            for (int l_ = threadIdx.x; l_ < 128; l_ += 256) {
+                const int r_ = l_ / 8, c_ = l_ % 8 * 4;
+                const int n = n0 + c_, k = k0 + r_;
+                const bool in_ = k < k_end && n < N;
+                rnnc_cp_async<16>(&Bs[stage][(k - k0) * 36 + n - n0], B_ + (in_ ? k * 20 + n : 0), in_);
+            }
+            rnnc_cp_async_commit();
+        };
+        float acc[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            acc[i] = 0.0f;
+        }
+        if (k_begin < k_end) {
+            load(0, k_begin);
+        }
+        int stage = 0;
+        for (int k0 = k_begin; k0 < k_end; k0 += 16, stage ^= 1) {
+            if (k0 + 16 < k_end) {  // the next slice goes into the other stage
+                load(stage ^ 1, k0 + 16);
+                rnnc_cp_async_wait<1>();
+            } else {
+                rnnc_cp_async_wait<0>();
             }
             __syncthreads();
-#pragma unroll 8
-            for (int kk = 0; kk < 32; ++kk) {
-                const float a0 = As[kk][ty], a1 = As[kk][ty + 16];
-                const float b0 = Bs[kk][tx], b1 = Bs[kk][tx + 16];
-                acc00 += a0 * b0; acc01 += a0 * b1;
-                acc10 += a1 * b0; acc11 += a1 * b1;
+#pragma unroll
+            for (int kk = 0; kk < 16; kk += 1) {
+                const float2 a0_ = *reinterpret_cast<const float2*>(&As[stage][(kk) * 36 + ty * 2 + 0]);
+                const float2 b0_ = *reinterpret_cast<const float2*>(&Bs[stage][(kk) * 36 + tx * 2 + 0]);
+                acc[0] += a0_.x * b0_.x; acc[1] += a0_.x * b0_.y;
+                acc[2] += a0_.y * b0_.x; acc[3] += a0_.y * b0_.y;
             }
-            __syncthreads();
+            __syncthreads();  // before the next load overwrites this stage
         }
-        {
-            const int m = m0 + ty + 0, n = n0 + tx + 0;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int m = m0 + ty * 2 + i / 2, n = n0 + tx * 2 + i % 2;
             if (m < M && n < N) {
-                v_step_3a_252_40base[m * 20 + n] = acc00;
-            }
-        }
-        {
-            const int m = m0 + ty + 0, n = n0 + tx + 16;
-            if (m < M && n < N) {
-                v_step_3a_252_40base[m * 20 + n] = acc01;
-            }
-        }
-        {
-            const int m = m0 + ty + 16, n = n0 + tx + 0;
-            if (m < M && n < N) {
-                v_step_3a_252_40base[m * 20 + n] = acc10;
-            }
-        }
-        {
-            const int m = m0 + ty + 16, n = n0 + tx + 16;
-            if (m < M && n < N) {
-                v_step_3a_252_40base[m * 20 + n] = acc11;
+                v_step_3a_252_40base[m * 20 + n] = acc[i];
             }
         }
     }
@@ -323,60 +428,70 @@ extern "C" __global__ void __launch_bounds__(256) rnnc_bwd_6_phase0(const int ro
 }
 
 // %step:34 = dot(%step:32, U)  [zj,kj->zk]
-// out[g, m, n] = sum_k A[g, m, k] * B[g, k, n], a 32x32 tile of (m, n) per block,
-// 16x16 threads with 2x2 outputs each, k in steps of 32 through shared memory.
+// out[g, m, n] = sum_k A[g, m, k] * B[g, k, n]: float32 FMA, 16x16 threads with 2x2 outputs each.
+// A block computes a 32x32 tile of (m, n), reading k 32 at a time into shared memory,
+// the next slice copied (cp.async) while this one is multiplied.
 extern "C" __global__ void __launch_bounds__(256, 2) rnnc_bwd_7_dot(const int rows, const int t, const int* lengths, float* v_d_5frow_3a_251_40t, float* v_param_3aU_40base, float* v_bwd_3a_25step_3a34_40base) {
     const int G = 1, M = rows * 1, N = 5, K = 20;
-    __shared__ float As[32][32 + 1];  // [k][m]; +1 avoids bank conflicts
-    __shared__ float Bs[32][32 + 1];  // [k][n]
+    __shared__ __align__(16) float As[2][1152];  // [k][m], rows 36 apart
+    __shared__ __align__(16) float Bs[2][1152];  // [k][n], rows 36 apart
+    const float* A_ = reinterpret_cast<const float*>(v_d_5frow_3a_251_40t);
+    const float* B_ = reinterpret_cast<const float*>(v_param_3aU_40base);
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
     const int m0 = blockIdx.y * 32, n0 = blockIdx.x * 32;
-    for (int g = blockIdx.z; g < G; g += gridDim.z) {
-        float acc00 = 0.0f, acc01 = 0.0f, acc10 = 0.0f, acc11 = 0.0f;
-        for (int k0 = 0; k0 < K; k0 += 32) {
-            for (int l_ = threadIdx.x; l_ < 32 * 32; l_ += 256) {
-                const int r_ = l_ / 32, c_ = l_ % 32;
-                {
-                    const int m = m0 + r_, k = k0 + c_;
-                    As[k - k0][m - m0] = (m < M && k < K) ? v_d_5frow_3a_251_40t[m * 20 + k] : 0.0f;
-                }
-                {
-                    const int n = n0 + r_, k = k0 + c_;
-                    Bs[k - k0][n - n0] = (k < K && n < N) ? v_param_3aU_40base[k + n * 20] : 0.0f;
-                }
+    // split-K: block z % 1 sums over its own chunk of k, a multiple of 32
+    const int split = blockIdx.z % 1;
+    const int chunk = (K + 32 - 1) / 32 * 32;
+    const int k_begin = split * chunk, k_end = min(K, k_begin + chunk);
+    for (int g = blockIdx.z / 1; g < G; g += gridDim.z / 1) {
+        auto load = [&](int stage, int k0) {  // not unrolled: copies are issued, not waited for
+#pragma unroll 1
+            for (int l_ = threadIdx.x; l_ < 1024; l_ += 256) {
+                const int r_ = l_ / 32, c_ = l_ % 32 * 1;
+                const int k = k0 + c_, m = m0 + r_;
+                const bool in_ = m < M && k < k_end;
+                rnnc_cp_async<4>(&As[stage][(k - k0) * 36 + m - m0], A_ + (in_ ? m * 20 + k : 0), in_);
+            }
+#pragma unroll 1
+            for (int l_ = threadIdx.x; l_ < 1024; l_ += 256) {
+                const int r_ = l_ / 32, c_ = l_ % 32 * 1;
+                const int k = k0 + c_, n = n0 + r_;
+                const bool in_ = k < k_end && n < N;
+                rnnc_cp_async<4>(&Bs[stage][(k - k0) * 36 + n - n0], B_ + (in_ ? k + n * 20 : 0), in_);
+            }
+            rnnc_cp_async_commit();
+        };
+        float acc[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            acc[i] = 0.0f;
+        }
+        if (k_begin < k_end) {
+            load(0, k_begin);
+        }
+        int stage = 0;
+        for (int k0 = k_begin; k0 < k_end; k0 += 32, stage ^= 1) {
+            if (k0 + 32 < k_end) {  // the next slice goes into the other stage
+                load(stage ^ 1, k0 + 32);
+                rnnc_cp_async_wait<1>();
+            } else {
+                rnnc_cp_async_wait<0>();
             }
             __syncthreads();
-#pragma unroll 8
-            for (int kk = 0; kk < 32; ++kk) {
-                const float a0 = As[kk][ty], a1 = As[kk][ty + 16];
-                const float b0 = Bs[kk][tx], b1 = Bs[kk][tx + 16];
-                acc00 += a0 * b0; acc01 += a0 * b1;
-                acc10 += a1 * b0; acc11 += a1 * b1;
+#pragma unroll
+            for (int kk = 0; kk < 32; kk += 1) {
+                const float2 a0_ = *reinterpret_cast<const float2*>(&As[stage][(kk) * 36 + ty * 2 + 0]);
+                const float2 b0_ = *reinterpret_cast<const float2*>(&Bs[stage][(kk) * 36 + tx * 2 + 0]);
+                acc[0] += a0_.x * b0_.x; acc[1] += a0_.x * b0_.y;
+                acc[2] += a0_.y * b0_.x; acc[3] += a0_.y * b0_.y;
             }
-            __syncthreads();
+            __syncthreads();  // before the next load overwrites this stage
         }
-        {
-            const int m = m0 + ty + 0, n = n0 + tx + 0;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int m = m0 + ty * 2 + i / 2, n = n0 + tx * 2 + i % 2;
             if (m < M && n < N) {
-                v_bwd_3a_25step_3a34_40base[m * 5 + n] = acc00;
-            }
-        }
-        {
-            const int m = m0 + ty + 0, n = n0 + tx + 16;
-            if (m < M && n < N) {
-                v_bwd_3a_25step_3a34_40base[m * 5 + n] = acc01;
-            }
-        }
-        {
-            const int m = m0 + ty + 16, n = n0 + tx + 0;
-            if (m < M && n < N) {
-                v_bwd_3a_25step_3a34_40base[m * 5 + n] = acc10;
-            }
-        }
-        {
-            const int m = m0 + ty + 16, n = n0 + tx + 16;
-            if (m < M && n < N) {
-                v_bwd_3a_25step_3a34_40base[m * 5 + n] = acc11;
+                v_bwd_3a_25step_3a34_40base[m * 5 + n] = acc[i];
             }
         }
     }
@@ -401,60 +516,98 @@ extern "C" __global__ void __launch_bounds__(256) rnnc_grads_8_glue(const int ro
 }
 
 // %step:35 = dot(h, %step:32)  [zk,zj->kj]
-// out[g, m, n] += sum_k A[g, m, k] * B[g, k, n], a 32x32 tile of (m, n) per block,
-// 16x16 threads with 2x2 outputs each, k in steps of 32 through shared memory.
-extern "C" __global__ void __launch_bounds__(256, 2) rnnc_dgrad_9_dot(const int rows, const int t, const int* lengths, float* v_state_3ah_40base, float* v_d_5frow_3a_251_40base, float* v_d_5facc_3aU_40base) {
+// out[g, m, n] += sum_k A[g, m, k] * B[g, k, n]: float32 FMA, 16x16 threads with 2x2 outputs each.
+// A block computes a 32x32 tile of (m, n), reading k 32 at a time into shared memory,
+// the next slice copied (cp.async) while this one is multiplied.
+extern "C" __global__ void __launch_bounds__(256, 2) rnnc_dgrad_9_dot(const int rows, const int t, const int* lengths, float* v_state_3ah_40base, float* v_d_5frow_3a_251_40base, float* v_d_5facc_3aU_40base, float* v_split_3arnnc_5fdgrad_5f9_5fdot_40base, float* v_tickets_3arnnc_5fdgrad_5f9_5fdot_40base) {
     const int G = 1, M = 5, N = 20, K = rows * 1;
-    __shared__ float As[32][32 + 1];  // [k][m]; +1 avoids bank conflicts
-    __shared__ float Bs[32][32 + 1];  // [k][n]
+    __shared__ __align__(16) float As[2][1152];  // [k][m], rows 36 apart
+    __shared__ __align__(16) float Bs[2][1152];  // [k][n], rows 36 apart
+    const float* A_ = reinterpret_cast<const float*>(v_state_3ah_40base);
+    const float* B_ = reinterpret_cast<const float*>(v_d_5frow_3a_251_40base);
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
     const int m0 = blockIdx.y * 32, n0 = blockIdx.x * 32;
-    for (int g = blockIdx.z; g < G; g += gridDim.z) {
-        float acc00 = 0.0f, acc01 = 0.0f, acc10 = 0.0f, acc11 = 0.0f;
-        for (int k0 = 0; k0 < K; k0 += 32) {
-            for (int l_ = threadIdx.x; l_ < 32 * 32; l_ += 256) {
-                const int r_ = l_ / 32, c_ = l_ % 32;
-                {
-                    const int k = k0 + r_, m = m0 + c_;
-                    As[k - k0][m - m0] = (m < M && k < K) ? v_state_3ah_40base[m + k * 5] : 0.0f;
-                }
-                {
-                    const int k = k0 + r_, n = n0 + c_;
-                    Bs[k - k0][n - n0] = (k < K && n < N) ? v_d_5frow_3a_251_40base[k * 20 + n] : 0.0f;
-                }
+    // split-K: block z % 50 sums over its own chunk of k, a multiple of 32
+    const int split = blockIdx.z % 50;
+    const int chunk = (K + 1600 - 1) / 1600 * 32;
+    const int k_begin = split * chunk, k_end = min(K, k_begin + chunk);
+    for (int g = blockIdx.z / 50; g < G; g += gridDim.z / 50) {
+        auto load = [&](int stage, int k0) {  // not unrolled: copies are issued, not waited for
+#pragma unroll 1
+            for (int l_ = threadIdx.x; l_ < 1024; l_ += 256) {
+                const int r_ = l_ / 32, c_ = l_ % 32 * 1;
+                const int m = m0 + c_, k = k0 + r_;
+                const bool in_ = m < M && k < k_end;
+                rnnc_cp_async<4>(&As[stage][(k - k0) * 36 + m - m0], A_ + (in_ ? m + k * 5 : 0), in_);
+            }
+#pragma unroll 1
+            for (int l_ = threadIdx.x; l_ < 256; l_ += 256) {
+                const int r_ = l_ / 8, c_ = l_ % 8 * 4;
+                const int n = n0 + c_, k = k0 + r_;
+                const bool in_ = k < k_end && n < N;
+                rnnc_cp_async<16>(&Bs[stage][(k - k0) * 36 + n - n0], B_ + (in_ ? k * 20 + n : 0), in_);
+            }
+            rnnc_cp_async_commit();
+        };
+        float acc[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            acc[i] = 0.0f;
+        }
+        if (k_begin < k_end) {
+            load(0, k_begin);
+        }
+        int stage = 0;
+        for (int k0 = k_begin; k0 < k_end; k0 += 32, stage ^= 1) {
+            if (k0 + 32 < k_end) {  // the next slice goes into the other stage
+                load(stage ^ 1, k0 + 32);
+                rnnc_cp_async_wait<1>();
+            } else {
+                rnnc_cp_async_wait<0>();
             }
             __syncthreads();
-#pragma unroll 8
-            for (int kk = 0; kk < 32; ++kk) {
-                const float a0 = As[kk][ty], a1 = As[kk][ty + 16];
-                const float b0 = Bs[kk][tx], b1 = Bs[kk][tx + 16];
-                acc00 += a0 * b0; acc01 += a0 * b1;
-                acc10 += a1 * b0; acc11 += a1 * b1;
+#pragma unroll
+            for (int kk = 0; kk < 32; kk += 1) {
+                const float2 a0_ = *reinterpret_cast<const float2*>(&As[stage][(kk) * 36 + ty * 2 + 0]);
+                const float2 b0_ = *reinterpret_cast<const float2*>(&Bs[stage][(kk) * 36 + tx * 2 + 0]);
+                acc[0] += a0_.x * b0_.x; acc[1] += a0_.x * b0_.y;
+                acc[2] += a0_.y * b0_.x; acc[3] += a0_.y * b0_.y;
             }
-            __syncthreads();
+            __syncthreads();  // before the next load overwrites this stage
         }
-        {
-            const int m = m0 + ty + 0, n = n0 + tx + 0;
+        // each split leaves its partial sums in the workspace; the last of the tile's
+        // blocks to arrive adds them up in split order (the same sum whichever is last)
+        float* partial_ = v_split_3arnnc_5fdgrad_5f9_5fdot_40base;
+        int* tickets_ = reinterpret_cast<int*>(v_tickets_3arnnc_5fdgrad_5f9_5fdot_40base);
+        const int tile_ = blockIdx.y * gridDim.x + blockIdx.x;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int m = m0 + ty * 2 + i / 2, n = n0 + tx * 2 + i % 2;
             if (m < M && n < N) {
-                v_d_5facc_3aU_40base[m * 20 + n] += acc00;
-            }
-        }
-        {
-            const int m = m0 + ty + 0, n = n0 + tx + 16;
-            if (m < M && n < N) {
-                v_d_5facc_3aU_40base[m * 20 + n] += acc01;
-            }
-        }
-        {
-            const int m = m0 + ty + 16, n = n0 + tx + 0;
-            if (m < M && n < N) {
-                v_d_5facc_3aU_40base[m * 20 + n] += acc10;
+                partial_[(split * M + m) * N + n] = acc[i];
             }
         }
-        {
-            const int m = m0 + ty + 16, n = n0 + tx + 16;
-            if (m < M && n < N) {
-                v_d_5facc_3aU_40base[m * 20 + n] += acc11;
+        __threadfence();  // the partial sums are visible to the block that adds them
+        __syncthreads();
+        __shared__ int last_;
+        if (threadIdx.x == 0) {
+            last_ = atomicAdd(&tickets_[tile_], 1) == 50 - 1;
+        }
+        __syncthreads();
+        if (last_) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int m = m0 + ty * 2 + i / 2, n = n0 + tx * 2 + i % 2;
+                if (m < M && n < N) {
+                    float sum_ = 0.0f;
+                    for (int s = 0; s < 50; ++s) {
+                        sum_ += __ldcg(&partial_[(s * M + m) * N + n]);
+                    }
+                    v_d_5facc_3aU_40base[m * 20 + n] += sum_;
+                }
+            }
+            if (threadIdx.x == 0) {
+                tickets_[tile_] = 0;  // ready for the next launch
             }
         }
     }
@@ -475,120 +628,168 @@ extern "C" __global__ void __launch_bounds__(256) rnnc_dgrad_10_reduce_to(const 
 }
 
 // %pre:1 = dot(d:%1, W)  [zj,kj->zk]
-// out[g, m, n] = sum_k A[g, m, k] * B[g, k, n], a 32x32 tile of (m, n) per block,
-// 16x16 threads with 2x2 outputs each, k in steps of 32 through shared memory.
+// out[g, m, n] = sum_k A[g, m, k] * B[g, k, n]: float32 FMA, 16x16 threads with 2x2 outputs each.
+// A block computes a 32x32 tile of (m, n), reading k 32 at a time into shared memory,
+// the next slice copied (cp.async) while this one is multiplied.
 extern "C" __global__ void __launch_bounds__(256, 2) rnnc_pre_bwd_11_dot(const int rows, const int t, const int* lengths, float* v_d_5frow_3a_251_40base, float* v_param_3aW_40base, float* v_pre_5fbwd_3a_25pre_3a1_40base) {
     const int G = 1, M = rows * 1, N = 3, K = 20;
-    __shared__ float As[32][32 + 1];  // [k][m]; +1 avoids bank conflicts
-    __shared__ float Bs[32][32 + 1];  // [k][n]
+    __shared__ __align__(16) float As[2][1152];  // [k][m], rows 36 apart
+    __shared__ __align__(16) float Bs[2][1152];  // [k][n], rows 36 apart
+    const float* A_ = reinterpret_cast<const float*>(v_d_5frow_3a_251_40base);
+    const float* B_ = reinterpret_cast<const float*>(v_param_3aW_40base);
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
     const int m0 = blockIdx.y * 32, n0 = blockIdx.x * 32;
-    for (int g = blockIdx.z; g < G; g += gridDim.z) {
-        float acc00 = 0.0f, acc01 = 0.0f, acc10 = 0.0f, acc11 = 0.0f;
-        for (int k0 = 0; k0 < K; k0 += 32) {
-            for (int l_ = threadIdx.x; l_ < 32 * 32; l_ += 256) {
-                const int r_ = l_ / 32, c_ = l_ % 32;
-                {
-                    const int m = m0 + r_, k = k0 + c_;
-                    As[k - k0][m - m0] = (m < M && k < K) ? v_d_5frow_3a_251_40base[m * 20 + k] : 0.0f;
-                }
-                {
-                    const int n = n0 + r_, k = k0 + c_;
-                    Bs[k - k0][n - n0] = (k < K && n < N) ? v_param_3aW_40base[k + n * 20] : 0.0f;
-                }
+    // split-K: block z % 1 sums over its own chunk of k, a multiple of 32
+    const int split = blockIdx.z % 1;
+    const int chunk = (K + 32 - 1) / 32 * 32;
+    const int k_begin = split * chunk, k_end = min(K, k_begin + chunk);
+    for (int g = blockIdx.z / 1; g < G; g += gridDim.z / 1) {
+        auto load = [&](int stage, int k0) {  // not unrolled: copies are issued, not waited for
+#pragma unroll 1
+            for (int l_ = threadIdx.x; l_ < 1024; l_ += 256) {
+                const int r_ = l_ / 32, c_ = l_ % 32 * 1;
+                const int k = k0 + c_, m = m0 + r_;
+                const bool in_ = m < M && k < k_end;
+                rnnc_cp_async<4>(&As[stage][(k - k0) * 36 + m - m0], A_ + (in_ ? m * 20 + k : 0), in_);
+            }
+#pragma unroll 1
+            for (int l_ = threadIdx.x; l_ < 1024; l_ += 256) {
+                const int r_ = l_ / 32, c_ = l_ % 32 * 1;
+                const int k = k0 + c_, n = n0 + r_;
+                const bool in_ = k < k_end && n < N;
+                rnnc_cp_async<4>(&Bs[stage][(k - k0) * 36 + n - n0], B_ + (in_ ? k + n * 20 : 0), in_);
+            }
+            rnnc_cp_async_commit();
+        };
+        float acc[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            acc[i] = 0.0f;
+        }
+        if (k_begin < k_end) {
+            load(0, k_begin);
+        }
+        int stage = 0;
+        for (int k0 = k_begin; k0 < k_end; k0 += 32, stage ^= 1) {
+            if (k0 + 32 < k_end) {  // the next slice goes into the other stage
+                load(stage ^ 1, k0 + 32);
+                rnnc_cp_async_wait<1>();
+            } else {
+                rnnc_cp_async_wait<0>();
             }
             __syncthreads();
-#pragma unroll 8
-            for (int kk = 0; kk < 32; ++kk) {
-                const float a0 = As[kk][ty], a1 = As[kk][ty + 16];
-                const float b0 = Bs[kk][tx], b1 = Bs[kk][tx + 16];
-                acc00 += a0 * b0; acc01 += a0 * b1;
-                acc10 += a1 * b0; acc11 += a1 * b1;
+#pragma unroll
+            for (int kk = 0; kk < 32; kk += 1) {
+                const float2 a0_ = *reinterpret_cast<const float2*>(&As[stage][(kk) * 36 + ty * 2 + 0]);
+                const float2 b0_ = *reinterpret_cast<const float2*>(&Bs[stage][(kk) * 36 + tx * 2 + 0]);
+                acc[0] += a0_.x * b0_.x; acc[1] += a0_.x * b0_.y;
+                acc[2] += a0_.y * b0_.x; acc[3] += a0_.y * b0_.y;
             }
-            __syncthreads();
+            __syncthreads();  // before the next load overwrites this stage
         }
-        {
-            const int m = m0 + ty + 0, n = n0 + tx + 0;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int m = m0 + ty * 2 + i / 2, n = n0 + tx * 2 + i % 2;
             if (m < M && n < N) {
-                v_pre_5fbwd_3a_25pre_3a1_40base[m * 3 + n] = acc00;
-            }
-        }
-        {
-            const int m = m0 + ty + 0, n = n0 + tx + 16;
-            if (m < M && n < N) {
-                v_pre_5fbwd_3a_25pre_3a1_40base[m * 3 + n] = acc01;
-            }
-        }
-        {
-            const int m = m0 + ty + 16, n = n0 + tx + 0;
-            if (m < M && n < N) {
-                v_pre_5fbwd_3a_25pre_3a1_40base[m * 3 + n] = acc10;
-            }
-        }
-        {
-            const int m = m0 + ty + 16, n = n0 + tx + 16;
-            if (m < M && n < N) {
-                v_pre_5fbwd_3a_25pre_3a1_40base[m * 3 + n] = acc11;
+                v_pre_5fbwd_3a_25pre_3a1_40base[m * 3 + n] = acc[i];
             }
         }
     }
 }
 
 // %pre:2 = dot(x, d:%1)  [zk,zj->kj]
-// out[g, m, n] = sum_k A[g, m, k] * B[g, k, n], a 32x32 tile of (m, n) per block,
-// 16x16 threads with 2x2 outputs each, k in steps of 32 through shared memory.
-extern "C" __global__ void __launch_bounds__(256, 2) rnnc_pre_bwd_12_dot(const int rows, const int t, const int* lengths, float* v_input_3ax_40base, float* v_d_5frow_3a_251_40base, float* v_pre_5fbwd_3a_25pre_3a2_40base) {
+// out[g, m, n] = sum_k A[g, m, k] * B[g, k, n]: float32 FMA, 16x16 threads with 2x2 outputs each.
+// A block computes a 32x32 tile of (m, n), reading k 32 at a time into shared memory,
+// the next slice copied (cp.async) while this one is multiplied.
+extern "C" __global__ void __launch_bounds__(256, 2) rnnc_pre_bwd_12_dot(const int rows, const int t, const int* lengths, float* v_input_3ax_40base, float* v_d_5frow_3a_251_40base, float* v_pre_5fbwd_3a_25pre_3a2_40base, float* v_split_3arnnc_5fpre_5fbwd_5f12_5fdot_40base, float* v_tickets_3arnnc_5fpre_5fbwd_5f12_5fdot_40base) {
     const int G = 1, M = 3, N = 20, K = rows * 1;
-    __shared__ float As[32][32 + 1];  // [k][m]; +1 avoids bank conflicts
-    __shared__ float Bs[32][32 + 1];  // [k][n]
+    __shared__ __align__(16) float As[2][1152];  // [k][m], rows 36 apart
+    __shared__ __align__(16) float Bs[2][1152];  // [k][n], rows 36 apart
+    const float* A_ = reinterpret_cast<const float*>(v_input_3ax_40base);
+    const float* B_ = reinterpret_cast<const float*>(v_d_5frow_3a_251_40base);
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
     const int m0 = blockIdx.y * 32, n0 = blockIdx.x * 32;
-    for (int g = blockIdx.z; g < G; g += gridDim.z) {
-        float acc00 = 0.0f, acc01 = 0.0f, acc10 = 0.0f, acc11 = 0.0f;
-        for (int k0 = 0; k0 < K; k0 += 32) {
-            for (int l_ = threadIdx.x; l_ < 32 * 32; l_ += 256) {
-                const int r_ = l_ / 32, c_ = l_ % 32;
-                {
-                    const int k = k0 + r_, m = m0 + c_;
-                    As[k - k0][m - m0] = (m < M && k < K) ? v_input_3ax_40base[m + k * 3] : 0.0f;
-                }
-                {
-                    const int k = k0 + r_, n = n0 + c_;
-                    Bs[k - k0][n - n0] = (k < K && n < N) ? v_d_5frow_3a_251_40base[k * 20 + n] : 0.0f;
-                }
+    // split-K: block z % 50 sums over its own chunk of k, a multiple of 32
+    const int split = blockIdx.z % 50;
+    const int chunk = (K + 1600 - 1) / 1600 * 32;
+    const int k_begin = split * chunk, k_end = min(K, k_begin + chunk);
+    for (int g = blockIdx.z / 50; g < G; g += gridDim.z / 50) {
+        auto load = [&](int stage, int k0) {  // not unrolled: copies are issued, not waited for
+#pragma unroll 1
+            for (int l_ = threadIdx.x; l_ < 1024; l_ += 256) {
+                const int r_ = l_ / 32, c_ = l_ % 32 * 1;
+                const int m = m0 + c_, k = k0 + r_;
+                const bool in_ = m < M && k < k_end;
+                rnnc_cp_async<4>(&As[stage][(k - k0) * 36 + m - m0], A_ + (in_ ? m + k * 3 : 0), in_);
+            }
+#pragma unroll 1
+            for (int l_ = threadIdx.x; l_ < 256; l_ += 256) {
+                const int r_ = l_ / 8, c_ = l_ % 8 * 4;
+                const int n = n0 + c_, k = k0 + r_;
+                const bool in_ = k < k_end && n < N;
+                rnnc_cp_async<16>(&Bs[stage][(k - k0) * 36 + n - n0], B_ + (in_ ? k * 20 + n : 0), in_);
+            }
+            rnnc_cp_async_commit();
+        };
+        float acc[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            acc[i] = 0.0f;
+        }
+        if (k_begin < k_end) {
+            load(0, k_begin);
+        }
+        int stage = 0;
+        for (int k0 = k_begin; k0 < k_end; k0 += 32, stage ^= 1) {
+            if (k0 + 32 < k_end) {  // the next slice goes into the other stage
+                load(stage ^ 1, k0 + 32);
+                rnnc_cp_async_wait<1>();
+            } else {
+                rnnc_cp_async_wait<0>();
             }
             __syncthreads();
-#pragma unroll 8
-            for (int kk = 0; kk < 32; ++kk) {
-                const float a0 = As[kk][ty], a1 = As[kk][ty + 16];
-                const float b0 = Bs[kk][tx], b1 = Bs[kk][tx + 16];
-                acc00 += a0 * b0; acc01 += a0 * b1;
-                acc10 += a1 * b0; acc11 += a1 * b1;
+#pragma unroll
+            for (int kk = 0; kk < 32; kk += 1) {
+                const float2 a0_ = *reinterpret_cast<const float2*>(&As[stage][(kk) * 36 + ty * 2 + 0]);
+                const float2 b0_ = *reinterpret_cast<const float2*>(&Bs[stage][(kk) * 36 + tx * 2 + 0]);
+                acc[0] += a0_.x * b0_.x; acc[1] += a0_.x * b0_.y;
+                acc[2] += a0_.y * b0_.x; acc[3] += a0_.y * b0_.y;
             }
-            __syncthreads();
+            __syncthreads();  // before the next load overwrites this stage
         }
-        {
-            const int m = m0 + ty + 0, n = n0 + tx + 0;
+        // each split leaves its partial sums in the workspace; the last of the tile's
+        // blocks to arrive adds them up in split order (the same sum whichever is last)
+        float* partial_ = v_split_3arnnc_5fpre_5fbwd_5f12_5fdot_40base;
+        int* tickets_ = reinterpret_cast<int*>(v_tickets_3arnnc_5fpre_5fbwd_5f12_5fdot_40base);
+        const int tile_ = blockIdx.y * gridDim.x + blockIdx.x;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int m = m0 + ty * 2 + i / 2, n = n0 + tx * 2 + i % 2;
             if (m < M && n < N) {
-                v_pre_5fbwd_3a_25pre_3a2_40base[m * 20 + n] = acc00;
-            }
-        }
-        {
-            const int m = m0 + ty + 0, n = n0 + tx + 16;
-            if (m < M && n < N) {
-                v_pre_5fbwd_3a_25pre_3a2_40base[m * 20 + n] = acc01;
-            }
-        }
-        {
-            const int m = m0 + ty + 16, n = n0 + tx + 0;
-            if (m < M && n < N) {
-                v_pre_5fbwd_3a_25pre_3a2_40base[m * 20 + n] = acc10;
+                partial_[(split * M + m) * N + n] = acc[i];
             }
         }
-        {
-            const int m = m0 + ty + 16, n = n0 + tx + 16;
-            if (m < M && n < N) {
-                v_pre_5fbwd_3a_25pre_3a2_40base[m * 20 + n] = acc11;
+        __threadfence();  // the partial sums are visible to the block that adds them
+        __syncthreads();
+        __shared__ int last_;
+        if (threadIdx.x == 0) {
+            last_ = atomicAdd(&tickets_[tile_], 1) == 50 - 1;
+        }
+        __syncthreads();
+        if (last_) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int m = m0 + ty * 2 + i / 2, n = n0 + tx * 2 + i % 2;
+                if (m < M && n < N) {
+                    float sum_ = 0.0f;
+                    for (int s = 0; s < 50; ++s) {
+                        sum_ += __ldcg(&partial_[(s * M + m) * N + n]);
+                    }
+                    v_pre_5fbwd_3a_25pre_3a2_40base[m * 20 + n] = sum_;
+                }
+            }
+            if (threadIdx.x == 0) {
+                tickets_[tile_] = 0;  // ready for the next launch
             }
         }
     }

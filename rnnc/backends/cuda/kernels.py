@@ -17,6 +17,7 @@ Block and tile sizes are set here, once, and passed to the templates.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 
@@ -97,6 +98,44 @@ def letter_strides(letters: str, ref: Ref) -> dict:
 
 
 # --- reductions --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ReduceLayout:
+    """How reduce.cu.j2's BLOCK threads share out a block's `per_block` outputs:
+    thread (lane, warp) works on output `o_lane` as its `r_lane`-th thread;
+    `shuffles` add up the sums of an output's threads within a warp (the
+    lanes `lead` selects hold them), then `warps` warps' sums are added."""
+
+    name: str
+    per_block: int
+    o_lane: str
+    r_lane: str
+    shuffles: tuple
+    lead: str
+    warps: int
+
+
+# a warp per output: its 32 lanes read consecutive r (the reduced axis is contiguous)
+WARP_PER_OUTPUT = ReduceLayout("a warp per output", BLOCK // 32, "warp", "lane", (16, 8, 4, 2, 1),
+                               "lane == 0", 1)
+# 8 consecutive outputs side by side in every warp, 4 lanes and 8 warps each (the outputs are contiguous)
+SIDE_BY_SIDE = ReduceLayout("8 outputs side by side, 4 lanes of each of 8 warps per output", 8, "lane % 8",
+                            "lane / 8 + 4 * warp", (16, 8), "lane < 8", BLOCK // 32)
+# the whole block per output (a handful of outputs, each a long sum)
+BLOCK_PER_OUTPUT = ReduceLayout("the whole block per output", 1, "0", "threadIdx.x", (16, 8, 4, 2, 1),
+                                "lane == 0", BLOCK // 32)
+
+
+def reduce_layout(kept: list) -> ReduceLayout:
+    """A block per output when there are fewer outputs than a block takes;
+    else threads side by side along the outputs when they are contiguous in
+    the input, along the sum when not."""
+    if all(s is not None for s, _ in kept) and math.prod(s for s, _ in kept) < SIDE_BY_SIDE.per_block:
+        return BLOCK_PER_OUTPUT
+    if kept and kept[-1][1] == 1:
+        return SIDE_BY_SIDE
+    return WARP_PER_OUTPUT
+
+
 def reduction_axes(n, src: Ref):
     """(kept, reduced) axes of a sum-like node over its argument, each a list of
     (size or None for rows, stride in the argument)."""
@@ -201,10 +240,14 @@ class Generator:
         kept, reduced = reduction_axes(n, src)
         count = math.prod(s for s, _ in reduced if s is not None)
         scale = f" * {c_float(1.0 / count)}" if n.op == "mean" else ""
-        work = extent([s for s, _ in kept], BLOCK)
+        layout = reduce_layout(kept)
+        work = extent([s for s, _ in kept], layout.per_block)
         self.emit(region, self.name(region, n.op), "reduce.cu.j2", [src, out], (work, Extent(1), Extent(1)), note,
                   x=src.param, y=out.param, op=op, scale=scale, out_total=total_expr(kept),
-                  red_total=total_expr(reduced), base=flat_terms("o_", kept), step=flat_terms("r_", reduced))
+                  red_total=total_expr(reduced), base=flat_terms("o_", kept), step=flat_terms("r_", reduced),
+                  layout=layout.name, per_block=layout.per_block, lanes=BLOCK // layout.per_block,
+                  o_lane=layout.o_lane, r_lane=layout.r_lane, shuffles=layout.shuffles, lead=layout.lead,
+                  warps=layout.warps)
 
     def softmax(self, region, n, args, out, op, note):
         (src,) = args
