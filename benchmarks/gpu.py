@@ -1,16 +1,20 @@
 """Forward+backward on the GPU: rnnc's CUDA backend against PyTorch.
 
-    python benchmarks/gpu.py [--quick] [--repeats 10]
+    python benchmarks/gpu.py [--precision fp32|tf32] [--quick] [--repeats 10]
 
 - lstm, gru: against torch.nn.LSTM / torch.nn.GRU (cuDNN);
 - milstm, attention_lstm: against the same cell written as a PyTorch loop
   over time (what a user without rnnc writes), autograd for the backward.
 
-H=512, B=64, T=100 (D=512; attention: E=256 over S=32 encoder positions);
-`--quick` runs H=128, B=16, T=20. All float32; arrays stay on the GPU (rnnc
-takes the torch tensors through `__cuda_array_interface__`). Prints the
-median time of each and rnnc's time over PyTorch's. Without a GPU, PyCUDA or
-a CUDA build of PyTorch it says so and exits 0.
+Like with like: `--precision fp32` (the default) runs rnnc's exact products
+against PyTorch with TF32 off for cuDNN's RNNs and for matmuls; `--precision
+tf32` runs rnnc on tensor cores against cuDNN's default (TF32 RNNs) and
+matmuls in TF32 too. H=512, B=64, T=100 (D=512; attention: E=256 over S=32
+encoder positions); `--quick` runs H=128, B=16, T=20. Arrays are float32 and
+stay on the GPU (rnnc takes the torch tensors through
+`__cuda_array_interface__`). Prints the median time of each, rnnc's time over
+PyTorch's and rnnc's kernel launches per step. Without a GPU, PyCUDA or a
+CUDA build of PyTorch it says so and exits 0.
 """
 from __future__ import annotations
 
@@ -48,6 +52,22 @@ def median_ms(fn, args, repeats: int) -> float:
         torch.cuda.synchronize()
         times.append(1e3 * (time.perf_counter() - start))
     return statistics.median(times)
+
+
+def set_torch_precision(precision: str) -> str:
+    """PyTorch's float32 cuDNN RNNs and matmuls exact ("fp32") or in TF32
+    ("tf32"); returns the setting, to print. PyTorch 2.9 and later have a
+    setting per backend (and refuse a mix of it with the older allow_tf32)."""
+    import torch
+    tf32 = precision == "tf32"
+    if hasattr(getattr(torch.backends.cudnn, "rnn", None), "fp32_precision"):
+        value = "tf32" if tf32 else "ieee"
+        torch.backends.cudnn.rnn.fp32_precision = value
+        torch.backends.cuda.matmul.fp32_precision = value
+        return f"torch.backends.cudnn.rnn.fp32_precision = torch.backends.cuda.matmul.fp32_precision = {value!r}"
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    return f"torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = {tf32}"
 
 
 # --- PyTorch contestants -------------------------------------------------------------
@@ -110,11 +130,11 @@ def rnnc_run(module, params, contexts=None):
     return run
 
 
-def bench(name, dims, torch_side, repeats, T, B):
+def bench(name, dims, torch_side, repeats, T, B, precision):
     import torch
 
     import rnnc
-    program = rnnc.compile(EXAMPLES / f"{name}.cell", dims=dims, recompute="auto")
+    program = rnnc.compile(EXAMPLES / f"{name}.cell", dims=dims, recompute="auto", precision=precision)
     module = program.load("cuda")
     gen = torch.Generator(device="cuda").manual_seed(0)
     params = {k: torch.from_numpy(v).cuda() for k, v in module.init_params(0).items()}
@@ -130,11 +150,15 @@ def bench(name, dims, torch_side, repeats, T, B):
                 "attention_lstm": lambda: torch_attention_lstm(leaf, contexts and contexts["enc"])}
     theirs = median_ms(builders[torch_side](), (x, dy), repeats)
     label = "cuDNN" if torch_side == "builtin" else "PyTorch loop"
-    print(f"{name:>15}: rnnc {ours:8.2f} ms   {label:>12} {theirs:8.2f} ms   rnnc/{label} = {ours / theirs:.2f}")
+    schedule = module.executor.schedule
+    print(f"{name:>15}: rnnc {ours:8.2f} ms   {label:>12} {theirs:8.2f} ms   rnnc/{label} = {ours / theirs:.2f}"
+          f"   (rnnc launches per step: {len(schedule.forward_step)} forward, {len(schedule.backward_step)} backward)")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--precision", choices=("fp32", "tf32"), default="fp32",
+                   help="of products, for both contestants: fp32 exact, tf32 tensor cores (default fp32)")
     p.add_argument("--quick", action="store_true", help="H=128, B=16, T=20")
     p.add_argument("--repeats", type=int, default=10)
     args = p.parse_args(argv)
@@ -144,11 +168,13 @@ def main(argv=None) -> int:
         return 0
     H, B, T = (128, 16, 20) if args.quick else (512, 64, 100)
     E, S = H // 2, 32
-    print(f"forward+backward, float32, H={H} D={H} B={B} T={T} (attention: E={E}, S={S}); median of {args.repeats}")
-    bench("lstm", {"D": H, "H": H}, "builtin", args.repeats, T, B)
-    bench("gru", {"D": H, "H": H}, "builtin", args.repeats, T, B)
-    bench("milstm", {"D": H, "H": H}, "milstm", args.repeats, T, B)
-    bench("attention_lstm", {"D": H, "H": H, "E": E, "S": S}, "attention_lstm", args.repeats, T, B)
+    print(f"forward+backward, float32 arrays, {args.precision} products, H={H} D={H} B={B} T={T} "
+          f"(attention: E={E}, S={S}); median of {args.repeats}")
+    print(f"PyTorch: {set_torch_precision(args.precision)}")
+    for name, dims, side in (("lstm", {"D": H, "H": H}, "builtin"), ("gru", {"D": H, "H": H}, "builtin"),
+                             ("milstm", {"D": H, "H": H}, "milstm"),
+                             ("attention_lstm", {"D": H, "H": H, "E": E, "S": S}, "attention_lstm")):
+        bench(name, dims, side, args.repeats, T, B, args.precision)
     return 0
 
 

@@ -614,16 +614,36 @@ extern "C" __global__ void __launch_bounds__(256, 2) rnnc_dgrad_9_dot(const int 
 }
 
 // %step:33 = reduce_to(%step:32)
-// y[o] += sum over r of x[base(o) + step(r)]: one thread per output element.
+// y[o] += sum over r of x[base(o) + step(r)]: 8 outputs side by side, 4 lanes of each of 8 warps per output. An output's 32
+// threads each sum r = r_lane, r_lane + 32, ...; warp shuffles, then the warps, add up their sums.
 extern "C" __global__ void __launch_bounds__(256) rnnc_dgrad_10_reduce_to(const int rows, const int t, const int* lengths, float* v_d_5frow_3a_251_40base, float* v_d_5facc_3ab_40base) {
     const int out_total = 20, red_total = rows * 1;
-    for (int o_ = blockIdx.x * blockDim.x + threadIdx.x; o_ < out_total; o_ += blockDim.x * gridDim.x) {
-        const int base_ = o_;
+    __shared__ float partial_[8][8];  // a sum per warp of each output
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int o_lane = lane % 8, r_lane = lane / 8 + 4 * warp;  // the thread's output in the block, its place among the output's threads
+    for (int o_block = blockIdx.x * 8; o_block < out_total; o_block += gridDim.x * 8) {
+        const int o_ = o_block + o_lane;
         float acc_ = 0.0f;
-        for (int r_ = 0; r_ < red_total; ++r_) {
-            acc_ += v_d_5frow_3a_251_40base[base_ + r_ * 20];
+        if (o_ < out_total) {
+            const int base_ = o_;
+            for (int r_ = r_lane; r_ < red_total; r_ += 32) {
+                acc_ += v_d_5frow_3a_251_40base[base_ + r_ * 20];
+            }
         }
-        v_d_5facc_3ab_40base[o_] += acc_;
+        acc_ += __shfl_down_sync(0xffffffffu, acc_, 16);
+        acc_ += __shfl_down_sync(0xffffffffu, acc_, 8);
+        if (lane < 8) {
+            partial_[warp % 8][o_lane] = acc_;
+        }
+        __syncthreads();
+        if (r_lane == 0 && o_ < out_total) {
+            float sum_ = 0.0f;
+            for (int w = 0; w < 8; ++w) {
+                sum_ += partial_[w][o_lane];
+            }
+            v_d_5facc_3ab_40base[o_] += sum_;
+        }
+        __syncthreads();  // before the next outputs' sums
     }
 }
 

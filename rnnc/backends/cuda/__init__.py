@@ -3,8 +3,10 @@
 - `lowering.py`: the program (IR + Plan) as CUDA C and a schedule, every value
   in a buffer; `region.py` lowers one region's nodes into kernels,
   `elementwise.py` the fused loops of a phase, `kernels.py` builds each kernel
-  from its template (`templates/*.cu.j2`), `cexpr.py` spells names, literals
-  and indices in C.
+  from its template (`templates/*.cu.j2`), `products.py` decides the tiles,
+  shared memory and inner loop of products (CUDA cores or tensor cores),
+  `cexpr.py` spells names, literals and indices in C; `templates/intrinsics.cu`
+  holds the PTX instructions the kernels use.
 - `schedule.py`: the schedule, plain data shared by the runtime and the artifact.
 - `build.py`: nvcc turns the source into a cubin, cached on disk.
 - `runtime.py`: `CudaModule`, the NumPy module's API, running the schedule
