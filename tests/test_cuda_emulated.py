@@ -171,8 +171,9 @@ def test_device_arrays_in_give_device_arrays_out(workdir):
     assert not cases.mismatches(got, cases.run(module, args, None))
 
 
-def test_sizes_past_one_tile_and_one_block(workdir):
-    assert not cases.large_lstm_mismatches(lambda program: emulated(program, workdir)[0])
+@pytest.mark.parametrize("precision", cases.PRECISIONS_RUN)
+def test_sizes_past_one_tile_and_one_block(precision, workdir):
+    assert not cases.large_lstm_mismatches(lambda program: emulated(program, workdir, precision)[0], precision)
 
 
 def test_inference_keeps_nothing_and_refuses_backward(workdir):

@@ -1,6 +1,9 @@
 """GPU tier: the CUDA backend on a real GPU equals the float64 NumPy reference,
-for every example under every policy, with and without lengths, outputs,
-final states and all gradients. Skipped without PyCUDA, a driver or a GPU."""
+for every example under every policy and precision, with and without lengths,
+outputs, final states and all gradients (under tf32 against the reference
+that rounds product inputs as the tensor cores do, at the tolerance
+cuda_cases.tolerance derives from the precision). Skipped without PyCUDA, a
+driver or a GPU."""
 from __future__ import annotations
 
 import pytest
@@ -26,15 +29,17 @@ skip_without_gpu = pytest.mark.skipif(REASON is not None, reason=f"needs a GPU: 
 
 
 @skip_without_gpu
+@pytest.mark.parametrize("precision", cases.PRECISIONS_RUN)
 @pytest.mark.parametrize("policy", cases.POLICIES)
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
-def test_example_equals_numpy_reference(path, policy):
+def test_example_equals_numpy_reference(path, policy, precision):
     program = cases.compile_example(path, policy)
-    module = program.load("cuda")
+    module = program.load("cuda", precision=precision)
     args = cases.arguments(program)
     for lengths in (None, cases.LENGTHS):
         got = cases.run(module, args, lengths)
-        bad = cases.mismatches(got, cases.reference(program, args, lengths))
+        want = cases.reference(program, args, lengths, precision)
+        bad = cases.mismatches(got, want, cases.tolerance(precision))
         assert not bad, f"lengths={lengths}: relative errors {bad}"
 
 
@@ -53,8 +58,9 @@ def test_gpuarrays_in_give_gpuarrays_out():
 
 
 @skip_without_gpu
-def test_sizes_past_one_tile_and_one_block():
-    assert not cases.large_lstm_mismatches(lambda program: program.load("cuda"))
+@pytest.mark.parametrize("precision", cases.PRECISIONS_RUN)
+def test_sizes_past_one_tile_and_one_block(precision):
+    assert not cases.large_lstm_mismatches(lambda program: program.load("cuda", precision=precision), precision)
 
 
 @skip_without_gpu

@@ -6,13 +6,15 @@ template per kernel family:
 - `elementwise.cu.j2`: a phase of fused elementwise work (`elementwise.py`
   prepares its loops).
 - `contract.cu.j2`: a tiled product for one `dot` spec (batched or shared
-  operands), seen as out[g, m, n] = sum_k A[g, m, k] * B[g, k, n].
+  operands), seen as out[g, m, n] = sum_k A[g, m, k] * B[g, k, n]
+  (`products.py` decides its tiles and inner loop; `contract_store.cu.j2`
+  or `contract_split.cu.j2` writes the result).
 - `reduce.cu.j2`: sum, mean and reduce_to (a sum over some axes).
 - `softmax.cu.j2`: softmax over one small axis.
 
 The last three are the *breaking* kernels (`BREAKING`): their node needs all
 of its arguments before it starts, so it ends the phase they come from.
-Block and tile sizes are set here, once, and passed to the templates.
+Block sizes are set here and tile sizes in `products.py`, once, and passed to the templates.
 """
 from __future__ import annotations
 

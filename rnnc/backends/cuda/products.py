@@ -16,8 +16,9 @@ engines multiply a slice:
 Tiles are sized to the product (`choose_tile`): the largest tile that still
 gives one block per multiprocessor of the GPU the kernels are sized for,
 and split-K (several blocks per tile, each summing part of k, added up by the
-last to finish) where k is long and the tiles too few. Products with one row
-or one column per example (matrix-vector, outer products) stay on `Simt`.
+last to finish) where k is long and the tiles too few. Products with a
+single row, column or summand (a matrix-vector or outer product per example)
+stay on `Simt`, which under tf32 rounds its inputs as the tensor cores do.
 """
 from __future__ import annotations
 
@@ -118,6 +119,7 @@ class Simt:
         return f"float32 FMA, 16x16 threads with {self.tm}x{self.tn} outputs each"
 
     def inner(self, operand: str, global_inner: str | None) -> str:
+        """The axis along a row of the operand in shared memory: m and n, whatever the global layout."""
         return {"a": "m", "b": "n"}[operand]
 
     def stride(self, tile_cols: int, inner: str) -> int:
@@ -197,6 +199,7 @@ class Mma:
                 f"{self.warps_m}x{self.warps_n} warps with {self.mi}x{self.ni} products each")
 
     def inner(self, operand: str, global_inner: str | None) -> str:
+        """The axis along a row of the operand in shared memory: the one it is contiguous along in memory."""
         return global_inner or {"a": "k", "b": "n"}[operand]
 
     def stride(self, tile_cols: int, inner: str) -> int:
@@ -257,7 +260,7 @@ def engines(kind: InputType, tensor_cores: bool):
     if tensor_cores:
         return [Mma(bm, bn, kind, wm, wn) for bm, bn, wm, wn in MMA_TILES]
     if kind.c_type != "float":
-        raise ValueError(f"{kind.name} products with one row or column per example need a SIMT "
+        raise ValueError(f"{kind.name} products with a single row, column or summand need a SIMT "
                          "kernel for 16-bit inputs, which comes with bfloat16 and float16 storage")
     return [Simt(bm, bn, kind) for bm, bn in SIMT_TILES]
 
@@ -266,13 +269,14 @@ def choose_tile(options: list, m: int, n: int, g: int):
     """The largest tile with at least a block per multiprocessor, else the
     smallest; a tile is never much larger than the product (BM at most M
     rounded up to a power of two, at least 32; BN likewise)."""
-    def fits(e):
-        return e.bm <= max(32, 1 << (m - 1).bit_length()) and e.bn <= max(32, 1 << (n - 1).bit_length())
-    fitting = [e for e in options if fits(e)]
+    fitting = [e for e in options
+               if e.bm <= max(32, 1 << (m - 1).bit_length()) and e.bn <= max(32, 1 << (n - 1).bit_length())]
+    return next((e for e in fitting if blocks(e, m, n, g) >= GPU_SMS), fitting[-1])
 
-    def blocks(e):
-        return -(-m // e.bm) * -(-n // e.bn) * g
-    return next((e for e in fitting if blocks(e) >= GPU_SMS), fitting[-1]), blocks
+
+def blocks(engine, m: int, n: int, g: int) -> int:
+    """Blocks of a launch of `engine`'s tiles over g products of m x n."""
+    return -(-m // engine.bm) * -(-n // engine.bn) * g
 
 
 def slice_depth(engine, inner: dict, k: int) -> int:
@@ -389,10 +393,10 @@ def product_kernel(c: Contraction, kind: InputType, rows: int) -> ProductKernel:
     product has more than one row, column and summand, else SIMT."""
     m, n, k, g = (c.size(group, rows) for group in "mnkg")
     options = engines(kind, kind.mma is not None and min(m, n, k) > 1)
-    engine, blocks = choose_tile(options, m, n, g)
+    engine = choose_tile(options, m, n, g)
     inner = {operand: engine.inner(operand, c.global_inner(operand)) for operand in "ab"}
     bk = slice_depth(engine, inner, k)
-    splits = 1
-    if g == 1 and blocks(engine) < GPU_SMS // 2:
-        splits = max(1, min(-(-GPU_SMS // blocks(engine)), k // (MIN_K_TILES * bk)))
+    tiles, splits = blocks(engine, m, n, g), 1
+    if g == 1 and tiles < GPU_SMS // 2:  # too few tiles for the GPU: split k where it is long
+        splits = max(1, min(-(-GPU_SMS // tiles), k // (MIN_K_TILES * bk)))
     return ProductKernel(engine, bk, splits, shared_tiles(engine, inner, bk), c)
