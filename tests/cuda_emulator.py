@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import os
 import shutil
 import subprocess
+import tempfile
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -145,16 +147,21 @@ def available() -> bool:
 
 
 def build_library(source: str, arities: dict, workdir: Path) -> ctypes.CDLL:
+    """The emulation of `source`, built by g++ unless `workdir` has it; two
+    threads building the same one at once each build it in a directory of
+    their own and rename it into place, so neither loads a half-written one."""
     wrappers = "".join(WRAPPER.format(name=k, params="".join(f", a->p[{i}]" for i in range(n)))
                        for k, n in arities.items())
     text = HEADER + emulated_intrinsics.HEADER + source + wrappers
     key = hashlib.sha256(text.encode()).hexdigest()[:16]
     lib = workdir / f"emu_{key}.so"
     if not lib.exists():
-        src = workdir / f"emu_{key}.cpp"
-        src.write_text(text)
-        subprocess.run(["g++", "-O0", "-std=c++17", "-shared", "-fPIC", "-w", "-o", str(lib), str(src)],
-                       check=True, capture_output=True, text=True)
+        with tempfile.TemporaryDirectory(dir=workdir) as own:
+            src, built = Path(own) / f"emu_{key}.cpp", Path(own) / f"emu_{key}.so"
+            src.write_text(text)
+            subprocess.run(["g++", "-O0", "-std=c++17", "-shared", "-fPIC", "-w", "-o", str(built), str(src)],
+                           check=True, capture_output=True, text=True)
+            os.replace(built, lib)
     return ctypes.CDLL(str(lib))
 
 
