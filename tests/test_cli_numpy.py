@@ -147,7 +147,7 @@ def test_run_times_the_median_of_warm_runs(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert len(calls) == 4  # one warm-up, three timed
     assert re.search(r"forward [0-9.]+ ms, backward [0-9.]+ ms \(median of 3 runs after a warm-up of "
-                     rf"[0-9.]+ \+ [0-9.]+ ms; numpy, float64, T={DEFAULT_T}, B={DEFAULT_B}\)", out), out
+                     rf"[0-9.]+ \+ [0-9.]+ ms; numpy, float64, fp32, T={DEFAULT_T}, B={DEFAULT_B}\)", out), out
 
 
 def test_gradcheck_says_its_sizes_and_progress(capsys):
