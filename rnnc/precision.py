@@ -11,10 +11,10 @@ compared with at either precision.
 DEFAULT is "fp32", exact products: the CUDA backend then gives the NumPy
 reference's answer up to float32 rounding, whatever the cell, which is what
 a compiler checked against a reference owes its users; tensor cores are one
-argument away (`precision="tf32"`, several times faster on products). This
-follows PyTorch's matmul default (exact since 1.12) rather than its cuDNN RNN
-default (TF32): a silent thousandth of relative error in every gradient is
-the user's choice to make.
+argument away (`precision="tf32"`; their peak is several times the float32
+units' on A100 and H100). This follows PyTorch's matmul default (exact since
+1.12) rather than its cuDNN RNN default (TF32): a silent thousandth of
+relative error in every gradient is the user's choice to make.
 """
 from __future__ import annotations
 

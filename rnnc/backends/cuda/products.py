@@ -380,7 +380,7 @@ class ProductKernel:
     def values(self, a_param: str, b_param: str) -> dict:
         e = self.engine
         return {"summary": e.summary(), "elem": e.kind.c_type, "bm": e.bm, "bn": e.bn, "bk": self.bk,
-                "kstep": e.kstep, "splits": self.splits, "accs": e.accs, "acc_m": e.acc_m, "acc_n": e.acc_n,
+                "kstep": e.kstep, "splits": self.splits, "all_splits_bk": self.splits * self.bk, "accs": e.accs, "acc_m": e.acc_m, "acc_n": e.acc_n,
                 "setup": list(e.setup), "step": e.step(self.tiles["a"], self.tiles["b"]),
                 "min_blocks": 2 if e.accs <= 16 else 1, "c_offset": self.contraction.offset("c"),
                 "a": self.loader("a", a_param), "b": self.loader("b", b_param),
