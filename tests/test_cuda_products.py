@@ -64,17 +64,21 @@ CASES = [
 ]
 
 
+def add_case(gen: Generator, i: int, case):
+    """Case i's kernel, its operands in buffers a<i>, b<i> and c<i>: its launch."""
+    spec, (a_shape, a_b), (b_shape, b_b), _, rows, op, _ = case
+    refs = [Ref(f"{name}{i}", "base", shape, batched) for name, shape, batched in
+            (("a", a_shape, a_b), ("b", b_shape, b_b), ("c", spec_shape(spec, a_shape, b_shape), True))]
+    region = Region(f"case{i}", rows)
+    gen.contract(region, Dot(spec), refs[:2], refs[2], op, spec)
+    return region.launches[0]
+
+
 def kernel_module(inputs: str, cases, workdir):
     """Every case's kernel in one module for input type `inputs`, on the emulator:
-    (device, [(launch, operand names)])."""
-    gen, launches = Generator(inputs), []
-    for i, (spec, (a_shape, a_b), (b_shape, b_b), _, rows, op, _) in enumerate(cases):
-        out_shape = spec_shape(spec, a_shape, b_shape)
-        refs = [Ref(f"{name}{i}", "base", shape, batched) for name, shape, batched in
-                (("a", a_shape, a_b), ("b", b_shape, b_b), ("c", out_shape, True))]
-        region = Region(f"case{i}", rows)
-        gen.contract(region, Dot(spec), refs[:2], refs[2], op, spec)
-        launches.append(region.launches[0])
+    (device, launches, the kernels' scratch buffers)."""
+    gen = Generator(inputs)
+    launches = [add_case(gen, i, case) for i, case in enumerate(cases)]
     source = render("module.cu.j2", cell="products", intrinsics=intrinsics(), kernels=gen.sources)
     schedule = Schedule(buffers=dict(gen.scratch), forward_step=launches)
     return cuda_emulator.EmulatedDevice(Generated(source, schedule), workdir), launches, gen.scratch
@@ -149,18 +153,12 @@ def test_products_equal_the_product_of_what_they_read(inputs, workdir):
 def test_kernels_run_on_the_engine_the_precision_asks_for(inputs):
     gen = Generator(inputs)
     for i, case in enumerate(CASES):
-        spec, (a_shape, a_b), (b_shape, b_b), _, rows, op, what = case
-        refs = [Ref(f"{n}{i}", "base", s, bb) for n, s, bb in
-                (("a", a_shape, a_b), ("b", b_shape, b_b), ("c", spec_shape(spec, a_shape, b_shape), True))]
-        gen.contract(Region(f"case{i}", rows), Dot(spec), refs[:2], refs[2], op, spec)
+        add_case(gen, i, case)
     on_tensor_cores = ["rnnc_mma_tf32(" in source for source in gen.sources]
     one_row = ["one row" in case[-1] for case in CASES]
     assert on_tensor_cores == [inputs == "tf32" and not single for single in one_row]
 
 
 def test_sixteen_bit_products_with_one_row_say_what_they_need():
-    gen = Generator("bf16")
-    spec, (a_shape, a_b), (b_shape, b_b), _, rows, op, _ = CASES[-1]
-    refs = [Ref("a", "base", a_shape, a_b), Ref("b", "base", b_shape, b_b), Ref("c", "base", (20,), True)]
     with pytest.raises(ValueError, match="bfloat16 and float16 storage"):
-        gen.contract(Region("r", rows), Dot(spec), refs[:2], refs[2], op, spec)
+        add_case(Generator("bf16"), 0, CASES[-1])
