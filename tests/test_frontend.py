@@ -428,3 +428,33 @@ def test_exit_status_2_for_usage_errors(capsys):
         main(["frobnicate"])
     assert info.value.code == 2
     capsys.readouterr()
+
+
+def test_concurrent_parses_each_report_their_own_error():
+    """The LALR parser is built once and shared; what one parse has seen (its
+    open brackets, its last tokens) is its own, so threads parsing different
+    broken files at once get the same messages as one after another."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rnnc.frontend.parse import parse
+
+    files = [p for p in sorted((ROOT / "tests" / "malformed").glob("*.cell")) if p.stat().st_size < 2000]
+
+    def message(path):
+        try:
+            parse(driver.read_source(path))
+            return None
+        except rnnc.CellError as err:
+            return str(err)
+    alone = {p: message(p) for p in files}
+    assert sum("never closed" in (m or "") for m in alone.values()) >= 2  # state-dependent messages
+    jobs = files * 15
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            together = list(pool.map(message, jobs))
+    finally:
+        sys.setswitchinterval(interval)
+    wrong = [p.name for p, m in zip(jobs, together) if m != alone[p]]
+    assert not wrong, f"{len(wrong)} of {len(jobs)} messages differ, e.g. {wrong[:3]}"

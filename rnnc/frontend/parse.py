@@ -6,6 +6,7 @@ dataclasses below. Syntax errors become `CellError`s at file:line:col.
 """
 from __future__ import annotations
 
+import contextvars
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from importlib import resources
@@ -145,23 +146,32 @@ _OPENERS = {"LPAR": "RPAR", "LSQB": "RSQB", "LBRACE": "RBRACE"}
 _CLOSERS = {v: k for k, v in _OPENERS.items()}
 
 
-class _BracketNewlines:
-    """Post-lexer: newlines inside ( ) or [ ] are not statement ends, and
-    runs of newlines (blank or comment lines) collapse into one.
-
-    It also keeps the stack of brackets open so far (`self.open`) and the last
-    two tokens passed on (`self.recent`), so that a syntax error can name a
-    bracket that was never closed or a keyword used as a name."""
-
-    always_accept = ("_NL",)
+class _ParseState:
+    """What one parse has seen so far: the brackets still open and the last two
+    tokens passed on, so that a syntax error can name a bracket that was never
+    closed or a keyword used as a name."""
 
     def __init__(self):
         self.open: list = []
         self.recent: list = []
 
+
+# The parse running in this thread (or task). The lark parser and its
+# post-lexer are built once and shared, so the state of a parse cannot live in
+# them: `parse` makes a fresh `_ParseState` and the post-lexer finds it here.
+_current: contextvars.ContextVar = contextvars.ContextVar("rnnc_parse_state")
+
+
+class _BracketNewlines:
+    """Post-lexer: newlines inside ( ) or [ ] are not statement ends, and
+    runs of newlines (blank or comment lines) collapse into one. It keeps what
+    it sees in the current parse's `_ParseState`."""
+
+    always_accept = ("_NL",)
+
     def process(self, tokens):
-        stack = self.open = []
-        recent = self.recent = []
+        state = _current.get()
+        stack, recent = state.open, state.recent
         last_was_newline = False
         for tok in tokens:
             if tok.type in _OPENERS:
@@ -358,12 +368,14 @@ def _unexpected_token(err: lark.exceptions.UnexpectedToken, source: Source,
 
 def parse(source: Source) -> Module:
     """Parse a whole `.cell` file; raises CellError on a syntax error."""
-    parser = _parser()
+    state = _ParseState()
+    token = _current.set(state)
     try:
-        tree = parser.parse(source.text + "\n")
+        tree = _parser().parse(source.text + "\n")
     except lark.exceptions.LarkError as err:
-        postlex = parser.options.postlex
-        raise _syntax_error(err, source, list(postlex.open), list(postlex.recent)) from None
+        raise _syntax_error(err, source, state.open, state.recent) from None
+    finally:
+        _current.reset(token)
     module = _ToAst().transform(tree)
     if not module.cells:
         raise CellError("no cell in this file (expected 'cell NAME { ... }')", Pos(1, 1), source)
