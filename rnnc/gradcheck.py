@@ -39,7 +39,9 @@ def random_arguments(module, T: int, B: int, seed: int = 0, with_lengths: bool =
         shape = lead + concrete_shape(decl.shape)
         return rng.normal(size=shape).astype(module.dtype)
 
-    params = {k: (v + 0.1 * rng.normal(size=v.shape)).astype(module.dtype)
+    # np.asarray: arithmetic on a 0-d array (a param of shape []) gives a NumPy
+    # scalar, which the central differences could not perturb in place
+    params = {k: np.asarray(v + 0.1 * rng.normal(size=v.shape), module.dtype)
               for k, v in module.init_params(seed).items()}
     lengths = rng.integers(0, T + 1, size=B) if with_lengths else None
     if lengths is not None:

@@ -170,7 +170,7 @@ class HostArray:
     check that device arrays in give device arrays out."""
 
     def __init__(self, array: np.ndarray):
-        self.array = np.ascontiguousarray(array)
+        self.array = np.asarray(array, order="C")  # a 0-d array stays 0-d
 
     @property
     def __cuda_array_interface__(self):

@@ -172,3 +172,15 @@ def test_every_rnnc_command_the_readme_shows_runs(tmp_path, monkeypatch, capsys)
     for command in commands:
         argv = [a.replace("/tmp/", f"{tmp_path}/") for a in shlex.split(command.split("#")[0])[1:]]
         assert main(argv) == 0, (command, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("command", ["run", "gradcheck"])
+def test_scalar_params_run_and_gradcheck(tmp_path, capsys, command):
+    """The random arguments of a param of shape [] are accepted (a NumPy scalar
+    was refused) and, for gradcheck, perturbed in place."""
+    import new_cells
+    path = tmp_path / "scalar.cell"
+    path.write_text(new_cells.SCALAR_PARAMS)
+    assert main([command, str(path), "-D", "D=3", "-D", "H=4"]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert ("d param a: []" if command == "run" else "params['a']") in out

@@ -27,6 +27,7 @@ from rnnc.backends.cuda.runtime import CudaModule
 
 import cuda_cases as cases
 import cuda_emulator
+import new_cells
 from conftest import EXAMPLES, example
 
 pytestmark = pytest.mark.skipif(not cuda_emulator.available(), reason="needs g++ for the CUDA emulation")
@@ -157,6 +158,28 @@ def test_reductions_of_every_layout(dims, layouts, workdir):
     args = cases.arguments(program, steps=3, batch=37)
     lengths = np.random.default_rng(3).integers(0, 4, size=37)
     assert not cases.mismatches(cases.run(module, args, lengths), cases.reference(program, args, lengths))
+
+
+@pytest.mark.parametrize("name", list(new_cells.CELLS))
+def test_new_cells_equal_numpy_reference(name, workdir):
+    program = rnnc.compile(new_cells.CELLS[name], dims=new_cells.DIMS, recompute="auto")
+    module, _ = emulated(program, workdir)
+    args = cases.arguments(program)
+    for lengths in (None, cases.LENGTHS):
+        bad = cases.mismatches(cases.run(module, args, lengths), cases.reference(program, args, lengths))
+        assert not bad, f"lengths={lengths}: relative errors {bad}"
+
+
+def test_scalar_params_as_numpy_scalars_and_device_arrays(workdir):
+    program = rnnc.compile(new_cells.SCALAR_PARAMS, dims=new_cells.DIMS, recompute="none")
+    module, _ = emulated(program, workdir)
+    args = cases.arguments(program)
+    assert isinstance(args["params"]["a"], np.float32)  # what the helper's arithmetic gives
+    want = cases.reference(program, args, None)
+    assert not cases.mismatches(cases.run(module, args, None), want)
+    got = cases.run(module, args, None, to_array=cuda_emulator.HostArray, to_numpy=lambda a: a.array)
+    assert got["grad params a"].shape == ()
+    assert not cases.mismatches(got, want)
 
 
 def test_device_arrays_in_give_device_arrays_out(workdir):

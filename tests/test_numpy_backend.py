@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+import new_cells
 import rnnc
 from rnnc.gradcheck import gradcheck, random_arguments
 from rnnc.passes.hoist import classify
@@ -282,3 +283,27 @@ def test_an_argument_changed_in_place_before_the_backward_is_refused(label, budg
     for group in ("params", "inputs", "states", "contexts"):
         for name, g in getattr(expected, group).items():
             np.testing.assert_array_equal(getattr(got, group)[name], g, err_msg=f"{group} {name}")
+
+
+def test_scalar_params_are_0d_arrays_or_numpy_scalars():
+    """`param a[]` takes a 0-d array or a NumPy scalar of the module's dtype, and
+    its gradient is a 0-d array that matches finite differences."""
+    module = rnnc.compile(new_cells.SCALAR_PARAMS, dims=new_cells.DIMS).load(dtype="float64")
+    args = random_arguments(module, T=3, B=2, seed=3)
+    p = args["params"]
+    assert isinstance(p["a"], np.ndarray) and p["a"].shape == ()
+    scalars = {**p, "a": p["a"][()], "b": p["b"][()]}
+    assert isinstance(scalars["a"], np.float64)
+    by_array = module.forward(**args)
+    by_scalar = module.forward(**{**args, "params": scalars})
+    np.testing.assert_array_equal(by_scalar.outputs["y"], by_array.outputs["y"])
+    h = args["states"]["h"]  # the cell written out by hand
+    for t in range(3):
+        h = np.tanh(p["a"] * (args["inputs"]["x"][t] @ p["W"]) + p["b"] * h) / (1 + np.exp(-p["a"]))
+        np.testing.assert_allclose(by_scalar.outputs["y"][t], h, rtol=1e-12)
+    grads = module.backward(by_scalar, {"y": np.ones_like(by_scalar.outputs["y"])})
+    assert grads.params["a"].shape == () == grads.params["b"].shape
+    with pytest.raises(ValueError, match=r"params\['a'\]: dtype float32"):
+        module.forward(**{**args, "params": {**p, "a": np.float32(0.5)}})
+    report = gradcheck(module, T=3, B=2, seed=3, with_lengths=True)
+    assert report.worst < 1e-6 and "params['a']" in report.errors, report.format()

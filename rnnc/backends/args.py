@@ -4,7 +4,8 @@ Nothing is broadcast or cast silently: a missing or unknown name, a wrong
 shape, a batch size that differs between arguments, a wrong dtype or a length
 outside 0..T is a ValueError that names the argument and both shapes; an
 argument of the wrong kind (a list where a dict of arrays belongs) is an
-ArgumentTypeError, both a TypeError and a ValueError.
+ArgumentTypeError, both a TypeError and a ValueError. Where the shape is [] a
+NumPy scalar of the right dtype is taken as a 0-d array.
 """
 from __future__ import annotations
 
@@ -64,6 +65,8 @@ def check_names(arg: str, given: dict | None, expected: list, required: bool) ->
 
 
 def check_array(label: str, array, expected: tuple, dtype, array_type=np.ndarray):
+    if isinstance(array, np.generic) and tuple(expected) == ():
+        array = np.asarray(array)  # a NumPy scalar (np.float32(0.5)) is a 0-d array
     if not isinstance(array, array_type):
         raise ValueError(f"{label}: expected an array of shape {shape_str(expected)} and dtype "
                          f"{np.dtype(dtype).name}, got {type(array).__name__}")
