@@ -307,3 +307,66 @@ def test_scalar_params_are_0d_arrays_or_numpy_scalars():
         module.forward(**{**args, "params": {**p, "a": np.float32(0.5)}})
     report = gradcheck(module, T=3, B=2, seed=3, with_lengths=True)
     assert report.worst < 1e-6 and "params['a']" in report.errors, report.format()
+
+
+@pytest.mark.parametrize("name", list(new_cells.CELLS))
+def test_new_cells_gradients_match_finite_differences(name):
+    module = rnnc.compile(new_cells.CELLS[name], dims=new_cells.DIMS, recompute="none").load(dtype="float64")
+    report = gradcheck(module, T=3, B=2, seed=5, with_lengths=True)
+    assert report.worst < 1e-6, report.format()
+
+
+@pytest.mark.parametrize("name", list(new_cells.CELLS))
+def test_new_cells_in_float32_stay_float32(name):
+    """Literals, scalar params and once-per-sequence values never widen a
+    float32 module's arrays to float64."""
+    program = rnnc.compile(new_cells.CELLS[name], dims=new_cells.DIMS)
+    wide, narrow = program.load(dtype="float64"), program.load(dtype="float32")
+    args = random_arguments(wide, T=3, B=2, seed=4, with_lengths=True)
+    args32 = {k: v if k == "lengths" else {n: np.asarray(a, np.float32) for n, a in v.items()}
+              for k, v in args.items()}
+    res, res32 = wide.forward(**args), narrow.forward(**args32)
+    grads = wide.backward(res, {"y": np.ones_like(res.outputs["y"])})
+    grads32 = narrow.backward(res32, {"y": np.ones_like(res32.outputs["y"])})
+    pairs = [(res.outputs["y"], res32.outputs["y"])] + [(g, grads32.params[k]) for k, g in grads.params.items()]
+    for want, got in pairs:
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_literal_only_subexpressions_fold_into_literals():
+    program = rnnc.compile(new_cells.LITERALS, dims=new_cells.DIMS)
+    consts = {n.out: n.attr("value") for n in program.cell.nodes if n.op == "const"}
+    left = [n.out for n in program.cell.nodes if n.args and all(a in consts for a in n.args)]
+    assert not left, f"nodes of literals only: {left}"
+    # sqrt(4.0) * half is 1.0: a named literal folds into what uses it, and counts as used
+    assert {-3.0, 3.0, -1.0, -2.0, 0.0, 0.5, 1.0, 2.0, float(np.exp(-1))} <= set(consts.values())
+    assert not program.warnings
+    module = program.load(dtype="float64")
+    args = random_arguments(module, T=3, B=2, seed=2)
+    args["states"]["h"] *= 4  # past the clips at -3 and 3
+    res = module.forward(**args)
+    h = args["states"]["h"]
+    for t in range(3):
+        h = new_cells.literal_math_step(args["inputs"]["x"][t], h, args["params"]["W"])
+        np.testing.assert_allclose(res.outputs["y"][t], h, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_region_of_literals_and_scalars_gives_arrays(dtype):
+    """What a region gives is an array of the module's dtype even where a rule
+    gives a Python float (a literal) or a NumPy scalar (0-d arithmetic): the
+    ledger counts arrays, and a float64 0-d array would widen float32 work.
+    (The checker folds literal-only work away, so the region is built here.)"""
+    from rnnc.backends.numpy import Runner
+    from rnnc.ir import Value
+    from rnnc.ops import Builder
+    from rnnc.precision import precision
+    b = Builder({"a": Value("a", (), False)})
+    three = b.const(3.0)
+    outs = [three, b.neg(three), b.add(b.const(1.0), b.const(0.5)), b.emit("sigmoid", "a"),
+            b.mul("a", three)]
+    env = Runner(b.nodes, b.values, precision(None), dtype).run({"a": np.asarray(0.25, dtype)})
+    for name, want in zip(outs, [3.0, -3.0, 1.5, 1 / (1 + np.exp(-0.25)), 0.75]):
+        assert isinstance(env[name], np.ndarray) and env[name].dtype == dtype, (name, type(env[name]))
+        assert env[name].shape == () and np.isclose(env[name], want)

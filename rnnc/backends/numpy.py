@@ -22,10 +22,16 @@ from .args import bind_cotangents, bind_forward, module_dtype, saved_for_backwar
 
 class Runner:
     """A list of nodes prepared once: each becomes (output, function, argument names).
-    Products (`dot`) read their operands rounded to the module's precision."""
+    Products (`dot`) read their operands rounded to the module's precision.
 
-    def __init__(self, nodes, values: dict, precision):
+    Every result is an array of the module's dtype: a rule may give a Python
+    float (a literal) or a NumPy scalar (arithmetic on 0-d arrays), and a 0-d
+    array of another dtype would widen float32 arrays (NumPy's scalars are
+    weakly typed, its 0-d arrays are not)."""
+
+    def __init__(self, nodes, values: dict, precision, dtype):
         self.steps = [self._prepare(n, values, precision) for n in nodes]
+        self.dtype = dtype
 
     @staticmethod
     def _prepare(node, values, precision):
@@ -46,7 +52,7 @@ class Runner:
 
     def run(self, env: dict) -> dict:
         for out, fn, args in self.steps:
-            env[out] = fn(*[env[a] for a in args])
+            env[out] = np.asarray(fn(*[env[a] for a in args]), self.dtype)
         return env
 
 
@@ -186,19 +192,19 @@ class NumpyModule:
         self.cell = program.cell
         self.dtype = module_dtype(dtype)
         self.precision = find_precision(precision)
-        h, grads, p = program.hoisted, program.grads, self.precision
-        self.run_seq = Runner(h.seq.nodes, h.seq.values(), p)
-        self.run_pre = Runner(h.pre.nodes, h.pre.values(), p)
-        self.run_step = Runner(h.step.nodes, h.step.values(), p)
-        self.run_recompute = Runner(program.plan.recompute, h.step.values(), p)
-        self.run_grad = {k: Runner(b.graph.nodes, b.graph.values(), p) for k, b in grads.items()}
+        h, grads, p, d = program.hoisted, program.grads, self.precision, self.dtype
+        self.run_seq = Runner(h.seq.nodes, h.seq.values(), p, d)
+        self.run_pre = Runner(h.pre.nodes, h.pre.values(), p, d)
+        self.run_step = Runner(h.step.nodes, h.step.values(), p, d)
+        self.run_recompute = Runner(program.plan.recompute, h.step.values(), p, d)
+        self.run_grad = {k: Runner(b.graph.nodes, b.graph.values(), p, d) for k, b in grads.items()}
         self.values = h.values()
         # the hoisted values kept after their region runs, as the plan counts them
         self.seq_held = tuple(n.out for n in held_values(h.seq, grads["seq"].residuals))
         self.pre_held = tuple(n.out for n in held_values(h.pre, grads["pre"].residuals))
         # literals are free: every region's are in every environment
-        self.literals = {n.out: n.attr("value") for g in (h.seq, h.pre, h.step) for n in g.nodes
-                         if n.op == "const"}
+        self.literals = {n.out: np.asarray(n.attr("value"), self.dtype)
+                         for g in (h.seq, h.pre, h.step) for n in g.nodes if n.op == "const"}
 
     # --- parameters -----------------------------------------------------------
     def init_params(self, seed: int = 0) -> dict:

@@ -5,6 +5,8 @@ expressions are lowered to IR nodes through the op registry (which infers and
 checks shapes), and every mistake becomes a `CellError` at the place it was
 made. Dims given by the caller are substituted as the shapes are built, so
 `split` divisibility and size clashes are decided on the real sizes.
+Elementwise work on literals only (`1 - 0.5`, `-3.0`) is folded into one
+literal of its value, refused where float32 cannot hold it (`1e30 * 1e30`).
 """
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import math
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+import numpy as np
 
 from .. import ops
 from ..errors import CellError, CellWarning, Pos, Source
@@ -25,6 +29,13 @@ BINARY_FUNCS = ("max", "min")
 AXIS_FUNCS = {"sum": ("axis", "keepdims"), "mean": ("axis", "keepdims"), "softmax": ("axis",),
               "split": ("axis",), "concat": ("axis",), "transpose": ()}
 BUILTINS = ELEMENTWISE_FUNCS + BINARY_FUNCS + tuple(AXIS_FUNCS)
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def fits_float32(value: float) -> bool:
+    """Finite, and finite once rounded to float32."""
+    with np.errstate(over="ignore"):
+        return bool(np.isfinite(np.float32(value)))
 
 
 class BindError(CellError, ValueError):
@@ -75,6 +86,7 @@ class _Checker:
         self.scope: dict[str, tuple] = {}  # user name -> (kind, pos, IR value name)
         self.decls: list[Decl] = []
         self.builder = ops.Builder({})
+        self.constants: dict[str, float] = {}  # literal value name -> its value
         self.nexts: dict[str, tuple] = {}  # state -> (value, pos)
         self.outputs: list[tuple] = []
         self.defined_later = self._all_bound_names()
@@ -269,17 +281,36 @@ class _Checker:
 
     # --- expressions ------------------------------------------------------------------
     def _emit(self, op, *args, name=None, pos=None, **attrs) -> str:
+        """Add a node. An elementwise op on literals only is folded: the node is
+        made (its arguments count as used) but the value is a literal of its result."""
+        foldable = ops.OPS[op].elementwise and args and all(a in self.constants for a in args)
         try:
-            return self.builder.emit(op, *args, name=name, pos=pos, **attrs)
+            out = self.builder.emit(op, *args, name=None if foldable else name, pos=pos, **attrs)
         except ops.ShapeError as err:
             raise CellError(str(err), pos) from None
+        if not foldable:
+            return out
+        with np.errstate(all="ignore"):  # 1/0 and log(-1) are reported below
+            value = ops.OPS[op].numpy(self.builder.nodes[-1], *(np.float64(self.constants[a]) for a in args))
+        return self._constant(float(value), name, pos, folded=True)
+
+    def _constant(self, value: float, name: str | None, pos: Pos, folded: bool = False) -> str:
+        """A literal, refused where float32 (the CUDA backend's type) cannot hold it."""
+        if math.isnan(value):  # only folding makes one: 0/0, log(-1)
+            raise CellError("this constant expression is not a number (NaN)", pos)
+        if not fits_float32(value):
+            what = f"this constant expression is {value:g}," if folded else "this number is"
+            raise CellError(f"{what} too large for float32 (magnitudes up to {FLOAT32_MAX:.8g})", pos)
+        out = self.builder.emit("const", name=name, pos=pos, value=value)
+        self.constants[out] = value
+        return out
 
     def _expr(self, e, name: str | None) -> str:
         """Lower an expression; the outermost node takes the user's name, if any."""
         if isinstance(e, ast.Name):
             return self._lookup(e)
         if isinstance(e, ast.Number):
-            return self._emit("const", name=name, pos=e.pos, value=e.value)
+            return self._constant(e.value, name, e.pos)
         if isinstance(e, ast.Unary):
             return self._emit("neg", self._expr(e.operand, None), name=name, pos=e.pos)
         if isinstance(e, ast.Binary):
@@ -398,8 +429,9 @@ def _param_init(e) -> float:
     value = _number(e)
     if value is None:
         raise CellError("a param's initial value must be a number", e.pos)
-    if not math.isfinite(value):
-        raise CellError("a param's initial value must be a finite number", e.pos)
+    if not fits_float32(value):
+        raise CellError("a param's initial value must be a finite number that float32 holds "
+                        f"(magnitudes up to {FLOAT32_MAX:.8g})", e.pos)
     return value
 
 
