@@ -11,6 +11,7 @@ compilers do::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ class Source:
     name: str
     text: str
 
-    @property
+    @cached_property  # split once: a file with thousands of warnings formats each of them
     def lines(self) -> list:
         """The lines as the parser counts them: split at newlines only."""
         return [line.rstrip("\r") for line in self.text.split("\n")]

@@ -89,6 +89,7 @@ class Builder:
     def __init__(self, values: dict, prefix: str = "%"):
         self.values = dict(values)  # name -> Value
         self.nodes: list[Node] = []
+        self.producers: dict[str, Node] = {}  # name -> the node of `nodes` that makes it
         self.prefix = prefix
         self.counter = 0
 
@@ -105,6 +106,7 @@ class Builder:
         node = Node(name or self.fresh(), op, tuple(args), tuple(sorted(attrs.items())),
                     tuple(shape), batched, pos)
         self.nodes.append(node)
+        self.producers[node.out] = node
         self.values[node.out] = node.value
         return node.out
 

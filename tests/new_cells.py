@@ -67,3 +67,26 @@ cell once_per_sequence {
 
 CELLS = {"scalar_params": SCALAR_PARAMS, "literals": LITERALS, "once_per_sequence": ONCE_PER_SEQUENCE}
 DIMS = {"D": 3, "H": 4}
+
+
+def _step(expr: str, body: str = "") -> str:
+    return ("cell deep {\n    dim D, H\n    input x[D]\n    state h[H]\n    param W[D, H]\n"
+            f"    a = x @ W\n{body}    r = {expr}\n    next h = tanh(r)\n    output y = r\n}}\n")
+
+
+def deep_pairs(terms: int = 10_000, depth: int = 1_000) -> dict:
+    """Cells whose step is one very long or very deep expression, each with a
+    shallow cell that computes the same function (so the same outputs and
+    gradients, up to rounding): name -> (deep text, shallow text)."""
+    assert terms % 2 == 0 and depth % 2 == 0
+    return {
+        # h * a - h + h - h + ...: a left-nested tree `terms` deep
+        "sum": (_step("h * a" + " - h + h" * (terms // 2)), _step("h * a")),
+        # statements r1 = h - r0, r2 = h - r1, ...: r_terms is r0
+        "statements": (_step(f"r{terms}", "    r0 = a * h\n" + "".join(
+            f"    r{i + 1} = h - r{i}\n" for i in range(terms))), _step("a * h")),
+        "minus": (_step("-" * depth + "(h * a)"), _step("h * a")),
+        "calls": (_step("abs(" * depth + "h * a" + ")" * depth), _step("abs(h * a)")),
+        # h / 1000 + (h / 1000 + (... + a)): nested to the right, in parentheses
+        "parens": (_step("(h * 0.001 + " * depth + "a" + ")" * depth), _step(f"h * {0.001 * depth} + a")),
+    }

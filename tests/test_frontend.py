@@ -9,6 +9,7 @@ import re
 
 import pytest
 
+import new_cells
 import rnnc
 from rnnc import driver
 from rnnc.cli import main
@@ -378,13 +379,25 @@ def test_errors_in_text_point_at_their_line_with_crlf():
     assert "     output y = tanh(q)\n                     ^" in str(info.value)
 
 
-def test_long_expressions_do_not_hit_recursion_limits(capsys, tmp_path):
-    terms = " + ".join(["x"] * 3000)
-    checked = check_text(f"cell long {{\n dim D\n input x[D]\n output y = {terms}\n}}")
-    assert len(checked.cell.nodes) == 2999
-    path = tmp_path / "long.cell"
-    path.write_text(f"cell long {{\n dim D\n input x[D]\n output y = {terms}\n}}")
-    assert emit(capsys, str(path), "--stage", "ast").count("Binary") == 2999
+@pytest.mark.parametrize("name", ["sum", "minus", "calls", "parens"])
+def test_long_and_deep_expressions_check_and_print(name, capsys, tmp_path):
+    """Neither the parser nor the checker recurses on an expression's depth:
+    10,000 terms and 1,000 levels of unary minus, calls or parentheses check,
+    and print as an AST whose text grows with the tree's size, not its depth."""
+    deep, _ = new_cells.deep_pairs()[name]
+    path = tmp_path / "deep.cell"
+    path.write_text(deep)
+    assert main(["check", str(path)]) == 0
+    assert "ok (cell deep)" in capsys.readouterr().out
+    ast = emit(capsys, str(path), "--stage", "ast")
+    assert ast.startswith("Module @1:1") and len(ast) < 200 * ast.count("\n")
+
+
+def test_a_deep_shape_expression_is_one_size():
+    depth = 1000
+    size = "(" * depth + "H" + " + 1)" * depth + " - " + " - ".join(["1"] * depth)
+    checked = check_text(f"cell s {{\n dim H\n input x[{size}]\n output y = x * 2\n}}", dims={"H": 5})
+    assert checked.cell.decls[0].shape[0].value == 5
 
 
 def test_emit_ast_has_positions(capsys):

@@ -82,7 +82,6 @@ TABLE = [
     ("number_too_large", [], "8:27", ["number", "too large for float32"]),
     ("constant_overflows", [], "7:18", ["constant expression", "1e+60", "too large for float32"]),
     ("constant_not_a_number", [], "8:31", ["constant expression", "not a number"]),
-    ("nested_too_deeply", [], "5:5", ["nested too deeply"]),
     ("bad_dim_binding", ["-D", "H=0"], "4:14", ["-D H=0", "positive integer"]),
     ("bad_dim_binding", ["-D", "Q=3"], "4:5", ["-D Q=3", "no dim 'Q'", "D, H"]),
     ("bad_dim_binding", ["--cell", "nope"], "3:6", ["no cell named 'nope'", "cells: ok"]),

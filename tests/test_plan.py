@@ -3,12 +3,13 @@
 These tests make plans and read their predictions; tests/test_memory.py runs
 them on the NumPy backend and checks the predictions against what it holds.
 """
+import math
 
 import pytest
 
 import rnnc
 from rnnc.driver import read_source
-from rnnc.passes.plan import STORE_COST, parse_budget
+from rnnc.passes.plan import STORE_COST, FlowNetwork, parse_budget
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings  # noqa: E402
@@ -233,3 +234,26 @@ def test_budget_schedule_is_the_best_segmentation(name, fraction):
                 assert chosen is not None, (policy, segments)
                 assert chosen.recompute_flops(steps, B) <= rival.recompute_flops(steps, B), (policy, segments)
     assert (chosen is None) == (fitting == 0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 5), st.integers(1, 6), st.sampled_from([1, 2, 3, 5, 8, math.inf])),
+                min_size=1, max_size=20))
+def test_min_cut_is_the_least_cut_of_a_small_network(edges):
+    """The min-cut against every cut of a network of 7 vertices (source 0,
+    sink 6; edges into the sink finite, as a step's store edges make them)."""
+    net, capacity = FlowNetwork(), {}
+    for u, v, cap in edges:
+        if u == v:
+            continue
+        cap = 4 if v == 6 and cap == math.inf else cap
+        net.add(u, v, cap)
+        capacity[u, v] = capacity.get((u, v), 0) + cap
+
+    def cut(side):
+        return sum(c for (u, v), c in capacity.items() if u in side and v not in side)
+    middle = range(1, 6)
+    least = min(cut({0, *(v for k, v in enumerate(middle) if mask >> k & 1)}) for mask in range(32))
+    side = net.min_cut(0, 6)
+    assert 0 in side and 6 not in side
+    assert cut(side) == least

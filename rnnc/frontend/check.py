@@ -20,6 +20,7 @@ import numpy as np
 from .. import ops
 from ..errors import CellError, CellWarning, Pos, Source
 from ..ir import Cell, Decl, live_nodes
+from ..nesting import unnest
 from ..shapes import Size, shape_str
 from . import parse as ast
 
@@ -95,11 +96,7 @@ class _Checker:
     def run(self) -> Checked:
         self._check_binding()
         for stmt in self.cell.body:
-            try:
-                getattr(self, "_" + type(stmt).__name__.lower())(stmt)
-            except RecursionError:
-                raise CellError("this statement is nested too deeply to check (thousands of "
-                                "levels of calls, parentheses or unary '-')", stmt.pos) from None
+            getattr(self, "_" + type(stmt).__name__.lower())(stmt)
         return self._finish()
 
     def _finish(self) -> Checked:
@@ -192,6 +189,11 @@ class _Checker:
         return " (with " + ", ".join(f"{k}={v}" for k, v in self.binding.items()) + ")"
 
     def _size(self, e) -> Size:
+        return unnest(self._size_of(e), self._size_of)
+
+    def _size_of(self, e):
+        """The Size of a shape expression (a generator for `unnest`: it yields
+        the operands of `+ - * /` and receives their Sizes)."""
         if isinstance(e, ast.Number):
             if not math.isfinite(e.value) or e.value != int(e.value) or e.value < 1:
                 raise CellError(f"a size must be a positive integer, not {e.value:g}", e.pos)
@@ -205,7 +207,8 @@ class _Checker:
                 raise CellError(f"undeclared dim '{e.id}' (declare it with 'dim {e.id}')", e.pos)
             return Size.const(self.binding[e.id]) if e.id in self.binding else Size.dim(e.id)
         if isinstance(e, ast.Binary) and e.op in ("add", "sub", "mul", "div"):
-            a, b = self._size(e.left), self._size(e.right)
+            a = yield e.left
+            b = yield e.right
             if e.op == "div":
                 q = a.divide(b)
                 if q is None or (not q.symbols and q.value is None):
@@ -307,25 +310,24 @@ class _Checker:
 
     def _expr(self, e, name: str | None) -> str:
         """Lower an expression; the outermost node takes the user's name, if any."""
+        return unnest(self._lower(e, name), lambda child: self._lower(child, None))
+
+    def _lower(self, e, name: str | None):
+        """The IR value of expression `e` (a generator for `unnest`: it yields
+        sub-expressions and receives their values)."""
         if isinstance(e, ast.Name):
             return self._lookup(e)
         if isinstance(e, ast.Number):
             return self._constant(e.value, name, e.pos)
         if isinstance(e, ast.Unary):
-            return self._emit("neg", self._expr(e.operand, None), name=name, pos=e.pos)
+            operand = yield e.operand
+            return self._emit("neg", operand, name=name, pos=e.pos)
         if isinstance(e, ast.Binary):
-            # Down the left spine without recursion: `a + b + c + ...` nests
-            # to the left, as deep as it has terms.
-            spine = []
-            while isinstance(e, ast.Binary):
-                spine.append(e)
-                e = e.left
-            left = self._expr(e, None)
-            for b in reversed(spine):
-                left = self._binary(b, left, self._expr(b.right, None), name if b is spine[0] else None)
-            return left
+            left = yield e.left
+            right = yield e.right
+            return self._binary(e, left, right, name)
         if isinstance(e, ast.Call):
-            return self._call(e, name)
+            return (yield from self._call(e, name))
         raise CellError(f"unexpected {type(e).__name__}", e.pos)  # keyword outside a call
 
     def _binary(self, e: ast.Binary, left: str, right: str, name: str | None) -> str:
@@ -365,13 +367,16 @@ class _Checker:
             raise CellError(f"{c.func}() takes at least 1 argument(s), got {n}", c.pos)
         return positional, keywords
 
-    def _call(self, c: ast.Call, name: str | None) -> str:
+    def _call(self, c: ast.Call, name: str | None):
+        """The value of a call (a generator, as `_lower`)."""
         if c.func == "split":
             raise CellError("split(...) gives several values: assign it to as many names, "
                             "as in 'a, b = split(x, 2)'", c.pos)
         arity = {"concat": None, "transpose": 1}.get(c.func, 2 if c.func in BINARY_FUNCS else 1)
         args, kw = self._call_args(c, arity)
-        values = [self._expr(a, None) for a in args]
+        values = []
+        for a in args:
+            values.append((yield a))
         if c.func in ("sum", "mean", "softmax", "concat"):
             kw.setdefault("axis", -1)
         if c.func in ("sum", "mean"):

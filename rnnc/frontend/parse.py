@@ -103,16 +103,27 @@ class Module(Node):
     cells: tuple
 
 
+MAX_INDENT = 40  # levels of indentation format_ast draws; deeper ones are numbered
+
+
+def _indent(level: int) -> str:
+    if level <= MAX_INDENT:
+        return "  " * level
+    return "  " * MAX_INDENT + f"<{level}> "
+
+
 def format_ast(node) -> str:
     """An indented, stable rendering of an AST (for `rnnc emit --stage ast`).
 
     Written with an explicit stack, so a very long expression (a sum of
-    thousands of terms nests that deep) prints without recursion."""
+    thousands of terms nests that deep) prints without recursion; levels past
+    MAX_INDENT show their depth as a number, so the text grows with the tree's
+    size, not with its size times its depth."""
     lines = []
     stack = [(node, 0)]
     while stack:
         node, indent = stack.pop()
-        pad = "  " * indent
+        pad = _indent(indent)
         if isinstance(node, str):  # a field label
             lines.append(pad + node)
             continue

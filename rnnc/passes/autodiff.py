@@ -71,8 +71,7 @@ def _total(builder: Builder, parts: list) -> str:
     concatenation is the same sum without the zeros."""
     if len(parts) == 1:
         return parts[0]
-    made = {n.out: n for n in builder.nodes}
-    pads = [made.get(p) for p in parts]
+    pads = [builder.producers.get(p) for p in parts]
     if all(n is not None and n.op == "pad" for n in pads):
         pads.sort(key=lambda n: _order_key(n.attr("before")))
         axis = pads[0].attr("axis")

@@ -69,7 +69,7 @@ def hoist(cell: Cell) -> Hoisted:
     def region_graph(name, outputs):
         own = nodes[name]
         read = reads(own, outputs)
-        local = [consts[c] for c in sorted(read & consts.keys(), key=list(consts).index)]
+        local = [n for n in consts.values() if n.out in read]
         body = local + own
         produced = {n.out for n in body}
         inputs = [values[v] for v in values if v in read and v not in produced]
