@@ -6,6 +6,7 @@ D=3, H=5, E=7, S=11 (all different, so a wrong axis shows).
 from __future__ import annotations
 
 import re
+import sys
 
 import pytest
 
@@ -14,7 +15,7 @@ import rnnc
 from rnnc import driver
 from rnnc.cli import main
 
-from conftest import EXAMPLES, example, run_rnnc
+from conftest import EXAMPLES, ROOT, example, run_rnnc
 NAMES = ["lstm", "gru", "milstm", "attention_lstm", "recurrent_attention_lstm",
          "layernorm_lstm", "peephole_lstm", "indrnn"]
 DIMS = {"D": 3, "H": 5, "E": 7, "S": 11}
