@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+from ...nesting import unnest
 from ...ops import OPS
 from ...shapes import concrete_shape
 from .cexpr import Ref, c_float, decode, offset, size_expr, strides
@@ -23,6 +24,7 @@ class Loop:
         self.shape, self.batched, self.resolve = shape, batched, resolve
         self.lines: list = []
         self.memo: dict = {}
+        self.inlined: dict = {}  # (value, row, index) -> its C expression
         self.refs: dict = {}  # param -> Ref
         numel = math.prod(shape)
         self.total = size_expr(numel, batched)
@@ -52,21 +54,33 @@ class Loop:
     def load(self, ref: Ref, row, index) -> str:
         return self.temp("float", self.element(ref, row, index))
 
-    def value(self, name: str, row, index) -> str:
-        """The C expression of value `name` at (row, index), inlining fusible producers."""
-        where = self.resolve(name)
-        if isinstance(where, Ref):
-            return self.load(where, row if where.batched else None, index)
-        return self.node(where, row, index)
-
     def node(self, n, row, index) -> str:
+        """The C expression of node `n`'s result at (row, index), inlining its
+        fusible producers. An inlined chain is as deep as the expression it
+        came from, so the producers are walked on an explicit stack (`unnest`):
+        `_node` and `_value` yield the (value, row, index) each needs."""
+        return unnest(self._node(n, row, index), lambda want: self._value(*want))
+
+    def _value(self, name: str, row, index):
+        key = (name, row, index)  # a value read twice is walked once
+        if key not in self.inlined:
+            where = self.resolve(name)
+            if isinstance(where, Ref):
+                self.inlined[key] = self.load(where, row if where.batched else None, index)
+            else:
+                self.inlined[key] = yield from self._node(where, row, index)
+        return self.inlined[key]
+
+    def _node(self, n, row, index):
         shape = concrete_shape(n.shape)
         if n.op == "const":
             return c_float(n.attr("value"))
         lower = STRUCTURAL.get(n.op)
         if lower is not None:
-            return lower(self, n, shape, row, index)
-        args = [self.value(a, row, broadcast_index(self.shape_of(a), shape, index)) for a in n.args]
+            return (yield from lower(self, n, shape, row, index))
+        args = []
+        for a in n.args:
+            args.append((yield a, row, broadcast_index(self.shape_of(a), shape, index)))
         return self.temp("float", OPS[n.op].cuda.format(*args))
 
     def shape_of(self, name: str) -> tuple:
@@ -103,11 +117,13 @@ def broadcast_index(arg_shape: tuple, out_shape: tuple, index: tuple) -> tuple:
                  for k, a in enumerate(arg_shape))
 
 
+# Structural ops as index arithmetic: generators, as Loop._node, that yield
+# the (value, row, index) they read and return the C expression.
 def lower_slice(loop: Loop, n, shape, row, index):
     axis = n.attr("axis") % len(shape)
     moved = list(index)
     moved[axis] = loop.temp_int(f"{index[axis]} + {n.attr('start').value}")
-    return loop.value(n.args[0], row, tuple(moved))
+    return (yield n.args[0], row, tuple(moved))
 
 
 def lower_pad(loop: Loop, n, shape, row, index):
@@ -117,7 +133,7 @@ def lower_pad(loop: Loop, n, shape, row, index):
     j = loop.temp_int(f"{index[axis]} - {before}")
     moved = list(index)
     moved[axis] = loop.clamp(j, size)
-    inner = loop.value(n.args[0], row, tuple(moved))
+    inner = yield n.args[0], row, tuple(moved)
     return loop.temp("float", f"({j} >= 0 && {j} < {size}) ? {inner} : 0.0f")
 
 
@@ -128,7 +144,7 @@ def lower_concat(loop: Loop, n, shape, row, index):
         size = loop.shape_of(a)[axis]
         moved = list(index)
         moved[axis] = loop.clamp(f"{index[axis]} - {start}", size)
-        parts.append((start + size, loop.value(a, row, tuple(moved))))
+        parts.append((start + size, (yield a, row, tuple(moved))))
         start += size
     expr = parts[-1][1]
     for stop, value in reversed(parts[:-1]):
@@ -137,14 +153,14 @@ def lower_concat(loop: Loop, n, shape, row, index):
 
 
 def lower_transpose(loop: Loop, n, shape, row, index):
-    return loop.value(n.args[0], row, tuple(reversed(index)))
+    return (yield n.args[0], row, tuple(reversed(index)))
 
 
 def lower_broadcast_in(loop: Loop, n, shape, row, index):
     axis = n.attr("axis")
     kept = tuple(ix for k, ix in enumerate(index) if k != axis) if axis is not None else index
     kept_shape = tuple(s for k, s in enumerate(shape) if k != axis) if axis is not None else shape
-    return loop.value(n.args[0], row, broadcast_index(loop.shape_of(n.args[0]), kept_shape, kept))
+    return (yield n.args[0], row, broadcast_index(loop.shape_of(n.args[0]), kept_shape, kept))
 
 
 STRUCTURAL = {"slice": lower_slice, "pad": lower_pad, "concat": lower_concat,

@@ -39,6 +39,8 @@ class Lowering:
         self.schedule = Schedule()
         self.decl = {d.name: d for d in self.cell.decls}
         self.values = self.hoisted.values()
+        # and the step backward's, looked up for every seed it reads: made once
+        self.values_bwd = {**self.values, **program.grads["step"].graph.values()}
         self.stored = set(self.plan.stored)
         self.states = [d.name for d in self.cell.of_kind("state")]
         for _, v in self.cell.nexts + self.cell.outputs:
@@ -192,7 +194,7 @@ class Lowering:
         kept = set(self.states) | self.stored | set(self.row_gradients()) | self.row_targets()
         return {g: w for g, w in self.sole_gradients().items()
                 if producers[g].op in DEFERRABLE and not producers[g].batched
-                and all(self.values_bwd(a).batched and a in kept for a in producers[g].args)}
+                and all(self.values_bwd[a].batched and a in kept for a in producers[g].args)}
 
     def sole_gradients(self) -> dict:
         """Backward nodes that are the gradient of one whole-sequence value
@@ -215,11 +217,8 @@ class Lowering:
     def row_targets(self) -> set:
         return {d.name for d in self.cell.of_kind("input")} | set(self.hoisted.pre.outputs)
 
-    def values_bwd(self, name):
-        return self.step_bwd.graph.values().get(name) or self.values[name]
-
     def seed_ref(self, seed) -> Ref:
-        value = self.values_bwd(seed)
+        value = self.values_bwd[seed]
         return self.buffer(f"seed:{seed}", concrete_shape(value.shape), value.batched)
 
     def d_state(self, s) -> Ref:
