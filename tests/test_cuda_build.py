@@ -18,8 +18,10 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
+from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import rnnc
@@ -29,6 +31,7 @@ from rnnc.backends.cuda.device import CudaUnavailable
 from rnnc.backends.cuda.lowering import generate
 from rnnc.backends.cuda.runtime import CudaModule
 from rnnc.backends.cuda.schedule import Schedule
+from rnnc.cli import main
 
 import cuda_cases as cases
 from conftest import EXAMPLES, compile_sized, example
@@ -73,12 +76,13 @@ def cubins(tmp_path_factory):
 
 
 @needs_nvcc
-def test_every_example_compiles_for_sm80_and_sm90_without_spills(cubins):
+def test_every_example_compiles_for_sm80_and_sm90_without_spills_or_warnings(cubins):
     assert len(cubins) >= 2 * 2 * 2 * len(EXAMPLES)  # archs, precisions, sizes
     for label, _, arch, cubin, _ in cubins:
         assert cubin.path.read_bytes()[:4] == b"\x7fELF", (label, arch)
         assert "Compiling entry function" in cubin.log  # ptxas -v really reported
         assert cubin.spills() == 0, f"{label} {arch}: {re.findall(r'.*spill.*', cubin.log)}"
+        assert not cubin.warned, f"{label} {arch}: {cubin.warned}"
 
 
 @lru_cache(maxsize=None)
@@ -238,3 +242,58 @@ def test_emit_stage_cuda_prints_the_source(capsys):
     assert main(["emit", str(example("indrnn")), "--stage", "cuda", "-D", "D=2", "-D", "H=3"]) == 0
     out = capsys.readouterr().out
     assert out.count('extern "C" __global__') >= 4 and "rnnc_step_" in out
+
+
+# --- sizes past 32 bits and nvcc's warnings ------------------------------------------------
+@needs_nvcc
+def test_nvcc_warnings_reach_the_user_built_and_cached(tmp_path):
+    """What nvcc warns is an NvccWarning on every build, the cached ones too;
+    ptxas's register report is not a warning."""
+    source = ('extern "C" __global__ void k(float* x) {\n'
+              '    const int n = 3000000000;\n    x[threadIdx.x % n] = 1.0f;\n}\n')
+    for build_or_cache in range(2):
+        with pytest.warns(build.NvccWarning) as caught:
+            cubin = build.compile_cubin(source, "sm_80", cache=tmp_path)
+        message = str(caught[0].message)
+        assert "kernels.cu(2): warning" in message and "change of sign" in message
+        assert "ptxas info" not in message and str(tmp_path) not in message
+    assert cubin.log == ""  # the second came from the cache
+
+
+def test_per_example_sizes_past_the_kernels_indices_are_refused_when_generated(capsys):
+    """32-bit int indices reach 2^30 elements per buffer (a grid-stride loop
+    steps past the end by up to its length); a larger per-example size is a
+    ValueError naming it, from the API, `rnnc emit --stage cuda` and `rnnc compile`."""
+    program = rnnc.compile(example("indrnn"), dims={"D": 2, "H": 2**29 + 1}, recompute="none")
+    with pytest.raises(ValueError, match=r"'param:W' has 1,073,741,826 elements.*2\^30"):
+        generate(program)
+    assert generate(rnnc.compile(example("indrnn"), dims={"D": 2, "H": 2**29}))  # exactly 2^30: taken
+    for argv in (["emit", "--stage", "cuda"], ["compile", "-o", "never-written"]):
+        assert main([*argv[:1], str(example("indrnn")), *argv[1:], "-D", "D=4", "-D", "H=3000000000"]) == 1
+        err = capsys.readouterr().err
+        assert "3,000,000,000 elements per example" in err and "32-bit" in err, err
+    assert not Path("never-written").exists()
+
+
+class NoDevice:
+    """A device that must not be used: the size check comes before any allocation."""
+
+    def active(self):
+        return nullcontext()
+
+    def __getattr__(self, name):
+        raise AssertionError(f"device.{name} called")
+
+
+def test_rows_times_sizes_past_the_kernels_indices_are_refused_at_the_call():
+    """T*B rows of 2^20 units: one launch over all rows of the hoisted product
+    would index past 2^30 elements; the call says so, naming T, B and the
+    sizes, before it allocates anything."""
+    program = rnnc.compile(example("indrnn"), dims={"D": 1, "H": 2**20}, recompute="none")
+    module = CudaModule(program, generate(program).schedule, NoDevice())
+    params = {k: np.zeros(v.shape, np.float32) for k, v in module.init_params().items()}
+    inputs = {"x": np.zeros((1025, 1, 1), np.float32)}
+    with pytest.raises(ValueError, match=r"T=1025, B=1: .*1,025 rows of 1,048,576 elements.*2\^30"):
+        module.forward(inputs=inputs, params=params)
+    with pytest.raises(AssertionError, match="device"):  # 1,024 rows, exactly 2^30: past the check
+        module.forward(inputs={"x": inputs["x"][:1024]}, params=params)

@@ -8,7 +8,9 @@ its name is removed and built again, never served. Cubins are written to a
 temporary file and renamed into place, so two processes building the same
 cell at once both succeed and the cache never holds a half-written file. A
 cache directory that cannot be made or written is a warning, and the cubin is
-built in a temporary directory instead.
+built in a temporary directory instead. Whatever nvcc warns (past ptxas's
+register report) is an `NvccWarning`, on every build of the source, cached or
+not: a warning is never hidden.
 """
 from __future__ import annotations
 
@@ -38,12 +40,17 @@ class CacheWarning(UserWarning):
     """The cubin cache cannot be used; cubins are built without it."""
 
 
+class NvccWarning(UserWarning):
+    """nvcc (or ptxas) warned about the generated source; the message holds its words."""
+
+
 @dataclass(frozen=True)
 class Cubin:
     path: Path
     arch: str
     log: str  # ptxas's report (empty when the cubin came from the cache)
     data: bytes  # the cubin, as checked against the hash in its name
+    warned: str = ""  # nvcc's warnings, kept beside a cached cubin so every build shows them
 
     def spills(self) -> int:
         return spill_bytes(self.log)
@@ -100,7 +107,23 @@ def compile_cubin(source: str, arch: str | None = None, cache: Path | None = Non
     nvcc = nvcc_path()
     entry = f"{cache_key(source, arch, nvcc)}.{arch}"
     cache = usable_cache(Path(cache or cache_dir()))
-    return from_cache(cache, entry, arch) or run_nvcc(nvcc, source, arch, cache, entry)
+    cubin = from_cache(cache, entry, arch) or run_nvcc(nvcc, source, arch, cache, entry)
+    if cubin.warned:
+        warnings.warn(NvccWarning(f"nvcc warned while building the kernels for {arch}:\n{cubin.warned}"),
+                      stacklevel=2)
+    return cubin
+
+
+def nvcc_warnings(stderr: str) -> str:
+    """What nvcc said besides ptxas's -v report (its `ptxas info` lines and their
+    indented details), when some of it is a warning; else ''."""
+    kept, in_report = [], False
+    for line in stderr.splitlines():
+        in_report = line.startswith("ptxas info") or (in_report and line[:1].isspace())
+        if not in_report:
+            kept.append(line)
+    text = "\n".join(kept).strip()
+    return text if "warning" in text.lower() else ""
 
 
 def usable_cache(cache: Path) -> Path:
@@ -130,7 +153,8 @@ def from_cache(cache: Path, entry: str, arch: str) -> Cubin | None:
         try:
             data = path.read_bytes()
             if path.name == f"{entry}.{hashlib.sha256(data).hexdigest()}.cubin":
-                return Cubin(path, arch, "", data)
+                warned = cache / f"{entry}.warnings"
+                return Cubin(path, arch, "", data, warned.read_text() if warned.exists() else "")
             path.unlink()
         except OSError:  # gone meanwhile, or unreadable: built again
             continue
@@ -147,9 +171,13 @@ def run_nvcc(nvcc: str, source: str, arch: str, cache: Path, entry: str) -> Cubi
         if done.returncode != 0:
             raise BuildError(f"nvcc failed for {arch} (exit {done.returncode}):\n{done.stderr.strip()}")
         data = out.read_bytes()
+        warned = nvcc_warnings(done.stderr.replace(str(src), src.name))  # not the scratch path
+        if warned:  # in place before the cubin, which a reader takes as the whole entry
+            (Path(work) / "warnings").write_text(warned)
+            os.replace(Path(work) / "warnings", cache / f"{entry}.warnings")
         target = cache / f"{entry}.{hashlib.sha256(data).hexdigest()}.cubin"
         os.replace(out, target)  # atomic: readers see no cubin or a whole one
-    return Cubin(target, arch, done.stderr, data)
+    return Cubin(target, arch, done.stderr, data, warned)
 
 
 def spill_bytes(log: str) -> int:

@@ -82,6 +82,15 @@ def offset(terms) -> str:
     return " + ".join(parts) or "0"
 
 
+# Kernels index with 32-bit `int`. A grid-stride loop steps its index past
+# the end by up to the loop's own length before it stops, so no kernel may
+# index more than half of int's range: a buffer one launch touches holds at
+# most MAX_INDEX elements. Per-example sizes are checked when the kernels are
+# generated (`lowering.check_sizes`), rows times them at each call
+# (`executor.Executor.check_sizes`).
+MAX_INDEX = 2**30
+
+
 def size_expr(n: int, rows: bool) -> str:
     """n elements per row times the kernel's `rows`, or n alone, as C."""
     return f"rows * {n}" if rows else str(n)

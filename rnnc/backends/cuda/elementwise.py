@@ -9,6 +9,7 @@ loaded from their buffers.
 from __future__ import annotations
 
 import math
+import re
 
 from ...nesting import unnest
 from ...ops import OPS
@@ -98,6 +99,22 @@ class Loop:
 
     def clamp(self, expr: str, n: int) -> str:
         return self.temp_int(f"min(max({expr}, 0), {n - 1})")
+
+    def live_lines(self) -> list:
+        """The statements without the temporaries nothing reads (a row mask a
+        store did not need, say), which nvcc would warn of."""
+        read, kept = set(), []
+        for line in reversed(self.lines):
+            temp = TEMP.match(line)
+            if temp and temp.group(1) not in read:
+                continue
+            read.update(TEMP_NAME.findall(line))
+            kept.append(line)
+        return kept[::-1]
+
+
+TEMP = re.compile(r"const \w+ ([jf]\d+) = ")  # a line `temp` makes
+TEMP_NAME = re.compile(r"\b[jf]\d+\b")
 
 
 def loop_for(loops: dict, shape: tuple, batched: bool, resolve=None) -> Loop:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .cexpr import MAX_INDEX
 from .schedule import Schedule
 
 ALIGN = 256  # bytes between buffers of a pool (the alignment cudaMalloc gives)
@@ -96,6 +97,21 @@ class Executor:
             if b.role == "tickets":
                 self.device.memset0(memory[b.name].ptr, memory[b.name].slots * memory[b.name].slot_bytes)
         return memory, pool
+
+    def check_sizes(self, T: int, B: int, longest: int):
+        """Refuse a call whose kernels would index more than MAX_INDEX elements
+        of a buffer: a launch over all rows of a segment of `longest` steps
+        touches longest * B rows of each batched buffer it is given."""
+        for launch in self.schedule.launches():
+            rows = B if launch.rows == "B" else longest * B
+            for name, _ in launch.args:
+                b = self.schedule.buffers[name]
+                if b.batched and rows * b.numel > MAX_INDEX:
+                    raise ValueError(
+                        f"cuda: T={T}, B={B}: a kernel would index {rows:,} rows of {b.numel:,} elements "
+                        f"of {name!r}, {rows * b.numel:,} in all, more than the {MAX_INDEX:,} (2^30) its "
+                        "32-bit int indices reach; use a smaller batch, a shorter sequence or a "
+                        "memory_budget (its segments run fewer steps at once)")
 
     def run(self, launches, memory: dict, steps: Steps, t: int, lengths: int):
         for launch in launches:

@@ -204,7 +204,7 @@ class Generator:
         work = max((Extent(math.prod(loop.shape), loop.batched, BLOCK) for loop in loops),
                    key=lambda e: (e.rows, e.n))
         self.emit(region, self.name(region, family), "elementwise.cu.j2", refs, (work, Extent(1), Extent(1)),
-                  "; ".join(comments), loops=[{"total": loop.total, "lines": loop.lines} for loop in loops])
+                  "; ".join(comments), loops=[{"total": loop.total, "lines": loop.live_lines()} for loop in loops])
 
     def breaking(self, region, n, args: list, out: Ref, op: str, note: str):
         """The kernel of breaking node `n` (`BREAKING`) reading `args`, writing

@@ -14,7 +14,7 @@ from dataclasses import replace
 
 from ...precision import precision as find_precision
 from ...shapes import concrete_shape
-from .cexpr import Ref, comment
+from .cexpr import MAX_INDEX, Ref, comment
 from .elementwise import loop_for
 from .kernels import Generator, intrinsics, render
 from .region import Region
@@ -113,6 +113,7 @@ class Lowering:
         s.zero_before_backward = [b.name for b in s.buffers.values()
                                   if b.name.split(":", 1)[0] in ("d_row", "d_acc")]
         s.buffers.update(self.gen.scratch)
+        check_sizes(s)
         return Generated(render("module.cu.j2", cell=comment(self.cell.name), intrinsics=intrinsics(),
                                 kernels=self.gen.sources), s)
 
@@ -368,6 +369,16 @@ class Lowering:
             return self.accumulator(seeds[name]) if name in seeds else self.hoisted_value(name, "base")
         return self.whole_region_backward("seq_bwd", "B", self.program.grads["seq"], external,
                                           self.accumulator)
+
+
+def check_sizes(schedule: Schedule):
+    """Refuse per-example sizes the kernels' 32-bit indices cannot reach (see cexpr.MAX_INDEX)."""
+    for b in schedule.buffers.values():
+        if b.numel > MAX_INDEX:
+            per = " per example" if b.batched else ""
+            raise ValueError(f"cuda: {b.name!r} has {b.numel:,} elements{per}, more than the "
+                             f"{MAX_INDEX:,} (2^30) the kernels' 32-bit int indices reach; "
+                             "use smaller dims or backend='numpy'")
 
 
 def generate(program, precision: str | None = None) -> Generated:

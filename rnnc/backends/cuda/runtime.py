@@ -140,6 +140,7 @@ class CudaModule:
         ex, sched = self.executor, self.executor.schedule
         bounds = segments(self.program.plan, T, train)
         longest = max(stop - start for start, stop in bounds)
+        ex.check_sizes(T, B, longest)
         memory, pool = ex.allocate(ex.forward_buffers, T, B, longest, train)
         checkpoints, ckpt_pool = self._checkpoints(B, len(bounds) - 1 if train else 0)
         call = Call(T, B, bounds, memory, [pool, ckpt_pool], 0, checkpoints,
