@@ -1,33 +1,60 @@
-"""A CPU emulation of CUDA, enough to run rnnc's generated kernels without a GPU.
+"""A CPU emulation of CUDA that sees what a GPU would, to run rnnc's generated
+kernels without one.
 
 The generated `kernels.cu` is compiled by g++ with a small header that defines
-threadIdx, blockIdx, `__shared__` and `__syncthreads`: the blocks of a launch
-run one after another, the threads of a block as fibers (ucontext) that
-switch at every `__syncthreads` and every warp-wide instruction, so a barrier
-waits for all threads of the block, and a warp-wide instruction (tensor-core
-`mma`, a shuffle) for the 32 lanes of the warp, as on a GPU; a barrier or
-warp-wide instruction that not all of them reach aborts with a message.
-`emulated_intrinsics.py` defines the hardware instructions the kernels use
-(templates/intrinsics.cu) for the emulation. `EmulatedDevice` has the methods the
-runtime's `Executor` uses, so the whole CUDA backend (schedule, buffers, host
-loop, kernels) runs and can be compared with the NumPy reference.
+threadIdx, blockIdx, `__shared__` and `__syncthreads`. The threads of a block
+run as fibers (ucontext) that switch at every `__syncthreads` and every
+warp-wide instruction, so a barrier waits for all threads of the block, and a
+warp-wide instruction (tensor-core `mma`, a shuffle) for the 32 lanes of the
+warp, as on a GPU. `emulated_intrinsics.py` defines the hardware instructions
+the kernels use (templates/intrinsics.cu) for the emulation. What a GPU
+leaves to chance or to undefined behaviour fails here:
 
-Fresh pools are filled with NaN bytes, so reading memory no kernel wrote shows.
+- order: the blocks of a launch run in a random order, and the ready threads
+  of a block in a new random order every round (seeded), so a thread that
+  reads another's write without a barrier between them, or a block that reads
+  another block's, gets different results from seed to seed;
+- memory nobody wrote: fresh device memory is NaN, and so is every
+  `__shared__` array at the start of every block (they live in one section of
+  the library, refilled before each block runs);
+- bounds: `EmulatedDevice` gives every buffer an allocation of its own
+  between guard zones of NaN bytes: a kernel that writes into one is an
+  error, one that reads from one reads NaN;
+- barriers: every round, the threads still running must all wait at the same
+  `__syncthreads` (a thread that exits while others wait at one, or threads
+  at different ones, is a barrier in divergent code), and warp-wide
+  instructions must be reached by every lane of the warp;
+- launch shape: the block may not exceed the kernel's `__launch_bounds__`
+  (nor 1024 threads), nor the grid CUDA's limits.
+
+A violation raises `EmulationError`, naming the kernel and what it did.
+`EmulatedDevice` has the methods the runtime's `Executor` uses, so the whole
+CUDA backend (schedule, buffers, host loop, kernels) runs and can be compared
+with the NumPy reference.
 """
 from __future__ import annotations
 
 import ctypes
 import hashlib
 import os
+import random
+import re
 import shutil
 import subprocess
 import tempfile
+import weakref
 from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 
 import emulated_intrinsics
+
+# The seeds the emulated examples run under: RNNC_EMULATOR_SEEDS="1,2,3" for more.
+SEEDS = [int(seed) for seed in os.environ.get("RNNC_EMULATOR_SEEDS", "1,2").split(",")]
+MAX_BLOCK = 1024
+MAX_GRID = (2**31 - 1, 65535, 65535)
+GUARD = 256  # bytes of NaN before and after every buffer
 
 HEADER = r"""
 #include <math.h>
@@ -37,13 +64,18 @@ HEADER = r"""
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <numeric>
+#include <random>
 #include <ucontext.h>
 using std::min; using std::max;
 struct dim3 { unsigned x = 1, y = 1, z = 1; };
 static dim3 threadIdx, blockIdx, blockDim, gridDim;
 #define __global__
 #define __launch_bounds__(...)
-#define __shared__ static  /* blocks run one at a time: a block's threads share it */
+// every __shared__ array of the library in one section, NaN-filled before each block
+#define __shared__ static __attribute__((section("emu_shared")))
+extern "C" char __start_emu_shared[] __attribute__((weak));
+extern "C" char __stop_emu_shared[] __attribute__((weak));
 #define __device__
 #define __forceinline__ inline
 #define __align__(n) __attribute__((aligned(n)))
@@ -55,7 +87,10 @@ static ucontext_t scheduler;
 static std::vector<ucontext_t> fibers;
 static std::vector<std::vector<char>> stacks;
 static std::vector<State> state;
+static std::vector<int> barrier_line;  // the line of the __syncthreads each thread waits at
 static int current;
+static std::mt19937_64 rng;
+static char error[512];  // the launch's first violation, "" while there is none
 static void (*body)(void*);
 static void* body_arg;
 static void (*block_start)(unsigned threads);  // the intrinsics' per-block state, reset
@@ -68,9 +103,13 @@ static void wait(State at) {
     state[current] = at;
     swapcontext(&fibers[current], &scheduler);
 }
-static void fail(const char* what) {
-    fprintf(stderr, "cuda emulator: block (%u, %u, %u): %s\n", blockIdx.x, blockIdx.y, blockIdx.z, what);
-    abort();
+static void fail(const char* what) {  // the first violation is reported; the launch stops after this round
+    if (!error[0])
+        snprintf(error, sizeof error, "block (%u, %u, %u): %s", blockIdx.x, blockIdx.y, blockIdx.z, what);
+}
+static void barrier(int line) {
+    barrier_line[current] = line;
+    wait(AT_BLOCK);
 }
 // Releases the threads that may go on: a warp whose lanes all wait at a warp-wide
 // instruction, else the whole block when every thread not done waits at __syncthreads.
@@ -86,12 +125,27 @@ static bool release(unsigned threads) {
     }
     if (any) return true;
     unsigned waiting = 0, left = 0;
+    int line = 0, other = 0;
     for (unsigned i = 0; i < threads; ++i) {
         waiting += state[i] == AT_BLOCK;
         left += state[i] != DONE;
+        if (state[i] == AT_BLOCK && !line) line = barrier_line[i];
+        else if (state[i] == AT_BLOCK && barrier_line[i] != line) other = barrier_line[i];
     }
     if (left == 0) return false;
-    if (waiting != left) fail("deadlock: threads wait at different barriers");
+    char what[160];
+    if (waiting != left || waiting != threads) {
+        snprintf(what, sizeof what, "%u threads exited while %u wait at the __syncthreads of line %d "
+                 "(a barrier in divergent code)", threads - left, waiting, line);
+        fail(what);
+        return false;
+    }
+    if (other) {
+        snprintf(what, sizeof what, "threads wait at the __syncthreads of lines %d and %d at once "
+                 "(a barrier in divergent code)", line, other);
+        fail(what);
+        return false;
+    }
     for (unsigned i = 0; i < threads; ++i) if (state[i] == AT_BLOCK) state[i] = READY;
     return true;
 }
@@ -99,7 +153,10 @@ static void run_block(unsigned threads) {
     fibers.resize(threads);
     stacks.resize(threads);
     state.assign(threads, READY);
+    barrier_line.assign(threads, 0);
     if (block_start) block_start(threads);
+    if (__start_emu_shared)  // shared memory nobody wrote reads as NaN
+        memset(__start_emu_shared, 0xFF, __stop_emu_shared - __start_emu_shared);
     for (unsigned i = 0; i < threads; ++i) {
         stacks[i].resize(1 << 16);
         getcontext(&fibers[i]);
@@ -108,61 +165,106 @@ static void run_block(unsigned threads) {
         fibers[i].uc_link = nullptr;
         makecontext(&fibers[i], entry, 0);
     }
-    do {  // one round: every ready thread up to its next barrier or warp-wide instruction
-        for (unsigned i = 0; i < threads; ++i) {
+    std::vector<unsigned> order(threads);
+    std::iota(order.begin(), order.end(), 0u);
+    do {  // one round: every ready thread, in a random order, up to its next barrier or warp-wide instruction
+        std::shuffle(order.begin(), order.end(), rng);
+        for (unsigned i : order) {
             if (state[i] != READY) continue;
             current = (int)i;
             threadIdx.x = i;
             swapcontext(&scheduler, &fibers[i]);
         }
-    } while (release(threads));
+    } while (!error[0] && release(threads));
 }
-static void run_grid(unsigned gx, unsigned gy, unsigned gz, unsigned bx) {
+// the blocks of a launch in a random order; 0, or 1 with the first violation in `message`
+static int run_grid(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned long long seed,
+                    char* message, int size) {
     gridDim.x = gx; gridDim.y = gy; gridDim.z = gz;
     blockDim.x = bx;
+    rng.seed(seed);
+    error[0] = 0;
+    std::vector<dim3> blocks;
     for (unsigned z = 0; z < gz; ++z)
         for (unsigned y = 0; y < gy; ++y)
             for (unsigned x = 0; x < gx; ++x) {
-                blockIdx.x = x; blockIdx.y = y; blockIdx.z = z;
-                run_block(bx);
+                dim3 b; b.x = x; b.y = y; b.z = z;
+                blocks.push_back(b);
             }
+    std::shuffle(blocks.begin(), blocks.end(), rng);
+    for (const dim3& b : blocks) {
+        blockIdx = b;
+        run_block(bx);
+        if (error[0]) break;
+    }
+    snprintf(message, size, "%s", error);
+    return error[0] ? 1 : 0;
 }
 }  // namespace emu
-inline void __syncthreads() { emu::wait(emu::AT_BLOCK); }
+#define __syncthreads() emu::barrier(__LINE__)
 """
 
 WRAPPER = """
-extern "C" void emu_{name}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, int rows, int t,
-                            const int* lengths, float** p) {{
+extern "C" int emu_{name}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, int rows, int t,
+                          const int* lengths, float** p, unsigned long long seed, char* message, int size) {{
     struct Args {{ int rows, t; const int* lengths; float** p; }} args{{rows, t, lengths, p}};
     emu::body = [](void* v) {{ Args* a = (Args*)v; {name}(a->rows, a->t, a->lengths{params}); }};
     emu::body_arg = &args;
-    emu::run_grid(gx, gy, gz, bx);
+    return emu::run_grid(gx, gy, gz, bx, seed, message, size);
 }}
 """
+
+# a kernel's head: extern "C" __global__ void [__launch_bounds__(N, ...)] NAME(
+KERNEL = re.compile(r'extern "C" __global__ void\s+(?:__launch_bounds__\(\s*(\d+)[^)]*\)\s+)?(\w+)\(')
+
+
+class EmulationError(AssertionError):
+    """A kernel did what a GPU leaves undefined or to chance (see the module docstring)."""
 
 
 def available() -> bool:
     return shutil.which("g++") is not None
 
 
-def build_library(source: str, arities: dict, workdir: Path) -> ctypes.CDLL:
-    """The emulation of `source`, built by g++ unless `workdir` has it; two
-    threads building the same one at once each build it in a directory of
-    their own and rename it into place, so neither loads a half-written one."""
-    wrappers = "".join(WRAPPER.format(name=k, params="".join(f", a->p[{i}]" for i in range(n)))
-                       for k, n in arities.items())
-    text = HEADER + emulated_intrinsics.HEADER + source + wrappers
-    key = hashlib.sha256(text.encode()).hexdigest()[:16]
-    lib = workdir / f"emu_{key}.so"
-    if not lib.exists():
-        with tempfile.TemporaryDirectory(dir=workdir) as own:
-            src, built = Path(own) / f"emu_{key}.cpp", Path(own) / f"emu_{key}.so"
-            src.write_text(text)
-            subprocess.run(["g++", "-O0", "-std=c++17", "-shared", "-fPIC", "-w", "-o", str(built), str(src)],
-                           check=True, capture_output=True, text=True)
-            os.replace(built, lib)
-    return ctypes.CDLL(str(lib))
+class Library:
+    """A CUDA source's kernels built for the emulation (by g++ unless `workdir`
+    has them: two threads building the same one at once each build it in a
+    directory of their own and rename it into place, so neither loads a
+    half-written one); `run` launches one."""
+
+    def __init__(self, source: str, arities: dict, workdir: Path):
+        wrappers = "".join(WRAPPER.format(name=k, params="".join(f", a->p[{i}]" for i in range(n)))
+                           for k, n in arities.items())
+        # __LINE__ counts the kernels' own lines, for the messages
+        text = HEADER + emulated_intrinsics.HEADER + '#line 1 "kernels.cu"\n' + source + wrappers
+        key = hashlib.sha256(text.encode()).hexdigest()[:16]
+        lib = workdir / f"emu_{key}.so"
+        if not lib.exists():
+            with tempfile.TemporaryDirectory(dir=workdir) as own:
+                src, built = Path(own) / f"emu_{key}.cpp", Path(own) / f"emu_{key}.so"
+                src.write_text(text)
+                subprocess.run(["g++", "-O0", "-std=c++17", "-shared", "-fPIC", "-w", "-o", str(built), str(src)],
+                               check=True, capture_output=True, text=True)
+                os.replace(built, lib)
+        self.cdll = ctypes.CDLL(str(lib))
+        self.max_threads = {name: int(bound) if bound else MAX_BLOCK for bound, name in KERNEL.findall(source)}
+        for name in arities:
+            getattr(self.cdll, f"emu_{name}").argtypes = (
+                [ctypes.c_uint] * 4 + [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p),
+                                       ctypes.c_ulonglong, ctypes.c_char_p, ctypes.c_int])
+
+    def run(self, kernel: str, grid: tuple, block: int, rows: int, t: int, lengths: int, ptrs: list, seed: int):
+        """Launch `kernel` over `grid` (3 ints) blocks of `block` threads, its
+        blocks and threads ordered by `seed`; EmulationError on a violation."""
+        if not 1 <= block <= self.max_threads[kernel]:
+            raise EmulationError(f"{kernel}: a block of {block} threads, but its __launch_bounds__ allow "
+                                 f"at most {self.max_threads[kernel]}")
+        if any(not 1 <= g <= limit for g, limit in zip(grid, MAX_GRID)):
+            raise EmulationError(f"{kernel}: grid {grid} is past CUDA's limits {MAX_GRID}")
+        args = (ctypes.c_void_p * max(len(ptrs), 1))(*ptrs)
+        message = ctypes.create_string_buffer(512)
+        if getattr(self.cdll, f"emu_{kernel}")(*grid, block, rows, t, lengths, args, seed, message, len(message)):
+            raise EmulationError(f"{kernel}: {message.value.decode()}")
 
 
 class HostArray:
@@ -179,22 +281,28 @@ class HostArray:
 
 
 class EmulatedDevice:
-    def __init__(self, generated, workdir: Path):
-        self.lib = build_library(generated.source, generated.schedule.arities(), workdir)
-        self.kernels = {}
-        for name in generated.schedule.kernels():
-            fn = getattr(self.lib, f"emu_{name}")
-            fn.argtypes = [ctypes.c_uint] * 4 + [ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
-                                                 ctypes.POINTER(ctypes.c_void_p)]
-            self.kernels[name] = fn
+    """The runtime's device, on the emulation. Every allocation is one buffer
+    (the Executor makes one per buffer for a device with `alloc_per_buffer`)
+    between guard zones, all NaN bytes like fresh memory; after every launch
+    the guard zones must be as they were."""
+
+    alloc_per_buffer = True
+
+    def __init__(self, generated, workdir: Path, seed: int = SEEDS[0]):
+        self.library = Library(generated.source, generated.schedule.arities(), workdir)
+        self.args = {launch.kernel: [name for name, _ in launch.args] for launch in generated.schedule.launches()}
+        self.random = random.Random(seed)
+        self.guarded = []  # (weak reference to a pool, where its buffer starts and ends in it)
         self.launched = []
 
     def active(self):
         return nullcontext()
 
     def alloc(self, nbytes: int):
-        pool = np.full(max(nbytes, 1) + 256, 0xFF, np.uint8)  # NaN bytes: unwritten memory shows
-        base = (pool.ctypes.data + 255) // 256 * 256
+        pool = np.full(GUARD + max(nbytes, 1) + 2 * GUARD, 0xFF, np.uint8)  # NaN bytes: unwritten memory shows
+        base = (pool.ctypes.data + GUARD + 255) // 256 * 256
+        start = base - pool.ctypes.data
+        self.guarded.append((weakref.ref(pool), start, start + nbytes))
         return base, pool
 
     def htod(self, ptr, array):
@@ -214,5 +322,23 @@ class EmulatedDevice:
 
     def launch(self, kernel, grid, block, rows, t, lengths, ptrs):
         self.launched.append(kernel)
-        args = (ctypes.c_void_p * max(len(ptrs), 1))(*ptrs)
-        self.kernels[kernel](*grid, block, rows, t, lengths, args)
+        self.library.run(kernel, grid, block, rows, t, lengths, ptrs, self.random.getrandbits(64))
+        self.check_guards(kernel, ptrs)
+
+    def check_guards(self, kernel, ptrs):
+        """A launch wrote outside the allocation of some buffer: which, and where."""
+        live = []
+        for ref, start, end in self.guarded:
+            pool = ref()
+            if pool is None:
+                continue
+            live.append((ref, start, end))
+            if (pool[:start] == 0xFF).all() and (pool[end:] == 0xFF).all():
+                continue
+            base = pool.ctypes.data + start
+            written = np.flatnonzero(np.concatenate([pool[:start], pool[end:]]) != 0xFF)[0]
+            where = written - start if written < start else end - start + written - start
+            given = [name for name, p in zip(self.args.get(kernel, []), ptrs) if base <= p < base + end - start]
+            raise EmulationError(f"{kernel}: wrote byte {where} of an allocation of {end - start} bytes "
+                                 f"(buffer {', '.join(given) or 'not among its arguments'}): out of bounds")
+        self.guarded = live

@@ -11,8 +11,11 @@ the rounded reference as closely as fp32 kernels agree with the exact one,
 give or take one TF32 rounding, while the unrounded reference is several
 TF32 roundings away (test_tf32_is_not_exact).
 
-What this cannot check: PyCUDA itself, real concurrency between threads of a
-block beyond barrier order, and timing (tests/test_cuda_gpu.py does, on a GPU).
+The emulation runs blocks and threads in seeded random orders, with NaN in
+memory nobody wrote and guard zones around every buffer (see cuda_emulator.py).
+What it cannot check: PyCUDA itself, threads of a block interleaving between
+two barriers (each runs alone from one to the next) and timing
+(tests/test_cuda_gpu.py does, on a GPU).
 """
 from __future__ import annotations
 
@@ -48,9 +51,9 @@ cell kw {
 """
 
 
-def emulated(program, workdir, precision="fp32"):
+def emulated(program, workdir, precision="fp32", seed=cuda_emulator.SEEDS[0]):
     generated = generate(program, precision)
-    device = cuda_emulator.EmulatedDevice(generated, workdir)
+    device = cuda_emulator.EmulatedDevice(generated, workdir, seed)
     return CudaModule(program, generated.schedule, device, precision=precision), device
 
 
@@ -61,15 +64,18 @@ def every_example_built(workdir):
     generated = [generate(cases.compile_example(path, policy), precision) for path in EXAMPLES
                  for policy in cases.POLICIES for precision in cases.PRECISIONS_RUN]
     with ThreadPoolExecutor(2) as pool:
-        list(pool.map(lambda g: cuda_emulator.build_library(g.source, g.schedule.arities(), workdir), generated))
+        list(pool.map(lambda g: cuda_emulator.Library(g.source, g.schedule.arities(), workdir), generated))
 
 
+@pytest.mark.parametrize("seed", cuda_emulator.SEEDS)
 @pytest.mark.parametrize("precision", cases.PRECISIONS_RUN)
 @pytest.mark.parametrize("policy", cases.POLICIES)
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
-def test_example_equals_numpy_reference(path, policy, precision, workdir, every_example_built):
+def test_example_equals_numpy_reference(path, policy, precision, seed, workdir, every_example_built):
+    """Under every seed: blocks and threads in other orders, so a missing
+    barrier or a race between blocks cannot pass by luck."""
     program = cases.compile_example(path, policy)
-    module, _ = emulated(program, workdir, precision)
+    module, _ = emulated(program, workdir, precision, seed)
     args = cases.arguments(program)
     for lengths in (None, cases.LENGTHS):
         got = cases.run(module, args, lengths)
@@ -160,10 +166,11 @@ def test_reductions_of_every_layout(dims, layouts, workdir):
     assert not cases.mismatches(cases.run(module, args, lengths), cases.reference(program, args, lengths))
 
 
+@pytest.mark.parametrize("seed", cuda_emulator.SEEDS)
 @pytest.mark.parametrize("name", list(new_cells.CELLS))
-def test_new_cells_equal_numpy_reference(name, workdir):
+def test_new_cells_equal_numpy_reference(name, seed, workdir):
     program = rnnc.compile(new_cells.CELLS[name], dims=new_cells.DIMS, recompute="auto")
-    module, _ = emulated(program, workdir)
+    module, _ = emulated(program, workdir, seed=seed)
     args = cases.arguments(program)
     for lengths in (None, cases.LENGTHS):
         bad = cases.mismatches(cases.run(module, args, lengths), cases.reference(program, args, lengths))

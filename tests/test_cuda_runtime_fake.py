@@ -207,8 +207,7 @@ def fake_pycuda(monkeypatch, cuda: FakeCuda, package_dir) -> types.ModuleType:
             cuda.check_range(f"{self.name} lengths", lengths, 4)
             for p in ptrs:
                 cuda.check_range(f"{self.name} buffer", p, 4)
-            pointers = (ctypes.c_void_p * max(len(ptrs), 1))(*ptrs)
-            getattr(self.library, f"emu_{self.name}")(*grid3, block3[0], rows, t, lengths, pointers)
+            self.library.run(self.name, grid3, block3[0], rows, t, lengths, ptrs, seed=0)
 
     class Module:
         def __init__(self, path):
@@ -218,9 +217,6 @@ def fake_pycuda(monkeypatch, cuda: FakeCuda, package_dir) -> types.ModuleType:
         def get_function(self, name):
             if name not in self.arities:
                 raise FakeError(f"cuModuleGetFunction failed: named symbol not found ({name})")
-            fn = getattr(self.library, f"emu_{name}")
-            fn.argtypes = [ctypes.c_uint] * 4 + [ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
-                                                 ctypes.POINTER(ctypes.c_void_p)]
             return Function(name, self.library, self.arities[name])
 
     def module_from_file(filename):
@@ -289,7 +285,7 @@ def loaded(cuda: FakeCuda, program, workdir, **options):
         archs.append(arch)
         path = workdir / f"{program.cell.name}.{arch}.cubin"
         path.write_text(generated.source)
-        library = cuda_emulator.build_library(generated.source, generated.schedule.arities(), workdir)
+        library = cuda_emulator.Library(generated.source, generated.schedule.arities(), workdir)
         cuda.libraries[str(path)] = (library, generated.schedule.arities())
         return path
     module = load(program, "float32", generated, cubin_for, **options)

@@ -84,6 +84,8 @@ class Executor:
 
     def allocate(self, buffers, T: int, B: int, longest: int, train: bool):
         """One pool for `buffers`: (name -> Slotted, the pool to keep alive).
+        A device with `alloc_per_buffer` (the tests' emulator, which guards
+        every allocation) gets one allocation per buffer instead.
         Tickets start at zero (the kernels leave them at zero)."""
         layout, offset = {}, 0
         for b in buffers:
@@ -91,8 +93,13 @@ class Executor:
             slots = slot_count(b, T, longest, train)
             layout[b.name] = (offset, slots, slot_bytes, not b.whole_sequence)
             offset += aligned(slots * slot_bytes)
-        base, pool = self.device.alloc(offset)
-        memory = {n: Slotted(base + o, *rest) for n, (o, *rest) in layout.items()}
+        if getattr(self.device, "alloc_per_buffer", False):
+            held = {n: self.device.alloc(slots * slot_bytes) for n, (_, slots, slot_bytes, _) in layout.items()}
+            memory = {n: Slotted(held[n][0], *rest) for n, (_, *rest) in layout.items()}
+            pool = [p for _, p in held.values()]
+        else:
+            base, pool = self.device.alloc(offset)
+            memory = {n: Slotted(base + o, *rest) for n, (o, *rest) in layout.items()}
         for b in buffers:
             if b.role == "tickets":
                 self.device.memset0(memory[b.name].ptr, memory[b.name].slots * memory[b.name].slot_bytes)
