@@ -28,7 +28,7 @@ def cell(body: str) -> str:
 
 FAMILIES = {
     # name: (terms at size n, the cell of that many terms)
-    "sum": (lambda n: n, lambda n: cell("    r = " + " + ".join(["h * a"] * n))),
+    "sum": (lambda n: n, lambda n: cell("    r = " + " + ".join(["tanh(h + a)"] * n))),
     "chain": (lambda n: n, lambda n: cell("    r0 = h\n" + "".join(
         f"    r{i + 1} = tanh(r{i}) * a + h\n" for i in range(n)) + f"    r = r{n}")),
     "unused": (lambda n: 8 * n, lambda n: cell("".join(f"    u{i} = h * 2\n" for i in range(n)) + "    r = h * a")),
