@@ -418,10 +418,10 @@ def _rebuild(artifact: Artifact):
                                   recompute=module["recompute"], memory_budget=plan["budget"],
                                   seq_len=plan["seq_len"], batch=plan["batch"], dtype=plan["dtype"],
                                   precision=module["precision"])
+        generated = generate(program)  # refuses sizes its kernels cannot index
     except (CellError, ValueError) as err:
         first = str(err).splitlines()[0]
         raise ArtifactError(path, f"damaged (its cell does not compile: {first})") from None
-    generated = generate(program)
     made = {"plan": program.plan.as_dict(), "kernels": generated.schedule.kernels(),
             "schedule": generated.schedule.to_json()}
     for key, value in made.items():
