@@ -150,9 +150,9 @@ def bench(name, dims, torch_side, repeats, T, B, precision):
                 "attention_lstm": lambda: torch_attention_lstm(leaf, contexts and contexts["enc"])}
     theirs = median_ms(builders[torch_side](), (x, dy), repeats)
     label = "cuDNN" if torch_side == "builtin" else "PyTorch loop"
-    schedule = module.executor.schedule
+    launches = module.executor.launches
     print(f"{name:>15}: rnnc {ours:8.2f} ms   {label:>12} {theirs:8.2f} ms   rnnc/{label} = {ours / theirs:.2f}"
-          f"   (rnnc launches per step: {len(schedule.forward_step)} forward, {len(schedule.backward_step)} backward)")
+          f"   (rnnc launches per step: {len(launches.step)} forward, {len(launches.backward_step)} backward)")
 
 
 def main(argv=None) -> int:

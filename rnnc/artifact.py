@@ -81,23 +81,24 @@ def size_limit(name: str) -> int:
 
 
 # --- writing ---------------------------------------------------------------------------
-def write(program, out_dir, recompute="auto", arch: str | None = None, build: bool = True) -> dict:
+def write(program, out_dir, arch: str | None = None, build: bool = True) -> dict:
     """Write `program` as an artifact directory; returns its module.json data.
-    The cubin is built for `arch` (default: the local GPU's, else sm_80) when
-    nvcc is there; `build=False` skips it."""
-    from .backends.cuda.build import BuildError, check_arch, compile_cubin, default_arch
-    from .backends.cuda.lowering import generate
+    The program's `cuda` and `cubin` stages (rnnc/driver.py) make its files;
+    the cubin is built for `arch` (default: the program's, else the local
+    GPU's, else sm_80) when nvcc is there; `build=False` skips it."""
+    from .backends.cuda.build import BuildError, check_arch, default_arch
 
     out = Path(out_dir)
     with _locked(out):  # checked before the build, and again before replacing
         _check_target(out)
-    generated = generate(program)
+    made = program.build("cuda")
+    generated = made["cuda"]
     files = {"kernels.cu": generated.source.encode(), "cell.ir": describe(program).encode()}
     notes = []
     if build:
-        arch = check_arch(arch or default_arch())
+        arch = check_arch(arch or program.options.arch or default_arch())
         try:
-            files[f"kernels.{arch}.cubin"] = compile_cubin(generated.source, arch).data
+            files[f"kernels.{arch}.cubin"] = program.build("cubin", made, arch=arch)["cubin"].data
         except BuildError as err:
             if "not found" not in str(err):
                 raise
@@ -109,12 +110,12 @@ def write(program, out_dir, recompute="auto", arch: str | None = None, build: bo
         "cell": program.cell.name,
         "source": {"name": Path(program.source.name).name, "text": source, "sha256": sha256(source.encode())},
         "dims": {k: v for k, v in program.cell.dims},
-        "recompute": policy_json(recompute),
+        "recompute": policy_json(program.options.recompute),
         "precision": program.precision,
         "plan": program.plan.as_dict(),
         "target": "cuda",
-        "kernels": generated.schedule.kernels(),
-        "schedule": generated.schedule.to_json(),
+        "kernels": generated.launches.kernels(),
+        "launches": generated.launches.to_json(),
         "files": {name: sha256(data) for name, data in files.items()},
     }
     files[MODULE] = (json.dumps(module, indent=1) + "\n").encode()
@@ -372,7 +373,7 @@ SCHEMA = (
     ("plan.dtype", lambda v: v in ("float32", "float64"), "float32 or float64"),
     ("target", lambda v: v == "cuda", '"cuda"'),
     ("kernels", _is_str_list, "a list of kernel names"),
-    ("schedule", lambda v: isinstance(v, dict), "an object"),
+    ("launches", lambda v: isinstance(v, dict), "an object"),
     ("files", lambda v: isinstance(v, dict) and {"kernels.cu", "cell.ir"} <= set(v),
      "an object listing kernels.cu and cell.ir"),
 )
@@ -402,14 +403,13 @@ def load(directory, backend: str = "numpy", dtype: str | None = None, precision:
             raise ArtifactError(d / name, f"missing; this GPU is {arch} and the artifact has "
                                 f"{', '.join(built) or 'no cubin'}", f"rebuild it with rnnc compile --arch {arch}")
         return d / name  # a plain file, checked against its hash by `read`
-    return load_cuda(program, dtype or "float32", generated, cubin_for)
+    return load_cuda(program, dtype or "float32", cubin_for=cubin_for, made={"cuda": generated})
 
 
 def _rebuild(artifact: Artifact):
     """The program and CUDA code of the stored cell, which must be what module.json
     and kernels.cu say: an edit of either, or an artifact another rnnc version
     would build differently, is refused rather than run with kernels that do not fit."""
-    from .backends.cuda.lowering import generate
     module, path = artifact.module, artifact.directory / MODULE
     plan = module["plan"]
     source = Source(f"{path} (the cell source)", module["source"]["text"])
@@ -418,12 +418,12 @@ def _rebuild(artifact: Artifact):
                                   recompute=module["recompute"], memory_budget=plan["budget"],
                                   seq_len=plan["seq_len"], batch=plan["batch"], dtype=plan["dtype"],
                                   precision=module["precision"])
-        generated = generate(program)  # refuses sizes its kernels cannot index
+        generated = program.build("cuda")["cuda"]  # refuses sizes its kernels cannot index
     except (CellError, ValueError) as err:
         first = str(err).splitlines()[0]
         raise ArtifactError(path, f"damaged (its cell does not compile: {first})") from None
-    made = {"plan": program.plan.as_dict(), "kernels": generated.schedule.kernels(),
-            "schedule": generated.schedule.to_json()}
+    made = {"plan": program.plan.as_dict(), "kernels": generated.launches.kernels(),
+            "launches": generated.launches.to_json()}
     for key, value in made.items():
         if json.loads(json.dumps(value)) != module[key]:
             raise ArtifactError(path, f"damaged ({key} is not what rnnc {rnnc_version()} makes of the "

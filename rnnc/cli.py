@@ -67,7 +67,7 @@ def cmd_check(args) -> int:
 
 def cmd_emit(args) -> int:
     source = driver.read_source(Path(args.file))
-    print(driver.emit(source, args.stage, args.cell, parse_dims(args.D), args.recompute, args.precision))
+    print(driver.emit(source, args.stage, **compile_options(args)))
     return 0
 
 
@@ -121,9 +121,8 @@ def load_for_run(args):
 
 def cmd_compile(args) -> int:
     from .artifact import write
-    program = compile_for_cli(args, memory_budget=args.memory_budget, seq_len=args.seq_len,
-                              batch=args.batch, precision=args.precision)
-    module = write(program, args.output, recompute=args.recompute, arch=args.arch)
+    program = compile_for_cli(args)
+    module = write(program, args.output)
     for note in module["notes"]:
         print(f"rnnc: warning: {note}", file=sys.stderr)
     built = [n for n in module["files"] if n.endswith(".cubin")]
@@ -133,11 +132,17 @@ def cmd_compile(args) -> int:
     return 0
 
 
-def compile_for_cli(args, **options):
-    """The Program of the command's FILE, -D, --cell and --recompute; warnings to stderr.
-    A --memory-budget string ("64MiB") is parsed by the planner, as the API's is."""
-    program = driver.compile(Path(args.file), dims=parse_dims(args.D), cell=args.cell,
-                             recompute=getattr(args, "recompute", "auto"), **options)
+def compile_options(args) -> dict:
+    """The compile options (rnnc/driver.py's Options) a command was given: FILE's
+    -D and --cell, and the ones its parser declares (`options`). A
+    --memory-budget string ("64MiB") is parsed by the planner, as the API's is."""
+    return {**{name: getattr(args, name) for name in args.options},
+            "dims": parse_dims(args.D), "cell": args.cell}
+
+
+def compile_for_cli(args):
+    """The Program of the command's options; warnings to stderr."""
+    program = driver.compile(Path(args.file), **compile_options(args))
     for warning in program.warnings:
         print(warning.format(), file=sys.stderr)
     return program
@@ -145,8 +150,7 @@ def compile_for_cli(args, **options):
 
 def cmd_plan(args) -> int:
     from .passes.plan import format_table, make_plan
-    program = compile_for_cli(args, memory_budget=args.memory_budget, seq_len=args.seq_len,
-                              batch=args.batch, dtype=args.dtype)
+    program = compile_for_cli(args)
     beside = {p: make_plan(program.hoisted, program.grads, p) for p in ("none", "all")}
     print(format_table(program.plan, program.hoisted.step, args.seq_len, args.batch, args.dtype, beside))
     return 0
@@ -167,9 +171,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"rnnc {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name, func, help_text):
+    def command(name, func, help_text, options=("recompute",)):
+        """A subcommand; `options` are the compile options (rnnc/driver.py) it takes."""
         c = sub.add_parser(name, help=help_text, description=help_text)
-        c.set_defaults(func=func)
+        c.set_defaults(func=func, options=options)
+        if "recompute" in options:
+            c.add_argument("--recompute", default="auto", help="none, all, auto or value names (a,b)")
+        if "memory_budget" in options:
+            c.add_argument("--memory-budget", metavar="BYTES",
+                           help="checkpoint states to fit forward+backward (of --dtype) in BYTES for "
+                                "--seq-len steps of --batch, e.g. 64MiB")
+            with_sizes(c, "of a call: of the budget and the schedule")
+            c.add_argument("--dtype", default="float32", choices=("float32", "float64"),
+                           help="the dtype bytes are counted in (default float32)")
+        if "precision" in options:
+            with_precision(c, DEFAULT_PRECISION)
         return c
 
     def with_cell(c, metavar="FILE", help_text=".cell file"):
@@ -178,9 +194,6 @@ def build_parser() -> argparse.ArgumentParser:
                        help="bind a dim, e.g. -D H=256")
         c.add_argument("--cell", help="which cell of the file (default: the first)")
         return c
-
-    def with_recompute(c):
-        c.add_argument("--recompute", default="auto", help="none, all, auto or value names (a,b)")
 
     def with_sizes(c, what: str):
         c.add_argument("--seq-len", type=positive_int, default=DEFAULT_T, metavar="T",
@@ -192,25 +205,23 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--precision", choices=tuple(PRECISIONS), help="of products: fp32 (exact) or tf32 "
                                                                       f"(tensor cores); default: {default_help}")
 
-    c = command("check", cmd_check, "parse and check .cell files")
+    plan_options = ("recompute", "memory_budget", "seq_len", "batch", "dtype")
+    c = command("check", cmd_check, "parse and check .cell files", options=())
     c.add_argument("files", nargs="+", metavar="FILE")
     c.add_argument("--cell", help="which cell of each file (default: the first)")
 
-    c = with_cell(command("emit", cmd_emit, "print one stage of the pipeline"))
-    c.add_argument("--stage", required=True, choices=driver.STAGES)
-    with_recompute(c)  # for the plan and cuda stages
-    with_precision(c, DEFAULT_PRECISION)  # for the cuda stage
+    c = with_cell(command("emit", cmd_emit, "print one stage of the pipeline, made with the "
+                                            "options `compile` takes", plan_options + ("precision",)))
+    c.add_argument("--stage", required=True, choices=driver.PRINTABLE)
 
     c = with_cell(command("gradcheck", cmd_gradcheck,
                           "check gradients against float64 finite differences (numpy backend)"))
-    with_recompute(c)
     with_sizes(c, "of the random data")
     c.add_argument("--lengths", action="store_true", help="random sequence lengths")
     c.add_argument("--tolerance", type=float, default=1e-6, help="worst relative error allowed (default 1e-6)")
 
     c = with_cell(command("run", cmd_run, "forward and backward on random data, with timing"), "DIR|FILE",
                   "an artifact directory (rnnc compile -o) or a .cell file")
-    with_recompute(c)
     with_sizes(c, "of the random data")
     c.add_argument("--repeat", type=positive_int, default=5, metavar="N",
                    help="timed runs after a warm-up; their median is shown (default 5)")
@@ -219,30 +230,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: float64 on numpy, float32 on cuda")
     with_precision(c, f"an artifact's, else {DEFAULT_PRECISION}")
 
-    c = with_cell(command("compile", cmd_compile, "compile a cell into an artifact directory"))
-    with_recompute(c)
+    c = with_cell(command("compile", cmd_compile, "compile a cell into an artifact directory",
+                          plan_options + ("precision", "arch")))
     c.add_argument("-o", "--output", required=True, metavar="DIR",
                    help="the artifact directory (made, or replaced if it holds an artifact)")
     c.add_argument("--target", default="cuda", choices=("cuda",))
-    with_precision(c, DEFAULT_PRECISION)
     c.add_argument("--arch", help="GPU architecture of the cubin, e.g. sm_90 (default: the local "
                                   "GPU's, else sm_80)")
-    c.add_argument("--memory-budget", metavar="BYTES",
-                   help="checkpoint states to fit forward+backward (float32) in BYTES for "
-                        "--seq-len steps of --batch, e.g. 64MiB")
-    with_sizes(c, "the budget is for")
 
-    c = with_cell(command("plan", cmd_plan, "show what the backward stores and recomputes, and "
-                                            "the bytes and flops that costs"))
-    with_recompute(c)
-    with_sizes(c, "the totals and the budget are for")
-    c.add_argument("--dtype", default="float32", choices=("float32", "float64"))
-    c.add_argument("--memory-budget", metavar="BYTES",
-                   help="checkpoint states to fit forward+backward in BYTES, e.g. 64MiB")
+    with_cell(command("plan", cmd_plan, "show what the backward stores and recomputes, and "
+                                        "the bytes and flops that costs", plan_options))
 
     c = with_cell(command("graph", cmd_graph, "draw the step graph, stored and recomputed values "
                                               "marked (DOT; SVG or PNG with Graphviz)"))
-    with_recompute(c)
     c.add_argument("-o", "--output", required=True, metavar="FILE", help="cell.dot, cell.svg or cell.png")
     return p
 

@@ -1,16 +1,24 @@
-"""The pipeline, one named stage after another.
+"""The pipeline, one named stage after another, in one table.
 
-    source --parse--> AST --check--> step IR --hoist--> regions
-           --autodiff--> backward regions --plan--> Plan --backend--> module
+    source --parse--> AST --check--> step IR --hoist--> regions --autodiff--> backward regions
+           --mask--> masked regions --plan--> Plan --> Program --> CUDA C --nvcc--> cubin
+                                              Plan --> schedule (for T steps of batch B)
 
-`compile` runs the stages in order; `emit` prints any one of them
-(`rnnc emit --stage NAME`).
+Each `Stage` names the stage whose result it reads, how it makes its own and
+how `rnnc emit --stage NAME` prints it, as Triton lists its compiler's stages.
+Everything goes through the table: `compile` runs it up to the Program,
+`emit` up to any stage, `Program.build` on from a Program (the CUDA source,
+the cubin), and so do writing an artifact (rnnc/artifact.py) and loading the
+CUDA runtime. Every stage sees the same `Options`, so `emit` shows exactly
+what `compile` builds with the same options, and a Program records the
+options it was built with.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 from .errors import CellError, Source
 from .frontend import check as checker
@@ -18,12 +26,34 @@ from .frontend import parse as parser
 from .ir import Cell, format_cell
 from .passes.autodiff import vjp
 from .passes.hoist import Hoisted, hoist
+from .passes.mask import format_masked, mask
 from .passes.plan import Plan, make_plan
-from .precision import DEFAULT as DEFAULT_PRECISION
 from .precision import precision as find_precision
 
-STAGES = ("ast", "ir", "hoist", "grad", "plan", "cuda")
 MAX_SOURCE = 1 << 20  # bytes: more is not a .cell file (and /dev/zero never ends)
+
+
+@dataclass(frozen=True)
+class Options:
+    """What the stages are told. `compile` takes these as keywords."""
+
+    cell: str | None = None  # which cell of the file (default: the first)
+    dims: dict = field(default_factory=dict)  # dim name -> size
+    recompute: str | list | tuple = "auto"  # none, all, auto or value names to recompute
+    memory_budget: int | str | None = None  # bytes that forward plus backward may hold ...
+    seq_len: int | None = None  # ... for seq_len steps of batch `batch` (the schedule's T and B)
+    batch: int | None = None
+    dtype: str = "float32"  # the dtype the budget and the schedule count bytes of
+    arch: str | None = None  # the cubin's GPU architecture (default: the local GPU's, else sm_80)
+    precision: str | None = None  # of products, fp32 (exact, the default) or tf32 (rnnc/precision.py)
+
+    def __post_init__(self):
+        if self.dims is None:  # none given (the checker says what is wrong with anything else)
+            object.__setattr__(self, "dims", {})
+        object.__setattr__(self, "precision", find_precision(self.precision).name)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
 
 
 def read_source(path_or_text: str | os.PathLike | Source) -> Source:
@@ -59,17 +89,37 @@ def differentiate(hoisted: Hoisted) -> dict:
             for name, graph in (("seq", hoisted.seq), ("pre", hoisted.pre), ("step", hoisted.step))}
 
 
+def require_dims(cell: Cell, source: Source):
+    """Refuse a cell with an unbound dim: plans and kernels need every size."""
+    unbound = [name for name, value in cell.dims if value is None]
+    if unbound:
+        raise checker.BindError(f"dims {', '.join(unbound)} of cell '{cell.name}' need values "
+                                f"(dims={{'{unbound[0]}': ...}} or -D {unbound[0]}=...)", None, source)
+
+
 @dataclass(frozen=True)
 class Program:
-    """A checked, differentiated and planned cell, ready to load on a backend."""
+    """A checked, differentiated, masked and planned cell, ready to load on a backend."""
 
     source: Source
     cell: Cell
     warnings: tuple
-    hoisted: Hoisted
-    grads: dict  # region name -> Backward
+    hoisted: Hoisted  # with the lengths mask (rnnc/passes/mask.py)
+    grads: dict  # region name -> Backward, with the lengths mask
     plan: Plan
-    precision: str = DEFAULT_PRECISION  # of products (rnnc/precision.py): what `load` runs unless told otherwise
+    options: Options  # what it was compiled with
+
+    @property
+    def precision(self) -> str:
+        """Of products (rnnc/precision.py): what `load` runs unless told otherwise."""
+        return self.options.precision
+
+    def build(self, stage: str, results: dict | None = None, **changes) -> dict:
+        """The results of the stages up to `stage` (the CUDA source, the cubin)
+        made from this program, with `changes` to its options (arch="sm_90");
+        `results` already made are reused."""
+        made = {"source": self.source, "plan": self.plan, "program": self, **(results or {})}
+        return run_stages(stage, replace(self.options, **changes), made)
 
     def load(self, backend: str = "numpy", dtype: str | None = None, precision: str | None = None):
         precision = find_precision(precision or self.precision).name
@@ -82,54 +132,93 @@ class Program:
         raise ValueError(f"backend: unknown backend {backend!r} (backends: numpy, cuda)")
 
 
-def require_dims(cell: Cell, source: Source):
-    """Refuse a cell with an unbound dim: plans and kernels need every size."""
-    unbound = [name for name, value in cell.dims if value is None]
-    if unbound:
-        raise checker.BindError(f"dims {', '.join(unbound)} of cell '{cell.name}' need values "
-                                f"(dims={{'{unbound[0]}': ...}} or -D {unbound[0]}=...)", None, source)
+# --- the stages ------------------------------------------------------------------------------
+def _plan(made: dict, o: Options) -> Plan:
+    require_dims(made["ir"].cell, made["source"])  # costs and kernel sizes need real sizes
+    hoisted, grads = made["mask"]
+    return make_plan(hoisted, grads, o.recompute, o.memory_budget, o.seq_len, o.batch, o.dtype)
 
 
-def compile(path_or_text, dims: dict | None = None, cell: str | None = None,
-            recompute="auto", memory_budget: int | None = None, seq_len: int | None = None,
-            batch: int | None = None, dtype: str = "float32", precision: str | None = None) -> Program:
-    """Run the whole pipeline on a `.cell` file (or its text).
-
-    `recompute`: "none", "all", "auto" or a list of value names to recompute.
-    `precision`: of products, "fp32" (exact, the default) or "tf32" (rnnc/precision.py).
-    `memory_budget`: bytes of `dtype` that forward plus backward may hold for
-    `seq_len` steps of batch `batch`; the plan then checkpoints states across
-    time (see rnnc/passes/plan.py)."""
-    precision = find_precision(precision).name
-    source = read_source(path_or_text)
-    checked = check_source(source, cell, dims)
-    require_dims(checked.cell, source)
-    hoisted = hoist(checked.cell)
-    grads = differentiate(hoisted)
-    plan = make_plan(hoisted, grads, recompute, memory_budget, seq_len, batch, dtype)
-    return Program(source, checked.cell, checked.warnings, hoisted, grads, plan, precision)
+def _program(made: dict, o: Options) -> Program:
+    hoisted, grads = made["mask"]
+    return Program(made["source"], made["ir"].cell, made["ir"].warnings, hoisted, grads, made["plan"], o)
 
 
-def emit(source: Source, stage: str, cell: str | None = None, dims: dict | None = None,
-         recompute="auto", precision: str | None = None) -> str:
-    """The text of one pipeline stage, as `rnnc emit --stage` prints it."""
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r} (stages: {', '.join(STAGES)})")
-    if stage == "ast":
-        return parser.format_ast(parser.parse(source))
-    checked = check_source(source, cell, dims)
-    if stage == "ir":
-        return format_cell(checked.cell)
-    hoisted = hoist(checked.cell)
-    if stage == "hoist":
-        return hoisted.format()
-    grads = differentiate(hoisted)
-    if stage == "grad":
-        return "\n\n".join(b.format(f"backward of {name}") for name, b in grads.items())
-    require_dims(checked.cell, source)  # costs and kernel sizes need real sizes
-    plan = make_plan(hoisted, grads, recompute)
-    if stage == "cuda":
-        from .backends.cuda.lowering import generate
-        precision = find_precision(precision).name
-        return generate(Program(source, checked.cell, checked.warnings, hoisted, grads, plan, precision)).source
-    return plan.format()
+def _schedule(made: dict, o: Options):
+    if o.seq_len is None or o.batch is None:
+        raise ValueError("schedule: the schedule is of one call; give seq_len=T and batch=B "
+                         "(--seq-len, --batch)")
+    return made["plan"].schedule(o.seq_len, o.batch, o.dtype)
+
+
+def _cuda(made: dict, o: Options):
+    from .backends.cuda.lowering import generate
+    return generate(made["program"], o.precision)
+
+
+def _cubin(made: dict, o: Options):
+    from .backends.cuda.build import compile_cubin
+    return compile_cubin(made["cuda"].source, o.arch)
+
+
+def _format_grads(grads: dict) -> str:
+    return "\n\n".join(b.format(f"backward of {name}") for name, b in grads.items())
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    after: str  # the stage whose result it reads ("source": the cell's text)
+    make: Callable  # (results so far by stage name, Options) -> its result
+    show: Callable | None  # its result as `rnnc emit` prints it (None: not printed)
+
+
+STAGES = (
+    Stage("ast", "source", lambda made, o: parser.parse(made["source"]), parser.format_ast),
+    Stage("ir", "ast", lambda made, o: checker.check(made["ast"], made["source"], o.cell, o.dims),
+          lambda checked: format_cell(checked.cell)),
+    Stage("hoist", "ir", lambda made, o: hoist(made["ir"].cell), Hoisted.format),
+    Stage("grad", "hoist", lambda made, o: differentiate(made["hoist"]), _format_grads),
+    Stage("mask", "grad", lambda made, o: mask(made["hoist"], made["grad"]),
+          lambda masked: format_masked(*masked)),
+    Stage("plan", "mask", _plan, Plan.format),
+    Stage("schedule", "plan", _schedule, lambda schedule: schedule.format()),
+    Stage("program", "plan", _program, None),
+    Stage("cuda", "program", _cuda, lambda generated: generated.source),
+    Stage("cubin", "cuda", _cubin, None),
+)
+BY_NAME = {s.name: s for s in STAGES}
+PRINTABLE = tuple(s.name for s in STAGES if s.show)
+
+
+def run_stages(target: str, options: Options, made: dict) -> dict:
+    """Make `target` and the stages it reads that `made` (by stage name, the
+    source among them) lacks, in order; returns `made` with them."""
+    chain, name = [], target
+    while name not in made:
+        chain.append(BY_NAME[name])
+        name = BY_NAME[name].after
+    for stage in reversed(chain):
+        made[stage.name] = stage.make(made, options)
+    return made
+
+
+def compile(path_or_text, **options) -> Program:
+    """Run the pipeline on a `.cell` file (or its text) up to a Program.
+
+    Options (`Options`): `cell`, `dims`, `recompute` ("none", "all", "auto"
+    or a list of value names to recompute), `memory_budget` (bytes of `dtype`
+    that forward plus backward may hold for `seq_len` steps of batch `batch`;
+    the plan then checkpoints states across time, see rnnc/passes/plan.py),
+    `precision` of products ("fp32", exact, the default, or "tf32")."""
+    return run_stages("program", Options(**options), {"source": read_source(path_or_text)})["program"]
+
+
+def emit(source: Source, stage: str, **options) -> str:
+    """The text of one stage, as `rnnc emit --stage` prints it; the same
+    options as `compile`."""
+    if stage not in PRINTABLE:
+        raise ValueError(f"unknown stage {stage!r} (stages: {', '.join(PRINTABLE)})")
+    made = run_stages(stage, Options(**options), {"source": source})
+    return BY_NAME[stage].show(made[stage])
+

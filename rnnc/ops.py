@@ -200,6 +200,13 @@ defop("min", 2, broadcast_shapes, lambda n, a, b: np.minimum(a, b),
 defop("gt", 2, broadcast_shapes, lambda n, a, b: (a > b).astype(np.result_type(a, b)),
       lambda B, n, g: [None, None],
       "(({0} > {1}) ? 1.0f : 0.0f)", per_element(1), elementwise=True)
+# select(c, a, b) is a where c is nonzero, else b: the lengths mask
+# (rnnc/passes/mask.py). Unlike c * a + (1 - c) * b, a NaN or inf in the
+# branch not taken never reaches the result.
+defop("select", 3, broadcast_shapes, lambda n, c, a, b: np.where(c != 0, a, b),
+      lambda B, n, g: [None, B.reduce_to(B.emit("select", n.args[0], g, B.const(0)), n.args[1]),
+                       B.reduce_to(B.emit("select", n.args[0], B.const(0), g), n.args[2])],
+      "(({0} != 0.0f) ? {1} : {2})", per_element(1), elementwise=True)
 defop("neg", 1, same_shape, lambda n, x: -x,
       lambda B, n, g: [B.neg(g)],
       "(-{0})", per_element(1), elementwise=True)

@@ -205,10 +205,10 @@ static int run_grid(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned
 """
 
 WRAPPER = """
-extern "C" int emu_{name}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, int rows, int t,
-                          const int* lengths, float** p, unsigned long long seed, char* message, int size) {{
-    struct Args {{ int rows, t; const int* lengths; float** p; }} args{{rows, t, lengths, p}};
-    emu::body = [](void* v) {{ Args* a = (Args*)v; {name}(a->rows, a->t, a->lengths{params}); }};
+extern "C" int emu_{name}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, int rows, float** p,
+                          unsigned long long seed, char* message, int size) {{
+    struct Args {{ int rows; float** p; }} args{{rows, p}};
+    emu::body = [](void* v) {{ Args* a = (Args*)v; {name}(a->rows{params}); }};
     emu::body_arg = &args;
     return emu::run_grid(gx, gy, gz, bx, seed, message, size);
 }}
@@ -250,10 +250,10 @@ class Library:
         self.max_threads = {name: int(bound) if bound else MAX_BLOCK for bound, name in KERNEL.findall(source)}
         for name in arities:
             getattr(self.cdll, f"emu_{name}").argtypes = (
-                [ctypes.c_uint] * 4 + [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p),
+                [ctypes.c_uint] * 4 + [ctypes.c_int, ctypes.POINTER(ctypes.c_void_p),
                                        ctypes.c_ulonglong, ctypes.c_char_p, ctypes.c_int])
 
-    def run(self, kernel: str, grid: tuple, block: int, rows: int, t: int, lengths: int, ptrs: list, seed: int):
+    def run(self, kernel: str, grid: tuple, block: int, rows: int, ptrs: list, seed: int):
         """Launch `kernel` over `grid` (3 ints) blocks of `block` threads, its
         blocks and threads ordered by `seed`; EmulationError on a violation."""
         if not 1 <= block <= self.max_threads[kernel]:
@@ -263,7 +263,7 @@ class Library:
             raise EmulationError(f"{kernel}: grid {grid} is past CUDA's limits {MAX_GRID}")
         args = (ctypes.c_void_p * max(len(ptrs), 1))(*ptrs)
         message = ctypes.create_string_buffer(512)
-        if getattr(self.cdll, f"emu_{kernel}")(*grid, block, rows, t, lengths, args, seed, message, len(message)):
+        if getattr(self.cdll, f"emu_{kernel}")(*grid, block, rows, args, seed, message, len(message)):
             raise EmulationError(f"{kernel}: {message.value.decode()}")
 
 
@@ -289,8 +289,8 @@ class EmulatedDevice:
     alloc_per_buffer = True
 
     def __init__(self, generated, workdir: Path, seed: int = SEEDS[0]):
-        self.library = Library(generated.source, generated.schedule.arities(), workdir)
-        self.args = {launch.kernel: [name for name, _ in launch.args] for launch in generated.schedule.launches()}
+        self.library = Library(generated.source, generated.launches.arities(), workdir)
+        self.args = {launch.kernel: [name for name, _ in launch.args] for launch in generated.launches.launches()}
         self.random = random.Random(seed)
         self.guarded = []  # (weak reference to a pool, where its buffer starts and ends in it)
         self.launched = []
@@ -320,9 +320,9 @@ class EmulatedDevice:
     def empty(self, shape):
         return HostArray(np.empty(shape, np.float32))
 
-    def launch(self, kernel, grid, block, rows, t, lengths, ptrs):
+    def launch(self, kernel, grid, block, rows, ptrs):
         self.launched.append(kernel)
-        self.library.run(kernel, grid, block, rows, t, lengths, ptrs, self.random.getrandbits(64))
+        self.library.run(kernel, grid, block, rows, ptrs, self.random.getrandbits(64))
         self.check_guards(kernel, ptrs)
 
     def check_guards(self, kernel, ptrs):

@@ -75,9 +75,9 @@ def test_module_json_describes_the_module(tmp_path):
     assert module["cell"] == "lstm" and module["dims"] == {"D": 3, "H": 5}
     assert module["plan"]["policy"] == "all" and module["recompute"] == "all"
     assert module["kernels"] and all(k in (out / "kernels.cu").read_text() for k in module["kernels"])
-    launches = module["schedule"]["forward_step"]
+    launches = module["launches"]["step"]
     assert launches and all(len(x["grid"]) == 3 and x["block"] == 256 for x in launches)
-    assert any(b["name"] == "state:h" for b in module["schedule"]["buffers"])
+    assert any(b["name"] == "state:h" for b in module["launches"]["buffers"])
     assert "plan (recompute=all" in (out / "cell.ir").read_text()
 
 
@@ -129,7 +129,7 @@ def test_missing_module_json_and_non_directories(tmp_path):
 def test_writes_replace_an_artifact_and_leave_no_temporaries(tmp_path):
     out = compiled(tmp_path, policy="none")
     program = rnnc.compile(LSTM, dims={"D": 3, "H": 5}, recompute="all")
-    write(program, out, recompute="all", build=False)
+    write(program, out, build=False)
     assert json.loads((out / "module.json").read_text())["plan"]["policy"] == "all"
     assert not (out / "kernels.sm_80.cubin").exists()  # nothing left from the old artifact
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
@@ -218,7 +218,7 @@ def stranded(tmp_path) -> list:
 @pytest.mark.parametrize("then", ["load", "compile"])
 def test_a_writer_killed_between_its_renames_is_recovered(tmp_path, then):
     out = tmp_path / "mod"
-    write(rnnc.compile(LSTM, dims={"D": 3, "H": 5}, recompute="none"), out, recompute="none", build=False)
+    write(rnnc.compile(LSTM, dims={"D": 3, "H": 5}, recompute="none"), out, build=False)
     done = subprocess.run([sys.executable, "-c", KILLED_BETWEEN_RENAMES, str(LSTM), str(out)])
     assert done.returncode == 9
     assert not out.exists() and stranded(tmp_path) == [".mod.old", ".mod.tmp"]
@@ -235,7 +235,7 @@ import sys, rnnc
 from rnnc.artifact import write
 program = rnnc.compile(sys.argv[1], dims={"D": 3, "H": 5}, recompute=sys.argv[3])
 for _ in range(6):
-    write(program, sys.argv[2], recompute=sys.argv[3], build=False)
+    write(program, sys.argv[2], build=False)
 """
 
 
@@ -347,3 +347,36 @@ def test_an_unusable_cache_directory_is_a_warning(tmp_path, monkeypatch, capsys)
         assert err.startswith("rnnc: warning: the cubin cache") and err.count("\n") == 1
         assert (tmp_path / "mod" / "kernels.sm_80.cubin").read_bytes()[:4] == b"\x7fELF"
     assert a_file.read_text() == ""
+
+
+def test_emit_prints_exactly_the_kernels_compile_builds_under_a_memory_budget(tmp_path, capsys):
+    """Both go through the driver's stage table with the same options: under a
+    budget roomy enough for `none`, the plan stores everything, so the kernels
+    differ from the default's, and emit shows the ones compile builds."""
+    dims = {"D": 8, "H": 16}
+    budget = rnnc.compile(LSTM, dims=dims, recompute="none").plan.peak_bytes(50, 4)
+    options = ["-D", "D=8", "-D", "H=16", "--memory-budget", str(budget), "--seq-len", "50", "--batch", "4"]
+    out = tmp_path / "mod"
+    assert main(["compile", str(LSTM), *options, "--arch", "sm_80", "-o", str(out)]) == 0
+    capsys.readouterr()
+
+    def emitted(*extra) -> str:
+        assert main(["emit", str(LSTM), "--stage", "cuda", *extra]) == 0
+        return capsys.readouterr().out.removesuffix("\n")
+    built = (out / "kernels.cu").read_text()
+    assert emitted(*options) == built
+    assert emitted("-D", "D=8", "-D", "H=16") != built  # the budget's plan is another plan
+    program = rnnc.load(out).program
+    assert program.plan.policy == "none" and program.plan.budget == budget
+    assert (program.options.memory_budget, program.options.seq_len, program.options.batch,
+            program.options.recompute) == (budget, 50, 4, "auto")
+
+
+def test_a_program_records_the_options_it_was_compiled_with():
+    program = rnnc.compile(LSTM, dims={"D": 3, "H": 5}, recompute=["c_new"], memory_budget="64KiB",
+                           seq_len=30, batch=2, dtype="float64")
+    assert program.options == rnnc.driver.Options(dims={"D": 3, "H": 5}, recompute=["c_new"],
+                                                  memory_budget="64KiB", seq_len=30, batch=2, dtype="float64")
+    again = rnnc.compile(LSTM, **program.options.as_dict())
+    assert again.plan == program.plan
+    assert program.build("cuda")["cuda"].source == again.build("cuda")["cuda"].source

@@ -42,7 +42,7 @@ def test_one_line_errors(tmp_path, monkeypatch, capsys, argv, words):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("damage", ["no plan", "no dims", "files a list", "deep", "schedule"])
+@pytest.mark.parametrize("damage", ["no plan", "no dims", "files a list", "deep", "launches"])
 def test_damaged_artifacts_on_the_command_line(tmp_path, capsys, damage):
     out = tmp_path / "mod"
     write(rnnc.compile(LSTM, dims={"D": 3, "H": 4}), out, build=False)
@@ -50,8 +50,8 @@ def test_damaged_artifacts_on_the_command_line(tmp_path, capsys, damage):
     if damage == "deep":
         text = "[" * 100_000 + "]" * 100_000
     else:
-        if damage == "schedule":  # what --backend cuda would have run
-            module["schedule"]["forward_step"][0]["grid"][0]["div"] = 7
+        if damage == "launches":  # what --backend cuda would have run
+            module["launches"]["step"][0]["grid"][0]["div"] = 7
         else:
             field, value = {"no plan": ("plan", None), "no dims": ("dims", None), "files a list": ("files", [])}[damage]
             module.pop(field) if value is None else module.__setitem__(field, value)

@@ -31,6 +31,7 @@ from rnnc.backends.cuda.runtime import CudaModule
 import cuda_cases as cases
 import cuda_emulator
 import new_cells
+import schedule_cells as cells
 from conftest import EXAMPLES, example
 
 pytestmark = pytest.mark.skipif(not cuda_emulator.available(), reason="needs g++ for the CUDA emulation")
@@ -54,7 +55,13 @@ cell kw {
 def emulated(program, workdir, precision="fp32", seed=cuda_emulator.SEEDS[0]):
     generated = generate(program, precision)
     device = cuda_emulator.EmulatedDevice(generated, workdir, seed)
-    return CudaModule(program, generated.schedule, device, precision=precision), device
+    return CudaModule(program, generated.launches, device, precision=precision), device
+
+
+def held_bytes(module, args, lengths) -> tuple:
+    """(stored, peak) bytes the runtime counts as it makes and frees the schedule's buffers."""
+    res = module.forward(**{k: args[k] for k in ("inputs", "states", "contexts", "params")}, lengths=lengths)
+    return res.stored_bytes, module.backward(res, args["d_outputs"], args["d_states"]).peak_bytes
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +71,7 @@ def every_example_built(workdir):
     generated = [generate(cases.compile_example(path, policy), precision) for path in EXAMPLES
                  for policy in cases.POLICIES for precision in cases.PRECISIONS_RUN]
     with ThreadPoolExecutor(2) as pool:
-        list(pool.map(lambda g: cuda_emulator.Library(g.source, g.schedule.arities(), workdir), generated))
+        list(pool.map(lambda g: cuda_emulator.Library(g.source, g.launches.arities(), workdir), generated))
 
 
 @pytest.mark.parametrize("seed", cuda_emulator.SEEDS)
@@ -82,6 +89,8 @@ def test_example_equals_numpy_reference(path, policy, precision, seed, workdir, 
         want = cases.reference(program, args, lengths, precision)
         bad = cases.mismatches(got, want, cases.tolerance(precision))
         assert not bad, f"lengths={lengths}: relative errors {bad}"
+    plan = program.plan
+    assert held_bytes(module, args, None) == (plan.stored_bytes(cases.T, cases.B), plan.peak_bytes(cases.T, cases.B))
 
 
 @pytest.mark.parametrize("path", [example("lstm"), example("attention_lstm")], ids=lambda p: p.stem)
@@ -107,7 +116,9 @@ def test_manual_recompute_lists(path, names, workdir):
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
 def test_checkpointed_plans_equal_numpy_reference(path, workdir):
     """A memory budget: the forward keeps states at segment starts, the backward
-    replays each segment; twice on one forward result gives the same gradients."""
+    replays each segment; twice on one forward result gives the same gradients;
+    the device buffers the runtime holds are the bytes the plan predicts, for
+    the sequence the budget is for and a shorter one."""
     steps, batch = 9, 3
     roomy = cases.compile_example(path, "none").plan.peak_bytes(steps, batch)
     program = rnnc.compile(path, dims=cases.dims_of(path), memory_budget=roomy // 2, seq_len=steps, batch=batch)
@@ -121,6 +132,11 @@ def test_checkpointed_plans_equal_numpy_reference(path, workdir):
     first, again = (module.backward(res, args["d_outputs"], args["d_states"]) for _ in range(2))
     for name, grad in first.params.items():
         np.testing.assert_array_equal(again.params[name], grad, err_msg=name)
+    plan = program.plan
+    assert (res.stored_bytes, first.peak_bytes) == (plan.stored_bytes(steps, batch), plan.peak_bytes(steps, batch))
+    assert again.peak_bytes == first.peak_bytes <= plan.budget
+    shorter = cases.arguments(program, steps=5, batch=batch)
+    assert held_bytes(module, shorter, lengths.clip(0, 5)) == (plan.stored_bytes(5, batch), plan.peak_bytes(5, batch))
 
 
 def test_user_names_reserved_in_c_and_cuda(workdir):
@@ -254,3 +270,17 @@ def test_deep_cells_lower_to_cuda_and_the_nested_ones_run(name, workdir):
     module, _ = emulated(program, workdir)
     args = cases.arguments(program)
     assert not cases.mismatches(cases.run(module, args, cases.LENGTHS), cases.reference(program, args, cases.LENGTHS))
+@pytest.mark.parametrize("name, policy", [("norm", "auto"), ("norm", "budget"), ("shared", "auto"),
+                                          ("chain", "none"), ("chain", "budget")])
+def test_written_cells_with_nan_padding_equal_numpy_reference(name, policy, workdir):
+    """A normalisation that is 0/0 on zero padding, step results of params alone
+    (`output pb = b`, `next s = a`) and chains of once-per-sequence values, with
+    NaN in the padding of the inputs and of the output cotangents."""
+    program = cells.compile_cell(cells.CELLS[name], policy, "float32")
+    module, _ = emulated(program, workdir)
+    args = cells.fill_padding(cases.arguments(program, steps=cells.T, batch=cells.B), cells.LENGTHS, np.nan)
+    got = cases.run(module, args, cells.LENGTHS)
+    assert not cases.mismatches(got, cases.reference(program, args, cells.LENGTHS))
+    plan = program.plan
+    assert held_bytes(module, args, cells.LENGTHS) == (plan.stored_bytes(cells.T, cells.B),
+                                                       plan.peak_bytes(cells.T, cells.B))

@@ -8,14 +8,14 @@ import random
 import numpy as np
 import pytest
 
-from rnnc.backends.cuda.schedule import Extent, Generated, Launch, Schedule
+from rnnc.backends.cuda.launches import Extent, Generated, Launch, Launches
 
 import cuda_emulator
 from cuda_emulator import EmulationError
 
 pytestmark = pytest.mark.skipif(not cuda_emulator.available(), reason="needs g++ for the CUDA emulation")
 
-HEAD = 'extern "C" __global__ void __launch_bounds__({bound}) {name}(const int rows, const int t, const int* lengths, float* out)'
+HEAD = 'extern "C" __global__ void __launch_bounds__({bound}) {name}(const int rows, float* out, float* four)'
 KERNELS = {
     # each thread reads its left neighbour's shared slot, with and without a barrier between
     "neighbour_synced": (64, """{
@@ -46,8 +46,8 @@ KERNELS = {
     "reads_one_before_the_start": (32, """{
     out[threadIdx.x] = out[(int)threadIdx.x - 1];
 }"""),
-    "reads_past_lengths": (32, """{
-    out[threadIdx.x] = lengths[threadIdx.x];
+    "reads_past_a_small_buffer": (32, """{
+    out[threadIdx.x] = four[threadIdx.x];
 }"""),
     # half the block returns before the barrier the other half waits at
     "barrier_after_an_early_return": (64, """{
@@ -72,18 +72,20 @@ SOURCE = "\n".join(HEAD.format(bound=bound, name=name) + " " + body for name, (b
 
 @pytest.fixture(scope="module")
 def device(workdir):
-    """The runtime's emulated device, each kernel launched with one buffer, `out`."""
-    launches = [Launch(name, (Extent(1),) * 3, bound, "B", (("out", "base"),)) for name, (bound, _) in KERNELS.items()]
-    return cuda_emulator.EmulatedDevice(Generated(SOURCE, Schedule(forward_step=launches)), workdir)
+    """The runtime's emulated device, each kernel launched with two buffers, `out` and `four`."""
+    launches = [Launch(name, (Extent(1),) * 3, bound, "B", (("out", "base"), ("four", "base")))
+                for name, (bound, _) in KERNELS.items()]
+    return cuda_emulator.EmulatedDevice(Generated(SOURCE, Launches(step=launches)), workdir)
 
 
 def launch(device, name, blocks, threads, n, seed):
-    """`out` (n floats, NaN) after the kernel ran over `blocks` blocks of `threads`, ordered by `seed`."""
+    """`out` (n floats, NaN) after the kernel ran over `blocks` blocks of `threads`
+    (`four` holds 4 zeros), ordered by `seed`."""
     device.random = random.Random(seed)
     out, out_pool = device.alloc(4 * n)
-    lengths, lengths_pool = device.alloc(4 * 4)
-    device.htod(lengths, np.zeros(4, np.int32))
-    device.launch(name, (blocks, 1, 1), threads, 1, 0, lengths, [out])
+    four, four_pool = device.alloc(4 * 4)
+    device.htod(four, np.zeros(4, np.float32))
+    device.launch(name, (blocks, 1, 1), threads, 1, [out, four])
     got = np.empty(n, np.float32)
     device.dtoh(got, out)
     return got
@@ -123,10 +125,11 @@ def test_a_write_outside_a_buffer_is_an_error(device):
 
 def test_a_read_outside_a_buffer_reads_nan(device):
     """The guard zones are NaN, like memory nobody wrote: what a read outside
-    a buffer computes shows (lengths are ints: -1)."""
+    a buffer computes shows."""
     got = launch(device, "reads_one_before_the_start", 1, 32, 32, 0)
     assert np.isnan(got).any()
-    assert (launch(device, "reads_past_lengths", 1, 32, 32, 0)[4:] == -1).all()
+    past = launch(device, "reads_past_a_small_buffer", 1, 32, 32, 0)
+    assert (past[:4] == 0).all() and np.isnan(past[4:]).all()
 
 
 @pytest.mark.parametrize("name, words", [

@@ -26,7 +26,7 @@ from rnnc.backends.cuda.cexpr import Ref
 from rnnc.backends.cuda.kernels import Generator, intrinsics, render
 from rnnc.backends.cuda.products import INPUTS
 from rnnc.backends.cuda.executor import grid
-from rnnc.backends.cuda.schedule import Generated, Schedule
+from rnnc.backends.cuda.launches import Generated, Launches
 from rnnc.precision import PRECISIONS
 
 import cuda_emulator
@@ -80,8 +80,8 @@ def kernel_module(inputs: str, cases, workdir):
     gen = Generator(inputs)
     launches = [add_case(gen, i, case) for i, case in enumerate(cases)]
     source = render("module.cu.j2", cell="products", intrinsics=intrinsics(), kernels=gen.sources)
-    schedule = Schedule(buffers=dict(gen.scratch), forward_step=launches)
-    return cuda_emulator.EmulatedDevice(Generated(source, schedule), workdir), launches, gen.scratch
+    return (cuda_emulator.EmulatedDevice(Generated(source, Launches(buffers=dict(gen.scratch), step=launches)), workdir),
+            launches, gen.scratch)
 
 
 def spec_shape(spec: str, a_shape: tuple, b_shape: tuple) -> tuple:
@@ -126,9 +126,7 @@ def run_case(device, launch, scratch, i: int, case, inputs: str, seed: int):
             if buf.role == "tickets":
                 device.memset0(arrays[name], nbytes)
             pools.append(pool)
-    lengths = np.zeros(1, np.int32)
-    device.launch(launch.kernel, grid(launch, rows), launch.block, rows, 0, lengths.ctypes.data,
-                  [arrays[name] for name, _ in launch.args])
+    device.launch(launch.kernel, grid(launch, rows), launch.block, rows, [arrays[name] for name, _ in launch.args])
     added = np.nan_to_num(before) if op == "+=" else 0.0
     return c.astype(np.float64), reference + added, exact + added
 

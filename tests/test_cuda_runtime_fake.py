@@ -196,18 +196,17 @@ def fake_pycuda(monkeypatch, cuda: FakeCuda, package_dir) -> types.ModuleType:
                 assert all(type(d) is int and d >= 1 for d in dims), f"{what} {dims!r}: positive Python ints"
             assert all(d <= limit for d, limit in zip(grid, GRID_MAX)), f"grid {grid} past the limits"
             assert np.prod(block) <= 1024 and block[0] <= 1024, f"block {block} past the limits"
-            assert len(self.arg_format) == len(args) == 3 + self.arity, \
+            assert len(self.arg_format) == len(args) == 1 + self.arity, \
                 f"{self.name}: format {self.arg_format!r}, {len(args)} arguments, {self.arity} buffers"
             assert type(shared_size) is int
             packed = struct.unpack(self.arg_format, struct.pack(self.arg_format, *args))
-            rows, t, lengths, *ptrs = packed
+            rows, *ptrs = packed
             grid3, block3 = grid + (1,) * (3 - len(grid)), block + (1,) * (3 - len(block))
             assert block3[1:] == (1, 1), "the kernels index threads along x only"
             cuda.launches.append((self.name, grid, block, packed))
-            cuda.check_range(f"{self.name} lengths", lengths, 4)
             for p in ptrs:
                 cuda.check_range(f"{self.name} buffer", p, 4)
-            self.library.run(self.name, grid3, block3[0], rows, t, lengths, ptrs, seed=0)
+            self.library.run(self.name, grid3, block3[0], rows, ptrs, seed=0)
 
     class Module:
         def __init__(self, path):
@@ -285,10 +284,10 @@ def loaded(cuda: FakeCuda, program, workdir, **options):
         archs.append(arch)
         path = workdir / f"{program.cell.name}.{arch}.cubin"
         path.write_text(generated.source)
-        library = cuda_emulator.Library(generated.source, generated.schedule.arities(), workdir)
-        cuda.libraries[str(path)] = (library, generated.schedule.arities())
+        library = cuda_emulator.Library(generated.source, generated.launches.arities(), workdir)
+        cuda.libraries[str(path)] = (library, generated.launches.arities())
         return path
-    module = load(program, "float32", generated, cubin_for, **options)
+    module = load(program, "float32", cubin_for=cubin_for, made={"cuda": generated}, **options)
     return module, archs
 
 
@@ -304,7 +303,7 @@ def test_numpy_in_numpy_out_equals_reference(cuda, workdir):
     assert cuda.launches and cuda.stack() == [module.device.context]
     assert module.device.context is sys.modules["pycuda.autoprimaryctx"].context
     kernels = {name for name, *_ in cuda.launches}
-    assert kernels == set(generate(program).schedule.kernels())
+    assert kernels == set(generate(program).launches.kernels())
 
 
 def test_gpuarrays_in_give_gpuarrays_out(cuda, workdir):

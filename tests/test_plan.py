@@ -9,7 +9,9 @@ import pytest
 
 import rnnc
 from rnnc.driver import read_source
-from rnnc.passes.plan import STORE_COST, FlowNetwork, parse_budget
+from rnnc.passes.mincut import FlowNetwork
+from rnnc.passes.plan import parse_budget
+from rnnc.passes.policy import STORE_COST
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings  # noqa: E402

@@ -1,10 +1,12 @@
 """The NumPy backend: the reference that every other backend is checked against.
 
-It interprets the hoisted regions, the backward regions and the Plan exactly:
-`seq` once, `pre` over all rows of a segment of steps at once, `step` once per
-time step; the backward replays checkpointed segments, runs the Plan's
-recomputation, then the backward step, in reverse. A `Ledger` measures the
-bytes it holds, which must equal the Plan's predictions.
+It interprets the Plan's schedule (rnnc/passes/schedule.py) event by event:
+the once-per-sequence region once, the hoisted `pre` region over all rows of
+a segment of steps at once, the step once per time step; the backward
+replays checkpointed segments, reruns the Plan's recomputation and runs the
+backward step, last step first. Every buffer an event makes or frees goes
+through a `Ledger`, which measures the bytes held: they must equal the
+schedule's, which are the Plan's predictions.
 """
 from __future__ import annotations
 
@@ -14,27 +16,32 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..ops import OPS, align
-from ..passes.plan import held_values
+from ..passes.mask import VALID, cotangent_input
 from ..precision import precision as find_precision
 from ..shapes import concrete_shape
 from .args import bind_cotangents, bind_forward, module_dtype, saved_for_backward
+from .ledger import Ledger
 
 
 class Runner:
-    """A list of nodes prepared once: each becomes (output, function, argument names).
-    Products (`dot`) read their operands rounded to the module's precision.
+    """A list of nodes prepared once: each becomes (output, function, argument
+    names). Products (`dot`) read their operands rounded to the module's
+    precision. With `all_valid` (a call without lengths: every row is valid)
+    a select on the lengths mask is the value it selects.
 
     Every result is an array of the module's dtype: a rule may give a Python
     float (a literal) or a NumPy scalar (arithmetic on 0-d arrays), and a 0-d
     array of another dtype would widen float32 arrays (NumPy's scalars are
     weakly typed, its 0-d arrays are not)."""
 
-    def __init__(self, nodes, values: dict, precision, dtype):
-        self.steps = [self._prepare(n, values, precision) for n in nodes]
+    def __init__(self, nodes, values: dict, precision, dtype, all_valid: bool):
+        self.steps = [self._prepare(n, values, precision, all_valid) for n in nodes]
         self.dtype = dtype
 
     @staticmethod
-    def _prepare(node, values, precision):
+    def _prepare(node, values, precision, all_valid):
+        if all_valid and node.op == "select" and node.args[0] == VALID:
+            return node.out, lambda chosen: chosen, node.args[1:2]
         rule = OPS[node.op].numpy
         if node.op == "dot" and precision.tensor_cores:
             def fn(*arrays, rule=rule, node=node):
@@ -73,60 +80,20 @@ class Gradients:
     peak_bytes: int = 0  # measured: the most held at once over forward and backward
 
 
-def _root(array: np.ndarray) -> np.ndarray:
-    """The array that owns the memory `array` views."""
-    while isinstance(array.base, np.ndarray):
-        array = array.base
-    return array
-
-
-class Ledger:
-    """The buffers a module holds between region runs, counted by the memory they own.
-
-    Every array enters through `keep`, which copies it unless it is the whole
-    of a buffer nothing else held uses (a slice would keep its whole buffer
-    alive; a broadcast is smaller than it looks), so the total is the memory
-    the process really holds for them, and the plan's prediction is checked
-    against it."""
-
-    def __init__(self):
-        self.held: dict = {}  # id of the owning array -> that array
-        self.current = self.peak = 0
-
-    def holds(self, array) -> bool:
-        return id(_root(array)) in self.held
-
-    def keep(self, array: np.ndarray) -> np.ndarray:
-        root = _root(array)
-        if id(root) in self.held or root.nbytes != array.nbytes:
-            array = root = array.copy()
-        self.held[id(root)] = root
-        self.current += root.nbytes
-        self.peak = max(self.peak, self.current)
-        return array
-
-    def release(self, array: np.ndarray):
-        self.current -= self.held.pop(id(_root(array))).nbytes
-
-    def keep_all(self, arrays: dict) -> dict:
-        return {k: self.keep(a) for k, a in arrays.items()}
-
-    def release_all(self, arrays: dict):
-        for a in arrays.values():
-            self.release(a)
-
-
 @dataclass
 class Call:
-    """One forward call's arguments and what lives for the whole call."""
+    """One forward call: its arguments, and what lives between its events."""
 
     T: int
     B: int
     inputs: dict  # name -> [T, B, ...]
-    lengths: np.ndarray | None
-    shared: dict  # params, contexts, held once-per-sequence values and literals
-    bounds: list  # (start, stop) of each segment of steps
-    ledger: Ledger
+    valid: np.ndarray | None  # [T, B]: step t inside sequence b (None without lengths: all are)
+    run: dict  # region name -> Runner, for these lengths
+    ledger: Ledger = field(default_factory=Ledger)
+    shared: dict = field(default_factory=dict)  # params, contexts, literals, once-per-sequence values
+    state: dict = field(default_factory=dict)  # the states between segments
+    outputs: dict = field(default_factory=dict)
+    grads: "Accumulators | None" = None  # the backward's
 
 
 @dataclass
@@ -136,9 +103,7 @@ class Saved:
 
     args: dict
     call: Call
-    checkpoints: list  # states at the start of every segment but the last
-    pre: dict  # hoisted rows of the last segment
-    tape: list  # stored values of each step of the last segment
+    schedule: object
     fingerprints: dict  # of the caller's arrays, which the backward reads again
     used: bool = False
 
@@ -171,17 +136,24 @@ def _check_unchanged(saved: Saved):
                              "run the forward again after the change")
 
 
-def _valid_mask(lengths, t: int, dtype):
-    """[B]: 1 for batch elements still inside their sequence at step t, else 0
-    (None without lengths: every element is)."""
-    if lengths is None:
-        return None
-    return (t < lengths).astype(dtype)
+@dataclass
+class Accumulators:
+    """The backward's cotangents: of the states before the step being run, of
+    the outputs (given), and summed over steps: of the inputs (returned), of
+    the once-per-sequence values (held for their backward), of params and contexts."""
 
+    d_state: dict
+    d_outputs: dict
+    d_inputs: dict
+    d_shared: dict = field(default_factory=dict)
+    d_seq: dict = field(default_factory=dict)
 
-def _per_row(mask, like: np.ndarray):
-    """A [B] mask shaped to broadcast against a batched array [B, ...]."""
-    return mask.reshape(mask.shape[:1] + (1,) * (like.ndim - 1))
+    def add(self, name, g):
+        sums = self.d_seq if name in self.d_seq else self.d_shared
+        if name in sums:
+            sums[name] += g
+        else:  # an array of our own to sum into in place
+            sums[name] = np.array(g)
 
 
 class NumpyModule:
@@ -192,19 +164,22 @@ class NumpyModule:
         self.cell = program.cell
         self.dtype = module_dtype(dtype)
         self.precision = find_precision(precision)
-        h, grads, p, d = program.hoisted, program.grads, self.precision, self.dtype
-        self.run_seq = Runner(h.seq.nodes, h.seq.values(), p, d)
-        self.run_pre = Runner(h.pre.nodes, h.pre.values(), p, d)
-        self.run_step = Runner(h.step.nodes, h.step.values(), p, d)
-        self.run_recompute = Runner(program.plan.recompute, h.step.values(), p, d)
-        self.run_grad = {k: Runner(b.graph.nodes, b.graph.values(), p, d) for k, b in grads.items()}
-        self.values = h.values()
-        # the hoisted values kept after their region runs, as the plan counts them
-        self.seq_held = tuple(n.out for n in held_values(h.seq, grads["seq"].residuals))
-        self.pre_held = tuple(n.out for n in held_values(h.pre, grads["pre"].residuals))
+        self.hoisted, self.grads, self.plan = program.hoisted, program.grads, program.plan
+        self.values = self.hoisted.values()
+        # a call without lengths has every row valid: its selects are the values they select
+        self.runners = {lengths: self._runners(all_valid=not lengths) for lengths in (False, True)}
         # literals are free: every region's are in every environment
         self.literals = {n.out: np.asarray(n.attr("value"), self.dtype)
-                         for g in (h.seq, h.pre, h.step) for n in g.nodes if n.op == "const"}
+                         for g in (self.hoisted.seq, self.hoisted.pre, self.hoisted.step)
+                         for n in g.nodes if n.op == "const"}
+
+    def _runners(self, all_valid: bool) -> dict:
+        h, g = self.hoisted, self.grads
+        regions = {"seq": (h.seq.nodes, h.seq), "pre": (h.pre.nodes, h.pre), "step": (h.step.nodes, h.step),
+                   "recompute": (self.plan.recompute, h.step)}
+        regions.update((f"d_{name}", (b.graph.nodes, b.graph)) for name, b in g.items())
+        return {name: Runner(nodes, graph.values(), self.precision, self.dtype, all_valid)
+                for name, (nodes, graph) in regions.items()}
 
     # --- parameters -----------------------------------------------------------
     def init_params(self, seed: int = 0) -> dict:
@@ -232,96 +207,101 @@ class NumpyModule:
         shape = (batch,) + self._shape(name)
         return np.broadcast_to(np.asarray(array, dtype=self.dtype), shape) if np.shape(array) != shape else array
 
-    # --- forward ----------------------------------------------------------------
+    # --- the interpreter ------------------------------------------------------------
+    def _run(self, call: Call, events):
+        for event in events:
+            restored = call.ledger.release(event.restores) if event.restores else None
+            getattr(self, f"_on_{event.kind}")(call, event, *([restored[0]] if restored else []))
+            for buffer in event.frees:
+                call.ledger.release(buffer)
+
     def forward(self, inputs, params, states=None, contexts=None, lengths=None, train=True):
-        """Run the sequence segment by segment, as the plan says. Training keeps,
-        for the backward, the states at the start of every segment but the last
-        and the last segment's hoisted rows and stored step values; inference
-        keeps nothing."""
+        """Run the schedule's forward events: the sequence segment by segment, as
+        the plan says. Training keeps, for the backward, the states at the start
+        of every segment but the last and the last segment's hoisted rows and
+        stored step values; inference keeps nothing."""
         args = dict(inputs=inputs, params=params, states=states, contexts=contexts, lengths=lengths)
         T, B, inputs, params, states, contexts, lengths = bind_forward(
             self.cell, self.dtype, inputs, params, states, contexts, lengths)
-        ledger = Ledger()
-        call = Call(T, B, inputs, lengths, self._run_seq(params, contexts, ledger),
-                    _bounds(self.program.plan.segments_for(T)), ledger)
+        valid = None if lengths is None else np.arange(T)[:, None] < lengths[None, :]
+        call = Call(T, B, inputs, valid, self.runners[valid is not None])
+        call.shared = {**params, **contexts, **self.literals}
         # the forward runs on its own copies of the initial states: a checkpoint owns them
-        state = {d.name: np.array(states[d.name]) if d.name in states
-                 else self._zeros(d.name, (B,)) for d in self.cell.of_kind("state")}
-        outputs = {o: self._zeros(v, (T, B)) for o, v in self.cell.outputs}
-        checkpoints, pre, tape = [], {}, None
-        for j, (start, stop) in enumerate(call.bounds):
-            last = train and j == len(call.bounds) - 1
-            if train and not last:
-                checkpoints.append(ledger.keep_all(state))
-            pre = self._run_pre(call, start, stop)
-            tape = [] if last else None
-            state = self._run_steps(call, pre, start, stop, state, tape, outputs)
-            if not last:
-                ledger.release_all(pre)
-                pre = {}  # gone before the next segment's rows are made
-        if not train:
-            ledger.release_all(self._held_seq(call))
+        call.state = {d.name: np.array(states[d.name]) if d.name in states else self._zeros(d.name, (B,))
+                      for d in self.cell.of_kind("state")}
+        call.outputs = {o: self._zeros(v, (T, B)) for o, v in self.hoisted.outputs}
+        schedule = self.plan.schedule(T, B, self.dtype, train)
+        self._run(call, schedule.forward())
+        # a final state may be a stored value too: the caller gets its own copy
+        final = {s: a.copy() if call.ledger.holds(a) else a for s, a in call.state.items()}
         saved = None
         if train:
             fingerprints = {k: _fingerprint(a) for k, a in _caller_arrays(args).items()}
-            saved = Saved(args, call, checkpoints, pre, tape, fingerprints)
-        # a final state may be a stored value too: the caller gets its own copy
-        final = {s: a.copy() if ledger.holds(a) else a for s, a in state.items()}
-        return ForwardResult(outputs, final, ledger.current, saved)
+            saved = Saved(args, call, schedule, fingerprints)
+        return ForwardResult(call.outputs, final, call.ledger.current, saved)
 
-    def _run_seq(self, params, contexts, ledger) -> dict:
-        """The environment every region sees: params, contexts, literals and the
-        once-per-sequence values (held until the backward is done)."""
-        env = self.run_seq.run({**params, **contexts, **self.literals})
-        held = ledger.keep_all({v: env[v] for v in self.seq_held})
-        return {**params, **contexts, **self.literals, **held}
+    def _on_seq(self, call, event):
+        """The once-per-sequence values every region reads, held until the backward is done."""
+        env = call.run["seq"].run(dict(call.shared))
+        call.shared.update(call.ledger.keep(event.allocs[0], {v: env[v] for v in self.plan.held["seq"]}))
 
-    def _held_seq(self, call) -> dict:
-        return {v: call.shared[v] for v in self.seq_held}
+    def _on_checkpoint(self, call, event):
+        call.ledger.keep(event.allocs[0], call.state)
 
-    def _run_pre(self, call, start, stop) -> dict:
-        """The hoisted values of steps start..stop as flat rows [(stop-start)*B, ...], held."""
-        if not self.program.hoisted.pre.nodes:
-            return {}
-        env = _rows_env(call, start, stop)
-        self.run_pre.run(env)
-        return call.ledger.keep_all({v: env[v] for v in self.pre_held})
+    def _on_forward(self, call, event, start_state=None):
+        """The hoisted rows of the segment's steps, then its steps, from the
+        states after the last segment (a replay: from its checkpoint)."""
+        rows = self._rows(call, event)
+        tape = event.allocated("tape")
+        state = call.state if start_state is None else start_state
+        for t in event.steps:
+            env = self._step_env(call, rows, event.start, t)
+            env.update(state)
+            call.run["step"].run(env)
+            if tape:
+                call.ledger.keep(tape, {v: env[v] for v in self.plan.held["tape"]})
+            if event.kind == "forward":
+                for o, v in self.hoisted.outputs:
+                    call.outputs[o][t] = env[v]
+            state = {s: self._batched(s, env[v], call.B) for s, v in self.hoisted.nexts}
+        if event.kind == "forward":
+            call.state = state
 
-    def _step_env(self, call, pre, start, t) -> dict:
-        """What step t reads: shared values, its inputs and its rows of the hoisted values."""
+    _on_replay = _on_forward
+
+    def _rows(self, call, event) -> dict:
+        """The hoisted values of the event's steps as flat rows [(stop-start)*B, ...], held."""
+        buffer = event.allocated("rows")
+        if buffer is None:  # made by the segment's forward or replay
+            return call.ledger.arrays("rows", event.segment)[0]
+        env = self._rows_env(call, event)
+        call.run["pre"].run(env)
+        return call.ledger.keep(buffer, {v: env[v] for v in self.plan.held["rows"]})
+
+    def _rows_env(self, call, event) -> dict:
+        """What the hoisted `pre` region and its backward read over the event's
+        steps: the shared values, and the inputs and the mask as flat rows."""
+        env = dict(call.shared)
+        sequences = {**call.inputs, **({} if call.valid is None else {VALID: call.valid})}
+        env.update((x, a[event.start:event.stop].reshape((-1,) + a.shape[2:])) for x, a in sequences.items())
+        return env
+
+    def _step_env(self, call, rows, start, t) -> dict:
+        """What step t reads: shared values, its inputs, the mask and its rows of the hoisted values."""
         B, row = call.B, (t - start) * call.B
         env = dict(call.shared)
         env.update((x, a[t]) for x, a in call.inputs.items())
-        env.update((v, pre[v][row:row + B]) for v in self.program.hoisted.pre.outputs)
+        if call.valid is not None:
+            env[VALID] = call.valid[t]
+        env.update((v, rows[v][row:row + B]) for v in self.hoisted.pre.outputs)
         return env
-
-    def _run_steps(self, call, pre, start, stop, state, tape=None, outputs=None) -> dict:
-        """Steps start..stop from `state`; appends each step's stored values to
-        `tape` and writes `outputs` when given; returns the state after them."""
-        B, stored = call.B, self.program.plan.stored
-        for t in range(start, stop):
-            env = self._step_env(call, pre, start, t)
-            env.update(state)
-            self.run_step.run(env)
-            valid = _valid_mask(call.lengths, t, self.dtype)
-            if outputs is not None:
-                for o, v in self.cell.outputs:
-                    y = self._batched(v, env[v], B)
-                    outputs[o][t] = y if valid is None else y * _per_row(valid, y)
-            if tape is not None:
-                tape.append(call.ledger.keep_all({v: env[v] for v in stored}))
-            new_state = {}
-            for s, v in self.cell.nexts:
-                new = self._batched(v, env[v], B)
-                new_state[s] = new if valid is None else np.where(_per_row(valid, new) > 0, new, state[s])
-            state = new_state
-        return state
 
     # --- backward ----------------------------------------------------------------
     def backward(self, result: ForwardResult, d_outputs=None, d_states=None) -> Gradients:
-        """Segments from last to first: replay a segment from its checkpoint (the
-        last one's values are kept by the forward), backpropagate through its
-        steps, then do its hoisted products' backward over its rows at once."""
+        """Run the schedule's backward events: segments from last to first, each
+        replayed from its checkpoint (the last one's values are kept by the
+        forward), backpropagated step by step, then its hoisted products'
+        backward over its rows at once; then the once-per-sequence region's."""
         saved = saved_for_backward(result)
         d_outputs, d_states = bind_cotangents(self.cell, self.dtype, saved.call.T, saved.call.B,
                                               d_outputs, d_states)
@@ -330,154 +310,84 @@ class NumpyModule:
             saved = self.forward(**saved.args)._tape
         saved.used = True
         call = saved.call
-        B, ledger = call.B, call.ledger
-        acc = Accumulators(
-            d_inputs={x: np.zeros(a.shape, self.dtype) for x, a in call.inputs.items()},
-            d_seq=ledger.keep_all({o: self._zeros(o, (B,) if self.values[o].batched else ())
-                                   for o in self.program.hoisted.seq.outputs}),
-            d_shared={})
-        d_state = {d.name: d_states.get(d.name, self._zeros(d.name, (B,)))
-                   for d in self.cell.of_kind("state")}
-        for j in reversed(range(len(call.bounds))):
-            d_state = self._backward_segment(call, saved, j, d_outputs, d_state, acc)
-        self._backward_seq(call, acc)
-        cell = self.cell
+        B = call.B
+        call.grads = Accumulators(
+            d_state={d.name: d_states.get(d.name, self._zeros(d.name, (B,))) for d in self.cell.of_kind("state")},
+            d_outputs={o: d_outputs[o] if o in d_outputs else np.broadcast_to(self._zeros(v), (call.T, B) + self._shape(v))
+                       for o, v in self.hoisted.outputs},
+            d_inputs={x: np.zeros(a.shape, self.dtype) for x, a in call.inputs.items()})
+        self._run(call, saved.schedule.backward())
+        acc, cell = call.grads, self.cell
         return Gradients(
             params={d.name: acc.d_shared.get(d.name, self._zeros(d.name)) for d in cell.of_kind("param")},
             inputs=acc.d_inputs,
-            states=d_state,
+            states=acc.d_state,
             contexts={d.name: self._batched(d.name, acc.d_shared[d.name], B) if d.name in acc.d_shared
                       else self._zeros(d.name, (B,)) for d in cell.of_kind("context")},
-            peak_bytes=ledger.peak)
+            peak_bytes=call.ledger.peak)
 
-    def _backward_segment(self, call, saved, j, d_outputs, d_state, acc) -> dict:
-        """Backpropagate through segment j; returns the cotangents of the states
-        before it. Its buffers are locals, freed when it returns."""
-        (start, stop), B, ledger = call.bounds[j], call.B, call.ledger
-        if j == len(call.bounds) - 1:  # the forward kept the last segment
-            pre, tape = saved.pre, saved.tape
-            saved.pre, saved.tape = {}, []
-        else:  # replay it from its checkpoint, which becomes its first step's states
-            state = saved.checkpoints.pop()
-            ledger.release_all(state)
-            pre, tape = self._run_pre(call, start, stop), []
-            self._run_steps(call, pre, start, stop, state, tape)
-        d_rows = ledger.keep_all({v: self._zeros(v, ((stop - start) * B,))
-                                  for v in self.program.hoisted.pre.outputs})
-        for t in reversed(range(start, stop)):
-            stored = tape.pop()
-            ledger.release_all(stored)
-            d_state = self._backward_step(call, pre, start, t, stored, d_outputs, d_state, d_rows, acc)
-        self._backward_pre(call, pre, d_rows, start, stop, acc)
-        ledger.release_all(d_rows)
-        ledger.release_all(pre)
-        return d_state
+    def _on_backward(self, call, event):
+        """The backward steps of the segment, last first: rerun the Plan's
+        recompute, run the backward step and route its cotangents."""
+        acc, B, ledger, step_bwd = call.grads, call.B, call.ledger, self.grads["step"]
+        self._keep_d_seq(call, event)
+        d_rows = ledger.keep(event.allocated("d_rows"), {v: self._zeros(v, (len(event.steps) * B,))
+                                                         for v in self.plan.held["d_rows"]})
+        rows, tape = self._rows(call, event), ledger.arrays("tape", event.segment)
+        for t in reversed(event.steps):
+            env = self._step_env(call, rows, event.start, t)
+            env.update(tape[t - event.start])
+            call.run["recompute"].run(env)
+            env.update((cotangent_input("next", s), acc.d_state[s]) for s in acc.d_state)
+            env.update((cotangent_input("out", o), d[t]) for o, d in acc.d_outputs.items())
+            call.run["d_step"].run(env)
+            row = (t - event.start) * B
+            for w, g in step_bwd.grads:
+                if w in acc.d_state:
+                    acc.d_state[w] = self._batched(w, env[g], B)
+                elif not g:
+                    continue
+                elif w in d_rows:
+                    d_rows[w][row:row + B] = self._batched(w, env[g], B)
+                elif w in acc.d_inputs:
+                    acc.d_inputs[w][t] += env[g]
+                else:
+                    acc.add(w, env[g])
 
-    def _backward_step(self, call, pre, start, t, stored, d_outputs, d_state, d_rows, acc) -> dict:
-        """Rerun the plan's recompute, run the backward step and route its
-        cotangents; returns the cotangents of the states before step t."""
-        B, step_bwd = call.B, self.program.grads["step"]
-        env = self._step_env(call, pre, start, t)
-        env.update(stored)
-        self.run_recompute.run(env)
-        valid = _valid_mask(call.lengths, t, self.dtype)
-        env.update(self._seeds(step_bwd, d_outputs, d_state, t, B, valid))
-        self.run_grad["step"].run(env)
-        row = (t - start) * B
-        new_state = {}
-        for w, g in step_bwd.grads:
-            if w in d_state:
-                carried = 0 if valid is None else _keep(d_state[w], valid)
-                new_state[w] = (env[g] if g else 0) + carried
-            elif not g:
-                continue
-            elif w in d_rows:
-                d_rows[w][row:row + B] = self._batched(w, env[g], B)
-            elif w in acc.d_inputs:
-                acc.d_inputs[w][t] += env[g]
-            else:
-                acc.add(w, env[g])
-        return {s: self._batched(s, v, B) for s, v in new_state.items()}
-
-    def _seeds(self, step_bwd, d_outputs, d_state, t, B, valid) -> dict:
-        """Cotangents of the step's outputs at step t: d_outputs[t] and the carried d_state."""
-        seeds = {}
-        for out, seed in step_bwd.seeds:
-            total = self._zeros(out, (B,))
-            for s, v in self.cell.nexts:
-                if v == out:
-                    total = total + d_state[s]
-            for o, v in self.cell.outputs:
-                if v == out and o in d_outputs:
-                    total = total + d_outputs[o][t]
-            if valid is not None:
-                total = total * _per_row(valid, total)
-            seeds[seed] = total
-        return seeds
-
-    def _backward_pre(self, call, pre, d_rows, start, stop, acc):
+    def _on_param_grads(self, call, event):
         """The backward of the hoisted products over the segment's rows at once
         (dW = x^T dgates as one product per segment)."""
-        pre_bwd = self.program.grads["pre"]
-        if not self.program.hoisted.pre.nodes:
+        pre_bwd = self.grads["pre"]
+        if not self.hoisted.pre.nodes:
             return
-        env = _rows_env(call, start, stop)
-        env.update(pre)
+        env = self._rows_env(call, event)
+        env.update(call.ledger.arrays("rows", event.segment)[0])
+        d_rows = call.ledger.arrays("d_rows", event.segment)[0]
         env.update((seed, d_rows[out]) for out, seed in pre_bwd.seeds)
-        self.run_grad["pre"].run(env)
+        call.run["d_pre"].run(env)
+        start, stop = event.start, event.stop
         for w, g in pre_bwd.grads:
             if not g:
                 continue
-            if w in acc.d_inputs:
-                acc.d_inputs[w][start:stop] += env[g].reshape((stop - start, call.B) + env[g].shape[1:])
+            if w in call.grads.d_inputs:
+                call.grads.d_inputs[w][start:stop] += env[g].reshape((stop - start, call.B) + env[g].shape[1:])
             else:
-                acc.add(w, env[g])
+                call.grads.add(w, env[g])
 
-    def _backward_seq(self, call, acc):
-        seq_bwd = self.program.grads["seq"]
-        if self.program.hoisted.seq.nodes:
+    def _keep_d_seq(self, call, event):
+        """The sums of the once-per-sequence values' cotangents, by the event that makes them."""
+        if event.allocated("d_seq"):
+            call.grads.d_seq = call.ledger.keep(event.allocated("d_seq"), {
+                o: self._zeros(o, (call.B,) if self.values[o].batched else ()) for o in self.plan.held["d_seq"]})
+
+    def _on_backward_seq(self, call, event):
+        self._keep_d_seq(call, event)  # made here when there are no steps
+        seq_bwd, acc = self.grads["seq"], call.grads
+        if self.hoisted.seq.nodes:
             env = dict(call.shared)
             env.update((seed, acc.d_seq[out]) for out, seed in seq_bwd.seeds)
-            self.run_grad["seq"].run(env)
+            call.run["d_seq"].run(env)
             for w, g in seq_bwd.grads:
                 if g:
                     acc.add(w, env[g])
-        call.ledger.release_all(acc.d_seq)
-        call.ledger.release_all(self._held_seq(call))
         call.shared = {}  # really free them: a later backward runs the forward again
-
-
-@dataclass
-class Accumulators:
-    """Cotangents summed over steps: of the inputs (returned), of the
-    once-per-sequence values (held for their backward), of params and contexts."""
-
-    d_inputs: dict
-    d_seq: dict
-    d_shared: dict
-
-    def add(self, name, g):
-        sums = self.d_seq if name in self.d_seq else self.d_shared
-        if name in sums:
-            sums[name] += g
-        else:  # an array of our own to sum into in place
-            sums[name] = np.array(g)
-
-
-def _rows_env(call: Call, start: int, stop: int) -> dict:
-    """What the hoisted `pre` region and its backward read over steps
-    start..stop: the shared values and the inputs as flat rows [(stop-start)*B, ...]."""
-    env = dict(call.shared)
-    env.update((x, a[start:stop].reshape((-1,) + a.shape[2:])) for x, a in call.inputs.items())
-    return env
-
-
-def _bounds(lengths) -> list:
-    """(start, stop) of consecutive segments of the given lengths."""
-    stops = np.cumsum(lengths, dtype=int).tolist()
-    return list(zip([0] + stops[:-1], stops))
-
-
-def _keep(d_state, valid):
-    """The part of a state's cotangent that passes an invalid step unchanged."""
-    return d_state * (1 - _per_row(valid, d_state))

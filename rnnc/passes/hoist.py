@@ -22,6 +22,8 @@ class Hoisted:
     seq: Graph  # contexts and params in; values the other regions read out
     pre: Graph  # inputs (rows = T*B) and shared values in; values the step reads out
     step: Graph  # everything a step sees in; next states and outputs out
+    nexts: tuple  # (state, the step value that becomes it), in declaration order
+    outputs: tuple  # (output, the step value written to it)
 
     def values(self) -> dict:
         """Every value of the step and of its regions, by name."""
@@ -81,7 +83,7 @@ def hoist(cell: Cell) -> Hoisted:
         return tuple(n.out for n in nodes[name] if n.out in read)
 
     return Hoisted(cell, region_graph("seq", exported("seq")), region_graph("pre", exported("pre")),
-                   region_graph("step", step_outputs))
+                   region_graph("step", step_outputs), cell.nexts, cell.outputs)
 
 
 def _in_order(nodes, cell: Cell):

@@ -3,12 +3,8 @@ which steps' states it checkpoints.
 
 Two choices make a Plan:
 
-- Per step. The backward step reads some forward values of the step (its
-  residuals). A policy chooses which step values to store for every step;
-  `per_step_plan` derives the forward nodes the backward step reruns to
-  rebuild the rest. Policies: `none` (store every residual), `all` (store
-  only the states), `auto` (a min-cut over a cost model of bytes and flops,
-  as PyTorch's AOTAutograd partitioner) and a list of names to recompute.
+- Per step (rnnc/passes/policy.py): which step values the backward stores for
+  every step, and which forward nodes the backward step reruns for the rest.
 - Across time. Steps are run in segments. Without a memory budget there is
   one segment (T steps, all residuals kept). Under a budget the forward keeps
   only the states at the start of each segment and the last segment's
@@ -22,137 +18,30 @@ Two choices make a Plan:
   are not nested (one level; revolve's multi-level schedules would reach
   smaller budgets at more recompute).
 
-Policy (choosing) is kept apart from mechanism (deriving and applying the
-choice), as JAX's checkpoint policies are; `Plan.format` shows the result.
-
-Memory is counted so: `stored_bytes` is what the forward keeps for the
-backward, `peak_bytes` the most held at any moment of forward plus backward,
-leaving out the caller's arrays, the returned arrays (outputs, final states,
-gradients) and one region run's scratch. The NumPy backend holds exactly
-these buffers, in this order (see `_timeline`).
+`Plan.schedule` lays the choice out as one list of events (rnnc/passes/schedule.py),
+which both backends run and from which the bytes are counted: `stored_bytes`
+is what the forward keeps for the backward, `peak_bytes` the most held at any
+moment of forward plus backward, leaving out the caller's arrays, the
+returned arrays (outputs, final states, gradients) and one region run's scratch.
 """
 from __future__ import annotations
 
 import math
 import numbers
-from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..ir import Graph, Node
-from ..ops import OPS, numel
-from ..shapes import concrete_shape, shape_str
+from ..ir import Graph
+from ..shapes import shape_str
+from .costs import Costs, dtype_size, elements, measure, role_values
 from .hoist import Hoisted
+from .policy import per_step_plan, rerun_for
+from .schedule import Schedule, format_bytes, make_schedule
 
-POLICIES = ("none", "all", "auto")
 PER_STEP_CHOICES = ("none", "auto", "all")  # what a budget search tries when recompute="auto"
 
-# The cost model of `auto`, in flop-equivalents. Storing an element costs a
-# write in the forward, a read in the backward and the memory between them;
-# we price it like 8 flops, so cheap elementwise work (sigmoid: 4 flops per
-# element) is recomputed and a product over a fan-in (2*K flops per element)
-# is kept. Products are never recomputed, as AOTAutograd never recomputes a
-# matmul: their cost grows with the fan-in, which a per-element price hides.
-STORE_COST = 8
-NEVER_RECOMPUTED = frozenset({"dot"})
 
-
-# --- amounts that scale with the batch ------------------------------------------------
-@dataclass(frozen=True)
-class Amount:
-    """`per_example * B + shared`: elements or flops of something batched or not."""
-
-    per_example: int = 0
-    shared: int = 0
-
-    def at(self, batch: int) -> int:
-        return self.per_example * batch + self.shared
-
-    def __add__(self, other: "Amount") -> "Amount":
-        return Amount(self.per_example + other.per_example, self.shared + other.shared)
-
-
-def total(amounts) -> Amount:
-    return sum(amounts, Amount())
-
-
-def elements(value) -> Amount:
-    """Elements of one value (a Value or Node), per example when batched."""
-    n = numel(value.shape)
-    return Amount(n, 0) if value.batched else Amount(0, n)
-
-
-def node_flops(node: Node, values: dict) -> Amount:
-    """Flops of one node; the op's rule counts per example, once for a shared node
-    whose arguments are all shared."""
-    shapes = [concrete_shape(values[a].shape) for a in node.args]
-    flops = OPS[node.op].flops(node, shapes)
-    per_example = node.batched or any(values[a].batched for a in node.args)
-    return Amount(flops, 0) if per_example else Amount(0, flops)
-
-
-def region_flops(graph: Graph, nodes=None) -> Amount:
-    values = graph.values()
-    return total(node_flops(n, values) for n in (graph.nodes if nodes is None else nodes))
-
-
-def held_values(region: Graph, backward_residuals: tuple) -> tuple:
-    """Results of a hoisted region kept after it runs: what later regions read
-    and what its own backward reads."""
-    produced = {n.out: n for n in region.nodes if n.op != "const"}
-    keep = dict.fromkeys(v for v in region.outputs + backward_residuals if v in produced)
-    return tuple(produced[v] for v in keep)
-
-
-def dtype_size(dtype) -> int:
-    return np.dtype(dtype).itemsize
-
-
-@dataclass(frozen=True)
-class Costs:
-    """Elements and flops of everything the plan accounts for (see the module doc)."""
-
-    seq_held: Amount  # hoisted once-per-sequence values, held throughout
-    seq_cotangents: Amount  # their cotangents, accumulated over the backward
-    pre_held: Amount  # per step: hoisted all-steps values of one step's rows
-    pre_cotangents: Amount  # per step: cotangents of those values, for the batched products
-    state: Amount  # one checkpoint: the states
-    stored: Amount  # per step: the step values the plan stores
-    seq_flops: Amount
-    pre_flops: Amount  # per step
-    step_flops: Amount  # per step, forward
-    recompute_flops: Amount  # per step, rerun in the backward step
-
-    @property
-    def backward_fixed(self) -> Amount:
-        """Held through the whole backward: the once-per-sequence values and their cotangents."""
-        return self.seq_held + self.seq_cotangents
-
-    @property
-    def backward_per_step(self) -> Amount:
-        """Held per step of the segment being backpropagated: its hoisted rows,
-        stored values and row cotangents."""
-        return self.pre_held + self.stored + self.pre_cotangents
-
-
-def measure(hoisted: Hoisted, grads: dict, stored: tuple, recompute: tuple) -> Costs:
-    step_values = hoisted.step.values()
-    return Costs(
-        seq_held=total(elements(n) for n in held_values(hoisted.seq, grads["seq"].residuals)),
-        seq_cotangents=total(elements(hoisted.seq.values()[o]) for o, _ in grads["seq"].seeds),
-        pre_held=total(elements(n) for n in held_values(hoisted.pre, grads["pre"].residuals)),
-        pre_cotangents=total(elements(hoisted.pre.values()[o]) for o, _ in grads["pre"].seeds),
-        state=total(elements(d) for d in hoisted.cell.of_kind("state")),
-        stored=total(elements(step_values[v]) for v in stored),
-        seq_flops=region_flops(hoisted.seq),
-        pre_flops=region_flops(hoisted.pre),
-        step_flops=region_flops(hoisted.step),
-        recompute_flops=region_flops(hoisted.step, recompute),
-    )
-
-
-# --- the plan -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Plan:
     """What the backward stores per step, what it recomputes, how steps are segmented.
@@ -165,6 +54,7 @@ class Plan:
     residuals: tuple  # step values the backward step reads
     stored: tuple  # step values kept for every step (states included)
     recompute: tuple  # step nodes the backward step reruns, in forward order
+    held: dict  # role -> the value names its buffers hold (rnnc/passes/costs.py)
     costs: Costs
     segments: tuple | None = None
     seq_len: int | None = None
@@ -190,37 +80,17 @@ class Plan:
                 lengths.pop(0)
         return tuple(lengths)
 
-    def _timeline(self, T: int, B: int):
-        """Elements held after each event of forward then backward, in the backend's order."""
-        c = self.costs
-        per_step = c.backward_per_step
-        lengths = self.segments_for(T)
-        last = len(lengths) - 1
-        held = c.seq_held.at(B)
-        yield "forward", held
-        for j, n in enumerate(lengths):  # forward: checkpoint, hoisted rows, (last) tape
-            if j < last:
-                held += c.state.at(B)
-                yield "forward", held + n * c.pre_held.at(B)
-            else:
-                held += n * (c.pre_held + c.stored).at(B)
-                yield "stored", held  # what the forward leaves for the backward
-        held += c.seq_cotangents.at(B)
-        for j in reversed(range(len(lengths))):
-            # a replayed segment's checkpoint becomes the states of its first step's tape
-            start = held - (c.state.at(B) if j < last else 0) - (
-                lengths[j] * (c.pre_held + c.stored).at(B) if j == last else 0)
-            yield "backward", start + lengths[j] * per_step.at(B)
-            held = start
+    def schedule(self, T: int, B: int, dtype="float32", train: bool = True) -> Schedule:
+        """The events of one call of T steps and batch B (rnnc/passes/schedule.py)."""
+        return make_schedule(self, T, B, dtype, train)
 
     def stored_bytes(self, T: int, B: int, dtype="float32") -> int:
         """Bytes the forward keeps for the backward (train=True)."""
-        held = dict(self._timeline(T, B))["stored"] if T else self.costs.seq_held.at(B)
-        return held * dtype_size(dtype)
+        return self.schedule(T, B, dtype).stored_bytes
 
     def peak_bytes(self, T: int, B: int, dtype="float32") -> int:
         """The most bytes held at any moment of forward plus backward."""
-        return max(h for _, h in self._timeline(T, B)) * dtype_size(dtype)
+        return self.schedule(T, B, dtype).peak_bytes
 
     def forward_flops(self, T: int, B: int) -> int:
         c = self.costs
@@ -269,13 +139,6 @@ class Plan:
                 "dtype": self.dtype}
 
 
-def format_bytes(n: int) -> str:
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n} B"
-
-
 def format_segments(lengths: tuple) -> str:
     """`3 x 10, 2 x 9`: run lengths of equal segments."""
     runs = []
@@ -287,135 +150,13 @@ def format_segments(lengths: tuple) -> str:
     return ", ".join(f"{k} x {n}" if k > 1 else str(n) for k, n in runs)
 
 
-# --- the per-step choice --------------------------------------------------------------------
-def state_names(hoisted: Hoisted) -> tuple:
-    return tuple(d.name for d in hoisted.cell.of_kind("state"))
-
-
-def step_candidates(hoisted: Hoisted) -> tuple:
-    """Step values that could be stored: the states before the step and every node result."""
-    return state_names(hoisted) + tuple(n.out for n in hoisted.step.nodes if n.op != "const")
-
-
-def recompute_candidates(hoisted: Hoisted) -> tuple:
-    """Names a manual list may give: every step value but the states and literals."""
-    return tuple(n.out for n in hoisted.step.nodes if n.op != "const")
-
-
-def rerun_for(step: Graph, wanted, stored: set) -> tuple:
-    """The step nodes that rebuild `wanted` from `stored` values and the step's inputs."""
-    producer = step.producers()
-    needed = set()
-    todo = list(wanted)
-    while todo:
-        name = todo.pop()
-        if name in stored or name in needed or name not in producer:
-            continue
-        needed.add(name)
-        todo.extend(producer[name].args)
-    return tuple(n for n in step.nodes if n.out in needed)
-
-
-def choose_none(hoisted: Hoisted, residuals: tuple) -> set:
-    return set(residuals)
-
-
-def choose_all(hoisted: Hoisted, residuals: tuple) -> set:
-    return set(state_names(hoisted))
-
-
-def choose_auto(hoisted: Hoisted, residuals: tuple) -> set:
-    """The cheapest set to store by the cost model: a minimum s-t cut.
-
-    Each step node v becomes an edge v.in -> v.out of capacity STORE_COST *
-    elements(v) (cut: v is stored); source -> v.in has capacity flops(v) (cut:
-    v is rerun in the backward; infinite for products); u.out -> v.in is
-    infinite for every argument u; residual.out -> sink is infinite. The
-    step's inputs (states, hoisted values, params) are available to the
-    backward anyway and stay out of the graph."""
-    step = hoisted.step
-    values = step.values()
-    nodes = [n for n in step.nodes if n.op != "const"]
-    net = FlowNetwork()
-    for n in nodes:
-        net.add((n.out, "in"), (n.out, "out"), STORE_COST * numel(n.shape))
-        recompute = math.inf if n.op in NEVER_RECOMPUTED else node_flops(n, values).per_example
-        net.add("source", (n.out, "in"), recompute)
-        for a in n.args:
-            if (a, "out") in net.nodes:
-                net.add((a, "out"), (n.out, "in"), math.inf)
-    for r in residuals:
-        if (r, "out") in net.nodes:
-            net.add((r, "out"), "sink", math.inf)
-    source_side = net.min_cut("source", "sink")
-    stored = {n.out for n in nodes if (n.out, "in") in source_side and (n.out, "out") not in source_side}
-    return stored | set(state_names(hoisted))
-
-
-def choose_manual(hoisted: Hoisted, residuals: tuple, names: list) -> set:
-    """Recompute the named values, as Caffe2's `recurrent_net` recomputes the
-    blobs its `recompute_blobs_on_backward` names.
-
-    A name the user wrote stands for its whole statement: its compiler-made
-    intermediates (`%3`) are recomputed with it, so `recompute=["gates"]`
-    reruns `gates = x @ W + h @ U + b`, product included. Everything computed
-    from a recomputed value is recomputed too; the rest is stored."""
-    candidates = recompute_candidates(hoisted)
-    unknown = [n for n in names if n not in candidates]
-    if unknown:
-        states = set(state_names(hoisted))
-        why = ("states are always stored" if all(n in states for n in unknown)
-               else "not a value of the step")
-        raise ValueError(f"recompute: {', '.join(map(repr, unknown))}: {why}; recompute one of: "
-                         f"{', '.join(candidates)} (or a policy: {', '.join(POLICIES)})")
-    producer = hoisted.step.producers()
-    banned, todo = set(), list(names)
-    while todo:  # the named values and their compiler-made intermediates
-        name = todo.pop()
-        if name in banned or name not in producer:
-            continue
-        banned.add(name)
-        todo.extend(a for a in producer[name].args if not a.isidentifier())
-    for n in hoisted.step.nodes:  # and everything computed from them
-        if any(a in banned for a in n.args):
-            banned.add(n.out)
-    needed = rerun_for(hoisted.step, [r for r in residuals if r in banned], set())
-    frontier = {a for n in needed if n.out in banned for a in n.args if a not in banned}
-    return ({r for r in residuals if r not in banned} | frontier | set(state_names(hoisted)))
-
-
-@dataclass(frozen=True)
-class PerStep:
-    policy: str
-    residuals: tuple
-    stored: tuple
-    recompute: tuple
-
-
-def per_step_plan(hoisted: Hoisted, step_backward, policy) -> PerStep:
-    """Apply a policy: the values stored per step and the nodes the backward reruns."""
-    candidates = set(step_candidates(hoisted))
-    residuals = tuple(r for r in step_backward.residuals if r in candidates)
-    if isinstance(policy, str) and policy not in POLICIES:  # "gates,c_new", as a command line gives it
-        policy = [name.strip() for name in policy.split(",") if name.strip()]
-    if isinstance(policy, str):
-        choice = {"none": choose_none, "all": choose_all, "auto": choose_auto}[policy](hoisted, residuals)
-        name = policy
-    elif isinstance(policy, (list, tuple)) and all(isinstance(n, str) for n in policy):
-        choice, name = choose_manual(hoisted, residuals, list(policy)), "[" + ", ".join(policy) + "]"
-    else:
-        raise ValueError(f"recompute: unknown policy {policy!r}; use one of {', '.join(POLICIES)} "
-                         f"or a list of value names to recompute (from: "
-                         f"{', '.join(recompute_candidates(hoisted))})")
-    # states are always stored: nothing earlier in the step can rebuild them
-    states = set(state_names(hoisted))
-    stored = choice | states
-    recompute = rerun_for(hoisted.step, [r for r in residuals if r not in stored], stored)
-    # store only what the backward step or the recomputation actually reads
-    read = set(residuals) | {a for n in recompute for a in n.args}
-    # (states always: a replayed segment's checkpoint becomes its first step's states)
-    kept = tuple(v for v in step_candidates(hoisted) if v in stored and (v in read or v in states))
-    return PerStep(name, residuals, kept, recompute)
+def planned(hoisted: Hoisted, grads: dict, policy, **across_time) -> Plan:
+    """The Plan of one per-step policy, with `across_time` (segments, seq_len,
+    batch, budget, dtype) as given."""
+    per_step = per_step_plan(hoisted, grads["step"], policy)
+    return Plan(per_step.policy, per_step.residuals, per_step.stored, per_step.recompute,
+                role_values(hoisted, grads, per_step.stored),
+                measure(hoisted, grads, per_step.stored, per_step.recompute), **across_time)
 
 
 # --- the schedule across time under a budget ----------------------------------------------
@@ -486,20 +227,16 @@ def budget_plan(hoisted, grads, recompute, budget, T, B, dtype) -> Plan:
             raise ValueError(f"{name}: memory_budget needs a positive integer {name}, got {v!r}")
     size = dtype_size(dtype)
     choices = PER_STEP_CHOICES if isinstance(recompute, str) and recompute == "auto" else (recompute,)
-    fitting, all_costs = [], []
-    for choice in choices:
-        per_step = per_step_plan(hoisted, grads["step"], choice)
-        costs = measure(hoisted, grads, per_step.stored, per_step.recompute)
-        all_costs.append(costs)
-        lengths = segment_lengths(costs, T, B, budget // size)
+    fitting, unsegmented = [], [planned(hoisted, grads, choice) for choice in choices]
+    for plan in unsegmented:
+        lengths = segment_lengths(plan.costs, T, B, budget // size)
         if lengths is not None:
-            plan = Plan(per_step.policy, per_step.residuals, per_step.stored, per_step.recompute,
-                        costs, lengths, int(T), int(B), budget, np.dtype(dtype).name)
+            plan = replace(plan, segments=lengths, seq_len=int(T), batch=int(B), budget=budget, dtype=dtype)
             fitting.append((plan.recompute_flops(T, B), plan.peak_bytes(T, B, dtype), len(fitting), plan))
     if not fitting:
-        floor = min(smallest_budget(costs, T, B) for costs in all_costs) * size
+        floor = min(smallest_budget(plan.costs, T, B) for plan in unsegmented) * size
         raise ValueError(f"memory_budget: {budget} bytes ({format_bytes(budget)}) is too small for "
-                         f"T={T}, B={B}, {np.dtype(dtype).name}; the smallest feasible budget is "
+                         f"T={T}, B={B}, {dtype}; the smallest feasible budget is "
                          f"{floor} bytes ({format_bytes(floor)})")
     return min(fitting)[-1]
 
@@ -519,82 +256,7 @@ def make_plan(hoisted: Hoisted, grads: dict, recompute="auto", memory_budget=Non
             raise ValueError("memory_budget: the plan is made for a sequence length and a batch size; "
                              "give seq_len=T and batch=B too")
         return budget_plan(hoisted, grads, recompute, memory_budget, seq_len, batch, np_dtype.name)
-    per_step = per_step_plan(hoisted, grads["step"], recompute)
-    costs = measure(hoisted, grads, per_step.stored, per_step.recompute)
-    return Plan(per_step.policy, per_step.residuals, per_step.stored, per_step.recompute, costs,
-                seq_len=seq_len, batch=batch, dtype=np_dtype.name)
-
-
-# --- minimum cut ------------------------------------------------------------------------------
-class FlowNetwork:
-    """Capacities on directed edges; max flow by Dinic's algorithm.
-
-    Each phase labels vertices with their distance from the source over edges
-    with capacity left, then saturates every shortest path at once (a blocking
-    flow): a depth-first search along edges that go one level up, each edge
-    given up for the phase once it is saturated or leads nowhere, so a phase
-    costs about one pass over the edges plus the paths it fills. A step's
-    graph needs few phases (its values are rebuilt from nearby ones), so the
-    cut of a 10,000-node step takes well under a second. The search keeps its
-    path in a list: a chain of values is as deep as it is long."""
-
-    def __init__(self):
-        self.capacity: dict = {}  # u -> {v: capacity left}, with the reverse edges
-
-    @property
-    def nodes(self):
-        return self.capacity.keys()
-
-    def add(self, u, v, capacity):
-        self.capacity.setdefault(u, {})
-        self.capacity.setdefault(v, {})
-        self.capacity[u][v] = self.capacity[u].get(v, 0) + capacity
-        self.capacity[v].setdefault(u, 0)  # the residual edge
-
-    def _levels(self, source) -> dict:
-        """Distance from the source of every vertex it reaches over edges with capacity left."""
-        level, queue = {source: 0}, deque([source])
-        while queue:
-            u = queue.popleft()
-            for v, cap in self.capacity.get(u, {}).items():  # a step without nodes has no source
-                if cap > 0 and v not in level:
-                    level[v] = level[u] + 1
-                    queue.append(v)
-        return level
-
-    def _blocking_flow(self, source, sink, level: dict):
-        capacity = self.capacity
-        # the edges each vertex may still push along this phase (tried from the end)
-        ahead = {u: [v for v, cap in capacity[u].items() if cap > 0 and level.get(v) == level[u] + 1]
-                 for u in level}
-        path = [source]
-        while path:
-            u = path[-1]
-            if u == sink:
-                edges = list(zip(path, path[1:]))
-                # finite: every path to the sink crosses some value's store edge
-                push = min(capacity[a][b] for a, b in edges)
-                for a, b in edges:
-                    capacity[a][b] -= push
-                    capacity[b][a] += push
-                first_full = next(i for i, (a, b) in enumerate(edges) if capacity[a][b] == 0)
-                del path[first_full + 1:]  # resume from the tail of the first saturated edge
-                continue
-            edges_left = ahead[u]
-            while edges_left and capacity[u][edges_left[-1]] <= 0:
-                edges_left.pop()
-            if edges_left:
-                path.append(edges_left[-1])
-            else:  # a dead end for this phase: its parent stops trying it
-                path.pop()
-                if path:
-                    ahead[path[-1]].pop()
-
-    def min_cut(self, source, sink) -> set:
-        """The source side of a minimum cut (capacities are consumed)."""
-        while sink in (level := self._levels(source)):
-            self._blocking_flow(source, sink, level)
-        return set(level)
+    return planned(hoisted, grads, recompute, seq_len=seq_len, batch=batch, dtype=np_dtype.name)
 
 
 # --- the table `rnnc plan` prints ------------------------------------------------------------

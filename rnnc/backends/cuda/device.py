@@ -71,7 +71,7 @@ class PycudaDevice:
         return f"sm_{major}{minor}"
 
     def load_module(self, cubin_path, arities: dict):
-        """The cubin's kernels, each prepared for (rows, t, lengths, buffers...)."""
+        """The cubin's kernels, each prepared for (rows, buffers...)."""
         with self.active():
             try:
                 self.module = self.drv.module_from_file(str(cubin_path))
@@ -80,7 +80,7 @@ class PycudaDevice:
                                       f"({err}); rebuild it for {self.arch}") from None
             for name, n in arities.items():
                 f = self.module.get_function(name)
-                f.prepare("iiP" + "P" * n)
+                f.prepare("i" + "P" * n)
                 self.functions[name] = f
 
     @staticmethod
@@ -110,9 +110,9 @@ class PycudaDevice:
         if nbytes:
             self.drv.memset_d8(ptr, 0, nbytes)
 
-    def launch(self, kernel, grid, block, rows, t, lengths, ptrs):
-        self.functions[kernel].prepared_call(grid, (block, 1, 1), np.int32(rows), np.int32(t),
-                                             np.uintp(lengths), *[np.uintp(p) for p in ptrs])
+    def launch(self, kernel, grid, block, rows, ptrs):
+        self.functions[kernel].prepared_call(grid, (block, 1, 1), np.int32(rows),
+                                             *[np.uintp(p) for p in ptrs])
 
 
 def import_pycuda():

@@ -1,16 +1,16 @@
-"""The schedule's interpreter: buffers of one call in pools, and launches on a device.
+"""Device memory and launches: buffers in pools, and a list of launches on a device.
 
-`Executor` runs a `Schedule`'s launches on a `Device`: `PycudaDevice`
-(`device.py`) or anything with the same few methods (the tests run the kernels
-through a CPU emulation of CUDA). A buffer has slots (one per step of a
-segment, say); a launch's arguments pick a slot by the step being run.
+`Executor` runs `Launches` on a `Device`: `PycudaDevice` (`device.py`) or
+anything with the same few methods (the tests run the kernels through a CPU
+emulation of CUDA). A buffer has slots (one per step of a segment, say); a
+launch's arguments pick a slot by the step being run.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from .cexpr import MAX_INDEX
-from .schedule import Schedule
+from .launches import SCRATCH, Launches
 
 ALIGN = 256  # bytes between buffers of a pool (the alignment cudaMalloc gives)
 
@@ -36,61 +36,59 @@ class Slotted:
 
 @dataclass(frozen=True)
 class Steps:
-    """Steps start..stop of a sequence of T steps, batch B: one segment of a call."""
+    """Steps start..stop of a sequence of T steps, batch B; `tape`: the
+    segment's event keeps each step's stored values (see `slot_count`)."""
 
     T: int
     B: int
-    start: int
-    stop: int
+    start: int = 0
+    stop: int = 0
+    tape: bool = False
 
     @property
     def rows(self) -> int:
         return (self.stop - self.start) * self.B
 
 
-def segments(plan, T: int, train: bool) -> list:
-    """(start, stop) of each segment the Plan runs; inference keeps nothing, so one segment."""
-    lengths = plan.segments_for(T) if train else ((T,) if T else ())
-    bounds, start = [], 0
-    for n in lengths:
-        bounds.append((start, start + n))
-        start += n
-    return bounds or [(0, 0)]
+def slot_count(buffer, steps: Steps) -> int:
+    if buffer.slots == "T" and buffer.whole_sequence:
+        return steps.T
+    n = steps.stop - steps.start
+    return {"one": 1, "pair": 2, "T": n, "tape": n if steps.tape else 1, "state": n + 1 if steps.tape else 2}[buffer.slots]
 
 
-def slot_count(buffer, T: int, longest: int, train: bool) -> int:
-    if buffer.whole_sequence:
-        return T
-    steps = longest
-    return {"one": 1, "T": steps, "tape": steps if train else 1, "state": steps + 1 if train else 2}[buffer.slots]
+def held_slots(buffer, steps: Steps) -> int:
+    """The slots of `buffer` that hold values the schedule counts: all but the
+    state after a segment's last step, which the next segment starts from or
+    the caller gets back."""
+    return slot_count(buffer, steps) - (buffer.slots == "state")
 
 
 class Executor:
-    """Runs a Schedule's launches on a device. Its buffers fall in three
-    groups, each allocated as one pool when needed: `forward_buffers` (the
-    caller's and those the forward launches read or write), `backward_buffers`
-    (the rest, for a backward only) and `transient` (the hoisted regions'
-    scratch, held only while they run)."""
+    """Allocates buffers and runs launch lists on a device. `scratch[k]` are
+    the scratch buffers launch list k writes or reads, made for one run of it."""
 
-    def __init__(self, schedule: Schedule, device):
-        self.schedule, self.device = schedule, device
-        forward = {name for k in ("forward_seq", "forward_pre", "forward_step")
-                   for launch in getattr(schedule, k) for name, _ in launch.args}
-        buffers = schedule.buffers.values()
-        self.transient = [b for b in buffers if b.role == "transient"]  # only while forward_pre runs
-        self.forward_buffers = [b for b in buffers if b.role != "transient" and (
-            b.name in forward or b.role in ("input", "param", "context", "state", "output"))]
-        self.backward_buffers = [b for b in buffers if b.role != "transient" and b not in self.forward_buffers]
+    def __init__(self, launches: Launches, device):
+        self.launches, self.device = launches, device
+        self.scratch = {k: [launches.buffers[name] for name in dict.fromkeys(
+                            name for launch in getattr(launches, k) for name, _ in launch.args)
+                            if launches.buffers[name].role in SCRATCH]
+                        for k in ("seq", "rows", "step", "backward_step", "param_grads", "backward_seq")}
 
-    def allocate(self, buffers, T: int, B: int, longest: int, train: bool):
-        """One pool for `buffers`: (name -> Slotted, the pool to keep alive).
-        A device with `alloc_per_buffer` (the tests' emulator, which guards
-        every allocation) gets one allocation per buffer instead.
+    def role(self, role: str) -> list:
+        return [b for b in self.launches.buffers.values() if b.role == role]
+
+    def allocate(self, buffers, steps: Steps):
+        """One pool for `buffers`: (name -> Slotted, the pool to keep alive; None
+        for no buffers). A device with `alloc_per_buffer` (the tests' emulator,
+        which guards every allocation) gets one allocation per buffer instead.
         Tickets start at zero (the kernels leave them at zero)."""
+        if not buffers:
+            return {}, None
         layout, offset = {}, 0
         for b in buffers:
-            slot_bytes = (B if b.batched else 1) * b.numel * 4
-            slots = slot_count(b, T, longest, train)
+            slot_bytes = (steps.B if b.batched else 1) * b.numel * 4
+            slots = slot_count(b, steps)
             layout[b.name] = (offset, slots, slot_bytes, not b.whole_sequence)
             offset += aligned(slots * slot_bytes)
         if getattr(self.device, "alloc_per_buffer", False):
@@ -109,10 +107,10 @@ class Executor:
         """Refuse a call whose kernels would index more than MAX_INDEX elements
         of a buffer: a launch over all rows of a segment of `longest` steps
         touches longest * B rows of each batched buffer it is given."""
-        for launch in self.schedule.launches():
+        for launch in self.launches.launches():
             rows = B if launch.rows == "B" else longest * B
             for name, _ in launch.args:
-                b = self.schedule.buffers[name]
+                b = self.launches.buffers[name]
                 if b.batched and rows * b.numel > MAX_INDEX:
                     raise ValueError(
                         f"cuda: T={T}, B={B}: a kernel would index {rows:,} rows of {b.numel:,} elements "
@@ -120,12 +118,13 @@ class Executor:
                         "32-bit int indices reach; use a smaller batch, a shorter sequence or a "
                         "memory_budget (its segments run fewer steps at once)")
 
-    def run(self, launches, memory: dict, steps: Steps, t: int, lengths: int):
-        for launch in launches:
+    def run(self, kind: str, memory: dict, steps: Steps, t: int):
+        """The launches of list `kind` for step t (the segment's start for its rows)."""
+        for launch in getattr(self.launches, kind):
             rows = steps.B if launch.rows == "B" else steps.rows
             index = {"base": steps.start, "t": t, "t+1": t + 1}
             ptrs = [memory[name].at(index[sel], steps.start) for name, sel in launch.args]
-            self.device.launch(launch.kernel, grid(launch, rows), launch.block, rows, t, lengths, ptrs)
+            self.device.launch(launch.kernel, grid(launch, rows), launch.block, rows, ptrs)
 
 
 def grid(launch, rows: int) -> tuple:

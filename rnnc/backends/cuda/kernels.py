@@ -28,8 +28,8 @@ import jinja2
 from ...ops import BATCH
 from ...shapes import concrete_shape
 from .cexpr import Ref, c_float, comment, decode, offset, size_expr, strides
+from .launches import Buffer, Extent, Launch
 from .products import INPUTS, NOMINAL_ROWS, Contraction, product_kernel
-from .schedule import Buffer, Extent, Launch
 
 BLOCK = 256  # threads per block of the elementwise, reduction and softmax kernels
 
@@ -184,8 +184,8 @@ class Generator:
 
     @staticmethod
     def signature(refs) -> str:
-        params = ["const int rows", "const int t", "const int* lengths"]
-        return ", ".join(params + [f"float* {r.param}" for r in refs])
+        """The kernel's parameters: rows, then one pointer per buffer slot it reads or writes."""
+        return ", ".join(["const int rows"] + [f"float* {r.param}" for r in refs])
 
     def emit(self, region, name, template, refs, grid, note, block=BLOCK, **values):
         refs = list({r.param: r for r in refs}.values())

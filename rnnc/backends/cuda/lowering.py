@@ -1,9 +1,9 @@
 """Program lowering: the hoisted regions, their backward regions and the Plan
-as CUDA C (`Generated.source`) and a schedule of kernel launches
-(`Generated.schedule`), with every value given a home buffer.
+as CUDA C (`Generated.source`) and the kernel launches of each kind of event
+of the schedule (`Generated.launches`), with every value given a home buffer.
 
 Python decides everything: `Lowering` places each value in a buffer (its
-role, slots and slot selector: `schedule.Buffer`) and lowers each region
+role, slots and slot selector: `launches.Buffer`) and lowers each region
 (`region.Region`) in the order the runtime runs them; the kernel builders
 (`kernels.Generator`) and templates only spell out what was decided.
 """
@@ -12,13 +12,14 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+from ...passes.mask import VALID, cotangent_input
 from ...precision import precision as find_precision
 from ...shapes import concrete_shape
 from .cexpr import MAX_INDEX, Ref, comment
 from .elementwise import loop_for
 from .kernels import Generator, intrinsics, render
+from .launches import Buffer, Generated, Launches
 from .region import Region
-from .schedule import Buffer, Generated, Schedule
 
 # breaking ops whose parameter gradient may run once over all rows of a segment
 # instead of once per step (see `Lowering.deferred`)
@@ -36,22 +37,22 @@ class Lowering:
         self.hoisted = program.hoisted
         self.plan = program.plan
         self.gen = Generator(precision.name)
-        self.schedule = Schedule()
+        self.launches = Launches()
         self.decl = {d.name: d for d in self.cell.decls}
         self.values = self.hoisted.values()
         # and the step backward's, looked up for every seed it reads: made once
         self.values_bwd = {**self.values, **program.grads["step"].graph.values()}
         self.stored = set(self.plan.stored)
         self.states = [d.name for d in self.cell.of_kind("state")]
-        for _, v in self.cell.nexts + self.cell.outputs:
-            if not self.values[v].batched:
-                raise ValueError(f"cuda: the step result {v!r} does not depend on the batch; "
-                                 "the cuda backend needs per-example step results")
+        # where the step's (masked) results go: the next states' and the outputs' slots of the step
+        self.results = {v: self.declared(s, "t+1") for s, v in self.hoisted.nexts}
+        self.results.update((v, self.buffer(f"output:{o}", self.shape(v), True, "T", "output", "t"))
+                            for o, v in self.hoisted.outputs)
 
     # buffers ---------------------------------------------------------------------------
     def buffer(self, name, shape, batched, slots="one", role="scratch", selector="base") -> Ref:
         shape = tuple(shape)
-        self.schedule.buffers.setdefault(name, Buffer(name, math.prod(shape), batched, slots, role))
+        self.launches.buffers.setdefault(name, Buffer(name, math.prod(shape), batched, slots, role))
         return Ref(name, selector, shape, batched)
 
     def shape(self, name) -> tuple:
@@ -64,7 +65,7 @@ class Lowering:
         if d.kind == "input":
             return self.buffer(f"input:{name}", shape, True, "T", "input", selector)
         if d.kind == "state":
-            return self.buffer(f"state:{name}", shape, True, "state", "state", selector)
+            return self.buffer(f"state:{name}", shape, True, "state", "tape", selector)
         return self.buffer(f"{d.kind}:{name}", shape, d.batched, "one", d.kind)
 
     def caller_buffers(self):
@@ -75,55 +76,64 @@ class Lowering:
             if d.kind == "input":
                 self.d_row(d.name, "base")
             elif d.kind == "state":
-                self.d_state(d.name)
+                self.d_state(d.name, "t")
             else:
                 self.accumulator(d.name)
-        for o, v in self.cell.outputs:
-            self.buffer(f"output:{o}", self.shape(v), True, "T", "output")
-            self.buffer(f"d_output:{o}", self.shape(v), True, "T", "d_output")
+        for o, _ in self.hoisted.outputs:
+            self.d_output(o, "t")
+        self.valid("t")
+
+    def d_output(self, o, selector) -> Ref:
+        """The cotangent of output `o`, given for every step."""
+        value = dict(self.hoisted.outputs)[o]
+        return self.buffer(f"d_output:{o}", self.shape(value), True, "T", "d_output", selector)
+
+    def valid(self, selector) -> Ref:
+        """The lengths mask (rnnc/passes/mask.py): 1 at step t of example b inside its sequence, else 0."""
+        return self.buffer("valid", (), True, "T", "valid", selector)
 
     def hoisted_value(self, name, selector="t") -> Ref:
-        """A value the step reads from outside: a declaration, a `pre` value or a `seq` value."""
+        """A value the step reads from outside: a declaration, the lengths mask,
+        a `pre` value or a `seq` value."""
         if name in self.decl:
             return self.declared(name, selector)
+        if name == VALID:
+            return self.valid(selector)
         if name in self.hoisted.pre.producers():
             return self.pre_home(name, selector)
         return self.seq_home(name)
 
     def seq_home(self, name) -> Ref:
-        return self.buffer(f"seq:{name}", self.shape(name), self.values[name].batched)
+        return self.buffer(f"seq:{name}", self.shape(name), self.values[name].batched, role="seq")
 
     def pre_home(self, name, selector="base") -> Ref:
         batched = self.values[name].batched
-        return self.buffer(f"pre:{name}", self.shape(name), batched, "T" if batched else "one", selector=selector)
+        return self.buffer(f"pre:{name}", self.shape(name), batched, "T" if batched else "one", "rows", selector)
 
     # regions ----------------------------------------------------------------------------
     def region(self, label, rows, nodes, exports, external, home, accumulate=()) -> list:
         return Region(self.gen, label, rows, nodes, set(exports), external, home, accumulate).lower()
 
     def lower(self) -> Generated:
-        s = self.schedule
+        s = self.launches
         self.caller_buffers()
-        s.forward_seq, s.forward_pre = self.forward_once()
-        s.forward_step = self.forward_step() + self.commit()
+        s.seq, s.rows = self.forward_once()
+        s.step = self.forward_step()
         deferred = self.deferred()
-        s.backward_step = self.seeds() + self.backward_step(deferred) + self.grads(deferred)
-        s.backward_segment = self.after_loop(deferred) + self.pre_backward()
+        s.backward_step = self.backward_step(deferred) + self.grads(deferred)
+        s.param_grads = self.after_loop(deferred) + self.pre_backward()
         s.backward_seq = self.seq_backward()
-        s.zero_before_backward = [b.name for b in s.buffers.values()
-                                  if b.name.split(":", 1)[0] in ("d_row", "d_acc")]
         s.buffers.update(self.gen.scratch)
         check_sizes(s)
         return Generated(render("module.cu.j2", cell=comment(self.cell.name), intrinsics=intrinsics(),
                                 kernels=self.gen.sources), s)
 
     def forward_once(self) -> tuple:
-        """The hoisted regions. What they keep (values read later) lives in
-        `seq:`/`pre:` buffers; their other results are transient scratch,
-        freed when the regions have run."""
-        h, grads = self.hoisted, self.program.grads
-        seq_kept = set(h.seq.outputs) | set(grads["seq"].residuals)
-        pre_kept = set(h.pre.outputs) | set(grads["pre"].residuals)
+        """The hoisted regions. What they keep (values read later: the plan's
+        `seq` and `rows` values) lives in `seq:`/`pre:` buffers; their other
+        results are scratch, freed when the regions have run."""
+        h = self.hoisted
+        seq_kept, pre_kept = set(self.plan.held["seq"]), set(self.plan.held["rows"])
         seq = self.region("seq", "B", h.seq.nodes, seq_kept, lambda v: self.declared(v),
                           lambda v, n: self.seq_home(v) if v in seq_kept else self.transient(v, n, "one"))
         pre = self.region("pre", "TB", h.pre.nodes, pre_kept, lambda v: self.hoisted_value(v, "base"),
@@ -132,32 +142,19 @@ class Lowering:
 
     def transient(self, name, node, slots) -> Ref:
         return self.buffer(f"once:{name}", concrete_shape(node.shape), node.batched,
-                           slots if node.batched else "one", "transient")
+                           slots if node.batched else "one")
 
     def step_home(self, name, node) -> Ref:
+        if name in self.results:
+            return self.results[name]
         if name in self.stored:
-            return self.buffer(f"tape:{name}", self.shape(name), node.batched, "tape", selector="t")
+            return self.buffer(f"tape:{name}", self.shape(name), node.batched, "tape", "tape", "t")
         return self.buffer(f"step:{name}", self.shape(name), node.batched)
 
     def forward_step(self) -> list:
-        exports = self.stored | {v for _, v in self.cell.nexts + self.cell.outputs}
+        exports = self.stored | set(self.results)
         return self.region("step", "B", self.hoisted.step.nodes, exports,
                            self.hoisted_value, self.step_home)
-
-    def step_value(self, name) -> Ref:
-        """A forward step value after the step's kernels ran."""
-        node = self.hoisted.step.producers().get(name)
-        return self.step_home(name, node) if node else self.hoisted_value(name)
-
-    def glue(self, label, targets) -> list:
-        """One elementwise kernel from (target Ref, op, expression builder) triples;
-        the builder gets a loader (`Loop.at`) and the `valid` 0/1 of the row."""
-        loops: dict = {}
-        for target, op, build in targets:
-            loop = loop_for(loops, target.shape, target.batched)
-            valid = loop.temp("float", f"(t < lengths[{loop.row}]) ? 1.0f : 0.0f") if loop.batched else "1.0f"
-            loop.store(target, loop.temp("float", build(loop.at, valid)), op)
-        return self.glue_kernel(label, "B", loops, label)
 
     def glue_kernel(self, label, rows, loops: dict, note) -> list:
         """The launch of one elementwise kernel of `loops` (none without loops),
@@ -167,18 +164,6 @@ class Lowering:
         region = Region(self.gen, label, rows, [], set(), None, None)
         self.gen.elementwise(region, "glue", list(loops.values()), [note])
         return region.launches
-
-    def commit(self) -> list:
-        """Outputs are zero and states carried over past a sequence's length."""
-        targets = []
-        for o, v in self.cell.outputs:
-            out = self.buffer(f"output:{o}", self.shape(v), True, "T", "output", "t")
-            targets.append((out, "=", lambda at, valid, v=v: f"{valid} * {at(self.step_value(v))}"))
-        for s, v in self.cell.nexts:
-            new = self.declared(s, "t+1")
-            targets.append((new, "=", lambda at, valid, s=s, v=v:
-                            f"{valid} > 0.0f ? {at(self.step_value(v))} : {at(self.declared(s))}"))
-        return self.glue("commit", targets)
 
     # backward ----------------------------------------------------------------------------
     @property
@@ -218,28 +203,9 @@ class Lowering:
     def row_targets(self) -> set:
         return {d.name for d in self.cell.of_kind("input")} | set(self.hoisted.pre.outputs)
 
-    def seed_ref(self, seed) -> Ref:
-        value = self.values_bwd[seed]
-        return self.buffer(f"seed:{seed}", concrete_shape(value.shape), value.batched)
-
-    def d_state(self, s) -> Ref:
-        return self.buffer(f"d_state:{s}", self.shape(s), True, "one", "d_state")
-
-    def seeds(self) -> list:
-        """Each step output's cotangent: the carried state cotangents and the
-        output cotangents given for this step, zero past the sequence's length."""
-        targets = []
-        for out, seed in self.step_bwd.seeds:
-            states = [s for s, v in self.cell.nexts if v == out]
-            outputs = [o for o, v in self.cell.outputs if v == out]
-
-            def build(at, valid, out=out, states=states, outputs=outputs):
-                terms = [at(self.d_state(s)) for s in states]
-                terms += [at(self.buffer(f"d_output:{o}", self.shape(out), True, "T", "d_output", "t"))
-                          for o in outputs]
-                return f"{valid} * ({' + '.join(terms) or '0.0f'})"
-            targets.append((self.seed_ref(seed), "=", build))
-        return self.glue("seeds", targets)
+    def d_state(self, s, selector) -> Ref:
+        """The cotangent of state s before step t (at t) and after it (at t+1)."""
+        return self.buffer(f"d_state:{s}", self.shape(s), True, "pair", "d_state", selector)
 
     def row_gradients(self) -> dict:
         """Step-backward values that are the gradient of exactly one input or
@@ -247,12 +213,16 @@ class Lowering:
         return {g: w for g, w in self.single_gradients().items() if w in self.row_targets()}
 
     def bwd_home(self):
-        """Where backward values live: row cotangents in their per-step rows,
-        sole gradients of whole-sequence values in their accumulators (added
-        to), the rest in one step's scratch."""
+        """Where backward values live: the states' cotangents before the step
+        in their slot, row cotangents in their per-step rows, sole gradients
+        of whole-sequence values in their accumulators (added to), the rest
+        in one step's scratch."""
         rows, sole = self.row_gradients(), self.sole_gradients()
+        states = {g: w for w, g in self.step_bwd.grads if w in self.states}
 
         def home(name, node):
+            if name in states:
+                return self.d_state(states[name], "t")
             if name in rows:
                 return self.d_row(rows[name], "t")
             if name in sole:
@@ -261,11 +231,14 @@ class Lowering:
         return home
 
     def bwd_external(self, selector="t"):
-        seeds = dict((s, o) for o, s in self.step_bwd.seeds)
+        """The backward step's inputs: the cotangents of the states after the
+        step and of its outputs, stored values, and what the forward step read."""
+        given = {cotangent_input("next", s): self.d_state(s, "t+1") for s in self.states}
+        given.update((cotangent_input("out", o), self.d_output(o, "t")) for o, _ in self.hoisted.outputs)
 
         def external(name):
-            if name in seeds:
-                return self.seed_ref(name)
+            if name in given:
+                return given[name]
             if name in self.stored and name not in self.states:
                 return self.buffer(f"tape:{name}", self.shape(name), self.values[name].batched, "tape",
                                    selector=selector)
@@ -282,37 +255,36 @@ class Lowering:
 
     def accumulator(self, w) -> Ref:
         """Where the gradient of a whole-sequence value (param, context, `seq` value) adds up."""
-        v = self.values[w]
-        return self.buffer(f"d_acc:{w}", self.shape(w), v.batched)
+        role = "d_param" if w in self.decl else "d_seq"
+        return self.buffer(f"d_acc:{w}", self.shape(w), self.values[w].batched, role=role)
 
     def d_row(self, w, selector) -> Ref:
         """The per-step cotangent of an input (returned) or of a `pre` value."""
-        role = "d_input" if w in self.decl else "scratch"
+        role = "d_input" if w in self.decl else "d_rows"
         return self.buffer(f"d_row:{w}", self.shape(w), True, "T", role, selector)
 
     def grads(self, deferred) -> list:
-        """The state cotangents carried to the step before (kept as they are past
-        a sequence's length), the row cotangents and accumulations the
-        backward kernels did not write in place."""
+        """The row cotangents and accumulations the backward kernels did not
+        write in place (a cotangent of several values, say)."""
         external, home = self.bwd_external(), self.bwd_home()
         producers = self.step_bwd.graph.producers()
         in_place = set(self.sole_gradients()) | set(deferred)
 
         def ref(g):
             return home(g, producers[g]) if g in producers else external(g)
-        targets = []
+        loops: dict = {}
         for w, g in self.step_bwd.grads:
-            if w in self.states:
-                targets.append((self.d_state(w), "=", lambda at, valid, w=w, g=g:
-                                (f"{at(ref(g))} + " if g else "") + f"(1.0f - {valid}) * {at(self.d_state(w))}"))
-            elif not g or g in in_place:
+            if w in self.states or not g or g in in_place:
                 continue
-            elif w in self.row_targets():
-                if ref(g).buffer != f"d_row:{w}":  # unless the backward wrote it there already
-                    targets.append((self.d_row(w, "t"), "=", lambda at, valid, g=g: at(ref(g))))
+            if w in self.row_targets():
+                if ref(g).buffer == f"d_row:{w}":  # the backward wrote it there already
+                    continue
+                target, op = self.d_row(w, "t"), "="
             else:
-                targets.append((self.accumulator(w), "+=", lambda at, valid, g=g: at(ref(g))))
-        return self.glue("grads", targets)
+                target, op = self.accumulator(w), "+="
+            loop = loop_for(loops, target.shape, target.batched)
+            loop.store(target, loop.at(ref(g)), op)
+        return self.glue_kernel("grads", "B", loops, "grads: cotangents not written in place")
 
     def after_loop(self, deferred) -> list:
         """The deferred parameter-gradient products over all rows of a segment, added to their accumulators."""
@@ -371,9 +343,9 @@ class Lowering:
                                           self.accumulator)
 
 
-def check_sizes(schedule: Schedule):
+def check_sizes(launches: Launches):
     """Refuse per-example sizes the kernels' 32-bit indices cannot reach (see cexpr.MAX_INDEX)."""
-    for b in schedule.buffers.values():
+    for b in launches.buffers.values():
         if b.numel > MAX_INDEX:
             per = " per example" if b.batched else ""
             raise ValueError(f"cuda: {b.name!r} has {b.numel:,} elements{per}, more than the "
@@ -382,6 +354,6 @@ def check_sizes(schedule: Schedule):
 
 
 def generate(program, precision: str | None = None) -> Generated:
-    """CUDA C source and launch schedule of a compiled Program, its products at
+    """CUDA C source and launches of a compiled Program, its products at
     `precision` (default: the Program's)."""
     return Lowering(program, find_precision(precision or program.precision)).lower()

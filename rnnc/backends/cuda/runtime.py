@@ -1,12 +1,14 @@
-"""Running: a host loop over time launches the generated kernels.
+"""Running: the CUDA runtime interprets the Plan's schedule (rnnc/passes/schedule.py).
 
-`CudaModule` has the NumPy module's API. Per call it allocates the buffers
-in pools, copies the caller's arrays in, runs the once-per-sequence launches,
-then per segment of steps the hoisted rows and the per-step launches for
-t = start..stop-1 (and back, last segment first, for the backward, replaying
-a segment from its checkpoint), and copies results out; `executor.Executor`
-runs the launches on a device (`device.PycudaDevice`, or the tests' CPU
-emulation of CUDA).
+`CudaModule` has the NumPy module's API. A call copies the caller's arrays
+in and runs the schedule's events one by one: an event makes the device
+buffers of the roles it allocates (one pool per schedule buffer; the
+lowering gave every buffer its role), runs its launch lists
+(`launches.Launches`) with their scratch made for the run, and frees what
+the schedule says; then the results are copied out. The bytes of the
+buffers it holds are counted as it makes and frees them, and equal the
+Plan's predictions. `executor.Executor` runs the launches on a device
+(`device.PycudaDevice`, or the tests' CPU emulation of CUDA).
 
 It takes NumPy arrays, PyCUDA GPUArrays or anything with
 `__cuda_array_interface__` (contiguous float32, on the module's GPU), and
@@ -16,7 +18,8 @@ makes) otherwise.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -24,8 +27,8 @@ from ...precision import precision as find_precision
 from ..args import bind_cotangents, bind_forward, concrete_shape, module_dtype, saved_for_backward
 from ..numpy import ForwardResult, Gradients, NumpyModule
 from .device import PycudaDevice
-from .executor import Executor, Slotted, Steps, aligned, segments, slot_count
-from .schedule import Schedule
+from .executor import Executor, Steps, held_slots
+from .launches import BACKWARD_CALLER, FORWARD_CALLER, Buffer, Launches
 
 
 # --- arrays the caller passes ------------------------------------------------------------
@@ -70,30 +73,28 @@ def wrap_all(arrays: dict | None):
     return None if arrays is None else {k: wrap(v) for k, v in arrays.items()}
 
 
-# --- the schedule's interpreter ------------------------------------------------------------
-
 @dataclass
 class Call:
-    """What one forward keeps for its backward."""
+    """One forward call and what its events hold."""
 
     T: int
     B: int
-    bounds: list  # (start, stop) per segment
-    memory: dict
-    pools: list  # device memory to keep alive
-    lengths: int  # device pointer
-    checkpoints: dict  # state name -> Slotted: the states at the start of every segment but the last
+    schedule: object  # rnnc/passes/schedule.Schedule
     on_device: bool
-    replayed: bool = False  # a backward replayed segments, overwriting the last one's values
+    memory: dict = field(default_factory=dict)  # name -> Slotted: every live buffer a kernel may read
+    held: dict = field(default_factory=dict)  # schedule buffer key -> (name -> Slotted, pool, bytes)
+    pools: list = field(default_factory=list)  # the caller's arrays' device memory, for the call
+    current: int = 0  # bytes of the schedule's buffers held now ...
+    peak: int = 0  # ... and at most
+    used: bool = False  # a backward freed what the forward kept
 
 
-# --- the module --------------------------------------------------------------------------------
 class CudaModule:
     """The NumPy module's API on the GPU (see the module docstring)."""
 
     backend = "cuda"
 
-    def __init__(self, program, schedule: Schedule, device, dtype="float32", precision: str | None = None):
+    def __init__(self, program, launches: Launches, device, dtype="float32", precision: str | None = None):
         if np.dtype(dtype) != np.float32:
             raise ValueError(f"dtype: the cuda backend runs float32 only, got {dtype!r} "
                              "(use backend='numpy' for float64)")
@@ -101,9 +102,14 @@ class CudaModule:
         self.precision = find_precision(precision or program.precision)
         self.dtype = np.dtype(np.float32)
         self.device = device
-        self.executor = Executor(schedule, device)
-        self.buffers = schedule.buffers
+        self.executor = Executor(launches, device)
+        self.buffers = launches.buffers
         self.states = [d.name for d in self.cell.of_kind("state")]
+        # the runtime's own state buffers: the caller's initial states, the
+        # states between segments, and a checkpoint's
+        self.own = {kind: [Buffer(f"{kind}:{s}", self.buffers[f"state:{s}"].numel, True, "one", role)
+                           for s in self.states]
+                    for kind, role in (("initial", "state"), ("carry", "state"), ("checkpoint", "checkpoint"))}
 
     def init_params(self, seed: int = 0) -> dict:
         """The same parameters as the NumPy module's, in float32 NumPy arrays."""
@@ -125,8 +131,24 @@ class CudaModule:
         self.device.dtoh(out, ptr)
         return out
 
+    def _copy_states(self, to: dict, to_kind: str, source: dict, source_kind: str, at=(0, 0)):
+        """Each state from `source_kind:s` in `source` into `to_kind:s` in `to`,
+        slot `at` (step, segment start) of a per-step state buffer."""
+        for s in self.states:
+            dst = to[f"{to_kind}:{s}"]
+            src = source[f"{source_kind}:{s}"]
+            self.device.dtod(dst.at(*at) if to_kind == "state" else dst.ptr,
+                             src.at(*at) if source_kind == "state" else src.ptr, dst.slot_bytes)
+
     def _value_shape(self, name: str) -> tuple:
-        return concrete_shape(self.program.cell.graph.values()[name].shape)
+        return concrete_shape(self.program.hoisted.values()[name].shape)
+
+    def _caller(self, call: Call, buffers) -> dict:
+        """Device memory for the caller's arrays, for the rest of the call."""
+        memory, pool = self.executor.allocate(buffers, Steps(call.T, call.B))
+        call.memory.update(memory)
+        call.pools.append(pool)
+        return memory
 
     # --- forward -----------------------------------------------------------------------------------
     def forward(self, inputs, params, states=None, contexts=None, lengths=None, train=True):
@@ -137,70 +159,119 @@ class CudaModule:
         T, B, inputs, params, states, contexts, lengths = bind_forward(
             self.cell, self.dtype, wrap_all(inputs), wrap_all(params), wrap_all(states),
             wrap_all(contexts), lengths, (np.ndarray, DeviceArray))
-        ex, sched = self.executor, self.executor.schedule
-        bounds = segments(self.program.plan, T, train)
-        longest = max(stop - start for start, stop in bounds)
-        ex.check_sizes(T, B, longest)
-        memory, pool = ex.allocate(ex.forward_buffers, T, B, longest, train)
-        checkpoints, ckpt_pool = self._checkpoints(B, len(bounds) - 1 if train else 0)
-        call = Call(T, B, bounds, memory, [pool, ckpt_pool], 0, checkpoints,
+        schedule = self.program.plan.schedule(T, B, "float32", train)
+        self.executor.check_sizes(T, B, max((e.stop - e.start for e in schedule.events), default=0))
+        call = Call(T, B, schedule,
                     isinstance(next(iter(inputs.values())), DeviceArray))
-        for kind, given in (("input", inputs), ("param", params), ("context", contexts)):
+        caller = [b for b in self.buffers.values() if b.role in FORWARD_CALLER]
+        memory = self._caller(call, caller + self.own["initial"] + self.own["carry"])
+        for kind, given in (("input", inputs), ("param", params), ("context", contexts), ("initial", states)):
             for name, array in given.items():
                 self._copy_in(memory[f"{kind}:{name}"].ptr, array)
         for s in self.states:
-            slot = memory[f"state:{s}"]
-            if s in states:
-                self._copy_in(slot.ptr, states[s])
-            else:
-                self.device.memset0(slot.ptr, slot.slot_bytes)
-        call.lengths, lengths_pool = self.device.alloc(B * 4)
-        call.pools.append(lengths_pool)
-        self.device.htod(call.lengths, np.full(B, T, np.int32) if lengths is None else lengths.astype(np.int32))
-        ex.run(sched.forward_seq, memory, Steps(T, B, 0, 0), 0, call.lengths)
-        self._run_segments(call)
-        start, stop = bounds[-1]
+            if s not in states:
+                self.device.memset0(memory[f"initial:{s}"].ptr, memory[f"initial:{s}"].slot_bytes)
+        steps = np.arange(T)[:, None] < (np.full(B, T) if lengths is None else lengths)[None, :]
+        self.device.htod(memory["valid"].ptr, steps.astype(np.float32))
+        self._run_forward(call)
         outputs = {o: self._copy_out(memory[f"output:{o}"].ptr, (T, B) + self._value_shape(v), call.on_device)
-                   for o, v in self.cell.outputs}
-        final = {s: self._copy_out(memory[f"state:{s}"].at(stop, start), (B,) + self._value_shape(s),
-                                   call.on_device) for s in self.states}
-        return ForwardResult(outputs, final, self.stored_bytes(T, B) if train else 0, call if train else None)
+                   for o, v in self.program.hoisted.outputs}
+        final = {s: self._copy_out(memory[f"carry:{s}"].ptr, (B,) + self._value_shape(s), call.on_device)
+                 for s in self.states}
+        return ForwardResult(outputs, final, call.current, call if train else None)
 
-    def _checkpoints(self, B: int, count: int):
-        sizes = {s: B * self.buffers[f"state:{s}"].numel * 4 for s in self.states}
-        base, pool = self.device.alloc(sum(aligned(n * count) for n in sizes.values()))
-        out, offset = {}, 0
-        for s, n in sizes.items():
-            out[s] = Slotted(base + offset, count, n, False)
-            offset += aligned(n * count)
-        return out, pool
+    def _run_forward(self, call: Call):
+        self._copy_states(call.memory, "carry", call.memory, "initial")
+        self._run(call, call.schedule.forward())
 
-    def _run_segments(self, call: Call):
-        """Every segment in order from the initial states in slot 0 of the state
-        buffers, checkpointing each segment's states but the last one's."""
-        for j, (start, stop) in enumerate(call.bounds):
-            if j < len(call.bounds) - 1:
-                self._copy_states(call.memory, 0, call.checkpoints, j)
-            self._run_segment(call.memory, Steps(call.T, call.B, start, stop), call.lengths)
-            if j < len(call.bounds) - 1 and stop > start:  # the next segment starts from slot 0
-                for s in self.states:
-                    state = call.memory[f"state:{s}"]
-                    self.device.dtod(state.ptr, state.at(stop, start), state.slot_bytes)
+    # --- the interpreter --------------------------------------------------------------------------
+    def _run(self, call: Call, events):
+        for event in events:
+            restored = self._release(call, event.restores) if event.restores else None
+            for buffer in event.allocs:
+                self._hold(call, buffer, event)
+            getattr(self, f"_on_{event.kind}")(call, event, restored)
+            for buffer in event.frees:
+                self._release(call, buffer)
 
-    def _copy_states(self, memory: dict, slot: int, checkpoints: dict, j: int, restore: bool = False):
-        """Each state's slot `slot` into checkpoint j, or back when `restore`."""
-        for s in self.states:
-            state, ckpt = memory[f"state:{s}"].at(slot), checkpoints[s].at(j)
-            self.device.dtod(*((state, ckpt) if restore else (ckpt, state)), memory[f"state:{s}"].slot_bytes)
+    def _hold(self, call: Call, buffer, event):
+        """The device buffers of schedule buffer `buffer`, made for `event`'s steps."""
+        steps = Steps(call.T, call.B, event.start, event.stop, tape=True)
+        buffers = self.own["checkpoint"] if buffer.role == "checkpoint" else self.executor.role(buffer.role)
+        memory, pool = self.executor.allocate(buffers, steps)
+        if buffer.role in ("d_seq", "d_rows"):  # sums, and rows a step may leave unwritten
+            for m in memory.values():
+                self.device.memset0(m.ptr, m.slots * m.slot_bytes)
+        nbytes = sum(held_slots(b, steps) * memory[b.name].slot_bytes for b in buffers)
+        call.held[buffer.key] = (memory, pool, nbytes)
+        call.current += nbytes
+        call.peak = max(call.peak, call.current)
+        if buffer.role != "checkpoint":  # only the runtime reads checkpoints
+            call.memory.update(memory)
 
-    def _run_segment(self, memory: dict, steps: Steps, lengths: int):
-        """The hoisted rows of the segment's steps, then the steps, from the states in slot 0."""
-        ex = self.executor
-        scratch, scratch_pool = ex.allocate(ex.transient, steps.T, steps.B, steps.stop - steps.start, True)
-        ex.run(ex.schedule.forward_pre, {**memory, **scratch}, steps, steps.start, lengths)
-        del scratch, scratch_pool  # the hoisted regions' scratch is not held past them
-        for t in range(steps.start, steps.stop):
-            ex.run(ex.schedule.forward_step, memory, steps, t, lengths)
+    def _release(self, call: Call, buffer) -> tuple:
+        """Forget `buffer`; its (memory, pool), for a last use."""
+        memory, pool, nbytes = call.held.pop(buffer.key)
+        call.current -= nbytes
+        for name in memory:
+            call.memory.pop(name, None)
+        return memory, pool
+
+    @contextmanager
+    def _scratch(self, call: Call, kind: str, steps: Steps, extra=()):
+        """Device memory for one run of launch list `kind`: its scratch, and `extra`."""
+        memory, pool = self.executor.allocate(self.executor.scratch[kind] + list(extra), steps)
+        call.memory.update(memory)
+        try:
+            yield
+        finally:
+            for name in memory:
+                del call.memory[name]
+            del pool
+
+    def _launch(self, call: Call, kind: str, steps: Steps, times, extra=()):
+        """Launch list `kind` for each step in `times`, with its scratch."""
+        with self._scratch(call, kind, steps, extra):
+            for t in times:
+                self.executor.run(kind, call.memory, steps, t)
+
+    def _on_seq(self, call, event, restored):
+        self._launch(call, "seq", Steps(call.T, call.B), [0])
+
+    def _on_checkpoint(self, call, event, restored):
+        self._copy_states(call.held[event.allocs[0].key][0], "checkpoint", call.memory, "carry")
+
+    def _on_forward(self, call, event, restored):
+        """The hoisted rows of the segment's steps, then its steps, from the
+        states after the last segment (a replay: from its checkpoint)."""
+        tape = event.allocated("tape") is not None
+        steps = Steps(call.T, call.B, event.start, event.stop, tape)
+        self._launch(call, "rows", steps, [event.start])
+        # without a tape, the stored values and states of one step at a time are scratch
+        working = [] if tape else self.executor.role("tape")
+        with self._scratch(call, "step", steps, working):
+            at = (event.start, event.start)
+            if restored:
+                self._copy_states(call.memory, "state", restored[0], "checkpoint", at)
+            else:
+                self._copy_states(call.memory, "state", call.memory, "carry", at)
+            for t in event.steps:
+                self.executor.run("step", call.memory, steps, t)
+            if event.kind == "forward":
+                self._copy_states(call.memory, "carry", call.memory, "state", (event.stop, event.start))
+
+    _on_replay = _on_forward
+
+    def _on_backward(self, call, event, restored):
+        steps = Steps(call.T, call.B, event.start, event.stop, tape=True)
+        self._launch(call, "backward_step", steps, reversed(event.steps))
+
+    def _on_param_grads(self, call, event, restored):
+        steps = Steps(call.T, call.B, event.start, event.stop, tape=True)
+        self._launch(call, "param_grads", steps, [event.start])
+
+    def _on_backward_seq(self, call, event, restored):
+        self._launch(call, "backward_seq", Steps(call.T, call.B), [0])
 
     # --- backward -------------------------------------------------------------------------------------
     def backward(self, result: ForwardResult, d_outputs=None, d_states=None) -> Gradients:
@@ -208,99 +279,58 @@ class CudaModule:
             return self._backward(result, d_outputs, d_states)
 
     def _backward(self, result: ForwardResult, d_outputs, d_states) -> Gradients:
-        """Segments last first: replay a segment from its checkpoint (the forward
-        kept the last one), backpropagate through its steps, then its rows' products."""
         call = saved_for_backward(result)
         T, B = call.T, call.B
         d_outputs, d_states = bind_cotangents(self.cell, self.dtype, T, B, wrap_all(d_outputs),
                                               wrap_all(d_states), (np.ndarray, DeviceArray))
-        ex, sched = self.executor, self.executor.schedule
-        longest = max(stop - start for start, stop in call.bounds)
-        own, pool = ex.allocate(ex.backward_buffers, T, B, longest, True)
-        memory = {**call.memory, **own}
-        for name in sched.zero_before_backward:
-            self.device.memset0(memory[name].ptr, memory[name].slots * memory[name].slot_bytes)
-        for kind, given, names in (("d_output", d_outputs, [o for o, _ in self.cell.outputs]),
-                                   ("d_state", d_states, self.states)):
-            for name in names:
-                m = memory[f"{kind}:{name}"]
-                if name in given:
-                    self._copy_in(m.ptr, given[name])
-                else:
-                    self.device.memset0(m.ptr, m.slots * m.slot_bytes)
-        if call.replayed:  # an earlier backward overwrote the last segment's values: rebuild them
-            self._copy_states(memory, 0, call.checkpoints, 0, restore=True)
-            self._run_segments(call)
-        for j in reversed(range(len(call.bounds))):
-            start, stop = call.bounds[j]
-            steps = Steps(T, B, start, stop)
-            if j < len(call.bounds) - 1:  # replay: the forward kept only its checkpoint
-                self._copy_states(memory, 0, call.checkpoints, j, restore=True)
-                self._run_segment(memory, steps, call.lengths)
-                call.replayed = True
-            for t in reversed(range(start, stop)):
-                ex.run(sched.backward_step, memory, steps, t, call.lengths)
-            ex.run(sched.backward_segment, memory, steps, start, call.lengths)
-        ex.run(sched.backward_seq, memory, Steps(T, B, 0, 0), 0, call.lengths)
+        if call.used:  # an earlier backward freed what the forward kept: rebuild it
+            self._run_forward(call)
+        call.used = True
+        memory, pool = self.executor.allocate(
+            [b for b in self.buffers.values() if b.role in BACKWARD_CALLER], Steps(T, B))
+        call.memory.update(memory)
+        given = {"d_output": d_outputs, "d_state": d_states}
+        for name, m in memory.items():
+            kind, value = name.split(":", 1)
+            if value in given.get(kind, {}):  # a state's cotangent after the last step: slot T
+                self._copy_in(m.at(T) if kind == "d_state" else m.ptr, given[kind][value])
+            else:  # gradients summed into, and cotangents not given
+                self.device.memset0(m.ptr, m.slots * m.slot_bytes)
+        self._run(call, call.schedule.backward())
 
         def out(buf, lead, name):
-            return self._copy_out(memory[buf].ptr, lead + self._value_shape(name), call.on_device)
+            return self._copy_out(memory[buf].at(0), lead + self._value_shape(name), call.on_device)
         cell = self.cell
-        return Gradients(
+        grads = Gradients(
             params={d.name: out(f"d_acc:{d.name}", (), d.name) for d in cell.of_kind("param")},
             inputs={d.name: out(f"d_row:{d.name}", (T, B), d.name) for d in cell.of_kind("input")},
             states={s: out(f"d_state:{s}", (B,), s) for s in self.states},
             contexts={d.name: out(f"d_acc:{d.name}", (B,), d.name) for d in cell.of_kind("context")},
-            peak_bytes=self.peak_bytes(T, B))
-
-    # --- memory ------------------------------------------------------------------------------------------
-    def _held(self, T: int, B: int, names) -> int:
-        """Bytes of `names` for a training call of T steps: the longest segment's slots
-        (the final state is returned, not held)."""
-        longest = max(stop - start for start, stop in segments(self.program.plan, T, True))
-        total = 0
-        for name in names:
-            b = self.buffers[name]
-            slots = slot_count(b, T, longest, True) - (b.slots == "state")
-            total += slots * (B if b.batched else 1) * b.numel * 4
-        return total
-
-    def stored_bytes(self, T: int, B: int) -> int:
-        """What the forward keeps for the backward: the hoisted values, the
-        checkpoints, and the states before every step and the values the Plan
-        stores per step for one segment."""
-        kept = [n for n in self.buffers if n.split(":", 1)[0] in ("seq", "pre", "tape", "state")]
-        checkpoints = (len(segments(self.program.plan, T, True)) - 1) * sum(
-            B * self.buffers[f"state:{s}"].numel * 4 for s in self.states)
-        return self._held(T, B, kept) + checkpoints
-
-    def peak_bytes(self, T: int, B: int) -> int:
-        """The stored bytes plus what the backward holds across steps: the
-        cotangents of the hoisted values (accumulated for the `seq` values,
-        per step for the `pre` values, read by the batched products)."""
-        decls = {d.name for d in self.cell.decls}
-        held = [name for name in self.buffers
-                if name.split(":", 1)[0] in ("d_row", "d_acc") and name.split(":", 1)[1] not in decls]
-        return self.stored_bytes(T, B) + self._held(T, B, held)
+            peak_bytes=call.peak)
+        for name in memory:
+            del call.memory[name]
+        return grads
 
 
 # --- PyCUDA -----------------------------------------------------------------------------------------
 
-def load(program, dtype="float32", generated=None, cubin_for=None, device: int | None = None,
-         empty=None, precision: str | None = None) -> CudaModule:
-    """A CudaModule for a Program: the generated kernels (given, or generated
-    now at `precision`, default the Program's) built for the GPU, or
-    `cubin_for(arch)`'s cubin, loaded with PyCUDA (`device` and `empty`: see
-    PycudaDevice)."""
-    from .build import compile_cubin
-    from .lowering import generate
+def load(program, dtype="float32", device: int | None = None, empty=None, cubin_for=None,
+         made: dict | None = None, precision: str | None = None) -> CudaModule:
+    """A CudaModule for a Program, loaded with PyCUDA (`device` and `empty`: see
+    PycudaDevice): the program's `cuda` and `cubin` stages (rnnc/driver.py),
+    its products at `precision` (default: the Program's), built for the GPU,
+    or `cubin_for(arch)`'s cubin of the `cuda` stage (given in `made`, or made now)."""
     if module_dtype(dtype) != np.float32:
         raise ValueError(f"dtype: the cuda backend runs float32 only, got {dtype!r} "
                          "(use backend='numpy' for float64)")
     precision = find_precision(precision or program.precision).name
     device = PycudaDevice(device, empty)  # fails first, and says why, without a GPU
-    generated = generated or generate(program, precision)
-    arch = device.arch
-    cubin_path = cubin_for(arch) if cubin_for else compile_cubin(generated.source, arch).path
-    device.load_module(cubin_path, generated.schedule.arities())
-    return CudaModule(program, generated.schedule, device, dtype, precision)
+    if cubin_for is None:
+        made = program.build("cubin", made, arch=device.arch, precision=precision)
+        cubin = made["cubin"].path
+    else:
+        made = program.build("cuda", made, precision=precision)
+        cubin = cubin_for(device.arch)
+    launches = made["cuda"].launches
+    device.load_module(cubin, launches.arities())
+    return CudaModule(program, launches, device, dtype, precision)

@@ -1,0 +1,114 @@
+"""The launches: which kernels run, on which buffers, for each kind of event
+of the schedule (rnnc/passes/schedule.py).
+
+Plain data, made by the lowering (`lowering.py`) and read by the runtime
+(`runtime.py`, `executor.py`) and the artifact (`Launches.to_json` is stored
+in module.json), so neither of them needs the code generator.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+# Buffer roles. The caller's arrays, for the whole call: input, param,
+# context, output, valid (the lengths mask) in the forward; d_output,
+# d_state, d_input and d_param (the gradients of params and contexts) in the
+# backward. The schedule's held buffers, made and freed by its events: seq,
+# rows, tape, d_seq, d_rows (rnnc/passes/costs.py). Scratch, and tickets
+# (scratch counters, zero when allocated): made for one run of a launch list
+# and freed after it.
+WHOLE_SEQUENCE = ("input", "output", "valid", "d_output", "d_input")
+SCRATCH = ("scratch", "tickets")
+FORWARD_CALLER = ("input", "param", "context", "output", "valid")
+BACKWARD_CALLER = ("d_output", "d_state", "d_input", "d_param")
+
+
+@dataclass(frozen=True)
+class Buffer:
+    """Device memory for one value: `slots` copies of [B, numel] (batched) or [numel].
+
+    slots: "one"; "T" (one per step); "tape" (one per step when its event
+    keeps a tape, else 1); "state" (one per step and the one after when
+    keeping a tape, else 2); "pair" (2, by step: a step reads one and writes
+    the other). Buffers of the caller's sequences (`WHOLE_SEQUENCE` roles)
+    have a slot for every step of the sequence; the others only for the
+    steps of one segment, indexed from the segment's start.
+    """
+
+    name: str
+    numel: int
+    batched: bool
+    slots: str
+    role: str  # see the roles above
+
+    @property
+    def whole_sequence(self) -> bool:
+        return self.role in WHOLE_SEQUENCE or self.slots == "pair"
+
+
+@dataclass(frozen=True)
+class Extent:
+    """n, times the launch's rows when `rows`, divided (rounding up) by `div`."""
+
+    n: int
+    rows: bool = False
+    div: int = 1
+
+
+@dataclass(frozen=True)
+class Launch:
+    kernel: str
+    grid: tuple  # 3 Extents
+    block: int
+    rows: str  # "B", or "TB": B times the number of steps of the segment being run
+    args: tuple  # (buffer name, selector) pairs; selector: base, t or t+1 (modulo the slots)
+
+
+@dataclass
+class Launches:
+    """The launch lists, one per part of an event: `seq` for the seq event;
+    `rows` (the hoisted region over the segment's rows) then `step` per step
+    for a forward or a replay; `backward_step` per step, last first, for a
+    backward; `param_grads` over the segment's rows; `backward_seq`."""
+
+    buffers: dict = field(default_factory=dict)  # name -> Buffer
+    seq: list = field(default_factory=list)
+    rows: list = field(default_factory=list)
+    step: list = field(default_factory=list)
+    backward_step: list = field(default_factory=list)
+    param_grads: list = field(default_factory=list)
+    backward_seq: list = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"buffers": [asdict(b) for b in self.buffers.values()],
+                **{k: [asdict(launch) for launch in getattr(self, k)] for k in LAUNCH_LISTS}}
+
+    @staticmethod
+    def from_json(data: dict) -> "Launches":
+        def launch(d):
+            return Launch(d["kernel"], tuple(Extent(**e) for e in d["grid"]), d["block"], d["rows"],
+                          tuple(tuple(a) for a in d["args"]))
+        s = Launches({b["name"]: Buffer(**b) for b in data["buffers"]})
+        for k in LAUNCH_LISTS:
+            setattr(s, k, [launch(d) for d in data[k]])
+        return s
+
+    def launches(self):
+        return [launch for k in LAUNCH_LISTS for launch in getattr(self, k)]
+
+    def kernels(self) -> list:
+        return list(dict.fromkeys(launch.kernel for launch in self.launches()))
+
+    def arities(self) -> dict:
+        """Buffers each kernel takes (after rows)."""
+        return {launch.kernel: len(launch.args) for launch in self.launches()}
+
+
+LAUNCH_LISTS = ("seq", "rows", "step", "backward_step", "param_grads", "backward_seq")
+
+
+@dataclass(frozen=True)
+class Generated:
+    """What code generation gives: the source of kernels.cu and its launches."""
+
+    source: str
+    launches: Launches
