@@ -176,7 +176,7 @@ class Generator:
         self.sources: list = []
         self.count = 0
         self.inputs = INPUTS[inputs]
-        self.scratch: dict = {}  # name -> schedule.Buffer
+        self.scratch: dict = {}  # name -> launches.Buffer
 
     def name(self, region, family: str) -> str:
         self.count += 1
