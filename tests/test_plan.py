@@ -11,7 +11,7 @@ import rnnc
 from rnnc.driver import read_source
 from rnnc.passes.mincut import FlowNetwork
 from rnnc.passes.plan import parse_budget
-from rnnc.passes.policy import STORE_COST
+from rnnc.passes.policy import STORE_COST, recompute_candidates
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings  # noqa: E402
@@ -56,7 +56,7 @@ def test_auto_keeps_products_and_beats_every_other_choice_by_its_cost_model(path
     assert not [n.out for n in auto.recompute if n.op == "dot"]
     rivals = [compile_example(path, recompute="none").plan]
     prog = compile_example(path)
-    for name in (n.out for n in prog.hoisted.step.nodes if n.op != "const"):
+    for name in recompute_candidates(prog.hoisted):
         plan = compile_example(path, recompute=[name]).plan
         if not any(n.op == "dot" for n in plan.recompute):
             rivals.append(plan)

@@ -19,6 +19,7 @@ from ..ir import Graph
 from ..ops import numel
 from .costs import node_flops
 from .hoist import Hoisted
+from .mask import VALID
 from .mincut import FlowNetwork
 
 POLICIES = ("none", "all", "auto")
@@ -39,12 +40,13 @@ def state_names(hoisted: Hoisted) -> tuple:
 
 def step_candidates(hoisted: Hoisted) -> tuple:
     """Step values that could be stored: the states before the step and every node result."""
-    return state_names(hoisted) + tuple(n.out for n in hoisted.step.nodes if n.op != "const")
+    return state_names(hoisted) + recompute_candidates(hoisted)
 
 
 def recompute_candidates(hoisted: Hoisted) -> tuple:
-    """Names a manual list may give: every step value but the states and literals."""
-    return tuple(n.out for n in hoisted.step.nodes if n.op != "const")
+    """Names a manual list may give: every step value but the states, literals
+    and the lengths mask's selects of the step's results (which nothing reads)."""
+    return tuple(n.out for n in hoisted.step.nodes if n.op != "const" and VALID not in n.args)
 
 
 def rerun_for(step: Graph, wanted, stored: set) -> tuple:
