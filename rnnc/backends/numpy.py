@@ -34,7 +34,7 @@ class Runner:
     array of another dtype would widen float32 arrays (NumPy's scalars are
     weakly typed, its 0-d arrays are not)."""
 
-    def __init__(self, nodes, values: dict, precision, dtype, all_valid: bool):
+    def __init__(self, nodes, values: dict, precision, dtype, all_valid: bool = False):
         self.steps = [self._prepare(n, values, precision, all_valid) for n in nodes]
         self.dtype = dtype
 
