@@ -31,7 +31,6 @@ from rnnc.backends.cuda.runtime import CudaModule
 import cuda_cases as cases
 import cuda_emulator
 import new_cells
-import schedule_cells as cells
 from conftest import EXAMPLES, example
 
 pytestmark = pytest.mark.skipif(not cuda_emulator.available(), reason="needs g++ for the CUDA emulation")
@@ -276,11 +275,10 @@ def test_written_cells_with_nan_padding_equal_numpy_reference(name, policy, work
     """A normalisation that is 0/0 on zero padding, step results of params alone
     (`output pb = b`, `next s = a`) and chains of once-per-sequence values, with
     NaN in the padding of the inputs and of the output cotangents."""
-    program = cells.compile_cell(cells.CELLS[name], policy, "float32")
+    program = new_cells.compile_cell(new_cells.LENGTHS_CELLS[name], policy, "float32")
     module, _ = emulated(program, workdir)
-    args = cells.fill_padding(cases.arguments(program, steps=cells.T, batch=cells.B), cells.LENGTHS, np.nan)
-    got = cases.run(module, args, cells.LENGTHS)
-    assert not cases.mismatches(got, cases.reference(program, args, cells.LENGTHS))
-    plan = program.plan
-    assert held_bytes(module, args, cells.LENGTHS) == (plan.stored_bytes(cells.T, cells.B),
-                                                       plan.peak_bytes(cells.T, cells.B))
+    T, B, lengths = new_cells.LENGTHS_T, new_cells.LENGTHS_B, new_cells.LENGTHS
+    args = new_cells.fill_padding(cases.arguments(program, steps=T, batch=B), lengths, np.nan)
+    got = cases.run(module, args, lengths)
+    assert not cases.mismatches(got, cases.reference(program, args, lengths))
+    assert held_bytes(module, args, lengths) == (program.plan.stored_bytes(T, B), program.plan.peak_bytes(T, B))

@@ -7,14 +7,14 @@ import pytest
 
 from rnnc.gradcheck import gradcheck, random_arguments
 
-import schedule_cells as cells
+import new_cells as cells
 from conftest import example
 
 POLICIES = ["none", "auto", "all", "budget"]
 
 
 def arguments(module, seed=0) -> dict:
-    args = random_arguments(module, cells.T, cells.B, seed=seed)
+    args = random_arguments(module, cells.LENGTHS_T, cells.LENGTHS_B, seed=seed)
     del args["lengths"]
     rng = np.random.default_rng(seed + 1)
     outputs = module.forward(**args, train=False).outputs
@@ -39,7 +39,7 @@ def run(module, args, lengths) -> dict:
 def test_nan_or_inf_in_the_padding_changes_no_result(name, policy):
     """Inputs and output cotangents NaN (or inf) on padded steps give exactly what
     zero padding gives: outputs 0 there, and no NaN anywhere."""
-    text = example("lstm").read_text() if name == "lstm" else cells.CELLS[name]
+    text = example("lstm").read_text() if name == "lstm" else cells.LENGTHS_CELLS[name]
     module = cells.compile_cell(text, policy).load(dtype="float64")
     args = arguments(module)
     zero = run(module, cells.fill_padding(args, cells.LENGTHS, 0.0), cells.LENGTHS)
@@ -48,7 +48,7 @@ def test_nan_or_inf_in_the_padding_changes_no_result(name, policy):
         for key, want in zero.items():
             assert np.isfinite(want).all(), key
             np.testing.assert_array_equal(got[key], want, err_msg=f"{key}, padding {fill}")
-    pad = cells.padding(cells.T, cells.LENGTHS)
+    pad = cells.padding(cells.LENGTHS_T, cells.LENGTHS)
     for key, y in zero.items():
         if key.startswith("output"):
             assert not y[pad].any(), key
@@ -61,7 +61,7 @@ def test_each_example_gets_what_its_sequence_alone_gives(name, policy):
     final states and gradients of its unpadded sequence run alone; the params'
     gradients are their sums. An empty sequence gives zeros, its initial state
     back and its state cotangent through unchanged."""
-    module = cells.compile_cell(cells.CELLS[name], policy).load(dtype="float64")
+    module = cells.compile_cell(cells.LENGTHS_CELLS[name], policy).load(dtype="float64")
     args = cells.fill_padding(arguments(module, seed=3), cells.LENGTHS, np.nan)
     batch = run(module, args, cells.LENGTHS)
     param_sums = {}
@@ -94,7 +94,7 @@ def test_each_example_gets_what_its_sequence_alone_gives(name, policy):
 @pytest.mark.parametrize("policy", ["none", "all", "budget"])
 @pytest.mark.parametrize("name", ["shared", "chain"])
 def test_cells_of_params_alone_and_chained_context_values_match_finite_differences(name, policy, lengths):
-    module = cells.compile_cell(cells.CELLS[name], policy).load(dtype="float64")
+    module = cells.compile_cell(cells.LENGTHS_CELLS[name], policy).load(dtype="float64")
     report = gradcheck(module, T=4, B=3, seed=5, with_lengths=lengths)
     assert report.worst < 1e-6, report.format()
 
@@ -106,7 +106,7 @@ def test_a_step_result_of_params_alone_is_broadcast_and_its_gradient_summed():
     args = arguments(module)
     res = module.forward(**{k: args[k] for k in ("inputs", "states", "contexts", "params")},
                          lengths=cells.LENGTHS)
-    valid = ~cells.padding(cells.T, cells.LENGTHS)
+    valid = ~cells.padding(cells.LENGTHS_T, cells.LENGTHS)
     b, a = args["params"]["b"], args["params"]["a"]
     np.testing.assert_array_equal(res.outputs["pb"], np.where(valid[..., None], b, 0.0))
     np.testing.assert_allclose(res.outputs["tb"], np.where(valid[..., None], np.tanh(b), 0.0))
