@@ -27,6 +27,7 @@ from rnnc.backends.cuda.kernels import Generator, intrinsics, render
 from rnnc.backends.cuda.products import INPUTS
 from rnnc.backends.cuda.executor import grid
 from rnnc.backends.cuda.launches import Generated, Launches
+from rnnc.ir import Node
 from rnnc.precision import PRECISIONS
 
 import cuda_emulator
@@ -34,16 +35,6 @@ import cuda_emulator
 pytestmark = pytest.mark.skipif(not cuda_emulator.available(), reason="needs g++ for the CUDA emulation")
 
 SUMMATION = 1e-5  # float32 summation over a few hundred terms, times the reference's largest magnitude
-
-
-class Dot:
-    """A `dot` node as the generator reads it."""
-
-    def __init__(self, spec: str):
-        self.spec = spec
-
-    def attr(self, name: str):
-        return {"spec": self.spec}[name]
 
 
 class Region:
@@ -70,7 +61,7 @@ def add_case(gen: Generator, i: int, case):
     refs = [Ref(f"{name}{i}", "base", shape, batched) for name, shape, batched in
             (("a", a_shape, a_b), ("b", b_shape, b_b), ("c", spec_shape(spec, a_shape, b_shape), True))]
     region = Region(f"case{i}", rows)
-    gen.contract(region, Dot(spec), refs[:2], refs[2], op, spec)
+    gen.breaking(region, Node(f"c{i}", "dot", ("a", "b"), (("spec", spec),)), refs[:2], refs[2], op, spec)
     return region.launches[0]
 
 

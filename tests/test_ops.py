@@ -1,30 +1,61 @@
-"""Every op's rules, and every op's derivative against finite differences."""
+"""Every op's facts, and every op's derivative against finite differences."""
+import inspect
+import re
+from importlib import resources
+
 import numpy as np
 import pytest
 
 import rnnc
-from rnnc.frontend.check import BUILTINS
+from rnnc.backends.cuda.kernels import BUILDERS
 from rnnc.gradcheck import gradcheck
-from rnnc.ops import OPS
+from rnnc.ops import OPS, CExpr, Function, Inline, Internal, Kernel, LiteralKind, Number, Operator
+from rnnc.ops.registry import REQUIRED
 
-# ops that only appear in backward graphs need no derivative of their own
-BACKWARD_ONLY = {"gt", "pad", "reduce_to", "broadcast_in"}
+TEMPLATES = resources.files("rnnc.templates")
 
 
 @pytest.mark.parametrize("name", sorted(OPS))
-def test_every_op_has_every_rule(name):
+def test_every_op_declares_every_fact(name):
+    """What the checker, planner and both backends read of an op is all there:
+    an op without a fact fails here, not in a pass that meets it later."""
     op = OPS[name]
-    assert callable(op.shape) and callable(op.numpy) and callable(op.flops)
-    if name not in BACKWARD_ONLY:
-        assert callable(op.vjp), f"{name} has no derivative rule"
-    if op.elementwise:
-        assert isinstance(op.cuda, str) and op.cuda, f"{name} has no CUDA expression"
+    assert isinstance(op.syntax, (Function, Operator, Number, Internal)), "how a cell writes it"
+    if isinstance(op.syntax, Internal):
+        assert op.syntax.why, "an internal op says what makes it"
+    if isinstance(op.syntax, Function):
+        for param in op.syntax.params + op.syntax.keywords:
+            assert param.kind is None or isinstance(param.kind, LiteralKind), param
+        for keyword in op.syntax.keywords:
+            assert isinstance(keyword.kind, LiteralKind) and keyword.default is not REQUIRED, keyword
+            assert keyword.kind.allows(keyword.default), keyword
+    for fact in ("shape", "numpy", "flops"):
+        assert callable(getattr(op, fact)), f"{name} has no {fact} rule"
+    # everything a cell writes has a derivative; only ops of backward graphs may lack one
+    assert callable(op.vjp) or (op.vjp is None and isinstance(op.syntax, Internal)), f"{name} has no derivative"
+    assert all(isinstance(fact, bool) for fact in (op.recompute, op.rounds_inputs, op.sums_rows))
+    lowering = op.cuda
+    if isinstance(lowering, CExpr):
+        arity = op.arity or 0
+        args = [f"ARG{i}" for i in range(arity)]
+        attrs = {"value": "1.0f"} if isinstance(op.syntax, Number) else {}
+        c = lowering.expr.format(*args, **attrs)
+        assert all(a in c for a in args), f"{name}'s C expression leaves out an argument: {c}"
+    elif isinstance(lowering, Inline):
+        assert inspect.isgeneratorfunction(lowering.lower), f"{name}'s lowering yields what it reads"
+    else:
+        assert isinstance(lowering, Kernel), f"{name} has no CUDA lowering"
+        assert TEMPLATES.joinpath(lowering.template).is_file(), lowering.template
+        assert lowering.template in BUILDERS and callable(lowering.params)
 
 
-def test_every_language_function_is_an_op():
-    lowered = {"split": "slice"}  # split lowers to one slice per part
-    for func in BUILTINS:
-        assert lowered.get(func, func) in OPS
+def test_every_language_name_is_one_op():
+    functions = [op.syntax.name for op in OPS.values() if isinstance(op.syntax, Function)]
+    operators = [op.syntax for op in OPS.values() if isinstance(op.syntax, Operator)]
+    assert len(set(functions)) == len(functions) and len({o.rule for o in operators}) == len(operators)
+    # every operator of the grammar, by the name its rule gives it
+    grammar = resources.files("rnnc.grammar").joinpath("cell.lark").read_text()
+    assert {o.rule for o in operators} == set(re.findall(r"-> (\w+)", grammar)) - {"number", "name", "call", "keyword"}
 
 
 # One small cell per construct: x and h are [4], enc is [3, 4] per example,

@@ -25,8 +25,8 @@ from .ledger import Ledger
 
 class Runner:
     """A list of nodes prepared once: each becomes (output, function, argument
-    names). Products (`dot`) read their operands rounded to the module's
-    precision. With `all_valid` (a call without lengths: every row is valid)
+    names). Products (ops that `rounds_inputs`) read their operands rounded to
+    the module's precision. With `all_valid` (a call without lengths: every row is valid)
     a select on the lengths mask is the value it selects.
 
     Every result is an array of the module's dtype: a rule may give a Python
@@ -43,7 +43,7 @@ class Runner:
         if all_valid and node.op == "select" and node.args[0] == VALID:
             return node.out, lambda chosen: chosen, node.args[1:2]
         rule = OPS[node.op].numpy
-        if node.op == "dot" and precision.tensor_cores:
+        if OPS[node.op].rounds_inputs and precision.tensor_cores:
             def fn(*arrays, rule=rule, node=node):
                 return rule(node, *(precision.round_inputs(x) for x in arrays))
         elif OPS[node.op].elementwise and node.args:

@@ -1,9 +1,10 @@
 """Check an AST and lower it to the step IR.
 
 One pass over the cell's statements, in order: declarations enter a scope,
-expressions are lowered to IR nodes through the op registry (which infers and
-checks shapes), and every mistake becomes a `CellError` at the place it was
-made. Dims given by the caller are substituted as the shapes are built, so
+expressions are lowered to IR nodes through the op registry (rnnc/ops/: which
+function or operator is which op, its arguments, keywords and their literal
+kinds, and its shape rule), and every mistake becomes a `CellError` at the
+place it was made. Dims given by the caller are substituted as the shapes are built, so
 `split` divisibility and size clashes are decided on the real sizes.
 Elementwise work on literals only (`1 - 0.5`, `-3.0`) is folded into one
 literal of its value, refused where float32 cannot hold it (`1e30 * 1e30`).
@@ -24,12 +25,6 @@ from ..nesting import unnest
 from ..shapes import Size, shape_str
 from . import parse as ast
 
-ELEMENTWISE_FUNCS = ("sigmoid", "tanh", "relu", "exp", "log", "sqrt", "abs", "softplus")
-BINARY_FUNCS = ("max", "min")
-# functions over axes, with the keyword arguments each takes
-AXIS_FUNCS = {"sum": ("axis", "keepdims"), "mean": ("axis", "keepdims"), "softmax": ("axis",),
-              "split": ("axis",), "concat": ("axis",), "transpose": ()}
-BUILTINS = ELEMENTWISE_FUNCS + BINARY_FUNCS + tuple(AXIS_FUNCS)
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -140,7 +135,7 @@ class _Checker:
     def _bind(self, name: str, pos: Pos, kind: str, value: str | None = None):
         if name in ast.KEYWORDS:
             raise CellError(f"'{name}' is a reserved keyword and cannot be used as a name", pos)
-        if name in BUILTINS:
+        if name in ops.FUNCTIONS:
             raise CellError(f"'{name}' is a built-in function and cannot be used as a name", pos)
         if name in self.scope or name in self.dims:
             prev = self.scope[name][1] if name in self.scope else self.dims[name]
@@ -158,7 +153,7 @@ class _Checker:
         if ref.id in ast.KEYWORDS:
             raise CellError(f"'{ref.id}' is a reserved keyword and cannot be used as a name",
                             ref.pos)
-        if ref.id in BUILTINS:
+        if ref.id in ops.FUNCTIONS:
             raise CellError(f"'{ref.id}' is a built-in function; call it, as in "
                             f"'{ref.id}(x)'", ref.pos)
         if ref.id in self.defined_later:
@@ -239,8 +234,9 @@ class _Checker:
             self.builder.values[decl.name] = decl.value
 
     def _assign(self, s: ast.Assign):
-        if isinstance(s.value, ast.Call) and s.value.func == "split":
-            values = self._split(s.value, len(s.targets), [t.id for t in s.targets])
+        if isinstance(s.value, ast.Call) and getattr(ops.FUNCTIONS.get(s.value.func), "syntax", None) \
+                and ops.FUNCTIONS[s.value.func].syntax.results:
+            values = self._several(s.value, [t.id for t in s.targets])
         elif len(s.targets) > 1:
             raise CellError(f"{len(s.targets)} names on the left but the right side gives one "
                             "value (only split(...) gives several)", s.targets[1].pos)
@@ -283,19 +279,18 @@ class _Checker:
         self.outputs.append((name, value))
 
     # --- expressions ------------------------------------------------------------------
-    def _emit(self, op, *args, name=None, pos=None, **attrs) -> str:
-        """Add a node. An elementwise op on literals only is folded: the node is
-        made (its arguments count as used) but the value is a literal of its result."""
+    def _emit(self, op, *args, where, name=None, **attrs) -> str:
+        """Add a node for the AST node `where`. An elementwise op on literals
+        only is folded: the node is made (its arguments count as used) but the
+        value is a literal of its result."""
         foldable = ops.OPS[op].elementwise and args and all(a in self.constants for a in args)
-        try:
-            out = self.builder.emit(op, *args, name=None if foldable else name, pos=pos, **attrs)
-        except ops.ShapeError as err:
-            raise CellError(str(err), pos) from None
+        out = self._rule(self.builder.emit, where, op, *args, name=None if foldable else name, pos=where.pos,
+                         **attrs)
         if not foldable:
             return out
         with np.errstate(all="ignore"):  # 1/0 and log(-1) are reported below
             value = ops.OPS[op].numpy(self.builder.nodes[-1], *(np.float64(self.constants[a]) for a in args))
-        return self._constant(float(value), name, pos, folded=True)
+        return self._constant(float(value), name, where.pos, folded=True)
 
     def _constant(self, value: float, name: str | None, pos: Pos, folded: bool = False) -> str:
         """A literal, refused where float32 (the CUDA backend's type) cannot hold it."""
@@ -321,104 +316,98 @@ class _Checker:
             return self._constant(e.value, name, e.pos)
         if isinstance(e, ast.Unary):
             operand = yield e.operand
-            return self._emit("neg", operand, name=name, pos=e.pos)
+            return self._operator(e, [operand], name)
         if isinstance(e, ast.Binary):
             left = yield e.left
             right = yield e.right
-            return self._binary(e, left, right, name)
+            return self._operator(e, [left, right], name)
         if isinstance(e, ast.Call):
             return (yield from self._call(e, name))
         raise CellError(f"unexpected {type(e).__name__}", e.pos)  # keyword outside a call
 
-    def _binary(self, e: ast.Binary, left: str, right: str, name: str | None) -> str:
-        if e.op == "matmul":
-            values = self.builder.values
-            try:
-                spec = ops.matmul_spec(values[left], values[right])
-            except ops.ShapeError as err:
-                raise CellError(str(err), e.pos) from None
-            return self._emit("dot", left, right, name=name, pos=e.pos, spec=spec)
-        return self._emit(e.op, left, right, name=name, pos=e.pos)
+    def _operator(self, e, args: list, name: str | None) -> str:
+        op = ops.OPERATORS[e.op]
+        attrs = self._rule(op.syntax.attrs, e, [self.builder.values[a] for a in args]) if op.syntax.attrs else {}
+        return self._emit(op.name, *args, where=e, name=name, **attrs)
 
-    def _call_args(self, c: ast.Call, arity: int | None):
-        """Positional args and integer keyword args of a call, checked (`arity`
-        None: any number of positional args, at least one)."""
-        if c.func not in BUILTINS:
-            raise CellError(f"unknown function '{c.func}' (functions: {', '.join(BUILTINS)})", c.pos)
-        positional = [a for a in c.args if not isinstance(a, ast.Keyword)]
-        allowed = AXIS_FUNCS.get(c.func, ())
-        keywords = {}
+    def _rule(self, rule, where, *args, **kwargs):
+        """`rule(*args, **kwargs)` of the registry, its ShapeError a CellError
+        at the AST node `where` (at the keyword it names, for a call)."""
+        try:
+            return rule(*args, **kwargs)
+        except ops.ShapeError as err:
+            raise self._shape_error(err, where) from None
+
+    def _shape_error(self, err: ops.ShapeError, where) -> CellError:
+        if isinstance(where, ast.Call):
+            return CellError(err.describe(f"{where.func}()") + self._with_binding(),
+                             _keyword_pos(where, err.argument))
+        return CellError(f"{err}{self._with_binding()}", where.pos)
+
+    # --- calls ------------------------------------------------------------------------------
+    def _function(self, c: ast.Call) -> ops.OpDef:
+        if c.func not in ops.FUNCTIONS:
+            raise CellError(f"unknown function '{c.func}' (functions: {', '.join(ops.FUNCTIONS)})", c.pos)
+        return ops.FUNCTIONS[c.func]
+
+    def _arguments(self, c: ast.Call, fn: ops.Function):
+        """The value arguments of a call (expressions, not yet lowered) and the
+        literals it gives by name, checked, with the keywords' defaults."""
+        positional, keywords = [], {}
+        allowed = {p.name: p for p in fn.keywords}
         for a in c.args:
             if not isinstance(a, ast.Keyword):
                 if keywords:
                     raise CellError("a positional argument cannot follow a keyword argument", a.pos)
+                positional.append(a)
                 continue
             if a.name not in allowed:
                 valid = ", ".join(allowed) or "none"
                 raise CellError(f"{c.func}() has no argument '{a.name}' (keywords: {valid})", a.pos)
             if a.name in keywords:
                 raise CellError(f"{c.func}() got argument '{a.name}' twice", a.pos)
-            keywords[a.name] = _int_literal(a.value, a.name)
-        n = len(positional)
-        if arity is not None and n != arity:
-            plural = "s" if arity != 1 else ""
-            raise CellError(f"{c.func}() takes {arity} argument{plural}, got {n}", c.pos)
-        if n < 1:
-            raise CellError(f"{c.func}() takes at least 1 argument(s), got {n}", c.pos)
-        return positional, keywords
+            keywords[a.name] = _literal(a.value, allowed[a.name], a.pos)
+        n, want = len(positional), len(fn.params)
+        if fn.variadic and n < want:
+            raise CellError(f"{c.func}() takes {want} or more arguments, got {n}", c.pos)
+        if not fn.variadic and n != want:
+            names = ", ".join(p.name for p in fn.params)
+            raise CellError(f"{c.func}() takes {want} argument{'s' if want != 1 else ''} ({names}), got {n}",
+                            c.pos)
+        split = n - len(fn.literals)
+        given = {p.name: _literal(e, p, e.pos) for p, e in zip(fn.literals, positional[split:])}
+        given.update((p.name, keywords.get(p.name, p.default)) for p in fn.keywords)
+        return positional[:split], given
+
+    def _attrs(self, c: ast.Call, fn: ops.Function, values: list, given: dict):
+        """The node attrs (a list of them for several results) of a call."""
+        if fn.attrs is None:
+            return given
+        return self._rule(fn.attrs, c, [self.builder.values[v] for v in values], given)
 
     def _call(self, c: ast.Call, name: str | None):
         """The value of a call (a generator, as `_lower`)."""
-        if c.func == "split":
-            raise CellError("split(...) gives several values: assign it to as many names, "
-                            "as in 'a, b = split(x, 2)'", c.pos)
-        arity = {"concat": None, "transpose": 1}.get(c.func, 2 if c.func in BINARY_FUNCS else 1)
-        args, kw = self._call_args(c, arity)
+        op = self._function(c)
+        if op.syntax.results:
+            raise CellError(f"{c.func}(...) gives several values: assign it to as many names, "
+                            f"as in 'a, b = {c.func}(x, 2)'", c.pos)
+        args, given = self._arguments(c, op.syntax)
         values = []
         for a in args:
             values.append((yield a))
-        if c.func in ("sum", "mean", "softmax", "concat"):
-            kw.setdefault("axis", -1)
-        if c.func in ("sum", "mean"):
-            kw.setdefault("keepdims", 0)
-            if kw["keepdims"] not in (0, 1):
-                raise CellError(f"keepdims must be 0 or 1, not {kw['keepdims']}",
-                                _keyword_pos(c, "keepdims"))
-        if "axis" in kw:
-            self._check_axis(kw["axis"], values[0], c)
-        return self._emit(c.func, *values, name=name, pos=c.pos, **kw)
+        attrs = self._attrs(c, op.syntax, values, given)
+        return self._emit(op.name, *values, where=c, name=name, **attrs)
 
-    def _check_axis(self, axis: int, value: str, c: ast.Call):
-        shape = self.builder.values[value].shape
-        if not -len(shape) <= axis < len(shape):
-            raise CellError(f"axis {axis} is out of range for {c.func}() of shape "
-                            f"{shape_str(shape)} (rank {len(shape)})", _keyword_pos(c, "axis"))
-
-    def _split(self, c: ast.Call, targets: int, names: list) -> list:
-        positional = [a for a in c.args if not isinstance(a, ast.Keyword)]
-        if len(positional) != 2 or isinstance(c.args[1], ast.Keyword):
-            raise CellError("split() takes a value and a number of parts: split(x, n) or "
-                            f"split(x, n, axis=k), got {len(positional)} positional "
-                            f"argument{'s' if len(positional) != 1 else ''}", c.pos)
-        parts = _int_literal(c.args[1], "parts")
-        if parts < 1:
-            raise CellError(f"split() needs a positive number of parts, not {parts}", c.args[1].pos)
-        c = ast.Call(c.pos, c.func, (c.args[0],) + c.args[2:])
-        (arg,), kw = self._call_args(c, 1)
-        if targets != parts:
-            raise CellError(f"split into {parts} parts but {targets} names on the left", c.pos)
-        value = self._expr(arg, None)
-        axis = kw.get("axis", -1)
-        self._check_axis(axis, value, c)
-        shape = self.builder.values[value].shape
-        size = shape[axis % len(shape)]
-        part = size.divide(Size.const(parts))
-        if not part.symbols and part.value is None:
-            raise CellError(f"cannot split size {size} of {shape_str(shape)} into {parts} equal "
-                            f"parts{self._with_binding()}", c.pos)
-        return [self._emit("slice", value, name=nm, pos=c.pos, axis=axis % len(shape),
-                           start=part * Size.const(k), stop=part * Size.const(k + 1))
-                for k, nm in enumerate(names)]
+    def _several(self, c: ast.Call, names: list) -> list:
+        """The values of a call that gives several (`a, b = split(x, 2)`), one node each."""
+        op = self._function(c)
+        args, given = self._arguments(c, op.syntax)
+        count = given[op.syntax.results]
+        if len(names) != count:
+            raise CellError(f"{c.func} into {count} parts but {len(names)} names on the left", c.pos)
+        values = [self._expr(a, None) for a in args]
+        return [self._emit(op.name, *values, where=c, name=nm, **attrs)
+                for nm, attrs in zip(names, self._attrs(c, op.syntax, values, given))]
 
 
 def _number(e) -> float | None:
@@ -440,11 +429,17 @@ def _param_init(e) -> float:
     return value
 
 
-def _int_literal(e, what: str) -> int:
-    value = _number(e)
-    if value is None or not math.isfinite(value) or value != int(value):
-        raise CellError(f"'{what}' must be an integer literal", e.pos)
-    return int(value)
+def _literal(e, param: ops.Param, pos: Pos):
+    """The value of literal argument `e` for `param`: a number of its kind's
+    form (else an error at the literal), and one it allows (else at `pos`, the
+    keyword's place for a keyword)."""
+    number = _number(e)
+    value = None if number is None else param.kind.read(number)
+    if value is None:
+        raise CellError(f"'{param.name}' must be {param.kind.what}", e.pos)
+    if not param.kind.allows(value):
+        raise CellError(f"'{param.name}' must be {param.kind.allowed}, not {value}", pos)
+    return value
 
 
 def _keyword_pos(c: ast.Call, name: str) -> Pos:

@@ -1,7 +1,7 @@
 """Reverse-mode autodiff of one region.
 
 A short loop over the region's nodes in reverse: each op's VJP rule (in
-`ops.py`, beside the op) returns one cotangent per input, and cotangents that
+rnnc/ops/, beside the op) returns one cotangent per input, and cotangents that
 reach the same value are added. The result is a backward region that reads
 forward values (the residuals) and the cotangents of the forward outputs, and
 gives the cotangents of the requested inputs.

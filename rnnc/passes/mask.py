@@ -32,7 +32,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ..ir import Graph, Value, format_graph, live_nodes
-from ..ops import Builder
+from ..ops import OPS, Builder
 from .autodiff import Backward
 from .hoist import Hoisted
 
@@ -119,7 +119,7 @@ def mask_backward(backward: Backward, b: Builder, safe: set, skip=frozenset(), z
     safe = set(safe) | {VALID}
 
     def sums_rows(n) -> bool:
-        return not n.batched and n.op in ("reduce_to", "dot") and any(values[a].batched for a in n.args)
+        return not n.batched and OPS[n.op].sums_rows and any(values[a].batched for a in n.args)
     wanted = {a for n in graph.nodes if sums_rows(n) for a in n.args}
     wanted |= {g for w, g in backward.grads if g and w not in skip}
     wanted = {v for v in wanted if values[v].batched and v not in safe}

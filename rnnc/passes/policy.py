@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 
 from ..ir import Graph
-from ..ops import numel
+from ..ops import OPS, numel
 from .costs import node_flops
 from .hoist import Hoisted
 from .mask import VALID
@@ -28,10 +28,9 @@ POLICIES = ("none", "all", "auto")
 # write in the forward, a read in the backward and the memory between them;
 # we price it like 8 flops, so cheap elementwise work (sigmoid: 4 flops per
 # element) is recomputed and a product over a fan-in (2*K flops per element)
-# is kept. Products are never recomputed, as AOTAutograd never recomputes a
-# matmul: their cost grows with the fan-in, which a per-element price hides.
+# is kept. Ops the registry marks `recompute=False` (products) are never
+# recomputed: their cost grows with the fan-in, which a per-element price hides.
 STORE_COST = 8
-NEVER_RECOMPUTED = frozenset({"dot"})
 
 
 def state_names(hoisted: Hoisted) -> tuple:
@@ -86,7 +85,7 @@ def choose_auto(hoisted: Hoisted, residuals: tuple) -> set:
     net = FlowNetwork()
     for n in nodes:
         net.add((n.out, "in"), (n.out, "out"), STORE_COST * numel(n.shape))
-        recompute = math.inf if n.op in NEVER_RECOMPUTED else node_flops(n, values).per_example
+        recompute = node_flops(n, values).per_example if OPS[n.op].recompute else math.inf
         net.add("source", (n.out, "in"), recompute)
         for a in n.args:
             if (a, "out") in net.nodes:

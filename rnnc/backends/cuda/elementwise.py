@@ -1,10 +1,12 @@
 """Elementwise lowering: the fused loops of a phase kernel.
 
-A phase stores some values; every elementwise op, slice, pad, concatenation,
-transpose and broadcast they are computed from is inlined into their
-expressions (structural ops become index arithmetic, `STRUCTURAL`), with
-common subexpressions shared per element. Values made by earlier kernels are
-loaded from their buffers.
+A phase stores some values; every op they are computed from that is not a
+kernel of its own is inlined into their expressions, as the op registry
+says: an elementwise op as its C expression (`ops.CExpr`), a slice, pad,
+concatenation, transpose or broadcast as index arithmetic (`ops.Inline`,
+whose lowering functions use this module's `Loop`), with common
+subexpressions shared per element. Values made by earlier kernels are loaded
+from their buffers.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import math
 import re
 
 from ...nesting import unnest
-from ...ops import OPS
+from ...ops import OPS, Inline
 from ...shapes import concrete_shape
 from .cexpr import Ref, c_float, decode, offset, size_expr, strides
 
@@ -74,19 +76,22 @@ class Loop:
 
     def _node(self, n, row, index):
         shape = concrete_shape(n.shape)
-        if n.op == "const":
-            return c_float(n.attr("value"))
-        lower = STRUCTURAL.get(n.op)
-        if lower is not None:
-            return (yield from lower(self, n, shape, row, index))
+        lowering = OPS[n.op].cuda
+        if isinstance(lowering, Inline):
+            return (yield from lowering.lower(self, n, shape, row, index))
         args = []
         for a in n.args:
-            args.append((yield a, row, broadcast_index(self.shape_of(a), shape, index)))
-        return self.temp("float", OPS[n.op].cuda.format(*args))
+            args.append((yield a, row, self.broadcast(a, shape, index)))
+        expr = lowering.expr.format(*args, **{k: c_float(v) for k, v in n.attrs})
+        return self.temp("float", expr) if args else expr  # a literal is spelt where it is read
 
     def shape_of(self, name: str) -> tuple:
         where = self.resolve(name)
         return where.shape if isinstance(where, Ref) else concrete_shape(where.shape)
+
+    def broadcast(self, name: str, shape: tuple, index: tuple) -> tuple:
+        """Value `name`'s index where a result of `shape` is at `index` (NumPy broadcasting)."""
+        return broadcast_index(self.shape_of(name), shape, index)
 
     def store(self, ref: Ref, expr_name: str, op: str = "="):
         """`ref` at this loop's own element gets (`=`) or adds (`+=`) `expr_name`."""
@@ -132,53 +137,3 @@ def broadcast_index(arg_shape: tuple, out_shape: tuple, index: tuple) -> tuple:
     lead = len(out_shape) - len(arg_shape)
     return tuple("0" if a == 1 and out_shape[lead + k] != 1 else index[lead + k]
                  for k, a in enumerate(arg_shape))
-
-
-# Structural ops as index arithmetic: generators, as Loop._node, that yield
-# the (value, row, index) they read and return the C expression.
-def lower_slice(loop: Loop, n, shape, row, index):
-    axis = n.attr("axis") % len(shape)
-    moved = list(index)
-    moved[axis] = loop.temp_int(f"{index[axis]} + {n.attr('start').value}")
-    return (yield n.args[0], row, tuple(moved))
-
-
-def lower_pad(loop: Loop, n, shape, row, index):
-    # the argument is read at a clamped index (always in bounds) and the pad selects 0 outside
-    axis, before = n.attr("axis"), n.attr("before").value
-    size = shape[axis] - before - n.attr("after").value
-    j = loop.temp_int(f"{index[axis]} - {before}")
-    moved = list(index)
-    moved[axis] = loop.clamp(j, size)
-    inner = yield n.args[0], row, tuple(moved)
-    return loop.temp("float", f"({j} >= 0 && {j} < {size}) ? {inner} : 0.0f")
-
-
-def lower_concat(loop: Loop, n, shape, row, index):
-    axis = n.attr("axis") % len(shape)
-    start, parts = 0, []
-    for a in n.args:
-        size = loop.shape_of(a)[axis]
-        moved = list(index)
-        moved[axis] = loop.clamp(f"{index[axis]} - {start}", size)
-        parts.append((start + size, (yield a, row, tuple(moved))))
-        start += size
-    expr = parts[-1][1]
-    for stop, value in reversed(parts[:-1]):
-        expr = f"({index[axis]} < {stop}) ? {value} : {expr}"
-    return loop.temp("float", expr)
-
-
-def lower_transpose(loop: Loop, n, shape, row, index):
-    return (yield n.args[0], row, tuple(reversed(index)))
-
-
-def lower_broadcast_in(loop: Loop, n, shape, row, index):
-    axis = n.attr("axis")
-    kept = tuple(ix for k, ix in enumerate(index) if k != axis) if axis is not None else index
-    kept_shape = tuple(s for k, s in enumerate(shape) if k != axis) if axis is not None else shape
-    return (yield n.args[0], row, broadcast_index(loop.shape_of(n.args[0]), kept_shape, kept))
-
-
-STRUCTURAL = {"slice": lower_slice, "pad": lower_pad, "concat": lower_concat,
-              "transpose": lower_transpose, "broadcast_in": lower_broadcast_in}

@@ -12,9 +12,11 @@ template per kernel family:
 - `reduce.cu.j2`: sum, mean and reduce_to (a sum over some axes).
 - `softmax.cu.j2`: softmax over one small axis.
 
-The last three are the *breaking* kernels (`BREAKING`): their node needs all
-of its arguments before it starts, so it ends the phase they come from.
-Block sizes are set here and tile sizes in `products.py`, once, and passed to the templates.
+The last three are the *breaking* kernels: an op whose registry entry is a
+`Kernel` names its template, and the template's builder here (`BUILDERS`)
+takes the op's parameters of it; such a node needs all of its arguments
+before it starts, so it ends the phase they come from. Block sizes are set
+here and tile sizes in `products.py`, once, and passed to the templates.
 """
 from __future__ import annotations
 
@@ -25,8 +27,7 @@ from importlib import resources
 
 import jinja2
 
-from ...ops import BATCH
-from ...shapes import concrete_shape
+from ...ops import BATCH, OPS
 from .cexpr import Ref, c_float, comment, decode, offset, size_expr, strides
 from .launches import Buffer, Extent, Launch
 from .products import INPUTS, NOMINAL_ROWS, Contraction, product_kernel
@@ -138,22 +139,14 @@ def reduce_layout(kept: list) -> ReduceLayout:
     return WARP_PER_OUTPUT
 
 
-def reduction_axes(n, src: Ref):
-    """(kept, reduced) axes of a sum-like node over its argument, each a list of
-    (size or None for rows, stride in the argument)."""
-    shape = src.shape
-    axes = [(s, st) for s, st in zip(shape, strides(shape))]
-    row = [(None, src.numel)] if src.batched else []
-    if n.op in ("sum", "mean"):
-        axis = n.attr("axis") % len(shape)
-        return row + axes[:axis] + axes[axis + 1:], [axes[axis]]
-    target = concrete_shape(n.attr("shape"))
-    lead = len(shape) - len(target)
-    reduced_rows = row if (src.batched and not n.batched) else []
-    kept = row if not reduced_rows else []
-    reduced = list(reduced_rows) + axes[:lead]
-    for k, t in enumerate(target):
-        (reduced if t == 1 and shape[lead + k] != 1 else kept).append(axes[lead + k])
+def reduction_axes(src: Ref, axes: tuple, rows: bool):
+    """(kept, reduced) axes of a sum over `axes` of `src` (and over its rows
+    when `rows`), each a list of (size or None for rows, stride in `src`)."""
+    kept, reduced = [], []
+    if src.batched:
+        (reduced if rows else kept).append((None, src.numel))
+    for k, axis in enumerate(zip(src.shape, strides(src.shape))):
+        (reduced if k in axes else kept).append(axis)
     return kept, reduced
 
 
@@ -207,12 +200,13 @@ class Generator:
                   "; ".join(comments), loops=[{"total": loop.total, "lines": loop.live_lines()} for loop in loops])
 
     def breaking(self, region, n, args: list, out: Ref, op: str, note: str):
-        """The kernel of breaking node `n` (`BREAKING`) reading `args`, writing
-        (op `=`) or adding to (op `+=`) `out`."""
-        BREAKING[n.op](self, region, n, args, out, op, note)
+        """The kernel of node `n`, an op whose lowering is a `Kernel`, reading
+        `args`, writing (op `=`) or adding to (op `+=`) `out`."""
+        lowering = OPS[n.op].cuda
+        BUILDERS[lowering.template](self, region, n, args, out, op, note, **lowering.params(n, *args))
 
-    def contract(self, region, n, args, out, op, note):
-        (a, b), spec = args, n.attr("spec")
+    def contract(self, region, n, args, out, op, note, spec):
+        a, b = args
         c = contraction(spec, a, b, out)
         kernel = product_kernel(c, self.inputs, NOMINAL_ROWS[region.rows])
         name, engine = self.name(region, "dot"), kernel.engine
@@ -237,11 +231,11 @@ class Generator:
         return {"workspace": self.scratch_ref(f"split:{name}", kernel.splits * per_row["m"] * per_row["n"], batched),
                 "tickets": self.scratch_ref(f"tickets:{name}", tiles, batched, "tickets")}
 
-    def reduce(self, region, n, args, out, op, note):
+    def reduce(self, region, n, args, out, op, note, axes, rows, mean):
         (src,) = args
-        kept, reduced = reduction_axes(n, src)
+        kept, reduced = reduction_axes(src, axes, rows)
         count = math.prod(s for s, _ in reduced if s is not None)
-        scale = f" * {c_float(1.0 / count)}" if n.op == "mean" else ""
+        scale = f" * {c_float(1.0 / count)}" if mean else ""
         layout = reduce_layout(kept)
         work = extent([s for s, _ in kept], layout.per_block)
         self.emit(region, self.name(region, n.op), "reduce.cu.j2", [src, out], (work, Extent(1), Extent(1)), note,
@@ -251,10 +245,9 @@ class Generator:
                   o_lane=layout.o_lane, r_lane=layout.r_lane, shuffles=layout.shuffles, lead=layout.lead,
                   warps=layout.warps)
 
-    def softmax(self, region, n, args, out, op, note):
+    def softmax(self, region, n, args, out, op, note, axis):
         (src,) = args
         shape = src.shape
-        axis = n.attr("axis") % len(shape)
         outer, size, inner = math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1:])
         work = Extent(outer * inner, src.batched, BLOCK)
         self.emit(region, self.name(region, "softmax"), "softmax.cu.j2", [src, out], (work, Extent(1), Extent(1)), note,
@@ -262,6 +255,6 @@ class Generator:
                   lanes=size_expr(outer * inner, src.batched))
 
 
-# the ops whose node is a kernel of its own, and the Generator method that builds it
-BREAKING = {"dot": Generator.contract, "sum": Generator.reduce, "mean": Generator.reduce,
-            "reduce_to": Generator.reduce, "softmax": Generator.softmax}
+# the builder of each template of a kernel of its own (an op's `Kernel` names the template)
+BUILDERS = {"contract.cu.j2": Generator.contract, "reduce.cu.j2": Generator.reduce,
+            "softmax.cu.j2": Generator.softmax}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+from ...ops import OPS
 from ...passes.mask import VALID, cotangent_input
 from ...precision import precision as find_precision
 from ...shapes import concrete_shape
@@ -20,10 +21,6 @@ from .elementwise import loop_for
 from .kernels import Generator, intrinsics, render
 from .launches import Buffer, Generated, Launches
 from .region import Region
-
-# breaking ops whose parameter gradient may run once over all rows of a segment
-# instead of once per step (see `Lowering.deferred`)
-DEFERRABLE = {"dot", "reduce_to"}
 
 
 class Lowering:
@@ -179,7 +176,7 @@ class Lowering:
         producers = self.step_bwd.graph.producers()
         kept = set(self.states) | self.stored | set(self.row_gradients()) | self.row_targets()
         return {g: w for g, w in self.sole_gradients().items()
-                if producers[g].op in DEFERRABLE and not producers[g].batched
+                if OPS[producers[g].op].sums_rows and not producers[g].batched
                 and all(self.values_bwd[a].batched and a in kept for a in producers[g].args)}
 
     def sole_gradients(self) -> dict:

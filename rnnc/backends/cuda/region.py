@@ -1,18 +1,24 @@
 """Region lowering: an ordered list of IR nodes as kernels and their launches.
 
-A region's nodes are split into phases: a breaking node (a product, a
-reduction or a softmax: `kernels.BREAKING`) needs all of its arguments before
-it starts, so it ends the phase its arguments come from. Each phase is one
+A region's nodes are split into phases: a breaking node (an op whose CUDA
+lowering is a `Kernel` of its own: a product, a reduction or a softmax) needs
+all of its arguments before it starts, so it ends the phase its arguments come from. Each phase is one
 elementwise kernel that stores the values needed later (by a breaking node,
 a later phase or after the region) and inlines the rest; each breaking node is
 a kernel of its own.
 """
 from __future__ import annotations
 
+from ...ops import OPS, Kernel
 from ...shapes import concrete_shape
 from .cexpr import Ref
 from .elementwise import loop_for
-from .kernels import BREAKING, Generator
+from .kernels import Generator
+
+
+def breaking(n) -> bool:
+    """Whether node `n` is a kernel of its own."""
+    return isinstance(OPS[n.op].cuda, Kernel)
 
 
 class Region:
@@ -31,9 +37,9 @@ class Region:
         self.producer = {n.out: n for n in self.nodes}
         self.external, self.home = resolve_external, home
         self.accumulate = set(accumulate)  # nodes whose home is added to, not overwritten
-        reads_breaking = {a for n in self.nodes if n.op in BREAKING for a in n.args}
+        reads_breaking = {a for n in self.nodes if breaking(n) for a in n.args}
         self.materialised = {n.out for n in self.nodes
-                             if n.op in BREAKING or n.out in reads_breaking or n.out in exports}
+                             if breaking(n) or n.out in reads_breaking or n.out in exports}
         self.level = self._levels()
         self.launches: list = []
 
@@ -41,7 +47,7 @@ class Region:
         level = {}
         for n in self.nodes:
             base = max((level.get(a, 0) for a in n.args), default=0)
-            level[n.out] = base + 1 if n.op in BREAKING else base
+            level[n.out] = base + 1 if breaking(n) else base
         return level
 
     def ref(self, name: str) -> Ref:
@@ -54,7 +60,7 @@ class Region:
         fusible nodes of this level are inlined."""
         def resolve(name):
             n = self.producer.get(name)
-            if n is None or n.op in BREAKING or (name in self.materialised and self.level[name] < level):
+            if n is None or breaking(n) or (name in self.materialised and self.level[name] < level):
                 return self.ref(name)
             return n
         return resolve
@@ -63,9 +69,9 @@ class Region:
         top = max(self.level.values(), default=0)
         for level in range(top + 1):
             for n in self.nodes:
-                if n.op in BREAKING and self.level[n.out] == level:
+                if breaking(n) and self.level[n.out] == level:
                     self.breaking(n)
-            stores = [n for n in self.nodes if n.op not in BREAKING and n.out in self.materialised
+            stores = [n for n in self.nodes if not breaking(n) and n.out in self.materialised
                       and self.level[n.out] == level]
             if stores:
                 self.phase(level, stores)

@@ -1,0 +1,24 @@
+"""The op registry: every fact about an op, declared together by `defop`.
+
+`registry.py` says what an op's facts are; each family declares its ops in a
+module of its own, as JAX defines each primitive with its rules:
+`elementwise.py` (arithmetic, comparisons, activations), `contraction.py`
+(`@`), `reductions.py` (sum, mean, softmax) and `structure.py` (split,
+concat, transpose and the padding and broadcasting of derivatives).
+`builder.py` is how the checker and derivative rules add nodes; `rules.py`
+holds the shape rules and helpers several ops share.
+
+Conventions: shapes are per example (no batch axis); a NumPy rule receives
+arrays with a leading batch axis when the value is batched; `flops` is the
+cost per example.
+"""
+from . import contraction, elementwise, reductions, structure  # noqa: F401  (each registers its ops)
+from .builder import Builder
+from .contraction import BATCH, matmul_spec
+from .registry import (FUNCTIONS, OPERATORS, OPS, CExpr, Function, Inline, Internal, Kernel, LiteralKind,
+                       Number, OpDef, Operator, Param, ShapeError, defop)
+from .rules import align, numel
+
+__all__ = ["BATCH", "Builder", "CExpr", "FUNCTIONS", "Function", "Inline", "Internal", "Kernel", "LiteralKind",
+           "Number", "OPERATORS", "OPS", "OpDef", "Operator", "Param", "ShapeError", "align", "defop",
+           "matmul_spec", "numel"]
