@@ -34,6 +34,7 @@ with the NumPy reference.
 """
 from __future__ import annotations
 
+import bisect
 import ctypes
 import hashlib
 import os
@@ -46,7 +47,12 @@ import weakref
 from contextlib import nullcontext
 from pathlib import Path
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
+
+from rnnc.backends.cuda.lowering import generate
+from rnnc.backends.cuda.runtime import CudaModule
 
 import emulated_intrinsics
 
@@ -284,7 +290,9 @@ class EmulatedDevice:
     """The runtime's device, on the emulation. Every allocation is one buffer
     (the Executor makes one per buffer for a device with `alloc_per_buffer`)
     between guard zones, all NaN bytes like fresh memory; after every launch
-    the guard zones must be as they were."""
+    the guard zones of the buffers it was given must be as they were (a
+    kernel reaches memory only through them: an overrun lands in its own
+    buffer's zone)."""
 
     alloc_per_buffer = True
 
@@ -292,7 +300,8 @@ class EmulatedDevice:
         self.library = Library(generated.source, generated.launches.arities(), workdir)
         self.args = {launch.kernel: [name for name, _ in launch.args] for launch in generated.launches.launches()}
         self.random = random.Random(seed)
-        self.guarded = []  # (weak reference to a pool, where its buffer starts and ends in it)
+        self.guarded = {}  # buffer address -> (weak reference to its pool, where it starts and ends in it)
+        self.addresses = []  # of the buffers, sorted
         self.launched = []
 
     def active(self):
@@ -302,7 +311,9 @@ class EmulatedDevice:
         pool = np.full(GUARD + max(nbytes, 1) + 2 * GUARD, 0xFF, np.uint8)  # NaN bytes: unwritten memory shows
         base = (pool.ctypes.data + GUARD + 255) // 256 * 256
         start = base - pool.ctypes.data
-        self.guarded.append((weakref.ref(pool), start, start + nbytes))
+        if base not in self.guarded:  # else the old pool there is gone
+            bisect.insort(self.addresses, base)
+        self.guarded[base] = (weakref.ref(pool), start, start + nbytes)
         return base, pool
 
     def htod(self, ptr, array):
@@ -326,19 +337,46 @@ class EmulatedDevice:
         self.check_guards(kernel, ptrs)
 
     def check_guards(self, kernel, ptrs):
-        """A launch wrote outside the allocation of some buffer: which, and where."""
-        live = []
-        for ref, start, end in self.guarded:
-            pool = ref()
-            if pool is None:
+        """A launch wrote outside the allocation of a buffer it was given: which, and where."""
+        for ptr in set(ptrs):
+            found = self.allocation(ptr)
+            if found is None:
                 continue
-            live.append((ref, start, end))
+            base, pool, start, end = found
             if (pool[:start] == 0xFF).all() and (pool[end:] == 0xFF).all():
                 continue
-            base = pool.ctypes.data + start
             written = np.flatnonzero(np.concatenate([pool[:start], pool[end:]]) != 0xFF)[0]
             where = written - start if written < start else end - start + written - start
             given = [name for name, p in zip(self.args.get(kernel, []), ptrs) if base <= p < base + end - start]
             raise EmulationError(f"{kernel}: wrote byte {where} of an allocation of {end - start} bytes "
                                  f"(buffer {', '.join(given) or 'not among its arguments'}): out of bounds")
-        self.guarded = live
+
+    def allocation(self, ptr):
+        """(address, pool, start, end) of the live buffer that holds `ptr`, or None
+        (the entries of pools gone are dropped on the way)."""
+        i = bisect.bisect_right(self.addresses, ptr) - 1
+        while i >= 0:
+            base = self.addresses[i]
+            ref, start, end = self.guarded[base]
+            pool = ref()
+            if pool is not None:
+                return (base, pool, start, end) if ptr < base + end - start else None
+            del self.guarded[base], self.addresses[i]
+            i -= 1
+        return None
+
+
+def emulated(program, workdir: Path, precision: str = "fp32", seed: int = SEEDS[0]):
+    """The CUDA backend's module of `program` at `precision`, its kernels run
+    by the emulation in the orders `seed` draws: (module, device)."""
+    generated = generate(program, precision)
+    device = EmulatedDevice(generated, workdir, seed)
+    return CudaModule(program, generated.launches, device, precision=precision), device
+
+
+def build_all(programs, workdir: Path):
+    """The emulations of several (program, precision) pairs built up front, two
+    at a time (g++ is single-threaded; the test machines have 2 cores)."""
+    generated = [generate(program, precision) for program, precision in programs]
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda g: Library(g.source, g.launches.arities(), workdir), generated))

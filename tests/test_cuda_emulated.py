@@ -19,18 +19,16 @@ two barriers (each runs alone from one to the next) and timing
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 import pytest
 
 import rnnc
 from rnnc.backends.cuda.lowering import generate
-from rnnc.backends.cuda.runtime import CudaModule
 
 import cuda_cases as cases
 import cuda_emulator
 import new_cells
+from cuda_emulator import emulated
 from conftest import EXAMPLES, example
 
 pytestmark = pytest.mark.skipif(not cuda_emulator.available(), reason="needs g++ for the CUDA emulation")
@@ -51,12 +49,6 @@ cell kw {
 """
 
 
-def emulated(program, workdir, precision="fp32", seed=cuda_emulator.SEEDS[0]):
-    generated = generate(program, precision)
-    device = cuda_emulator.EmulatedDevice(generated, workdir, seed)
-    return CudaModule(program, generated.launches, device, precision=precision), device
-
-
 def held_bytes(module, args, lengths) -> tuple:
     """(stored, peak) bytes the runtime counts as it makes and frees the schedule's buffers."""
     res = module.forward(**{k: args[k] for k in ("inputs", "states", "contexts", "params")}, lengths=lengths)
@@ -65,12 +57,9 @@ def held_bytes(module, args, lengths) -> tuple:
 
 @pytest.fixture(scope="module")
 def every_example_built(workdir):
-    """The emulation of every example under every policy and precision, built
-    two at a time up front (g++ is single-threaded; the test machines have 2 cores)."""
-    generated = [generate(cases.compile_example(path, policy), precision) for path in EXAMPLES
-                 for policy in cases.POLICIES for precision in cases.PRECISIONS_RUN]
-    with ThreadPoolExecutor(2) as pool:
-        list(pool.map(lambda g: cuda_emulator.Library(g.source, g.launches.arities(), workdir), generated))
+    """The emulation of every example under every policy and precision, built up front."""
+    cuda_emulator.build_all([(cases.compile_example(path, policy), precision) for path in EXAMPLES
+                             for policy in cases.POLICIES for precision in cases.PRECISIONS_RUN], workdir)
 
 
 @pytest.mark.parametrize("seed", cuda_emulator.SEEDS)
