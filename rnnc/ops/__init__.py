@@ -11,6 +11,15 @@ holds the shape rules and helpers several ops share.
 Conventions: shapes are per example (no batch axis); a NumPy rule receives
 arrays with a leading batch axis when the value is batched; `flops` is the
 cost per example.
+
+Adding an op is one `defop` in its family's module, with every fact (the
+checker, planner and backends find it there); a literal argument of a new
+kind (a probability, say) is one `LiteralKind` in registry.py, and a kernel
+template of a new kind one builder in rnnc/backends/cuda/kernels.py
+(`BUILDERS`). tests/test_ops.py fails on a missing fact and on a derivative
+no finite-difference cell checks; tests/test_ops_emulated.py runs the new op
+on the emulated CUDA backend in every form its rules accept, literal
+arguments included (each value of NUMBERS its kind reads and allows).
 """
 from . import contraction, elementwise, reductions, structure  # noqa: F401  (each registers its ops)
 from .builder import Builder
