@@ -234,12 +234,13 @@ class _Checker:
             self.builder.values[decl.name] = decl.value
 
     def _assign(self, s: ast.Assign):
-        if isinstance(s.value, ast.Call) and getattr(ops.FUNCTIONS.get(s.value.func), "syntax", None) \
-                and ops.FUNCTIONS[s.value.func].syntax.results:
+        op = ops.FUNCTIONS.get(s.value.func) if isinstance(s.value, ast.Call) else None
+        if op is not None and op.syntax.results:
             values = self._several(s.value, [t.id for t in s.targets])
         elif len(s.targets) > 1:
+            several = ", ".join(f"{f}(...)" for f, op in ops.FUNCTIONS.items() if op.syntax.results)
             raise CellError(f"{len(s.targets)} names on the left but the right side gives one "
-                            "value (only split(...) gives several)", s.targets[1].pos)
+                            f"value (only {several} gives several)", s.targets[1].pos)
         else:
             values = [self._expr(s.value, s.targets[0].id)]
         for target, value in zip(s.targets, values):
@@ -404,7 +405,7 @@ class _Checker:
         args, given = self._arguments(c, op.syntax)
         count = given[op.syntax.results]
         if len(names) != count:
-            raise CellError(f"{c.func} into {count} parts but {len(names)} names on the left", c.pos)
+            raise CellError(f"{c.func} into {count} {op.syntax.results} but {len(names)} names on the left", c.pos)
         values = [self._expr(a, None) for a in args]
         return [self._emit(op.name, *values, where=c, name=nm, **attrs)
                 for nm, attrs in zip(names, self._attrs(c, op.syntax, values, given))]
