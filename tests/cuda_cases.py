@@ -73,6 +73,12 @@ def run(module, args: dict, lengths, to_array=lambda a: a, to_numpy=np.asarray) 
     return {k: to_numpy(a) for k, a in arrays.items()}
 
 
+def held_bytes(module, args, lengths) -> tuple:
+    """(stored, peak) bytes the runtime counts as it makes and frees the schedule's buffers."""
+    res = module.forward(**{k: args[k] for k in ("inputs", "states", "contexts", "params")}, lengths=lengths)
+    return res.stored_bytes, module.backward(res, args["d_outputs"], args["d_states"]).peak_bytes
+
+
 def reference(program, args: dict, lengths, precision: str = "fp32") -> dict:
     """The float64 NumPy backend's arrays, products rounded as `precision` says."""
     f64 = {k: {n: a.astype(np.float64) for n, a in v.items()} for k, v in args.items()}

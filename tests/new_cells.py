@@ -1,7 +1,8 @@
 """Cells written for the tests, beyond the shipped examples: each uses one
 construct a user may write that the examples do not (the NumPy and CUDA tests
-both run them). The last three are for the lengths mask (test_lengths.py and
-test_cuda_emulated.py), with what those tests share."""
+both run them). The three after them are for the lengths mask (test_lengths.py
+and test_cuda_emulated.py), with what those tests share; the last ones leave a
+value unread by a region (test_unread.py)."""
 from __future__ import annotations
 
 import numpy as np
@@ -182,3 +183,66 @@ def compile_cell(text: str, policy: str, dtype: str = "float64"):
         budget = none.peak_bytes(T, B, dtype) * 40 // 100
         return rnnc.compile(text, dims=dims, memory_budget=budget, seq_len=T, batch=B, dtype=dtype)
     return rnnc.compile(text, dims=dims, recompute=policy)
+
+
+# --- values a region never reads -------------------------------------------------------------
+# a state its step never reads: the next value is a product of the input alone
+UNREAD_STATE = """
+cell unread_state {
+    dim D, H
+    input x[D]
+    state h[H]
+    param W[D, H]
+    a = x @ W
+    next h = a
+    output y = tanh(a)
+}
+"""
+
+# a state that is the input as it is (the step computes nothing for it), beside one that is read
+COPIED_STATE = """
+cell copied_state {
+    dim D, H
+    input x[D]
+    state h[H], c[D]
+    param W[D, H], U[H, H]
+    h_new = tanh(x @ W + h @ U)
+    next h = h_new
+    next c = x
+    output y = h_new
+}
+"""
+
+# states read only by each other's next values (a chain and a swap), and one read only by an output
+CROSSED_STATES = """
+cell crossed_states {
+    dim D
+    input x[D]
+    state h[D], c[D], s[D], u[D], o[D]
+    next h = c
+    next c = tanh(x)
+    next s = u
+    next u = s
+    next o = x * 2
+    output y = tanh(o + x)
+}
+"""
+
+# an input, a context and params no region reads, beside a context the step never reads
+# (only the once-per-sequence region does) and an input only the hoisted rows read
+UNUSED_DECLARATIONS = """
+cell unused_declarations {
+    dim D, H
+    input x[D], z[D]
+    context e[H], unused[H]
+    state h[H]
+    param W[D, H], U[H, H], V[H, H], spare[D]
+    ctx = tanh(e @ V)
+    h_new = tanh(x @ W + h @ U + ctx)
+    next h = h_new
+    output y = h_new
+}
+"""
+
+UNREAD_CELLS = {"state": UNREAD_STATE, "copied_state": COPIED_STATE, "crossed_states": CROSSED_STATES,
+                "unused_declarations": UNUSED_DECLARATIONS}

@@ -49,12 +49,6 @@ cell kw {
 """
 
 
-def held_bytes(module, args, lengths) -> tuple:
-    """(stored, peak) bytes the runtime counts as it makes and frees the schedule's buffers."""
-    res = module.forward(**{k: args[k] for k in ("inputs", "states", "contexts", "params")}, lengths=lengths)
-    return res.stored_bytes, module.backward(res, args["d_outputs"], args["d_states"]).peak_bytes
-
-
 @pytest.fixture(scope="module")
 def every_example_built(workdir):
     """The emulation of every example under every policy and precision, built up front."""
@@ -78,7 +72,7 @@ def test_example_equals_numpy_reference(path, policy, precision, seed, workdir, 
         bad = cases.mismatches(got, want, cases.tolerance(precision))
         assert not bad, f"lengths={lengths}: relative errors {bad}"
     plan = program.plan
-    assert held_bytes(module, args, None) == (plan.stored_bytes(cases.T, cases.B), plan.peak_bytes(cases.T, cases.B))
+    assert cases.held_bytes(module, args, None) == (plan.stored_bytes(cases.T, cases.B), plan.peak_bytes(cases.T, cases.B))
 
 
 @pytest.mark.parametrize("path", [example("lstm"), example("attention_lstm")], ids=lambda p: p.stem)
@@ -124,7 +118,7 @@ def test_checkpointed_plans_equal_numpy_reference(path, workdir):
     assert (res.stored_bytes, first.peak_bytes) == (plan.stored_bytes(steps, batch), plan.peak_bytes(steps, batch))
     assert again.peak_bytes == first.peak_bytes <= plan.budget
     shorter = cases.arguments(program, steps=5, batch=batch)
-    assert held_bytes(module, shorter, lengths.clip(0, 5)) == (plan.stored_bytes(5, batch), plan.peak_bytes(5, batch))
+    assert cases.held_bytes(module, shorter, lengths.clip(0, 5)) == (plan.stored_bytes(5, batch), plan.peak_bytes(5, batch))
 
 
 def test_user_names_reserved_in_c_and_cuda(workdir):
@@ -270,4 +264,4 @@ def test_written_cells_with_nan_padding_equal_numpy_reference(name, policy, work
     args = new_cells.fill_padding(cases.arguments(program, steps=T, batch=B), lengths, np.nan)
     got = cases.run(module, args, lengths)
     assert not cases.mismatches(got, cases.reference(program, args, lengths))
-    assert held_bytes(module, args, lengths) == (program.plan.stored_bytes(T, B), program.plan.peak_bytes(T, B))
+    assert cases.held_bytes(module, args, lengths) == (program.plan.stored_bytes(T, B), program.plan.peak_bytes(T, B))
