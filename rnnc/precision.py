@@ -15,6 +15,14 @@ argument away (`precision="tf32"`; their peak is several times the float32
 units' on A100 and H100). This follows PyTorch's matmul default (exact since
 1.12) rather than its cuDNN RNN default (TF32): a silent thousandth of
 relative error in every gradient is the user's choice to make.
+
+bfloat16 and float16 data (rnnc/dtypes.py) multiply on tensor cores in their
+own type: their products' inputs round to it (to nearest, ties to even, as
+`cvt.rn.bf16.f32` does; bfloat16 has 7 mantissa bits, float16 10 and a
+narrower range), with float32 sums. That is the precision "bf16" or "f16"
+of such a module, which `for_dtype` picks; `precision=` chooses among
+float32 products only, so with 16-bit data it must be left at "fp32" (its
+default, meaning "no rounding of the products' own") and "tf32" is an error.
 """
 from __future__ import annotations
 
@@ -22,12 +30,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .dtypes import storage
+
 
 @dataclass(frozen=True)
 class Precision:
     name: str
     mantissa_bits: int  # explicit mantissa bits of a product input (float32's 23: no rounding)
     tensor_cores: bool  # the CUDA backend's products run on tensor cores
+    through: str | None = None  # a NumPy dtype the inputs round through (16-bit types), else by bits
 
     @property
     def unit_roundoff(self) -> float:
@@ -36,7 +47,10 @@ class Precision:
 
     def round_inputs(self, array: np.ndarray) -> np.ndarray:
         """A product input rounded as the hardware rounds it (`cvt.rna.tf32.f32`:
-        to nearest, ties away from zero), in the array's own dtype."""
+        to nearest, ties away from zero; a 16-bit type's conversion: to nearest
+        even), in the array's own dtype."""
+        if self.through:
+            return np.asarray(array, np.float32).astype(storage(self.through)).astype(array.dtype)
         if self.mantissa_bits >= 23:
             return array
         drop = 23 - self.mantissa_bits
@@ -51,6 +65,8 @@ class Precision:
 
 PRECISIONS = {p.name: p for p in (Precision("fp32", 23, False), Precision("tf32", 10, True))}
 DEFAULT = "fp32"
+# the products of 16-bit data, by dtype name: not choices of `precision=`
+OF_NARROW = {"bfloat16": Precision("bf16", 7, True, "bfloat16"), "float16": Precision("f16", 10, True, "float16")}
 
 
 def precision(name: str | None) -> Precision:
@@ -60,3 +76,16 @@ def precision(name: str | None) -> Precision:
         raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}, got {name!r} "
                          "(bf16 and fp16 come with bfloat16 and float16 storage)")
     return PRECISIONS[name]
+
+
+def for_dtype(dtype, name: str | None) -> Precision:
+    """The precision of a module of `dtype` asked for `name` (None: the default):
+    a 16-bit dtype's own, else `precision(name)`."""
+    dtype_name = storage(dtype).name
+    if dtype_name not in OF_NARROW:
+        return precision(name)
+    if precision(name).name != DEFAULT:
+        raise ValueError(f"precision: {name!r} rounds the products of float32 data; {dtype_name} data "
+                         f"multiplies on tensor cores in {dtype_name} (precision "
+                         f"{OF_NARROW[dtype_name].name!r}): leave precision at {DEFAULT!r}")
+    return OF_NARROW[dtype_name]

@@ -12,13 +12,16 @@ each is made and freed):
   (the states before each step among them);
 - `d_seq`: the cotangents of the once-per-sequence values, summed over the steps;
 - `d_rows`: the cotangents of the hoisted all-steps values, for each step of a segment.
+
+Elements become bytes by the module's dtype (`Costs.held_bytes`): under
+bfloat16 or float16 some of them stay float32 (rnnc/dtypes.py).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 
+from ..dtypes import WIDE_ROLES, storage, wide_bytes
 from ..ir import Graph, Node
 from ..ops import OPS, numel
 from ..shapes import concrete_shape
@@ -40,6 +43,12 @@ class Amount:
 
     def __add__(self, other: "Amount") -> "Amount":
         return Amount(self.per_example + other.per_example, self.shared + other.shared)
+
+    def __sub__(self, other: "Amount") -> "Amount":
+        return Amount(self.per_example - other.per_example, self.shared - other.shared)
+
+    def __mul__(self, factor: int) -> "Amount":
+        return Amount(self.per_example * factor, self.shared * factor)
 
 
 def total(amounts) -> Amount:
@@ -83,8 +92,13 @@ def role_values(hoisted: Hoisted, grads: dict, stored: tuple) -> dict:
             "d_rows": tuple(o for o, _ in grads["pre"].seeds)}
 
 
-def dtype_size(dtype) -> int:
-    return np.dtype(dtype).itemsize
+def wide_values(hoisted: Hoisted, role: str, names: tuple) -> tuple:
+    """The values of a role's buffer that stay float32 under a 16-bit dtype:
+    all of a `WIDE_ROLES` one, the states of the tape."""
+    if role in WIDE_ROLES:
+        return names
+    states = {d.name for d in hoisted.cell.of_kind("state")}
+    return tuple(v for v in names if role == "tape" and v in states)
 
 
 @dataclass(frozen=True)
@@ -92,6 +106,7 @@ class Costs:
     """Elements of each role's buffer (per step for `PER_STEP` roles) and flops."""
 
     held: dict  # role -> Amount
+    wide: dict  # role -> Amount: the elements of `held` that stay float32 under a 16-bit dtype
     seq_flops: Amount
     pre_flops: Amount  # per step
     step_flops: Amount  # per step, forward
@@ -105,23 +120,30 @@ class Costs:
     def stored(self) -> Amount:
         return self.held["tape"]
 
-    @property
-    def backward_fixed(self) -> Amount:
-        """Held through the whole backward: the once-per-sequence values and their cotangents."""
-        return self.held["seq"] + self.held["d_seq"]
+    def held_bytes(self, dtype) -> dict:
+        """Bytes of each role's buffer (per step for `PER_STEP` roles) in a module of `dtype`."""
+        narrow, wide = storage(dtype).itemsize, wide_bytes(dtype)
+        return {role: (n - self.wide[role]) * narrow + self.wide[role] * wide for role, n in self.held.items()}
 
-    @property
-    def backward_per_step(self) -> Amount:
-        """Held per step of the segment being backpropagated: its hoisted rows,
-        stored values and row cotangents."""
-        return total(self.held[role] for role in PER_STEP)
+
+def backward_fixed(held: dict) -> Amount:
+    """Held through the whole backward: the once-per-sequence values and their cotangents."""
+    return held["seq"] + held["d_seq"]
+
+
+def backward_per_step(held: dict) -> Amount:
+    """Held per step of the segment being backpropagated: its hoisted rows,
+    stored values and row cotangents."""
+    return total(held[role] for role in PER_STEP)
 
 
 def measure(hoisted: Hoisted, grads: dict, stored: tuple, recompute: tuple) -> Costs:
     values = hoisted.values()
+    roles = role_values(hoisted, grads, stored)
     return Costs(
-        held={role: total(elements(values[v]) for v in names)
-              for role, names in role_values(hoisted, grads, stored).items()},
+        held={role: total(elements(values[v]) for v in names) for role, names in roles.items()},
+        wide={role: total(elements(values[v]) for v in wide_values(hoisted, role, names))
+              for role, names in roles.items()},
         seq_flops=region_flops(hoisted.seq),
         pre_flops=region_flops(hoisted.pre),
         step_flops=region_flops(hoisted.step),

@@ -34,7 +34,8 @@ import numpy as np
 
 from ..ir import Graph
 from ..shapes import shape_str
-from .costs import Costs, dtype_size, elements, measure, role_values
+from ..dtypes import storage, wide_bytes
+from .costs import Costs, backward_fixed, backward_per_step, elements, measure, role_values
 from .hoist import Hoisted
 from .policy import per_step_plan, rerun_for
 from .schedule import Schedule, format_bytes, make_schedule
@@ -160,7 +161,7 @@ def planned(hoisted: Hoisted, grads: dict, policy, **across_time) -> Plan:
 
 
 # --- the schedule across time under a budget ----------------------------------------------
-def segment_lengths(costs: Costs, T: int, B: int, budget_elements: int) -> tuple | None:
+def segment_lengths(held: dict, T: int, B: int, budget: int) -> tuple | None:
     """The fewest segments (so the longest last segment, which is never replayed)
     whose backward fits the budget, or None when none fits.
 
@@ -168,13 +169,13 @@ def segment_lengths(costs: Costs, T: int, B: int, budget_elements: int) -> tuple
     cotangents, j checkpoints, and L_j steps of hoisted rows, tape and
     row cotangents, so segment j may hold at most
     (budget - fixed - j * checkpoint) // per_step steps: early segments may be
-    longer than late ones."""
-    fixed = costs.backward_fixed.at(B)
-    checkpoint = costs.state.at(B)
-    per_step = costs.backward_per_step.at(B)
+    longer than late ones. `held`: bytes of each role (Costs.held_bytes)."""
+    fixed = backward_fixed(held).at(B)
+    checkpoint = held["checkpoint"].at(B)
+    per_step = backward_per_step(held).at(B)
     caps, covered = [], 0
     while covered < T:
-        cap = (budget_elements - fixed - len(caps) * checkpoint) // max(per_step, 1)
+        cap = (budget - fixed - len(caps) * checkpoint) // max(per_step, 1)
         if cap < 1:
             return None
         caps.append(cap)
@@ -186,13 +187,13 @@ def segment_lengths(costs: Costs, T: int, B: int, budget_elements: int) -> tuple
     return tuple(lengths)
 
 
-def smallest_budget(costs: Costs, T: int, B: int) -> int:
-    """The least number of elements some segmentation fits in (a bisection)."""
+def smallest_budget(held: dict, T: int, B: int) -> int:
+    """The least number of bytes some segmentation fits in (a bisection)."""
     low = 0
-    high = costs.backward_fixed.at(B) + T * (costs.state + costs.backward_per_step).at(B)
+    high = backward_fixed(held).at(B) + T * (held["checkpoint"] + backward_per_step(held)).at(B)
     while low < high:
         mid = (low + high) // 2
-        if segment_lengths(costs, T, B, mid) is None:
+        if segment_lengths(held, T, B, mid) is None:
             low = mid + 1
         else:
             high = mid
@@ -225,16 +226,15 @@ def budget_plan(hoisted, grads, recompute, budget, T, B, dtype) -> Plan:
     for name, v in (("seq_len", T), ("batch", B)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
             raise ValueError(f"{name}: memory_budget needs a positive integer {name}, got {v!r}")
-    size = dtype_size(dtype)
     choices = PER_STEP_CHOICES if isinstance(recompute, str) and recompute == "auto" else (recompute,)
     fitting, unsegmented = [], [planned(hoisted, grads, choice) for choice in choices]
     for plan in unsegmented:
-        lengths = segment_lengths(plan.costs, T, B, budget // size)
+        lengths = segment_lengths(plan.costs.held_bytes(dtype), T, B, budget)
         if lengths is not None:
             plan = replace(plan, segments=lengths, seq_len=int(T), batch=int(B), budget=budget, dtype=dtype)
             fitting.append((plan.recompute_flops(T, B), plan.peak_bytes(T, B, dtype), len(fitting), plan))
     if not fitting:
-        floor = min(smallest_budget(plan.costs, T, B) for plan in unsegmented) * size
+        floor = min(smallest_budget(plan.costs.held_bytes(dtype), T, B) for plan in unsegmented)
         raise ValueError(f"memory_budget: {budget} bytes ({format_bytes(budget)}) is too small for "
                          f"T={T}, B={B}, {dtype}; the smallest feasible budget is "
                          f"{floor} bytes ({format_bytes(floor)})")
@@ -245,12 +245,7 @@ def make_plan(hoisted: Hoisted, grads: dict, recompute="auto", memory_budget=Non
               seq_len=None, batch=None, dtype="float32") -> Plan:
     """The Plan for a policy, and under `memory_budget` (bytes of `dtype` for
     `seq_len` steps and batch `batch`) with checkpointed segments."""
-    try:
-        np_dtype = np.dtype(dtype)
-    except TypeError:
-        np_dtype = None
-    if np_dtype not in (np.float32, np.float64):
-        raise ValueError(f"dtype: expected 'float32' or 'float64', got {dtype!r}")
+    np_dtype = storage(dtype)
     if memory_budget is not None:
         if seq_len is None or batch is None:
             raise ValueError("memory_budget: the plan is made for a sequence length and a batch size; "
@@ -264,7 +259,7 @@ def format_table(plan: Plan, step: Graph, T: int, B: int, dtype: str, beside: di
     """Each value the plan stores or the backward reads: shape, bytes per step, and
     stored or recomputed by which ops; then totals for T and B, with the plans in
     `beside` (name -> Plan) in columns next to this one."""
-    lines = [f"plan ({plan.describe()}); totals for T={T}, B={B}, {np.dtype(dtype).name}"]
+    lines = [f"plan ({plan.describe()}); totals for T={T}, B={B}, {storage(dtype).name}"]
     if plan.segments is not None:
         lines.append(f"segments (a checkpoint at the start of each but the last): "
                      f"{format_segments(plan.segments_for(T))}")
@@ -293,7 +288,8 @@ def _value_rows(plan: Plan, step: Graph, B: int, dtype: str) -> list:
         else:
             rerun = rerun_for(step, [name], stored)
             kept = "recomputed: " + ", ".join(f"{n.out}={n.op}" for n in rerun)
-        rows.append((label, shape_str(v.shape), format_bytes(elements(v).at(B) * dtype_size(dtype)), kept))
+        size = wide_bytes(dtype) if name in inputs else storage(dtype).itemsize  # states stay wide
+        rows.append((label, shape_str(v.shape), format_bytes(elements(v).at(B) * size), kept))
     return rows
 
 

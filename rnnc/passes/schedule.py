@@ -38,7 +38,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .costs import PER_STEP, dtype_size
+from ..dtypes import storage
+from .costs import PER_STEP
 
 FORWARD = ("seq", "checkpoint", "forward")
 BACKWARD = ("replay", "backward", "param_grads", "backward_seq")
@@ -143,10 +144,10 @@ class Schedule:
 
 def make_schedule(plan, T: int, B: int, dtype="float32", train: bool = True) -> Schedule:
     """The events of one call of T steps and batch B under `plan` (see the module doc)."""
-    size = dtype_size(dtype)
+    held = plan.costs.held_bytes(dtype)
 
     def buffer(role, segment=None, steps=1):
-        return Buffer(role, segment, steps * plan.costs.held[role].at(B) * size)
+        return Buffer(role, segment, steps * held[role].at(B))
 
     lengths = plan.segments_for(T)
     stops = np.cumsum(lengths, dtype=int).tolist()
@@ -174,7 +175,7 @@ def make_schedule(plan, T: int, B: int, dtype="float32", train: bool = True) -> 
             events.append(Event("backward", j, start, stop, (d_rows,) + ((d_seq,) if j == last else ())))
             events.append(Event("param_grads", j, start, stop, frees=(tape, rows, d_rows)))
         events.append(Event("backward_seq", None, allocs=() if bounds else (d_seq,), frees=(d_seq, seq)))
-    return Schedule(T, B, np.dtype(dtype).name, train, plan.describe(), tuple(events), plan.held)
+    return Schedule(T, B, storage(dtype).name, train, plan.describe(), tuple(events), plan.held)
 
 
 def format_bytes(n: int) -> str:
