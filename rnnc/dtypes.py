@@ -55,3 +55,23 @@ def compute(dtype) -> np.dtype:
 def wide_bytes(dtype) -> int:
     """Bytes of an element of a buffer that stays wide (`WIDE_ROLES`, states): float32's under a narrow dtype."""
     return compute(dtype).itemsize
+
+
+def rounded_where_made(program) -> dict:
+    """Region name (the NumPy backend's runners) -> the values a module of a
+    16-bit dtype rounds to it where they are made, because the CUDA backend
+    keeps them in a narrow buffer: the hoisted rows it holds; the stored
+    values of the tape that are not states, and the outputs (the states
+    the step makes stay float32); in the step's backward, the cotangent of an
+    input or hoisted value that is that value's only cotangent (written
+    straight to its narrow rows). Rounding elsewhere (an input's cotangent
+    summed from several, a result returned to the caller) happens on the way
+    into its array, where nothing reads it before."""
+    h, plan, step_bwd = program.hoisted, program.plan, program.grads["step"]
+    states = {d.name for d in h.cell.of_kind("state")}
+    nexts = {v for _, v in h.nexts}
+    step = {v for v in plan.held["tape"] if v not in states} | {v for _, v in h.outputs}
+    grads = [g for _, g in step_bwd.grads if g]
+    rows = {d.name for d in h.cell.of_kind("input")} | set(h.pre.outputs)
+    return {"pre": set(plan.held["rows"]), "step": step - nexts, "recompute": step - nexts,
+            "d_step": {g for w, g in step_bwd.grads if g and grads.count(g) == 1 and w in rows}}

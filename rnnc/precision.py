@@ -50,7 +50,8 @@ class Precision:
         to nearest, ties away from zero; a 16-bit type's conversion: to nearest
         even), in the array's own dtype."""
         if self.through:
-            return np.asarray(array, np.float32).astype(storage(self.through)).astype(array.dtype)
+            with np.errstate(over="ignore"):  # float16's range ends at 65504: beyond, inf, as in hardware
+                return np.asarray(array, np.float32).astype(storage(self.through)).astype(array.dtype)
         if self.mantissa_bits >= 23:
             return array
         drop = 23 - self.mantissa_bits

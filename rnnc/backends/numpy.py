@@ -7,6 +7,12 @@ replays checkpointed segments, reruns the Plan's recomputation and runs the
 backward step, last step first. Every buffer an event makes or frees goes
 through a `Ledger`, which measures the bytes held: they must equal the
 schedule's, which are the Plan's predictions.
+
+A module of bfloat16 or float16 (rnnc/dtypes.py) takes and gives arrays of
+that type and computes in float32: it rounds products' inputs to the type,
+and the values the CUDA backend keeps in 16-bit buffers where they are made
+(`dtypes.rounded_where_made`), so it is the kernels' reference; the states
+it carries from step to step and the sums of gradients stay float32.
 """
 from __future__ import annotations
 
@@ -15,11 +21,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..dtypes import compute, is_narrow, rounded_where_made, storage
 from ..ops import OPS, align
 from ..passes.mask import VALID, cotangent_input
-from ..precision import precision as find_precision
+from ..precision import for_dtype
 from ..shapes import concrete_shape
-from .args import bind_cotangents, bind_forward, module_dtype, saved_for_backward
+from .args import bind_cotangents, bind_forward, saved_for_backward
 from .ledger import Ledger
 
 
@@ -29,14 +36,18 @@ class Runner:
     the module's precision. With `all_valid` (a call without lengths: every row is valid)
     a select on the lengths mask is the value it selects.
 
-    Every result is an array of the module's dtype: a rule may give a Python
-    float (a literal) or a NumPy scalar (arithmetic on 0-d arrays), and a 0-d
-    array of another dtype would widen float32 arrays (NumPy's scalars are
-    weakly typed, its 0-d arrays are not)."""
+    Every result is an array of the dtype it computes in: a rule may give a
+    Python float (a literal) or a NumPy scalar (arithmetic on 0-d arrays), and
+    a 0-d array of another dtype would widen float32 arrays (NumPy's scalars
+    are weakly typed, its 0-d arrays are not). Arguments of a 16-bit type are
+    read as that dtype; the results named in `rounded` are rounded to
+    `narrow` (left as arrays of it: what holds them holds 16 bits)."""
 
-    def __init__(self, nodes, values: dict, precision, dtype, all_valid: bool = False):
+    def __init__(self, nodes, values: dict, precision, dtype, all_valid: bool = False,
+                 rounded=frozenset(), narrow=None):
         self.steps = [self._prepare(n, values, precision, all_valid) for n in nodes]
         self.dtype = dtype
+        self.rounded, self.narrow = (set(rounded), narrow) if narrow is not None else (set(), None)
 
     @staticmethod
     def _prepare(node, values, precision, all_valid):
@@ -59,7 +70,9 @@ class Runner:
 
     def run(self, env: dict) -> dict:
         for out, fn, args in self.steps:
-            env[out] = np.asarray(fn(*[env[a] for a in args]), self.dtype)
+            env[out] = np.asarray(fn(*[np.asarray(env[a], self.dtype) for a in args]), self.dtype)
+            if out in self.rounded:
+                env[out] = env[out].astype(self.narrow)
         return env
 
 
@@ -156,20 +169,26 @@ class Accumulators:
             sums[name] = np.array(g)
 
 
+def add_into(array: np.ndarray, index, value):
+    """array[index] += value, summed in `value`'s dtype and rounded once to the array's."""
+    array[index] = (array[index].astype(np.result_type(value)) + value).astype(array.dtype)
+
+
 class NumpyModule:
     backend = "numpy"
 
     def __init__(self, program, dtype="float64", precision: str | None = None):
         self.program = program
         self.cell = program.cell
-        self.dtype = module_dtype(dtype)
-        self.precision = find_precision(precision)
+        self.dtype = storage(dtype)  # of every array it takes and gives
+        self.compute = compute(dtype)  # of its arithmetic, and of the states and sums it carries
+        self.precision = for_dtype(self.dtype, precision)
         self.hoisted, self.grads, self.plan = program.hoisted, program.grads, program.plan
         self.values = self.hoisted.values()
         # a call without lengths has every row valid: its selects are the values they select
         self.runners = {lengths: self._runners(all_valid=not lengths) for lengths in (False, True)}
         # literals are free: every region's are in every environment
-        self.literals = {n.out: np.asarray(n.attr("value"), self.dtype)
+        self.literals = {n.out: np.asarray(n.attr("value"), self.compute)
                          for g in (self.hoisted.seq, self.hoisted.pre, self.hoisted.step)
                          for n in g.nodes if n.op == "const"}
 
@@ -178,7 +197,9 @@ class NumpyModule:
         regions = {"seq": (h.seq.nodes, h.seq), "pre": (h.pre.nodes, h.pre), "step": (h.step.nodes, h.step),
                    "recompute": (self.plan.recompute, h.step)}
         regions.update((f"d_{name}", (b.graph.nodes, b.graph)) for name, b in g.items())
-        return {name: Runner(nodes, graph.values(), self.precision, self.dtype, all_valid)
+        rounded = rounded_where_made(self.program) if is_narrow(self.dtype) else {}
+        return {name: Runner(nodes, graph.values(), self.precision, self.compute, all_valid,
+                             rounded.get(name, ()), self.dtype if rounded else None)
                 for name, (nodes, graph) in regions.items()}
 
     # --- parameters -----------------------------------------------------------
@@ -189,23 +210,30 @@ class NumpyModule:
         for d in self.cell.of_kind("param"):
             shape = concrete_shape(d.shape)
             if d.init is not None:
-                params[d.name] = np.full(shape, d.init, dtype=self.dtype)
+                params[d.name] = np.full(shape, d.init, dtype=self.compute).astype(self.dtype)
             else:
                 bound = 1.0 / np.sqrt(shape[0] if shape else 1)
-                params[d.name] = rng.uniform(-bound, bound, size=shape).astype(self.dtype)
+                params[d.name] = rng.uniform(-bound, bound, size=shape).astype(self.compute).astype(self.dtype)
         return params
 
     def _shape(self, name: str) -> tuple:
         return concrete_shape(self.values[name].shape)
 
-    def _zeros(self, name: str, lead: tuple = ()) -> np.ndarray:
-        """Zeros of value `name`'s per-example shape behind the leading axes `lead`."""
-        return np.zeros(lead + self._shape(name), self.dtype)
+    def _zeros(self, name: str, lead: tuple = (), dtype=None) -> np.ndarray:
+        """Zeros of value `name`'s per-example shape behind the leading axes
+        `lead`, of the module's dtype (or `dtype`: the one it computes in)."""
+        return np.zeros(lead + self._shape(name), dtype or self.dtype)
 
     def _batched(self, name: str, array, batch: int):
-        """A value as a batched array (shared values and literals broadcast over the batch)."""
+        """A value as a batched array of the dtype the module computes in
+        (shared values and literals broadcast over the batch)."""
         shape = (batch,) + self._shape(name)
-        return np.broadcast_to(np.asarray(array, dtype=self.dtype), shape) if np.shape(array) != shape else array
+        array = np.asarray(array, dtype=self.compute)
+        return np.broadcast_to(array, shape) if array.shape != shape else array
+
+    def _given(self, array):
+        """A caller's array as the module returns it: its dtype, a copy of ours."""
+        return np.asarray(array).astype(self.dtype)
 
     # --- the interpreter ------------------------------------------------------------
     def _run(self, call: Call, events):
@@ -227,13 +255,13 @@ class NumpyModule:
         call = Call(T, B, inputs, valid, self.runners[valid is not None])
         call.shared = {**params, **contexts, **self.literals}
         # the forward runs on its own copies of the initial states: a checkpoint owns them
-        call.state = {d.name: np.array(states[d.name]) if d.name in states else self._zeros(d.name, (B,))
-                      for d in self.cell.of_kind("state")}
+        call.state = {d.name: np.array(states[d.name], self.compute) if d.name in states
+                      else self._zeros(d.name, (B,), self.compute) for d in self.cell.of_kind("state")}
         call.outputs = {o: self._zeros(v, (T, B)) for o, v in self.hoisted.outputs}
         schedule = self.plan.schedule(T, B, self.dtype, train)
         self._run(call, schedule.forward())
-        # a final state may be a stored value too: the caller gets its own copy
-        final = {s: a.copy() if call.ledger.holds(a) else a for s, a in call.state.items()}
+        # a final state may be a stored value too: the caller gets its own copy (astype copies)
+        final = {s: self._given(a) for s, a in call.state.items()}
         saved = None
         if train:
             fingerprints = {k: _fingerprint(a) for k, a in _caller_arrays(args).items()}
@@ -312,17 +340,19 @@ class NumpyModule:
         call = saved.call
         B = call.B
         call.grads = Accumulators(
-            d_state={d.name: d_states.get(d.name, self._zeros(d.name, (B,))) for d in self.cell.of_kind("state")},
+            d_state={d.name: np.asarray(d_states[d.name], self.compute) if d.name in d_states
+                     else self._zeros(d.name, (B,), self.compute) for d in self.cell.of_kind("state")},
             d_outputs={o: d_outputs[o] if o in d_outputs else np.broadcast_to(self._zeros(v), (call.T, B) + self._shape(v))
                        for o, v in self.hoisted.outputs},
             d_inputs={x: np.zeros(a.shape, self.dtype) for x, a in call.inputs.items()})
         self._run(call, saved.schedule.backward())
         acc, cell = call.grads, self.cell
         return Gradients(
-            params={d.name: acc.d_shared.get(d.name, self._zeros(d.name)) for d in cell.of_kind("param")},
+            params={d.name: self._given(acc.d_shared[d.name]) if d.name in acc.d_shared else self._zeros(d.name)
+                    for d in cell.of_kind("param")},
             inputs=acc.d_inputs,
-            states=acc.d_state,
-            contexts={d.name: self._batched(d.name, acc.d_shared[d.name], B) if d.name in acc.d_shared
+            states={s: self._given(a) for s, a in acc.d_state.items()},
+            contexts={d.name: self._given(self._batched(d.name, acc.d_shared[d.name], B)) if d.name in acc.d_shared
                       else self._zeros(d.name, (B,)) for d in cell.of_kind("context")},
             peak_bytes=call.ledger.peak)
 
@@ -350,9 +380,9 @@ class NumpyModule:
                 elif w in d_rows:
                     d_rows[w][row:row + B] = self._batched(w, env[g], B)
                 elif w in acc.d_inputs:
-                    acc.d_inputs[w][t] += env[g]
+                    add_into(acc.d_inputs[w], t, env[g])
                 else:
-                    acc.add(w, env[g])
+                    acc.add(w, np.asarray(env[g], self.compute))
 
     def _on_param_grads(self, call, event):
         """The backward of the hoisted products over the segment's rows at once
@@ -370,7 +400,8 @@ class NumpyModule:
             if not g:
                 continue
             if w in call.grads.d_inputs:
-                call.grads.d_inputs[w][start:stop] += env[g].reshape((stop - start, call.B) + env[g].shape[1:])
+                add_into(call.grads.d_inputs[w], slice(start, stop),
+                         env[g].reshape((stop - start, call.B) + env[g].shape[1:]))
             else:
                 call.grads.add(w, env[g])
 
@@ -378,7 +409,8 @@ class NumpyModule:
         """The sums of the once-per-sequence values' cotangents, by the event that makes them."""
         if event.allocated("d_seq"):
             call.grads.d_seq = call.ledger.keep(event.allocated("d_seq"), {
-                o: self._zeros(o, (call.B,) if self.values[o].batched else ()) for o in self.plan.held["d_seq"]})
+                o: self._zeros(o, (call.B,) if self.values[o].batched else (), self.compute)
+                for o in self.plan.held["d_seq"]})
 
     def _on_backward_seq(self, call, event):
         self._keep_d_seq(call, event)  # made here when there are no steps
