@@ -28,6 +28,8 @@ from .passes.autodiff import vjp
 from .passes.hoist import Hoisted, hoist
 from .passes.mask import format_masked, mask
 from .passes.plan import Plan, make_plan
+from .dtypes import is_narrow, storage
+from .precision import for_dtype
 from .precision import precision as find_precision
 
 MAX_SOURCE = 1 << 20  # bytes: more is not a .cell file (and /dev/zero never ends)
@@ -43,14 +45,16 @@ class Options:
     memory_budget: int | str | None = None  # bytes that forward plus backward may hold ...
     seq_len: int | None = None  # ... for seq_len steps of batch `batch` (the schedule's T and B)
     batch: int | None = None
-    dtype: str = "float32"  # the dtype the budget and the schedule count bytes of
+    dtype: str = "float32"  # the budget's and the schedule's bytes, the CUDA kernels' arrays (rnnc/dtypes.py)
     arch: str | None = None  # the cubin's GPU architecture (default: the local GPU's, else sm_80)
     precision: str | None = None  # of products, fp32 (exact, the default) or tf32 (rnnc/precision.py)
 
     def __post_init__(self):
         if self.dims is None:  # none given (the checker says what is wrong with anything else)
             object.__setattr__(self, "dims", {})
+        object.__setattr__(self, "dtype", storage(self.dtype).name)
         object.__setattr__(self, "precision", find_precision(self.precision).name)
+        for_dtype(self.dtype, self.precision)  # tf32 with 16-bit data: an error now, not at load
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -122,13 +126,18 @@ class Program:
         return run_stages(stage, replace(self.options, **changes), made)
 
     def load(self, backend: str = "numpy", dtype: str | None = None, precision: str | None = None):
+        """A module of `backend` for arrays of `dtype` (default: the 16-bit dtype
+        the program was compiled with, else float64 on numpy and float32 on
+        cuda), products at `precision` (default: the program's; see
+        rnnc/precision.py for 16-bit dtypes)."""
         precision = find_precision(precision or self.precision).name
+        compiled = self.options.dtype if is_narrow(self.options.dtype) else None
         if backend == "numpy":
             from .backends.numpy import NumpyModule
-            return NumpyModule(self, dtype or "float64", precision)
+            return NumpyModule(self, dtype or compiled or "float64", precision)
         if backend == "cuda":
             from .backends.cuda.runtime import load as load_cuda
-            return load_cuda(self, dtype or "float32", precision=precision)
+            return load_cuda(self, dtype or compiled or "float32", precision=precision)
         raise ValueError(f"backend: unknown backend {backend!r} (backends: numpy, cuda)")
 
 
@@ -153,7 +162,7 @@ def _schedule(made: dict, o: Options):
 
 def _cuda(made: dict, o: Options):
     from .backends.cuda.lowering import generate
-    return generate(made["program"], o.precision)
+    return generate(made["program"], o.precision, o.dtype)
 
 
 def _cubin(made: dict, o: Options):
@@ -210,7 +219,9 @@ def compile(path_or_text, **options) -> Program:
     or a list of value names to recompute), `memory_budget` (bytes of `dtype`
     that forward plus backward may hold for `seq_len` steps of batch `batch`;
     the plan then checkpoints states across time, see rnnc/passes/plan.py),
-    `precision` of products ("fp32", exact, the default, or "tf32")."""
+    `precision` of products ("fp32", exact, the default, or "tf32"), `dtype`
+    (what the budget counts bytes of and the CUDA kernels are generated for:
+    float32, the default, bfloat16 or float16; float64 for plans only)."""
     return run_stages("program", Options(**options), {"source": read_source(path_or_text)})["program"]
 
 

@@ -52,9 +52,27 @@ __device__ __forceinline__ float rnnc_round_tf32(float x) {
     return __uint_as_float(rnnc_to_tf32(x));
 }
 
-// two 16-bit values (raw bits) as one 32-bit fragment register, the first in the low half
-__device__ __forceinline__ unsigned rnnc_pack(unsigned short lo, unsigned short hi) {
-    return (unsigned)lo | ((unsigned)hi << 16);
+// a float as bfloat16 and float16 bits, to nearest even (float16: past its range, inf), and back
+__device__ __forceinline__ unsigned short rnnc_bf16_of(float x) {
+    unsigned short r;
+    asm("cvt.rn.bf16.f32 %0, %1;\n" : "=h"(r) : "f"(x));
+    return r;
+}
+
+__device__ __forceinline__ float rnnc_bf16_value(unsigned short h) {
+    return __uint_as_float((unsigned)h << 16);
+}
+
+__device__ __forceinline__ unsigned short rnnc_f16_of(float x) {
+    unsigned short r;
+    asm("cvt.rn.f16.f32 %0, %1;\n" : "=h"(r) : "f"(x));
+    return r;
+}
+
+__device__ __forceinline__ float rnnc_f16_value(unsigned short h) {
+    float r;
+    asm("cvt.f32.f16 %0, %1;\n" : "=f"(r) : "h"(h));
+    return r;
 }
 
 // d[0..3] += A * B for one warp: A 16x8 (a[0..3]), B 8x8 (b[0..1]), TF32 inputs, float32 sums
@@ -81,3 +99,23 @@ __device__ __forceinline__ void rnnc_mma_f16(float* d, const unsigned* a, const 
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 #endif
+
+// bfloat16 and float16 elements of a buffer: 16 bits that a kernel reads as a
+// float and writes from one (to nearest even); all arithmetic is on floats.
+#define RNNC_SIXTEEN_BIT(NAME, OF, VALUE)                                                     \
+    struct NAME {                                                                             \
+        unsigned short bits;                                                                  \
+        NAME() = default; /* trivial, as __shared__ arrays need */                            \
+        __device__ __forceinline__ NAME(float x) : bits(OF(x)) {}                             \
+        __device__ __forceinline__ operator float() const { return VALUE(bits); }             \
+        __device__ __forceinline__ NAME& operator+=(float x) { return *this = NAME(float(*this) + x); } \
+    };                                                                                        \
+    /* a float rounded to the type, for products that multiply on CUDA cores */              \
+    __device__ __forceinline__ float rnnc_round_##NAME(float x) { return float(NAME(x)); }
+RNNC_SIXTEEN_BIT(rnnc_bf16, rnnc_bf16_of, rnnc_bf16_value)
+RNNC_SIXTEEN_BIT(rnnc_f16, rnnc_f16_of, rnnc_f16_value)
+
+// two 16-bit values (raw bits) as one 32-bit fragment register, the first in the low half
+__device__ __forceinline__ unsigned rnnc_pack(unsigned short lo, unsigned short hi) {
+    return (unsigned)lo | ((unsigned)hi << 16);
+}

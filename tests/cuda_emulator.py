@@ -86,6 +86,8 @@ extern "C" char __stop_emu_shared[] __attribute__((weak));
 #define __forceinline__ inline
 #define __align__(n) __attribute__((aligned(n)))
 namespace emu {
+// a launch argument: the untyped pointer the host passes, as the kernel's parameter type
+struct Pointer { void* p; template <class T> operator T*() const { return static_cast<T*>(p); } };
 // where a thread stands: running (or ready to), waiting at __syncthreads, waiting
 // for the rest of its warp at a warp-wide instruction (mma, shuffle), or done
 enum State { READY, AT_BLOCK, AT_WARP, DONE };
@@ -211,9 +213,9 @@ static int run_grid(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned
 """
 
 WRAPPER = """
-extern "C" int emu_{name}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, int rows, float** p,
+extern "C" int emu_{name}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, int rows, void** p,
                           unsigned long long seed, char* message, int size) {{
-    struct Args {{ int rows; float** p; }} args{{rows, p}};
+    struct Args {{ int rows; void** p; }} args{{rows, p}};
     emu::body = [](void* v) {{ Args* a = (Args*)v; {name}(a->rows{params}); }};
     emu::body_arg = &args;
     return emu::run_grid(gx, gy, gz, bx, seed, message, size);
@@ -239,7 +241,7 @@ class Library:
     half-written one); `run` launches one."""
 
     def __init__(self, source: str, arities: dict, workdir: Path):
-        wrappers = "".join(WRAPPER.format(name=k, params="".join(f", a->p[{i}]" for i in range(n)))
+        wrappers = "".join(WRAPPER.format(name=k, params="".join(f", emu::Pointer{{a->p[{i}]}}" for i in range(n)))
                            for k, n in arities.items())
         # __LINE__ counts the kernels' own lines, for the messages
         text = HEADER + emulated_intrinsics.HEADER + '#line 1 "kernels.cu"\n' + source + wrappers
@@ -366,17 +368,18 @@ class EmulatedDevice:
         return None
 
 
-def emulated(program, workdir: Path, precision: str = "fp32", seed: int = SEEDS[0]):
-    """The CUDA backend's module of `program` at `precision`, its kernels run
-    by the emulation in the orders `seed` draws: (module, device)."""
-    generated = generate(program, precision)
+def emulated(program, workdir: Path, precision: str = "fp32", seed: int = SEEDS[0], dtype: str = "float32"):
+    """The CUDA backend's module of `program` for arrays of `dtype`, products
+    at `precision`, its kernels run by the emulation in the orders `seed`
+    draws: (module, device)."""
+    generated = generate(program, precision, dtype)
     device = EmulatedDevice(generated, workdir, seed)
-    return CudaModule(program, generated.launches, device, precision=precision), device
+    return CudaModule(program, generated.launches, device, dtype, precision), device
 
 
 def build_all(programs, workdir: Path):
-    """The emulations of several (program, precision) pairs built up front, two
+    """The emulations of several (program, precision[, dtype]) built up front, two
     at a time (g++ is single-threaded; the test machines have 2 cores)."""
-    generated = [generate(program, precision) for program, precision in programs]
+    generated = [generate(*case) for case in programs]
     with ThreadPoolExecutor(2) as pool:
         list(pool.map(lambda g: Library(g.source, g.launches.arities(), workdir), generated))

@@ -73,7 +73,15 @@ inline unsigned rnnc_to_tf32(float x) {
     return (u + 0x1000u) & 0xFFFFE000u;  // half of the 13 dropped bits added to the magnitude
 }
 inline float rnnc_round_tf32(float x) { return emu_float(rnnc_to_tf32(x)); }
-inline unsigned rnnc_pack(unsigned short lo, unsigned short hi) { return (unsigned)lo | ((unsigned)hi << 16); }
+// to nearest even, NaN kept a (quiet) NaN; float16 by the compiler's own conversion, which rounds so
+inline unsigned short rnnc_bf16_of(float x) {
+    const unsigned u = emu_bits(x);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (unsigned short)((u >> 16) | 0x40u);
+    return (unsigned short)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+inline float rnnc_bf16_value(unsigned short h) { return emu_float((unsigned)h << 16); }
+inline unsigned short rnnc_f16_of(float x) { _Float16 h = (_Float16)x; unsigned short u; memcpy(&u, &h, 2); return u; }
+inline float rnnc_f16_value(unsigned short u) { _Float16 h; memcpy(&h, &u, 2); return (float)h; }
 
 namespace emu {
 static inline float tf32_value(unsigned u) { return emu_float(u & 0xFFFFE000u); }

@@ -47,6 +47,7 @@ class Ref:
     selector: str
     shape: tuple
     batched: bool
+    elem: str = "float"  # the buffer's elements' C type (launches.ELEMS)
 
     @property
     def param(self) -> str:

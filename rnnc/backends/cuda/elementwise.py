@@ -23,8 +23,9 @@ class Loop:
     """One grid-stride loop of a phase kernel over the elements of one shape:
     statements (with common subexpressions shared) and the stores."""
 
-    def __init__(self, shape: tuple, batched: bool, resolve):
+    def __init__(self, shape: tuple, batched: bool, resolve, narrow=None):
         self.shape, self.batched, self.resolve = shape, batched, resolve
+        self.narrow = narrow or (lambda name: None)  # node -> the 16-bit type it is stored in
         self.lines: list = []
         self.memo: dict = {}
         self.inlined: dict = {}  # (value, row, index) -> its C expression
@@ -62,7 +63,13 @@ class Loop:
         fusible producers. An inlined chain is as deep as the expression it
         came from, so the producers are walked on an explicit stack (`unnest`):
         `_node` and `_value` yield the (value, row, index) each needs."""
-        return unnest(self._node(n, row, index), lambda want: self._value(*want))
+        return unnest(self._made(n, row, index), lambda want: self._value(*want))
+
+    def _made(self, n, row, index):
+        """Node `n`'s value as everyone reads it: rounded to the 16-bit type it is stored in, if any."""
+        expr = yield from self._node(n, row, index)
+        elem = self.narrow(n.out)
+        return self.temp("float", f"{elem}({expr})") if elem else expr
 
     def _value(self, name: str, row, index):
         key = (name, row, index)  # a value read twice is walked once
@@ -71,7 +78,7 @@ class Loop:
             if isinstance(where, Ref):
                 self.inlined[key] = self.load(where, row if where.batched else None, index)
             else:
-                self.inlined[key] = yield from self._node(where, row, index)
+                self.inlined[key] = yield from self._made(where, row, index)
         return self.inlined[key]
 
     def _node(self, n, row, index):
@@ -122,13 +129,13 @@ TEMP = re.compile(r"const \w+ ([jf]\d+) = ")  # a line `temp` makes
 TEMP_NAME = re.compile(r"\b[jf]\d+\b")
 
 
-def loop_for(loops: dict, shape: tuple, batched: bool, resolve=None) -> Loop:
+def loop_for(loops: dict, shape: tuple, batched: bool, resolve=None, narrow=None) -> Loop:
     """The loop of `loops` over the elements of (shape, batched), made on first
     use: a kernel runs one grid-stride loop per shape it writes. Without
     `resolve` the loop only loads and stores buffers (`Loop.at`, `Loop.store`)."""
     key = (shape, batched)
     if key not in loops:
-        loops[key] = Loop(shape, batched, resolve)
+        loops[key] = Loop(shape, batched, resolve, narrow)
     return loops[key]
 
 

@@ -87,7 +87,7 @@ class Executor:
             return {}, None
         layout, offset = {}, 0
         for b in buffers:
-            slot_bytes = (steps.B if b.batched else 1) * b.numel * 4
+            slot_bytes = (steps.B if b.batched else 1) * b.numel * b.elem_bytes
             slots = slot_count(b, steps)
             layout[b.name] = (offset, slots, slot_bytes, not b.whole_sequence)
             offset += aligned(slots * slot_bytes)

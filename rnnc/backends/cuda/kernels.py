@@ -29,7 +29,7 @@ import jinja2
 
 from ...ops import BATCH, OPS
 from .cexpr import Ref, c_float, comment, decode, offset, size_expr, strides
-from .launches import Buffer, Extent, Launch
+from .launches import ELEMS, Buffer, Extent, Launch
 from .products import INPUTS, NOMINAL_ROWS, Contraction, product_kernel
 
 BLOCK = 256  # threads per block of the elementwise, reduction and softmax kernels
@@ -178,7 +178,7 @@ class Generator:
     @staticmethod
     def signature(refs) -> str:
         """The kernel's parameters: rows, then one pointer per buffer slot it reads or writes."""
-        return ", ".join(["const int rows"] + [f"float* {r.param}" for r in refs])
+        return ", ".join(["const int rows"] + [f"{r.elem}* {r.param}" for r in refs])
 
     def emit(self, region, name, template, refs, grid, note, block=BLOCK, **values):
         refs = list({r.param: r for r in refs}.values())
@@ -208,7 +208,7 @@ class Generator:
     def contract(self, region, n, args, out, op, note, spec):
         a, b = args
         c = contraction(spec, a, b, out)
-        kernel = product_kernel(c, self.inputs, NOMINAL_ROWS[region.rows])
+        kernel = product_kernel(c, self.inputs, NOMINAL_ROWS[region.rows], {"a": ELEMS[a.elem], "b": ELEMS[b.elem]})
         name, engine = self.name(region, "dot"), kernel.engine
         refs, extra = [a, b, out], {}
         if kernel.splits > 1:

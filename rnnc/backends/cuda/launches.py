@@ -20,6 +20,30 @@ WHOLE_SEQUENCE = ("input", "output", "valid", "d_output", "d_input")
 SCRATCH = ("scratch", "tickets")
 FORWARD_CALLER = ("input", "param", "context", "output", "valid")
 BACKWARD_CALLER = ("d_output", "d_state", "d_input", "d_param")
+# Under a 16-bit dtype (rnnc/dtypes.py) the buffers of these roles hold it; the
+# others (states and their cotangents, sums, scratch) hold float32. A tape
+# buffer of a state (slots "state") is a state's.
+NARROW_ROLES = ("input", "param", "context", "output", "d_output", "d_input", "rows", "tape", "d_rows")
+
+
+@dataclass(frozen=True)
+class Elem:
+    """An element type of a buffer as the kernels spell it: float, or a 16-bit
+    type (templates/intrinsics.cu: 16 bits that convert to and from float)."""
+
+    c_type: str
+    bytes: int
+    dtype: str  # its NumPy name (rnnc/dtypes.py)
+
+
+ELEMS = {e.c_type: e for e in (Elem("float", 4, "float32"), Elem("rnnc_bf16", 2, "bfloat16"),
+                               Elem("rnnc_f16", 2, "float16"))}
+BY_DTYPE = {e.dtype: e for e in ELEMS.values()}
+
+
+def buffer_elem(role: str, slots: str, dtype: str) -> str:
+    """The element type of a buffer of `role` in a module of `dtype`."""
+    return BY_DTYPE[dtype].c_type if role in NARROW_ROLES and slots != "state" else "float"
 
 
 @dataclass(frozen=True)
@@ -39,6 +63,11 @@ class Buffer:
     batched: bool
     slots: str
     role: str  # see the roles above
+    elem: str = "float"  # its elements' C type (ELEMS)
+
+    @property
+    def elem_bytes(self) -> int:
+        return ELEMS[self.elem].bytes
 
     @property
     def whole_sequence(self) -> bool:
@@ -108,7 +137,9 @@ LAUNCH_LISTS = ("seq", "rows", "step", "backward_step", "param_grads", "backward
 
 @dataclass(frozen=True)
 class Generated:
-    """What code generation gives: the source of kernels.cu and its launches."""
+    """What code generation gives: the source of kernels.cu and its launches,
+    for arrays of `dtype`."""
 
     source: str
     launches: Launches
+    dtype: str = "float32"

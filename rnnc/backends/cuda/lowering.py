@@ -3,7 +3,8 @@ as CUDA C (`Generated.source`) and the kernel launches of each kind of event
 of the schedule (`Generated.launches`), with every value given a home buffer.
 
 Python decides everything: `Lowering` places each value in a buffer (its
-role, slots and slot selector: `launches.Buffer`) and lowers each region
+role, slots, slot selector and, by the role and the module's dtype, element
+type: `launches.Buffer`) and lowers each region
 (`region.Region`) in the order the runtime runs them; the kernel builders
 (`kernels.Generator`) and templates only spell out what was decided.
 """
@@ -14,12 +15,13 @@ from dataclasses import replace
 
 from ...ops import OPS
 from ...passes.mask import VALID, cotangent_input
-from ...precision import precision as find_precision
+from ...dtypes import storage
+from ...precision import for_dtype
 from ...shapes import concrete_shape
 from .cexpr import MAX_INDEX, Ref, comment
 from .elementwise import loop_for
 from .kernels import Generator, intrinsics, render
-from .launches import Buffer, Generated, Launches
+from .launches import Buffer, Generated, Launches, buffer_elem
 from .region import Region
 
 
@@ -28,8 +30,9 @@ class Lowering:
     value given a home buffer. Buffer names carry the role and the IR name
     (`tape:%4`, `state:h`); they reach C only through `mangle`."""
 
-    def __init__(self, program, precision):
+    def __init__(self, program, precision, dtype: str):
         self.program = program
+        self.dtype = dtype
         self.cell = program.cell
         self.hoisted = program.hoisted
         self.plan = program.plan
@@ -49,8 +52,9 @@ class Lowering:
     # buffers ---------------------------------------------------------------------------
     def buffer(self, name, shape, batched, slots="one", role="scratch", selector="base") -> Ref:
         shape = tuple(shape)
-        self.launches.buffers.setdefault(name, Buffer(name, math.prod(shape), batched, slots, role))
-        return Ref(name, selector, shape, batched)
+        made = self.launches.buffers.setdefault(
+            name, Buffer(name, math.prod(shape), batched, slots, role, buffer_elem(role, slots, self.dtype)))
+        return Ref(name, selector, shape, batched, made.elem)
 
     def shape(self, name) -> tuple:
         return concrete_shape(self.values[name].shape)
@@ -123,7 +127,7 @@ class Lowering:
         s.buffers.update(self.gen.scratch)
         check_sizes(s)
         return Generated(render("module.cu.j2", cell=comment(self.cell.name), intrinsics=intrinsics(),
-                                kernels=self.gen.sources), s)
+                                kernels=self.gen.sources), s, self.dtype)
 
     def forward_once(self) -> tuple:
         """The hoisted regions. What they keep (values read later: the plan's
@@ -350,7 +354,12 @@ def check_sizes(launches: Launches):
                              "use smaller dims or backend='numpy'")
 
 
-def generate(program, precision: str | None = None) -> Generated:
-    """CUDA C source and launches of a compiled Program, its products at
-    `precision` (default: the Program's)."""
-    return Lowering(program, find_precision(precision or program.precision)).lower()
+def generate(program, precision: str | None = None, dtype="float32") -> Generated:
+    """CUDA C source and launches of a compiled Program for arrays of `dtype`
+    (float32, bfloat16 or float16), its products at `precision` (default:
+    the Program's; a 16-bit dtype's products are in that type, rnnc/precision.py)."""
+    dtype = storage(dtype, CUDA_DTYPES).name
+    return Lowering(program, for_dtype(dtype, precision or program.precision), dtype).lower()
+
+
+CUDA_DTYPES = ("float32", "bfloat16", "float16")

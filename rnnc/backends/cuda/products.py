@@ -18,7 +18,13 @@ gives one block per multiprocessor of the GPU the kernels are sized for,
 and split-K (several blocks per tile, each summing part of k, added up by the
 last to finish) where k is long and the tiles too few. Products with a
 single row, column or summand (a matrix-vector or outer product per example)
-stay on `Simt`, which under tf32 rounds its inputs as the tensor cores do.
+stay on `Simt`, which rounds its inputs as the tensor cores would.
+
+Each operand is read in the element type of its buffer (`Elem`): float, or
+under a 16-bit dtype the 16-bit type for the buffers kept narrow and float
+for the others (states, scratch), which the engine rounds to the 16-bit type
+as it reads them, so an operand's values are the same whichever buffer it
+came from.
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ import math
 from dataclasses import dataclass
 
 from .cexpr import offset
+from .launches import ELEMS, Elem
 
 GPU_SMS = 132  # multiprocessors of the GPU the tiles are sized for (H100, H200)
 NOMINAL_ROWS = {"B": 64, "TB": 64 * 100}  # rows of a region the tiles are sized for: a batch, T*B
@@ -36,23 +43,25 @@ WARP = 32
 
 @dataclass(frozen=True)
 class InputType:
-    """What a product reads: its element type in memory and the engine's instruction.
-    16-bit types are raw bits (`unsigned short`): the kernel only moves them."""
+    """What a product multiplies: the type its inputs round to and the engine's instruction."""
 
     name: str
-    c_type: str
-    bytes: int
+    elem: str  # the element type of the data of this precision: float, or its 16-bit type
     mma: str | None = None  # the tensor-core function (templates/intrinsics.cu); None: SIMT
     mma_k: int = 1
-    convert: str = ""  # applied to a float from shared memory to make a fragment register
+    convert: str = ""  # TF32: applied to a float from shared memory to make a fragment register
     rounding: str = ""  # applied to a float before a SIMT multiply, so both engines round alike
+
+    @property
+    def sixteen_bit(self) -> bool:
+        return self.elem != "float"
 
 
 INPUTS = {t.name: t for t in (
-    InputType("fp32", "float", 4),
-    InputType("tf32", "float", 4, "rnnc_mma_tf32", 8, "rnnc_to_tf32", "rnnc_round_tf32"),
-    InputType("bf16", "unsigned short", 2, "rnnc_mma_bf16", 16),
-    InputType("f16", "unsigned short", 2, "rnnc_mma_f16", 16))}
+    InputType("fp32", "float"),
+    InputType("tf32", "float", "rnnc_mma_tf32", 8, "rnnc_to_tf32", "rnnc_round_tf32"),
+    InputType("bf16", "rnnc_bf16", "rnnc_mma_bf16", 16, rounding="rnnc_round_rnnc_bf16"),
+    InputType("f16", "rnnc_f16", "rnnc_mma_f16", 16, rounding="rnnc_round_rnnc_f16"))}
 
 
 # --- shared memory ----------------------------------------------------------------------------
@@ -68,6 +77,7 @@ class SharedTile:
     rows: int
     cols: int
     stride: int
+    elem: Elem
 
     def at(self, **pos) -> str:
         """The element at tile-relative positions (C expressions by axis name)."""
@@ -122,26 +132,31 @@ class Simt:
         """The axis along a row of the operand in shared memory: m and n, whatever the global layout."""
         return {"a": "m", "b": "n"}[operand]
 
-    def stride(self, tile_cols: int, inner: str) -> int:
-        return padded(tile_cols, self.kind.bytes, 4)
+    def stride(self, tile_cols: int, inner: str, elem: Elem) -> int:
+        return padded(tile_cols, elem.bytes, 4)
 
     setup = ("const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;",)
 
     def step(self, a: SharedTile, b: SharedTile) -> list:
         lines = []
-        a_vals = self._vector_loads(lines, "a", self.tm, lambda i: a.at(m=f"ty * {self.tm} + {i}", k="kk"))
-        b_vals = self._vector_loads(lines, "b", self.tn, lambda j: b.at(k="kk", n=f"tx * {self.tn} + {j}"))
-        if self.kind.rounding:  # the precision's rounding of product inputs, once per value
-            for name, values in (("a", a_vals), ("b", b_vals)):
-                lines += [f"const float {name}{i} = {self.kind.rounding}({v});" for i, v in enumerate(values)]
-            a_vals, b_vals = ([f"{name}{i}" for i in range(len(v))] for name, v in (("a", a_vals), ("b", b_vals)))
-        for i, av in enumerate(a_vals):
-            lines.append(" ".join(f"acc[{i * self.tn + j}] += {av} * {bv};" for j, bv in enumerate(b_vals)))
+        values = {"a": self._vector_loads(lines, "a", self.tm, a.elem, lambda i: a.at(m=f"ty * {self.tm} + {i}", k="kk")),
+                  "b": self._vector_loads(lines, "b", self.tn, b.elem, lambda j: b.at(k="kk", n=f"tx * {self.tn} + {j}"))}
+        for name, tile in (("a", a), ("b", b)):
+            # the precision's rounding of product inputs, once per value; 16-bit values are already rounded
+            if self.kind.rounding and tile.elem.c_type == "float":
+                lines += [f"const float {name}{i} = {self.kind.rounding}({v});" for i, v in enumerate(values[name])]
+                values[name] = [f"{name}{i}" for i in range(len(values[name]))]
+        for i, av in enumerate(values["a"]):
+            lines.append(" ".join(f"acc[{i * self.tn + j}] += {av} * {bv};" for j, bv in enumerate(values["b"])))
         return lines
 
     @staticmethod
-    def _vector_loads(lines: list, name: str, count: int, at) -> list:
-        """`count` consecutive floats as float4/float2 loads; their C names."""
+    def _vector_loads(lines: list, name: str, count: int, elem: Elem, at) -> list:
+        """`count` consecutive floats as float4/float2 loads (16-bit values
+        one at a time, converted to float); their C names."""
+        if elem.c_type != "float":
+            lines += [f"const float {name}{v}_ = {at(v)};" for v in range(count)]
+            return [f"{name}{v}_" for v in range(count)]
         width = min(count, 4)
         vector = {4: "float4", 2: "float2", 1: "float"}[width]
         for v in range(count // width):
@@ -202,11 +217,11 @@ class Mma:
         """The axis along a row of the operand in shared memory: the one it is contiguous along in memory."""
         return global_inner or {"a": "k", "b": "n"}[operand]
 
-    def stride(self, tile_cols: int, inner: str) -> int:
+    def stride(self, tile_cols: int, inner: str, elem: Elem) -> int:
         # a fragment read takes 8 groups (along m or n) x 4 quads (along k): rows of
         # 4 odd words put 8 rows on different banks when k runs along the row, of 8 odd
         # words 4 rows when it runs across
-        return padded(tile_cols, self.kind.bytes, 4 if inner == "k" else 8)
+        return padded(tile_cols, elem.bytes, 4 if inner == "k" else 8)
 
     @property
     def setup(self) -> tuple:
@@ -231,14 +246,17 @@ class Mma:
 
     def fragment(self, tile: SharedTile, free: str, axis: str, half: int) -> str:
         """One fragment register of A (axis m) or B (axis n) at row/column `free`:
-        TF32, k = quad + 4*half; 16-bit types, k = 2*quad + 8*half and the next."""
+        TF32, k = quad + 4*half; 16-bit types, k = 2*quad + 8*half and the next
+        (a float operand's values converted to the type, to nearest even)."""
         if self.kind.mma_k == 8:
             return f"{self.kind.convert}({tile.at(**{axis: free, 'k': f'kk + quad + {4 * half}'})})"
         k = f"kk + 2 * quad + {8 * half}"
-        if tile.inner == "k":  # the two values are neighbours: one 32-bit load
+        if tile.inner == "k" and tile.elem.c_type == self.kind.elem:  # neighbours: one 32-bit load
             return f"*reinterpret_cast<const unsigned*>(&{tile.at(**{axis: free, 'k': k})})"
         pair = [tile.at(**{axis: free, "k": f"{k} + {h}"}) for h in range(2)]
-        return f"rnnc_pack({pair[0]}, {pair[1]})"
+        if tile.elem.c_type != self.kind.elem:
+            pair = [f"{self.kind.elem}({v})" for v in pair]
+        return f"rnnc_pack({pair[0]}.bits, {pair[1]}.bits)"
 
     @property
     def acc_m(self) -> str:  # accumulator i: product i / 4 (row-major over mi x ni), element i % 4
@@ -259,9 +277,6 @@ def engines(kind: InputType, tensor_cores: bool):
     """Every engine a product of `kind` may run on, largest tile first."""
     if tensor_cores:
         return [Mma(bm, bn, kind, wm, wn) for bm, bn, wm, wn in MMA_TILES]
-    if kind.c_type != "float":
-        raise ValueError(f"{kind.name} products with a single row, column or summand need a SIMT "
-                         "kernel for 16-bit inputs, which comes with bfloat16 and float16 storage")
     return [Simt(bm, bn, kind) for bm, bn in SIMT_TILES]
 
 
@@ -279,27 +294,28 @@ def blocks(engine, m: int, n: int, g: int) -> int:
     return -(-m // engine.bm) * -(-n // engine.bn) * g
 
 
-def slice_depth(engine, inner: dict, k: int) -> int:
+def slice_depth(engine, inner: dict, elems: dict, k: int) -> int:
     """BK: 32 when k is longer than 16 and both stages of both operands fit in
     shared memory, else 16."""
     return next(bk for bk in (32, 16) if (bk == 16 or k > 16)
-                and shared_bytes(shared_tiles(engine, inner, bk), engine) <= SHARED_BYTES)
+                and shared_bytes(shared_tiles(engine, inner, elems, bk)) <= SHARED_BYTES)
 
 
-def shared_tiles(engine, inner: dict, bk: int) -> dict:
-    """Each operand's SharedTile for slices of depth `bk`, its rows along `inner[operand]`."""
+def shared_tiles(engine, inner: dict, elems: dict, bk: int) -> dict:
+    """Each operand's SharedTile for slices of depth `bk`, its rows along
+    `inner[operand]`, of its elements `elems[operand]`."""
     tiles = {}
     for operand, array, free, width in (("a", "As", "m", engine.bm), ("b", "Bs", "n", engine.bn)):
         size = {"k": bk, free: width}
         across = inner[operand]
         outer = free if across == "k" else "k"
         tiles[operand] = SharedTile(array, outer, across, size[outer], size[across],
-                                    engine.stride(size[across], across))
+                                    engine.stride(size[across], across, elems[operand]), elems[operand])
     return tiles
 
 
-def shared_bytes(tiles: dict, engine) -> int:
-    return 2 * sum(t.elements for t in tiles.values()) * engine.kind.bytes  # two stages
+def shared_bytes(tiles: dict) -> int:
+    return 2 * sum(t.elements * t.elem.bytes for t in tiles.values())  # two stages
 
 
 # --- a product's kernel --------------------------------------------------------------------------
@@ -331,7 +347,7 @@ class Contraction:
                 return group
         return None
 
-    def vector(self, operand: str, axis: str, kind: InputType) -> int:
+    def vector(self, operand: str, axis: str, elem: Elem) -> int:
         """Elements one copy may move along `axis` (16, 8 or 4 bytes): every
         stride of the operand but the unit one, its size per row and the
         innermost letter's size along `axis` are multiples of it, so no vector
@@ -339,7 +355,7 @@ class Contraction:
         if self.global_inner(operand) != axis:
             return 1
         strides = [s for group in self.GROUPS[operand] for _, s in self.terms[operand][group] if s != 1]
-        for vec in (16 // kind.bytes, 8 // kind.bytes, 4 // kind.bytes):
+        for vec in (16 // elem.bytes, 8 // elem.bytes, 4 // elem.bytes):
             if all(x % vec == 0 for x in strides + [self.numel[operand], self.sizes[axis][-1]]):
                 return max(vec, 1)
         return 1
@@ -366,20 +382,20 @@ class ProductKernel:
         tile, c = self.tiles[operand], self.contraction
         along = c.global_inner(operand) or tile.inner
         across = tile.outer if along == tile.inner else tile.inner
-        vec = c.vector(operand, along, self.engine.kind) if along == tile.inner else 1
+        vec = c.vector(operand, along, tile.elem) if along == tile.inner else 1
         dims = {tile.outer: tile.rows, tile.inner: tile.cols}
         origin = {"m": "m0", "n": "n0", "k": "k0"}
         return {"param": param, "elements": tile.elements, "vec": vec,
                 "note": f"[{tile.outer}][{tile.inner}], rows {tile.stride} apart",
                 "row_copies": dims[along] // vec, "copies": dims[across] * dims[along] // vec,
                 "map": f"{along} = {origin[along]} + c_, {across} = {origin[across]} + r_",
-                "copier": f"rnnc_cp_async<{vec * self.engine.kind.bytes}>",
+                "elem": tile.elem.c_type, "copier": f"rnnc_cp_async<{vec * tile.elem.bytes}>",
                 "store": tile.at(**{axis: f"{axis} - {origin[axis]}" for axis in (tile.outer, tile.inner)}),
                 "offset": c.offset(operand)}
 
     def values(self, a_param: str, b_param: str) -> dict:
         e = self.engine
-        return {"summary": e.summary(), "elem": e.kind.c_type, "bm": e.bm, "bn": e.bn, "bk": self.bk,
+        return {"summary": e.summary(), "bm": e.bm, "bn": e.bn, "bk": self.bk,
                 "kstep": e.kstep, "splits": self.splits, "all_splits_bk": self.splits * self.bk, "accs": e.accs, "acc_m": e.acc_m, "acc_n": e.acc_n,
                 "setup": list(e.setup), "step": e.step(self.tiles["a"], self.tiles["b"]),
                 "min_blocks": 2 if e.accs <= 16 else 1, "c_offset": self.contraction.offset("c"),
@@ -387,16 +403,20 @@ class ProductKernel:
                 "epilogue": "contract_split.cu.j2" if self.splits > 1 else "contract_store.cu.j2"}
 
 
-def product_kernel(c: Contraction, kind: InputType, rows: int) -> ProductKernel:
-    """The kernel of one product of inputs `kind`, sized for `rows` rows (the
-    region's nominal rows): tensor cores where the kind has them and the
-    product has more than one row, column and summand, else SIMT."""
+def product_kernel(c: Contraction, kind: InputType, rows: int, elems: dict) -> ProductKernel:
+    """The kernel of one product of inputs `kind` reading operands of
+    `elems` (operand -> Elem), sized for `rows` rows (the region's nominal
+    rows): tensor cores where the kind has them and the product has more than
+    one row, column and summand, else SIMT."""
+    for operand, elem in elems.items():
+        if elem.c_type not in ("float", kind.elem):
+            raise ValueError(f"a {kind.name} product cannot read {elem.c_type} operand {operand}")
     m, n, k, g = (c.size(group, rows) for group in "mnkg")
     options = engines(kind, kind.mma is not None and min(m, n, k) > 1)
     engine = choose_tile(options, m, n, g)
     inner = {operand: engine.inner(operand, c.global_inner(operand)) for operand in "ab"}
-    bk = slice_depth(engine, inner, k)
+    bk = slice_depth(engine, inner, elems, k)
     tiles, splits = blocks(engine, m, n, g), 1
     if g == 1 and tiles < GPU_SMS // 2:  # too few tiles for the GPU: split k where it is long
         splits = max(1, min(-(-GPU_SMS // tiles), k // (MIN_K_TILES * bk)))
-    return ProductKernel(engine, bk, splits, shared_tiles(engine, inner, bk), c)
+    return ProductKernel(engine, bk, splits, shared_tiles(engine, inner, elems, bk), c)

@@ -5,7 +5,9 @@ lowering is a `Kernel` of its own: a product, a reduction or a softmax) needs
 all of its arguments before it starts, so it ends the phase its arguments come from. Each phase is one
 elementwise kernel that stores the values needed later (by a breaking node,
 a later phase or after the region) and inlines the rest; each breaking node is
-a kernel of its own.
+a kernel of its own. A value stored in a 16-bit buffer is rounded where it is
+made: the expressions that inline it read the rounded value too, as a later
+kernel loading it does (rnnc/dtypes.py).
 """
 from __future__ import annotations
 
@@ -55,6 +57,13 @@ class Region:
             return self.home(name, self.producer[name])
         return self.external(name)
 
+    def narrow(self, name: str) -> str | None:
+        """The 16-bit C type a node's result is stored in, if it is."""
+        if name not in self.materialised:
+            return None
+        elem = self.ref(name).elem
+        return None if elem == "float" else elem
+
     def resolver(self, level: int):
         """Inside the phase at `level`: results of earlier kernels are loaded,
         fusible nodes of this level are inlined."""
@@ -81,7 +90,7 @@ class Region:
         loops: dict = {}
         resolve = self.resolver(level)
         for n in stores:
-            loop = loop_for(loops, concrete_shape(n.shape), n.batched, resolve)
+            loop = loop_for(loops, concrete_shape(n.shape), n.batched, resolve, self.narrow)
             value = loop.node(n, loop.row, loop.index)
             loop.store(self.ref(n.out), value, "+=" if n.out in self.accumulate else "=")
         self.gen.elementwise(self, f"phase{level}", list(loops.values()),

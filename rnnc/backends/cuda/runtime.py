@@ -13,7 +13,10 @@ Plan's predictions. `executor.Executor` runs the launches on a device
 It takes NumPy arrays, PyCUDA GPUArrays or anything with
 `__cuda_array_interface__` (contiguous float32, on the module's GPU), and
 returns NumPy arrays for NumPy input, GPUArrays (or what the device's `empty`
-makes) otherwise.
+makes) otherwise. A module of bfloat16 or float16 (rnnc/dtypes.py) takes and
+gives NumPy arrays of its dtype: its states and their cotangents, kept in
+float32 on the device, and its gradients, summed in float32, are converted
+on the host.
 """
 from __future__ import annotations
 
@@ -23,12 +26,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ...precision import precision as find_precision
-from ..args import bind_cotangents, bind_forward, concrete_shape, module_dtype, saved_for_backward
+from ...dtypes import is_narrow, storage
+from ...precision import for_dtype
+from ..args import bind_cotangents, bind_forward, concrete_shape, saved_for_backward
 from ..numpy import ForwardResult, Gradients, NumpyModule
 from .device import PycudaDevice
 from .executor import Executor, Steps, held_slots
-from .launches import BACKWARD_CALLER, FORWARD_CALLER, Buffer, Launches
+from .launches import BACKWARD_CALLER, ELEMS, FORWARD_CALLER, Buffer, Launches
+from .lowering import CUDA_DTYPES
 
 
 # --- arrays the caller passes ------------------------------------------------------------
@@ -95,12 +100,13 @@ class CudaModule:
     backend = "cuda"
 
     def __init__(self, program, launches: Launches, device, dtype="float32", precision: str | None = None):
-        if np.dtype(dtype) != np.float32:
-            raise ValueError(f"dtype: the cuda backend runs float32 only, got {dtype!r} "
-                             "(use backend='numpy' for float64)")
         self.program, self.cell = program, program.cell
-        self.precision = find_precision(precision or program.precision)
-        self.dtype = np.dtype(np.float32)
+        self.dtype = cuda_dtype(dtype)
+        self.precision = for_dtype(self.dtype, precision or program.precision)
+        built = {ELEMS[b.elem].dtype for b in launches.buffers.values()} - {"float32"}
+        if built != ({self.dtype.name} if is_narrow(self.dtype) else set()):
+            raise ValueError(f"dtype: these kernels were generated for {', '.join(built) or 'float32'} "
+                             f"arrays, not {self.dtype.name}")
         self.device = device
         self.executor = Executor(launches, device)
         self.buffers = launches.buffers
@@ -112,24 +118,26 @@ class CudaModule:
                     for kind, role in (("initial", "state"), ("carry", "state"), ("checkpoint", "checkpoint"))}
 
     def init_params(self, seed: int = 0) -> dict:
-        """The same parameters as the NumPy module's, in float32 NumPy arrays."""
-        return NumpyModule(self.program, "float32", self.precision.name).init_params(seed)
+        """The same parameters as the NumPy module's, in NumPy arrays of the module's dtype."""
+        return NumpyModule(self.program, self.dtype, None).init_params(seed)
 
     # --- moving arrays -------------------------------------------------------------------------
-    def _copy_in(self, ptr: int, array):
+    def _copy_in(self, ptr: int, array, elem: str = "float"):
+        """A caller's array into a buffer of `elem`s (a 16-bit module's states: converted to float32)."""
         if isinstance(array, DeviceArray):
             self.device.dtod(ptr, array.ptr, array.nbytes)
         else:
-            self.device.htod(ptr, np.ascontiguousarray(array))
+            self.device.htod(ptr, as_bits(np.ascontiguousarray(array, storage(ELEMS[elem].dtype))))
 
-    def _copy_out(self, ptr: int, shape: tuple, on_device: bool):
+    def _copy_out(self, ptr: int, shape: tuple, on_device: bool, elem: str = "float"):
+        """A buffer of `elem`s as an array of the module's dtype."""
         if on_device:
             out = self.device.empty(shape)
             self.device.dtod(int(out.__cuda_array_interface__["data"][0]), ptr, math.prod(shape) * 4)
             return out
-        out = np.empty(shape, np.float32)
-        self.device.dtoh(out, ptr)
-        return out
+        out = np.empty(shape, storage(ELEMS[elem].dtype))
+        self.device.dtoh(as_bits(out), ptr)
+        return out.astype(self.dtype, copy=False)
 
     def _copy_states(self, to: dict, to_kind: str, source: dict, source_kind: str, at=(0, 0)):
         """Each state from `source_kind:s` in `source` into `to_kind:s` in `to`,
@@ -139,6 +147,15 @@ class CudaModule:
             src = source[f"{source_kind}:{s}"]
             self.device.dtod(dst.at(*at) if to_kind == "state" else dst.ptr,
                              src.at(*at) if source_kind == "state" else src.ptr, dst.slot_bytes)
+
+    def _elem(self, buffer: str) -> str:
+        """The element type of a buffer (the runtime's own: float32)."""
+        own = self.buffers.get(buffer)
+        return own.elem if own else "float"
+
+    def _array_types(self) -> tuple:
+        """What the caller may pass: NumPy arrays, and device arrays for float32 modules."""
+        return (np.ndarray,) if is_narrow(self.dtype) else (np.ndarray, DeviceArray)
 
     def _value_shape(self, name: str) -> tuple:
         return concrete_shape(self.program.hoisted.values()[name].shape)
@@ -158,8 +175,8 @@ class CudaModule:
     def _forward(self, inputs, params, states, contexts, lengths, train):
         T, B, inputs, params, states, contexts, lengths = bind_forward(
             self.cell, self.dtype, wrap_all(inputs), wrap_all(params), wrap_all(states),
-            wrap_all(contexts), lengths, (np.ndarray, DeviceArray))
-        schedule = self.program.plan.schedule(T, B, "float32", train)
+            wrap_all(contexts), lengths, self._array_types())
+        schedule = self.program.plan.schedule(T, B, self.dtype, train)
         self.executor.check_sizes(T, B, max((e.stop - e.start for e in schedule.events), default=0))
         call = Call(T, B, schedule,
                     isinstance(next(iter(inputs.values())), DeviceArray))
@@ -167,14 +184,15 @@ class CudaModule:
         memory = self._caller(call, caller + self.own["initial"] + self.own["carry"])
         for kind, given in (("input", inputs), ("param", params), ("context", contexts), ("initial", states)):
             for name, array in given.items():
-                self._copy_in(memory[f"{kind}:{name}"].ptr, array)
+                self._copy_in(memory[f"{kind}:{name}"].ptr, array, self._elem(f"{kind}:{name}"))
         for s in self.states:
             if s not in states:
                 self.device.memset0(memory[f"initial:{s}"].ptr, memory[f"initial:{s}"].slot_bytes)
         steps = np.arange(T)[:, None] < (np.full(B, T) if lengths is None else lengths)[None, :]
         self.device.htod(memory["valid"].ptr, steps.astype(np.float32))
         self._run_forward(call)
-        outputs = {o: self._copy_out(memory[f"output:{o}"].ptr, (T, B) + self._value_shape(v), call.on_device)
+        outputs = {o: self._copy_out(memory[f"output:{o}"].ptr, (T, B) + self._value_shape(v), call.on_device,
+                                     self._elem(f"output:{o}"))
                    for o, v in self.program.hoisted.outputs}
         final = {s: self._copy_out(memory[f"carry:{s}"].ptr, (B,) + self._value_shape(s), call.on_device)
                  for s in self.states}
@@ -282,7 +300,7 @@ class CudaModule:
         call = saved_for_backward(result)
         T, B = call.T, call.B
         d_outputs, d_states = bind_cotangents(self.cell, self.dtype, T, B, wrap_all(d_outputs),
-                                              wrap_all(d_states), (np.ndarray, DeviceArray))
+                                              wrap_all(d_states), self._array_types())
         if call.used:  # an earlier backward freed what the forward kept: rebuild it
             self._run_forward(call)
         call.used = True
@@ -293,13 +311,14 @@ class CudaModule:
         for name, m in memory.items():
             kind, value = name.split(":", 1)
             if value in given.get(kind, {}):  # a state's cotangent after the last step: slot T
-                self._copy_in(m.at(T) if kind == "d_state" else m.ptr, given[kind][value])
+                self._copy_in(m.at(T) if kind == "d_state" else m.ptr, given[kind][value], self._elem(name))
             else:  # gradients summed into, and cotangents not given
                 self.device.memset0(m.ptr, m.slots * m.slot_bytes)
         self._run(call, call.schedule.backward())
 
         def out(buf, lead, name):
-            return self._copy_out(memory[buf].at(0), lead + self._value_shape(name), call.on_device)
+            return self._copy_out(memory[buf].at(0), lead + self._value_shape(name), call.on_device,
+                                  self._elem(buf))
         cell = self.cell
         grads = Gradients(
             params={d.name: out(f"d_acc:{d.name}", (), d.name) for d in cell.of_kind("param")},
@@ -320,17 +339,29 @@ def load(program, dtype="float32", device: int | None = None, empty=None, cubin_
     PycudaDevice): the program's `cuda` and `cubin` stages (rnnc/driver.py),
     its products at `precision` (default: the Program's), built for the GPU,
     or `cubin_for(arch)`'s cubin of the `cuda` stage (given in `made`, or made now)."""
-    if module_dtype(dtype) != np.float32:
-        raise ValueError(f"dtype: the cuda backend runs float32 only, got {dtype!r} "
-                         "(use backend='numpy' for float64)")
-    precision = find_precision(precision or program.precision).name
+    dtype = cuda_dtype(dtype).name
+    precision = for_dtype(dtype, precision or program.precision).name
+    precision = program.precision if is_narrow(dtype) else precision  # the option's name; the dtype decides
     device = PycudaDevice(device, empty)  # fails first, and says why, without a GPU
     if cubin_for is None:
-        made = program.build("cubin", made, arch=device.arch, precision=precision)
+        made = program.build("cubin", made, arch=device.arch, precision=precision, dtype=dtype)
         cubin = made["cubin"].path
     else:
-        made = program.build("cuda", made, precision=precision)
+        made = program.build("cuda", made, precision=precision, dtype=dtype)
         cubin = cubin_for(device.arch)
     launches = made["cuda"].launches
     device.load_module(cubin, launches.arities())
     return CudaModule(program, launches, device, dtype, precision)
+
+
+def cuda_dtype(dtype) -> np.dtype:
+    """A dtype the CUDA backend runs, or a ValueError naming them."""
+    try:
+        return storage(dtype, CUDA_DTYPES)
+    except ValueError as err:
+        raise ValueError(f"{err} (the cuda backend runs these; backend='numpy' runs float64)") from None
+
+
+def as_bits(array: np.ndarray) -> np.ndarray:
+    """A 16-bit array as its bits (what PyCUDA's copies take), others as they are."""
+    return array.view(np.uint16) if array.dtype.itemsize == 2 else array
