@@ -8,7 +8,8 @@ import numpy as np
 
 import rnnc
 from rnnc.backends.args import concrete_shape
-from rnnc.precision import PRECISIONS
+from rnnc.dtypes import storage
+from rnnc.precision import OF_NARROW, PRECISIONS
 
 from conftest import compile_sized, declared_dims, example
 
@@ -19,6 +20,7 @@ T, B = 4, 3
 LENGTHS = np.array([4, 2, 0])  # full, partial and empty sequences
 TOLERANCE = 1e-4  # float32 kernels against the float64 reference, times its largest magnitude, per array
 PRECISIONS_RUN = tuple(PRECISIONS)  # fp32 and tf32
+DTYPES_RUN = tuple(OF_NARROW)  # bfloat16 and float16
 
 
 def tolerance(precision: str) -> float:
@@ -30,6 +32,27 @@ def tolerance(precision: str) -> float:
     values: one unit roundoff of the precision (half an ulp of one input, of
     a term no larger than the output), allowed once."""
     return TOLERANCE + PRECISIONS[precision].unit_roundoff
+
+
+def dtype_tolerance(dtype: str) -> float:
+    """How far the kernels of a 16-bit dtype may be from the NumPy module of
+    the same dtype (relative to its largest magnitude). Both round at the
+    same points (products' inputs, values kept in 16-bit buffers, results)
+    and compute in float32 between them, so what is left is float32
+    arithmetic in another order (TOLERANCE) and, where such a difference
+    lands a value on the other side of a 16-bit rounding, one unit roundoff
+    of the type (2^-8 for bfloat16, 2^-11 for float16), allowed once as for
+    tf32 above."""
+    return TOLERANCE + OF_NARROW[dtype].unit_roundoff
+
+
+def in_dtype(args: dict, dtype: str) -> dict:
+    """The arguments rounded to `dtype` (what a module of it takes)."""
+    return {k: {n: np.asarray(a).astype(storage(dtype)) for n, a in v.items()} for k, v in args.items()}
+
+
+def as_float64(arrays: dict) -> dict:
+    return {k: np.asarray(a, np.float64) for k, a in arrays.items()}
 
 
 def dims_of(path: Path) -> dict:

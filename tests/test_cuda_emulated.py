@@ -75,6 +75,47 @@ def test_example_equals_numpy_reference(path, policy, precision, seed, workdir, 
     assert cases.held_bytes(module, args, None) == (plan.stored_bytes(cases.T, cases.B), plan.peak_bytes(cases.T, cases.B))
 
 
+@pytest.fixture(scope="module")
+def every_example_built_in_16_bits(workdir):
+    cuda_emulator.build_all([(cases.compile_example(path, policy), None, dtype) for path in EXAMPLES
+                             for policy in cases.POLICIES for dtype in cases.DTYPES_RUN], workdir)
+
+
+@pytest.mark.parametrize("dtype", cases.DTYPES_RUN)
+@pytest.mark.parametrize("policy", cases.POLICIES)
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_example_in_16_bits_equals_numpy_reference(path, policy, dtype, workdir, every_example_built_in_16_bits):
+    """bfloat16 and float16 arrays: the kernels against the NumPy module of the
+    same dtype, which rounds where they round (tolerance: cases.dtype_tolerance),
+    and the bytes the runtime holds are the plan's for that dtype. One seed:
+    the orders the seeds vary are the float32 test's above, the same kernels
+    but for their element types."""
+    program = cases.compile_example(path, policy)
+    module, _ = emulated(program, workdir, dtype=dtype)
+    args = cases.in_dtype(cases.arguments(program), dtype)
+    reference = program.load("numpy", dtype)
+    for lengths in (None, cases.LENGTHS):
+        got, want = cases.run(module, args, lengths), cases.run(reference, args, lengths)
+        assert {k: a.dtype for k, a in got.items()} == {k: a.dtype for k, a in want.items()}
+        bad = cases.mismatches(cases.as_float64(got), cases.as_float64(want), cases.dtype_tolerance(dtype))
+        assert not bad, f"lengths={lengths}: relative errors {bad}"
+    plan = program.plan
+    assert held_bytes(module, args, None) == (plan.stored_bytes(cases.T, cases.B, dtype),
+                                              plan.peak_bytes(cases.T, cases.B, dtype))
+
+
+@pytest.mark.parametrize("dtype", cases.DTYPES_RUN)
+def test_16_bits_are_not_float32(dtype, workdir):
+    """16-bit kernels are far from the float64 reference on the same (rounded)
+    arguments: the roundings the test above allows for are really done."""
+    program = cases.compile_example(example("attention_lstm"), "auto")
+    module, _ = emulated(program, workdir, dtype=dtype)
+    args = cases.in_dtype(cases.arguments(program), dtype)
+    got = cases.as_float64(cases.run(module, args, cases.LENGTHS))
+    exact = cases.reference(program, cases.in_dtype(args, "float32"), cases.LENGTHS)
+    assert cases.mismatches(got, exact, 3 * cases.dtype_tolerance(dtype))
+
+
 @pytest.mark.parametrize("path", [example("lstm"), example("attention_lstm")], ids=lambda p: p.stem)
 def test_tf32_is_not_exact(path, workdir):
     """tf32 kernels are far from the exact reference: the rounding the test
