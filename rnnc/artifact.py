@@ -38,6 +38,8 @@ from pathlib import Path
 from .driver import compile as compile_program
 from .errors import CellError, Source
 from .ir import format_cell
+from .dtypes import NAMES as DTYPES
+from .dtypes import storage
 from .precision import PRECISIONS
 from .precision import precision as find_precision
 
@@ -370,7 +372,7 @@ SCHEMA = (
     ("plan.budget", _is_count, "null or a positive integer"),
     ("plan.seq_len", _is_count, "null or a positive integer"),
     ("plan.batch", _is_count, "null or a positive integer"),
-    ("plan.dtype", lambda v: v in ("float32", "float64"), "float32 or float64"),
+    ("plan.dtype", lambda v: v in DTYPES, " or ".join(DTYPES)),
     ("target", lambda v: v == "cuda", '"cuda"'),
     ("kernels", _is_str_list, "a list of kernel names"),
     ("launches", lambda v: isinstance(v, dict), "an object"),
@@ -384,7 +386,8 @@ def load(directory, backend: str = "numpy", dtype: str | None = None, precision:
     program is rebuilt from the stored source, dims, policy, budget and
     precision, and must be the one module.json and kernels.cu describe (see
     `_rebuild`). The NumPy backend runs any `precision`; the CUDA backend runs
-    the kernels, so only the one they were compiled for."""
+    the kernels, so only the precision and dtype they were compiled for
+    (a 16-bit dtype's artifact loads in it by default, on both)."""
     artifact = read(directory)
     program, generated = _rebuild(artifact)
     if backend != "cuda":
@@ -393,6 +396,9 @@ def load(directory, backend: str = "numpy", dtype: str | None = None, precision:
         raise ArtifactError(artifact.directory, f"its kernels were compiled for precision "
                             f"{program.precision!r}, not {precision!r}",
                             f"rebuild it with rnnc compile --precision {precision}")
+    if dtype is not None and storage(dtype).name != generated.dtype:
+        raise ArtifactError(artifact.directory, f"its kernels were compiled for {generated.dtype} arrays, "
+                            f"not {storage(dtype).name}", f"rebuild it with rnnc compile --dtype {storage(dtype).name}")
     from .backends.cuda.runtime import load as load_cuda
     d = artifact.directory
 
@@ -403,7 +409,7 @@ def load(directory, backend: str = "numpy", dtype: str | None = None, precision:
             raise ArtifactError(d / name, f"missing; this GPU is {arch} and the artifact has "
                                 f"{', '.join(built) or 'no cubin'}", f"rebuild it with rnnc compile --arch {arch}")
         return d / name  # a plain file, checked against its hash by `read`
-    return load_cuda(program, dtype or "float32", cubin_for=cubin_for, made={"cuda": generated})
+    return load_cuda(program, generated.dtype, cubin_for=cubin_for, made={"cuda": generated})
 
 
 def _rebuild(artifact: Artifact):

@@ -23,6 +23,7 @@ from .backends.cuda import ToolchainError
 from .errors import CellError
 from .precision import DEFAULT as DEFAULT_PRECISION
 from .precision import PRECISIONS
+from .dtypes import NAMES as DTYPES
 
 
 DEFAULT_T, DEFAULT_B = 5, 3  # the steps and batch of every command that takes --seq-len and --batch
@@ -182,8 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="checkpoint states to fit forward+backward (of --dtype) in BYTES for "
                                 "--seq-len steps of --batch, e.g. 64MiB")
             with_sizes(c, "of a call: of the budget and the schedule")
-            c.add_argument("--dtype", default="float32", choices=("float32", "float64"),
-                           help="the dtype bytes are counted in (default float32)")
+            c.add_argument("--dtype", default="float32", choices=DTYPES,
+                           help="the dtype bytes are counted in and the CUDA kernels' arrays hold "
+                                "(default float32; bfloat16 and float16 keep states and sums in float32)")
         if "precision" in options:
             with_precision(c, DEFAULT_PRECISION)
         return c
@@ -226,8 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--repeat", type=positive_int, default=5, metavar="N",
                    help="timed runs after a warm-up; their median is shown (default 5)")
     c.add_argument("--backend", default="numpy", choices=("numpy", "cuda"))
-    c.add_argument("--dtype", default=None, choices=("float32", "float64"),
-                   help="default: float64 on numpy, float32 on cuda")
+    c.add_argument("--dtype", default=None, choices=DTYPES,
+                   help="default: an artifact's bfloat16 or float16, else float64 on numpy, float32 on cuda")
     with_precision(c, f"an artifact's, else {DEFAULT_PRECISION}")
 
     c = with_cell(command("compile", cmd_compile, "compile a cell into an artifact directory",

@@ -1,11 +1,11 @@
 """No-GPU tier of the CUDA backend: generated source, nvcc builds, the cache.
 
-Every example under every policy and precision compiles with nvcc to cubins
-for sm_80 and sm_90 with no register spills, at the tests' small sizes and at
-the benchmark's (where the products take their largest tiles); under tf32
-every product kernel with more than one row, column and summand runs on
-tensor cores (HMMA in its SASS, read with cuobjdump), and under fp32 none
-does. The LSTM's source is compared with a golden file
+Every example under every policy and precision, and in bfloat16 and
+float16, compiles with nvcc to cubins for sm_80 and sm_90 with no register
+spills, at the tests' small sizes and at the benchmark's (where the products
+take their largest tiles); under tf32, bfloat16 and float16 every product
+kernel with more than one row, column and summand runs on tensor cores (HMMA
+in its SASS, read with cuobjdump), and under fp32 none does. The LSTM's source is compared with a golden file
 (RNNC_UPDATE_GOLDEN=1 rewrites it).
 """
 from __future__ import annotations
@@ -45,39 +45,47 @@ needs_nvcc = pytest.mark.skipif(not build.shutil.which("nvcc") and not Path("/us
 BENCHMARK_DIMS = {"D": 512, "H": 512, "E": 256, "S": 32}  # benchmarks/gpu.py's sizes
 
 
+MODES = cases.PRECISIONS_RUN + cases.DTYPES_RUN  # fp32, tf32 (float32 arrays), bfloat16, float16
+
+
+def generate_in(program, mode: str):
+    """The source of `program` in a mode: a precision of float32 arrays, or a 16-bit dtype."""
+    return generate(program, None, mode) if mode in cases.DTYPES_RUN else generate(program, mode)
+
+
 def sources() -> dict:
     """Generated source of every example at the tests' sizes, under every policy
-    in fp32 and under `all` (the most products) in tf32, where only the product
-    kernels differ and the policy changes how many there are, not their kind;
-    and under `auto` in both at the benchmark's sizes (identical ones once):
-    source -> (label, precision)."""
+    in fp32 and under `all` (the most products) in the other modes, where only
+    the product kernels and element types differ and the policy changes how
+    many there are, not their kind; and under `auto` in every mode at the
+    benchmark's sizes (identical ones once): source -> (label, mode)."""
     out = {}
     for path in EXAMPLES:
-        for precision in cases.PRECISIONS_RUN:
-            for policy in cases.POLICIES if precision == "fp32" else ("all",):
-                out.setdefault(generate(cases.compile_example(path, policy), precision).source,
-                               (f"{path.stem}/{policy}/{precision}", precision))
-            big = compile_sized(path, BENCHMARK_DIMS, precision=precision)
-            out.setdefault(generate(big).source, (f"{path.stem}/benchmark/{precision}", precision))
+        for mode in MODES:
+            for policy in cases.POLICIES if mode == "fp32" else ("all",):
+                out.setdefault(generate_in(cases.compile_example(path, policy), mode).source,
+                               (f"{path.stem}/{policy}/{mode}", mode))
+            big = compile_sized(path, BENCHMARK_DIMS)
+            out.setdefault(generate_in(big, mode).source, (f"{path.stem}/benchmark/{mode}", mode))
     return out
 
 
 @pytest.fixture(scope="module")
 def cubins(tmp_path_factory):
-    """Every source of `sources()` built for sm_80 and sm_90: [(label, precision, arch, Cubin, source)]."""
+    """Every source of `sources()` built for sm_80 and sm_90: [(label, mode, arch, Cubin, source)]."""
     cache = tmp_path_factory.mktemp("cubins")
-    jobs = [(src, label, precision, arch) for src, (label, precision) in sources().items() for arch in ARCHS]
+    jobs = [(src, label, mode, arch) for src, (label, mode) in sources().items() for arch in ARCHS]
 
     def compile_one(job):
-        src, label, precision, arch = job
-        return label, precision, arch, build.compile_cubin(src, arch, cache=cache), src
+        src, label, mode, arch = job
+        return label, mode, arch, build.compile_cubin(src, arch, cache=cache), src
     with ThreadPoolExecutor(2) as pool:  # nvcc is single-threaded; the test machines have 2 cores
         return list(pool.map(compile_one, jobs))
 
 
 @needs_nvcc
 def test_every_example_compiles_for_sm80_and_sm90_without_spills_or_warnings(cubins):
-    assert len(cubins) >= 2 * 2 * 2 * len(EXAMPLES)  # archs, precisions, sizes
+    assert len(cubins) >= 2 * len(MODES) * 2 * len(EXAMPLES)  # archs, modes, sizes
     for label, _, arch, cubin, _ in cubins:
         assert cubin.path.read_bytes()[:4] == b"\x7fELF", (label, arch)
         assert "Compiling entry function" in cubin.log  # ptxas -v really reported
@@ -121,9 +129,9 @@ def single_row_column_or_summand(source: str, kernel: str) -> bool:
 @needs_nvcc
 @pytest.mark.skipif(cuobjdump() is None, reason="needs cuobjdump (pip install nvidia-cuda-cuobjdump "
                                                 "nvidia-cuda-nvdisasm, or the CUDA toolkit's)")
-def test_tf32_products_run_on_tensor_cores_and_fp32_products_do_not(cubins):
+def test_tf32_and_16_bit_products_run_on_tensor_cores_and_fp32_products_do_not(cubins):
     checked = set()
-    for label, precision, arch, cubin, source in cubins:
+    for label, mode, arch, cubin, source in cubins:
         if "/benchmark/" not in label:
             continue
         sass = sass_by_kernel(cubin.path)
@@ -131,12 +139,12 @@ def test_tf32_products_run_on_tensor_cores_and_fp32_products_do_not(cubins):
         assert products and set(sass) == set(re.findall(r"__global__ void (?:__launch_bounds__\([^)]*\) )?(\w+)",
                                                            source))
         for kernel in products:
-            expected = precision == "tf32" and not single_row_column_or_summand(source, kernel)
+            expected = mode != "fp32" and not single_row_column_or_summand(source, kernel)
             assert ("HMMA" in sass[kernel]) == expected, f"{label} {arch} {kernel}"
-        if label.split("/")[0] in ("lstm", "gru") and precision == "tf32":  # all their products are big
+        if label.split("/")[0] in ("lstm", "gru") and mode != "fp32":  # all their products are big
             assert all("HMMA" in sass[k] for k in products), (label, arch)
         checked.add((label, arch))
-    assert len(checked) == len(EXAMPLES) * len(cases.PRECISIONS_RUN) * len(ARCHS)
+    assert len(checked) == len(EXAMPLES) * len(MODES) * len(ARCHS)
 
 
 @needs_nvcc
@@ -192,8 +200,10 @@ def test_launches_survive_json():
 
 def test_float64_is_refused_on_cuda():
     program = rnnc.compile(example("lstm"), dims={"D": 3, "H": 5})
-    with pytest.raises(ValueError, match="float32 only"):
+    with pytest.raises(ValueError, match="'float32', 'bfloat16', 'float16', got 'float64'.*numpy"):
         program.load("cuda", dtype="float64")
+    with pytest.raises(ValueError, match="'float32', 'bfloat16', 'float16', got 'float64'"):
+        generate(program, None, "float64")
 
 
 def test_missing_nvcc_says_what_to_install(monkeypatch):
