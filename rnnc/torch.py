@@ -6,8 +6,11 @@
     outputs["y"].sum().backward()      # gradients reach cell.W, cell.U, cell.b
 
 The whole sequence, forward and backward through time, is one
-`torch.autograd.Function`. CPU tensors (float32 or float64) run on rnnc's
-NumPy backend, sharing memory with the tensors. CUDA tensors run on rnnc's
+`torch.autograd.Function`. CPU tensors (float32, float64, bfloat16 or
+float16) run on rnnc's NumPy backend, sharing memory with the tensors. Under
+`torch.autocast` (bfloat16 or float16) the Cell casts its float tensors,
+params included, to the autocast dtype on the way in, so the parameters and
+their gradients stay float32, as autocast's own ops do. CUDA tensors run on rnnc's
 CUDA backend without a copy through the host, relying on what that backend
 does:
 
@@ -44,12 +47,13 @@ except ImportError as err:  # rnnc itself does not need torch
 
 from .driver import Program
 from .driver import compile as compile_cell
+from .dtypes import storage
 from .ir import format_cell
 
 __all__ = ["Cell"]
 
 KINDS = ("inputs", "params", "states", "contexts")  # also the fields of the backends' Gradients
-DTYPES = {torch.float32: "float32", torch.float64: "float64"}
+DTYPES = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 # --- how tensors reach a backend module, per device type ------------------------
@@ -65,6 +69,8 @@ class _NumpyBackend:
 
     @staticmethod
     def to_array(t: torch.Tensor):
+        if t.dtype == torch.bfloat16:  # NumPy's own dtypes lack it: the same bits as ml_dtypes' bfloat16
+            return t.detach().view(torch.int16).numpy().view(storage("bfloat16"))
         return t.detach().numpy()
 
     def to_tensors(self, arrays: list) -> list:
@@ -75,7 +81,10 @@ class _NumpyBackend:
             if not (a.flags.owndata and a.flags.writeable) or id(a) in seen:
                 a = a.copy()
             seen.add(id(a))
-            tensors.append(torch.from_numpy(a))
+            if a.dtype == storage("bfloat16"):
+                tensors.append(torch.from_numpy(a.view(np.int16)).view(torch.bfloat16))
+            else:
+                tensors.append(torch.from_numpy(a))
         return tensors
 
 
@@ -84,6 +93,10 @@ class _CudaBackend:
 
     def __init__(self, program: Program, dtype: str, device: torch.device):
         from .backends.cuda.runtime import load
+        if dtype not in ("float32",):
+            raise RuntimeError(f"rnnc.torch: CUDA tensors of {dtype} (torch.autocast on cuda among them) "
+                               "are not supported yet: rnnc's cuda backend takes 16-bit arrays from the "
+                               "host only; use float32 CUDA tensors, or the CPU")
 
         def empty(shape):
             return torch.empty(shape, dtype=torch.float32, device=device)
@@ -186,7 +199,10 @@ class Cell(nn.Module):
     final_states)`, dicts of tensors. Missing initial states are zeros. Past
     an element's length its states carry over and its outputs are zero, as
     with PyTorch's packed sequences. All tensors share one device and dtype:
-    CPU float32/float64 run on the NumPy backend, CUDA on the CUDA backend.
+    CPU float32/float64/bfloat16/float16 run on the NumPy backend, CUDA
+    float32 on the CUDA backend. Under `torch.autocast` for their device the
+    float tensors (params too) are cast to its dtype first, so the outputs
+    are in it and the parameters' gradients in theirs.
     """
 
     def __init__(self, program_or_path, dims: dict | None = None, recompute=None,
@@ -198,8 +214,9 @@ class Cell(nn.Module):
         cpu = self._backend(torch.device("cpu"), dtype)
         # plain attributes above, parameters below: nn.Module refuses a plain
         # attribute over a parameter's name, and a param may be named `program`
-        for name, array in cpu.module.init_params(seed).items():
-            self._add_parameter(name, nn.Parameter(torch.from_numpy(array)))
+        initial = cpu.module.init_params(seed)
+        for name, tensor in zip(initial, cpu.to_tensors(list(initial.values()))):
+            self._add_parameter(name, nn.Parameter(tensor))
 
     def _add_parameter(self, name: str, param: nn.Parameter):
         if hasattr(self, name):
@@ -220,8 +237,8 @@ class Cell(nn.Module):
 
     def _backend(self, device: torch.device, dtype: torch.dtype):
         if dtype not in DTYPES:
-            raise ValueError(f"rnnc.torch.Cell: dtype {dtype} is not supported (float32 or "
-                             f"float64: convert with .float() or .double())")
+            raise ValueError(f"rnnc.torch.Cell: dtype {dtype} is not supported (float32, float64, "
+                             f"bfloat16 or float16: convert with .float(), say)")
         key = (device, dtype)
         if key not in self._backends:
             kind = {"cpu": _NumpyBackend, "cuda": _CudaBackend}.get(device.type)
@@ -235,7 +252,7 @@ class Cell(nn.Module):
         named = {"inputs": self._named_inputs(inputs), "params": self.params,
                  "states": dict(states or {}), "contexts": dict(contexts or {})}
         layout = tuple((kind, name) for kind in KINDS for name in named[kind])
-        tensors = [named[kind][name] for kind, name in layout]
+        tensors = _autocast([named[kind][name] for kind, name in layout])
         device, dtype = _common_device_dtype(layout, tensors)
         backend = self._backend(device, dtype)
         lengths = _host_lengths(lengths)
@@ -367,6 +384,19 @@ def _common_device_dtype(layout, tensors):
             raise ValueError(f"{label}: {t.dtype} on {t.device}, but the first input is {dtype} on "
                              f"{device}; all tensors of a Cell share one (use .to(...))")
     return device, dtype
+
+
+def _autocast(tensors: list) -> list:
+    """The tensors cast to the autocast dtype where autocast is on for their
+    device (the first's), by differentiable casts: float32 params get float32
+    gradients. Unchanged otherwise."""
+    if not tensors or not isinstance(tensors[0], torch.Tensor):
+        return tensors
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return [t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors]
 
 
 def _host_lengths(lengths):

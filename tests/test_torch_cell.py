@@ -273,8 +273,50 @@ def test_mixed_dtypes_name_the_argument(lstm32):
 
 
 def test_unsupported_dtype(lstm32):
-    with pytest.raises(ValueError, match="float32 or float64"):
-        lstm32.half()(torch.randn(2, 1, 3).half())
+    with pytest.raises(ValueError, match="float32, float64, bfloat16 or float16"):
+        lstm32.to(torch.complex64)(torch.randn(2, 1, 3, dtype=torch.complex64))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_runs_in_16_bits_and_keeps_float32_gradients(dtype):
+    """Under CPU autocast the Cell is the NumPy module of that dtype on its
+    tensors rounded to it (to the bit: the casts and the memory shared with
+    NumPy lose nothing), and the float32 params get float32 gradients, the
+    module's 16-bit ones widened; outside autocast it is float32 again."""
+    cell = Cell(example("lstm"), dims={"D": 3, "H": 4}, dtype=torch.float32)
+    x, h0, lengths = torch.randn(5, 2, 3), torch.randn(2, 4), [5, 2]
+    with torch.autocast("cpu", dtype=dtype):
+        outputs, states = cell(x, states={"h": h0}, lengths=lengths)
+    assert outputs["y"].dtype == states["c"].dtype == dtype
+    outputs["y"].float().sum().backward()
+    assert all(p.grad.dtype == torch.float32 for p in cell.params.values())
+
+    module = cell.program.load("numpy", {torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype])
+
+    def rounded(t):  # as autocast's cast rounds it, in the module's dtype
+        return t.detach().to(dtype).float().numpy().astype(module.dtype)
+    res = module.forward(inputs={"x": rounded(x)}, params={k: rounded(p) for k, p in cell.params.items()},
+                         states={"h": rounded(h0)}, lengths=np.array(lengths))
+    np.testing.assert_array_equal(outputs["y"].detach().float().numpy(), res.outputs["y"].astype(np.float32))
+    want = module.backward(res, {"y": np.ones_like(res.outputs["y"])})
+    for k, p in cell.params.items():
+        np.testing.assert_array_equal(p.grad.numpy(), want.params[k].astype(np.float32), err_msg=k)
+    assert cell(x)[0]["y"].dtype == torch.float32
+
+
+def test_16_bit_cells_run_without_autocast_too():
+    """A Cell made in bfloat16 takes and gives bfloat16 tensors: the module's
+    answer on the same values (ml_dtypes' bfloat16 has torch's bits)."""
+    cell = Cell(example("gru"), dims={"D": 3, "H": 4}, dtype=torch.bfloat16)
+    assert cell.W.dtype == torch.bfloat16
+    x = torch.randn(4, 2, 3, dtype=torch.bfloat16, requires_grad=True)
+    outputs, _ = cell(x)
+    outputs["y"].float().sum().backward()
+    assert x.grad.dtype == cell.W.grad.dtype == torch.bfloat16
+    module = cell.program.load("numpy", "bfloat16")
+    res = module.forward(inputs={"x": x.detach().float().numpy().astype(module.dtype)},
+                         params={k: p.detach().float().numpy().astype(module.dtype) for k, p in cell.params.items()})
+    np.testing.assert_array_equal(outputs["y"].detach().float().numpy(), res.outputs["y"].astype(np.float32))
 
 
 def test_non_tensor_argument(lstm32):
