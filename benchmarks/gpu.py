@@ -1,6 +1,6 @@
 """Forward+backward on the GPU: rnnc's CUDA backend against PyTorch.
 
-    python benchmarks/gpu.py [--precision fp32|tf32] [--quick] [--repeats 10]
+    python benchmarks/gpu.py [--precision fp32|tf32 | --dtype bfloat16|float16] [--quick] [--repeats 10]
 
 - lstm, gru: against torch.nn.LSTM / torch.nn.GRU (cuDNN);
 - milstm, attention_lstm: against the same cell written as a PyTorch loop
@@ -9,7 +9,12 @@
 Like with like: `--precision fp32` (the default) runs rnnc's exact products
 against PyTorch with TF32 off for cuDNN's RNNs and for matmuls; `--precision
 tf32` runs rnnc on tensor cores against cuDNN's default (TF32 RNNs) and
-matmuls in TF32 too. H=512, B=64, T=100 (D=512; attention: E=256 over S=32
+matmuls in TF32 too; `--dtype bfloat16` or `float16` runs rnnc with arrays
+of that type (tensor-core products in it, float32 sums and states) against
+cuDNN and the loops with every tensor in that type. rnnc's 16-bit CUDA
+module takes NumPy arrays only (no 16-bit device arrays yet), so under
+`--dtype` its times include copying the arrays to the GPU and back, and say
+so. H=512, B=64, T=100 (D=512; attention: E=256 over S=32
 encoder positions); `--quick` runs H=128, B=16, T=20. Arrays are float32 and
 stay on the GPU (rnnc takes the torch tensors through
 `__cuda_array_interface__`). Prints the median time of each, rnnc's time over
@@ -71,9 +76,9 @@ def set_torch_precision(precision: str) -> str:
 
 
 # --- PyTorch contestants -------------------------------------------------------------
-def torch_builtin(kind, D, H):
+def torch_builtin(kind, D, H, dtype):
     import torch
-    layer = getattr(torch.nn, kind)(D, H).cuda()
+    layer = getattr(torch.nn, kind)(D, H).to("cuda", dtype)
 
     def run(x, dy):
         layer.zero_grad(set_to_none=True)
@@ -130,28 +135,42 @@ def rnnc_run(module, params, contexts=None):
     return run
 
 
-def bench(name, dims, torch_side, repeats, T, B, precision):
+def to_host(t, module):
+    """A torch tensor as a NumPy array of the module's 16-bit dtype (made before
+    the timing; rnnc's copies to the GPU and back are in it)."""
+    return t.float().cpu().numpy().astype(module.dtype)
+
+
+def bench(name, dims, torch_side, repeats, T, B, precision, dtype):
     import torch
 
     import rnnc
     program = rnnc.compile(EXAMPLES / f"{name}.cell", dims=dims, recompute="auto", precision=precision)
-    module = program.load("cuda")
+    module = program.load("cuda", dtype=dtype)
+    tensor_dtype = getattr(torch, dtype)
     gen = torch.Generator(device="cuda").manual_seed(0)
-    params = {k: torch.from_numpy(v).cuda() for k, v in module.init_params(0).items()}
-    x = torch.randn(T, B, dims["D"], device="cuda", generator=gen)
-    dy = torch.randn(T, B, dims["H"], device="cuda", generator=gen)
+    params = {k: torch.from_numpy(v.astype("float32")).to("cuda", tensor_dtype)
+              for k, v in module.init_params(0).items()}
+    x = torch.randn(T, B, dims["D"], device="cuda", generator=gen).to(tensor_dtype)
+    dy = torch.randn(T, B, dims["H"], device="cuda", generator=gen).to(tensor_dtype)
     contexts = None
     if "S" in dims:
-        contexts = {"enc": torch.randn(B, dims["S"], dims["E"], device="cuda", generator=gen)}
-    ours = median_ms(rnnc_run(module, params, contexts), (x, dy), repeats)
+        contexts = {"enc": torch.randn(B, dims["S"], dims["E"], device="cuda", generator=gen).to(tensor_dtype)}
+    if dtype == "float32":
+        ours = median_ms(rnnc_run(module, params, contexts), (x, dy), repeats)
+    else:  # host arrays (see the module docstring)
+        run = rnnc_run(module, {k: to_host(v, module) for k, v in params.items()},
+                       contexts and {k: to_host(v, module) for k, v in contexts.items()})
+        ours = median_ms(run, (to_host(x, module), to_host(dy, module)), repeats)
     leaf = {k: v.clone().requires_grad_() for k, v in params.items()}
-    builders = {"builtin": lambda: torch_builtin(name.upper(), dims["D"], dims["H"]),
+    builders = {"builtin": lambda: torch_builtin(name.upper(), dims["D"], dims["H"], tensor_dtype),
                 "milstm": lambda: torch_milstm(leaf),
                 "attention_lstm": lambda: torch_attention_lstm(leaf, contexts and contexts["enc"])}
     theirs = median_ms(builders[torch_side](), (x, dy), repeats)
     label = "cuDNN" if torch_side == "builtin" else "PyTorch loop"
     launches = module.executor.launches
-    print(f"{name:>15}: rnnc {ours:8.2f} ms   {label:>12} {theirs:8.2f} ms   rnnc/{label} = {ours / theirs:.2f}"
+    copies = "" if dtype == "float32" else " (rnnc's with host copies)"
+    print(f"{name:>15}: rnnc {ours:8.2f} ms   {label:>12} {theirs:8.2f} ms   rnnc/{label} = {ours / theirs:.2f}{copies}"
           f"   (rnnc launches per step: {len(launches.step)} forward, {len(launches.backward_step)} backward)")
 
 
@@ -159,6 +178,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--precision", choices=("fp32", "tf32"), default="fp32",
                    help="of products, for both contestants: fp32 exact, tf32 tensor cores (default fp32)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="of every array, for both contestants; bfloat16 and float16 take --precision fp32")
     p.add_argument("--quick", action="store_true", help="H=128, B=16, T=20")
     p.add_argument("--repeats", type=int, default=10)
     args = p.parse_args(argv)
@@ -168,13 +189,16 @@ def main(argv=None) -> int:
         return 0
     H, B, T = (128, 16, 20) if args.quick else (512, 64, 100)
     E, S = H // 2, 32
-    print(f"forward+backward, float32 arrays, {args.precision} products, H={H} D={H} B={B} T={T} "
+    if args.dtype != "float32" and args.precision != "fp32":
+        p.error(f"--dtype {args.dtype} multiplies in {args.dtype}; --precision is for float32 arrays")
+    products = args.precision if args.dtype == "float32" else f"{args.dtype} tensor-core"
+    print(f"forward+backward, {args.dtype} arrays, {products} products, H={H} D={H} B={B} T={T} "
           f"(attention: E={E}, S={S}); median of {args.repeats}")
     print(f"PyTorch: {set_torch_precision(args.precision)}")
     for name, dims, side in (("lstm", {"D": H, "H": H}, "builtin"), ("gru", {"D": H, "H": H}, "builtin"),
                              ("milstm", {"D": H, "H": H}, "milstm"),
                              ("attention_lstm", {"D": H, "H": H, "E": E, "S": S}, "attention_lstm")):
-        bench(name, dims, side, args.repeats, T, B, args.precision)
+        bench(name, dims, side, args.repeats, T, B, args.precision, args.dtype)
     return 0
 
 

@@ -1,6 +1,6 @@
 """Memory against time for recompute plans, on the NumPy backend, in one process.
 
-    python benchmarks/memory.py [--seq-len 1000] [--batch 16] [--repeats 3]
+    python benchmarks/memory.py [--seq-len 1000] [--batch 16] [--repeats 3] [--dtype-seq-len 100]
 
 Table 1: the LSTM (D=H=128, float32) under `none`, `auto`, `all` and memory
 budgets of 20%, 10% and 5% of `none`'s peak: peak bytes (measured by the
@@ -11,6 +11,12 @@ Table 2: every example under `none`, `auto`, `all` and the manual choice of
 Caffe2's `recurrent_net` in its memory mode (its `recompute_blobs_on_backward`
 names the gate pre-activations): peak bytes and time, and whether
 `auto` lies on the front (no tested plan has both fewer bytes and less time).
+
+Table 3: every example under `none`, `auto` and `all` in float32, bfloat16
+and float16: the bytes the forward stores and the peak of forward+backward,
+measured, and the 16-bit ones as a ratio to float32's. The hoisted rows, the
+stored values and their cotangents halve; the states (in the tape and the
+checkpoints), the once-per-sequence values and the gradient sums stay float32.
 
 Times are the best of --repeats runs, the plans of a table taken in turn so
 that drift in the machine's speed falls on all of them alike.
@@ -140,6 +146,29 @@ def examples_table(T: int, B: int, repeats: int) -> str:
             f"(best of {repeats})\n" + table(rows, header))
 
 
+def dtype_table(T: int, B: int) -> str:
+    rows = []
+    for path in EXAMPLES:
+        for policy in ("none", "auto", "all"):
+            program = compile_plan(path, T, B, recompute=policy)
+            measured = {}
+            for dtype in ("float32", "bfloat16", "float16"):
+                module = program.load(dtype=dtype)
+                args = random_arguments(module, T=T, B=B, seed=0)
+                result = module.forward(**args)
+                stored = result.stored_bytes
+                peak = module.backward(result, {k: np.ones_like(v) for k, v in result.outputs.items()}).peak_bytes
+                assert (stored, peak) == (program.plan.stored_bytes(T, B, dtype), program.plan.peak_bytes(T, B, dtype))
+                measured[dtype] = (stored, peak)
+            f32 = measured["float32"]
+            rows.append((path.stem, policy, mib(f32[0]), mib(f32[1]),
+                         *(f"{measured[d][i] / f32[i]:.2f}" for d in ("bfloat16", "float16") for i in (0, 1))))
+    header = ("cell", "plan", "stored f32", "peak f32", "stored bf16/f32", "peak bf16/f32",
+              "stored f16/f32", "peak f16/f32")
+    return (f"Bytes by dtype, D=H=128 E=64 S=16, T={T}, B={B}, measured by the numpy backend\n"
+            + table(rows, header))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seq-len", type=int, default=1000)
@@ -147,10 +176,15 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--examples-seq-len", type=int, default=None,
                         help="T of the second table (default: --seq-len)")
+    parser.add_argument("--dtype-seq-len", type=int, default=100, help="T of the third table (default 100)")
+    parser.add_argument("--only-dtypes", action="store_true", help="only the third table")
     args = parser.parse_args()
-    print(lstm_table(args.seq_len, args.batch, args.repeats))
-    print()
-    print(examples_table(args.examples_seq_len or args.seq_len, args.batch, args.repeats))
+    if not args.only_dtypes:
+        print(lstm_table(args.seq_len, args.batch, args.repeats))
+        print()
+        print(examples_table(args.examples_seq_len or args.seq_len, args.batch, args.repeats))
+        print()
+    print(dtype_table(args.dtype_seq_len, args.batch))
 
 
 if __name__ == "__main__":
