@@ -15,7 +15,9 @@ inputs rounded as `rnnc.precision` rounds them (as `cvt.rna.tf32.f32` does);
 what is left is float32 summation, so the tolerance is float32's, and the
 same kernels are shown to differ from the unrounded product by far more (the
 rounding is really there). BF16 and FP16 inputs are given in their own type,
-so the reference is exact on the same values.
+so the reference is exact on the same values; a float32 operand of a 16-bit
+product (a state, say) is rounded by the kernel to nearest even, which the
+reference does with ml_dtypes and NumPy's float16.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import pytest
 from rnnc.backends.cuda.cexpr import Ref
 from rnnc.backends.cuda.kernels import Generator, intrinsics, render
 from rnnc.backends.cuda.products import INPUTS
+from rnnc.dtypes import storage
 from rnnc.backends.cuda.executor import grid
 from rnnc.backends.cuda.launches import Generated, Launches
 from rnnc.ir import Node
@@ -55,21 +58,25 @@ CASES = [
 ]
 
 
-def add_case(gen: Generator, i: int, case):
-    """Case i's kernel, its operands in buffers a<i>, b<i> and c<i>: its launch."""
+def add_case(gen: Generator, i: int, case, float_a: bool = False):
+    """Case i's kernel, its operands in buffers a<i>, b<i> and c<i> (float32,
+    the inputs in the 16-bit type of a 16-bit generator, but A in float32 with
+    `float_a`): its launch."""
     spec, (a_shape, a_b), (b_shape, b_b), _, rows, op, _ = case
-    refs = [Ref(f"{name}{i}", "base", shape, batched) for name, shape, batched in
-            (("a", a_shape, a_b), ("b", b_shape, b_b), ("c", spec_shape(spec, a_shape, b_shape), True))]
+    elem = gen.inputs.elem
+    refs = [Ref(f"{name}{i}", "base", shape, batched, kind) for name, shape, batched, kind in
+            (("a", a_shape, a_b, "float" if float_a else elem), ("b", b_shape, b_b, elem),
+             ("c", spec_shape(spec, a_shape, b_shape), True, "float"))]
     region = Region(f"case{i}", rows)
     gen.breaking(region, Node(f"c{i}", "dot", ("a", "b"), (("spec", spec),)), refs[:2], refs[2], op, spec)
     return region.launches[0]
 
 
-def kernel_module(inputs: str, cases, workdir):
+def kernel_module(inputs: str, cases, workdir, float_a: bool = False):
     """Every case's kernel in one module for input type `inputs`, on the emulator:
     (device, launches, the kernels' scratch buffers)."""
     gen = Generator(inputs)
-    launches = [add_case(gen, i, case) for i, case in enumerate(cases)]
+    launches = [add_case(gen, i, case, float_a) for i, case in enumerate(cases)]
     source = render("module.cu.j2", cell="products", intrinsics=intrinsics(), kernels=gen.sources)
     return (cuda_emulator.EmulatedDevice(Generated(source, Launches(buffers=dict(gen.scratch), step=launches)), workdir),
             launches, gen.scratch)
@@ -94,7 +101,7 @@ def as_bits(values: np.ndarray, inputs: str) -> tuple:
     return values.astype(np.float32), values.astype(np.float64)
 
 
-def run_case(device, launch, scratch, i: int, case, inputs: str, seed: int):
+def run_case(device, launch, scratch, i: int, case, inputs: str, seed: int, float_a: bool = False):
     """Case i's kernel's result for random operands, the exact product of what it
     read (rounded as the precision says), and that of the unrounded operands."""
     spec, (a_shape, a_b), (b_shape, b_b), rows, _, op, _ = case
@@ -102,6 +109,9 @@ def run_case(device, launch, scratch, i: int, case, inputs: str, seed: int):
     a32 = rng.normal(size=((rows,) if a_b else ()) + a_shape).astype(np.float32)
     b32 = rng.normal(size=((rows,) if b_b else ()) + b_shape).astype(np.float32)
     (a_in, a_val), (b_in, b_val) = as_bits(a32, inputs), as_bits(b32, inputs)
+    if float_a:  # given in float32, rounded by the kernel as the type's conversion does
+        a_in = a32
+        a_val = a32.astype(storage({"bf16": "bfloat16", "f16": "float16"}[inputs])).astype(np.float64)
     if inputs in PRECISIONS:  # float32 operands, rounded (or not) by the kernel itself
         a_val, b_val = (PRECISIONS[inputs].round_inputs(x).astype(np.float64) for x in (a32, b32))
     exact = np.einsum(spec, a32.astype(np.float64), b32.astype(np.float64))
@@ -126,28 +136,32 @@ def relative(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.abs(got - want).max()) / float(np.abs(want).max())
 
 
-@pytest.mark.parametrize("inputs", ["fp32", "tf32", "bf16", "f16"])
-def test_products_equal_the_product_of_what_they_read(inputs, workdir):
-    cases = CASES if INPUTS[inputs].c_type == "float" else [c for c in CASES if "one row" not in c[-1]]
-    device, launches, scratch = kernel_module(inputs, cases, workdir)
+@pytest.mark.parametrize("inputs, float_a", [("fp32", False), ("tf32", False), ("bf16", False), ("f16", False),
+                                             ("bf16", True), ("f16", True)])
+def test_products_equal_the_product_of_what_they_read(inputs, float_a, workdir):
+    device, launches, scratch = kernel_module(inputs, CASES, workdir, float_a)
     assert any(name.startswith("split:") for name in scratch), "no case ran split-K"
-    for i, (case, launch) in enumerate(zip(cases, launches)):
-        got, want, exact = run_case(device, launch, scratch, i, case, inputs, seed=i)
+    for i, (case, launch) in enumerate(zip(CASES, launches)):
+        got, want, exact = run_case(device, launch, scratch, i, case, inputs, seed=i, float_a=float_a)
         assert relative(got, want) <= SUMMATION, f"{case[-1]}: {relative(got, want):.2e}"
         if inputs == "tf32":  # the inputs really were rounded: far from the unrounded product
             assert relative(got, exact) > 10 * SUMMATION, f"{case[-1]}: {relative(got, exact):.2e}"
 
 
-@pytest.mark.parametrize("inputs", ["fp32", "tf32"])
+@pytest.mark.parametrize("inputs", ["fp32", "tf32", "bf16", "f16"])
 def test_kernels_run_on_the_engine_the_precision_asks_for(inputs):
     gen = Generator(inputs)
     for i, case in enumerate(CASES):
         add_case(gen, i, case)
-    on_tensor_cores = ["rnnc_mma_tf32(" in source for source in gen.sources]
+    on_tensor_cores = ["rnnc_mma_" in source for source in gen.sources]
     one_row = ["one row" in case[-1] for case in CASES]
-    assert on_tensor_cores == [inputs == "tf32" and not single for single in one_row]
+    assert on_tensor_cores == [inputs != "fp32" and not single for single in one_row]
 
 
-def test_sixteen_bit_products_with_one_row_say_what_they_need():
-    with pytest.raises(ValueError, match="bfloat16 and float16 storage"):
-        add_case(Generator("bf16"), 0, CASES[-1])
+def test_float32_products_refuse_16_bit_operands():
+    """A float32 module's products have no 16-bit operands; one would be a lowering mistake."""
+    gen = Generator("tf32")
+    a, b = Ref("a", "base", (70,), True, "rnnc_bf16"), Ref("b", "base", (70, 97), False)
+    with pytest.raises(ValueError, match="a tf32 product cannot read rnnc_bf16 operand a"):
+        gen.breaking(Region("r", "B"), Node("c", "dot", ("a", "b"), (("spec", "zk,kj->zj"),)),
+                     [a, b], Ref("c", "base", (97,), True), "=", "c")

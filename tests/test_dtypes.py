@@ -18,20 +18,10 @@ from rnnc.precision import OF_NARROW
 from rnnc.shapes import concrete_shape
 
 from conftest import EXAMPLES, compile_sized, example
+from test_precision import PROJECTION
 
 NARROW = ("bfloat16", "float16")
 
-PROJECTION = """
-cell projection {
-    dim D, H
-    input x[D]
-    state h[H]
-    param W[D, H]
-    y = x @ W
-    next h = h + y
-    output y
-}
-"""
 
 COUNTER = """
 cell counter {
