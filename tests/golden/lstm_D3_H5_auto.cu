@@ -58,9 +58,27 @@ __device__ __forceinline__ float rnnc_round_tf32(float x) {
     return __uint_as_float(rnnc_to_tf32(x));
 }
 
-// two 16-bit values (raw bits) as one 32-bit fragment register, the first in the low half
-__device__ __forceinline__ unsigned rnnc_pack(unsigned short lo, unsigned short hi) {
-    return (unsigned)lo | ((unsigned)hi << 16);
+// a float as bfloat16 and float16 bits, to nearest even (float16: past its range, inf), and back
+__device__ __forceinline__ unsigned short rnnc_bf16_of(float x) {
+    unsigned short r;
+    asm("cvt.rn.bf16.f32 %0, %1;\n" : "=h"(r) : "f"(x));
+    return r;
+}
+
+__device__ __forceinline__ float rnnc_bf16_value(unsigned short h) {
+    return __uint_as_float((unsigned)h << 16);
+}
+
+__device__ __forceinline__ unsigned short rnnc_f16_of(float x) {
+    unsigned short r;
+    asm("cvt.rn.f16.f32 %0, %1;\n" : "=h"(r) : "f"(x));
+    return r;
+}
+
+__device__ __forceinline__ float rnnc_f16_value(unsigned short h) {
+    float r;
+    asm("cvt.f32.f16 %0, %1;\n" : "=f"(r) : "h"(h));
+    return r;
 }
 
 // d[0..3] += A * B for one warp: A 16x8 (a[0..3]), B 8x8 (b[0..1]), TF32 inputs, float32 sums
@@ -88,6 +106,26 @@ __device__ __forceinline__ void rnnc_mma_f16(float* d, const unsigned* a, const 
 }
 #endif
 
+// bfloat16 and float16 elements of a buffer: 16 bits that a kernel reads as a
+// float and writes from one (to nearest even); all arithmetic is on floats.
+#define RNNC_SIXTEEN_BIT(NAME, OF, VALUE)                                                     \
+    struct NAME {                                                                             \
+        unsigned short bits;                                                                  \
+        NAME() = default; /* trivial, as __shared__ arrays need */                            \
+        __device__ __forceinline__ NAME(float x) : bits(OF(x)) {}                             \
+        __device__ __forceinline__ operator float() const { return VALUE(bits); }             \
+        __device__ __forceinline__ NAME& operator+=(float x) { return *this = NAME(float(*this) + x); } \
+    };                                                                                        \
+    /* a float rounded to the type, for products that multiply on CUDA cores */              \
+    __device__ __forceinline__ float rnnc_round_##NAME(float x) { return float(NAME(x)); }
+RNNC_SIXTEEN_BIT(rnnc_bf16, rnnc_bf16_of, rnnc_bf16_value)
+RNNC_SIXTEEN_BIT(rnnc_f16, rnnc_f16_of, rnnc_f16_value)
+
+// two 16-bit values (raw bits) as one 32-bit fragment register, the first in the low half
+__device__ __forceinline__ unsigned rnnc_pack(unsigned short lo, unsigned short hi) {
+    return (unsigned)lo | ((unsigned)hi << 16);
+}
+
 
 // %1 = dot(x, W)  [zk,kj->zj]
 // out[g, m, n] = sum_k A[g, m, k] * B[g, k, n]: float32 FMA, 16x16 threads with 2x2 outputs each.
@@ -97,8 +135,8 @@ extern "C" __global__ void __launch_bounds__(256, 2) rnnc_pre_1_dot(const int ro
     const int G = 1, M = rows * 1, N = 20, K = 3;
     __shared__ __align__(16) float As[2][576];  // [k][m], rows 36 apart
     __shared__ __align__(16) float Bs[2][576];  // [k][n], rows 36 apart
-    const float* A_ = reinterpret_cast<const float*>(v_input_3ax_40base);
-    const float* B_ = reinterpret_cast<const float*>(v_param_3aW_40base);
+    const float* A_ = v_input_3ax_40base;
+    const float* B_ = v_param_3aW_40base;
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
     const int m0 = blockIdx.y * 32, n0 = blockIdx.x * 32;
     // split-K: block z % 1 sums over its own chunk of k, a multiple of 16
@@ -167,8 +205,8 @@ extern "C" __global__ void __launch_bounds__(256, 2) rnnc_step_2_dot(const int r
     const int G = 1, M = rows * 1, N = 20, K = 5;
     __shared__ __align__(16) float As[2][576];  // [k][m], rows 36 apart
     __shared__ __align__(16) float Bs[2][576];  // [k][n], rows 36 apart
-    const float* A_ = reinterpret_cast<const float*>(v_state_3ah_40t);
-    const float* B_ = reinterpret_cast<const float*>(v_param_3aU_40base);
+    const float* A_ = v_state_3ah_40t;
+    const float* B_ = v_param_3aU_40base;
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
     const int m0 = blockIdx.y * 32, n0 = blockIdx.x * 32;
     // split-K: block z % 1 sums over its own chunk of k, a multiple of 16
@@ -426,8 +464,8 @@ extern "C" __global__ void __launch_bounds__(256, 2) rnnc_bwd_5_dot(const int ro
     const int G = 1, M = rows * 1, N = 5, K = 20;
     __shared__ __align__(16) float As[2][1152];  // [k][m], rows 36 apart
     __shared__ __align__(16) float Bs[2][1152];  // [k][n], rows 36 apart
-    const float* A_ = reinterpret_cast<const float*>(v_d_5frow_3a_251_40t);
-    const float* B_ = reinterpret_cast<const float*>(v_param_3aU_40base);
+    const float* A_ = v_d_5frow_3a_251_40t;
+    const float* B_ = v_param_3aU_40base;
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
     const int m0 = blockIdx.y * 32, n0 = blockIdx.x * 32;
     // split-K: block z % 1 sums over its own chunk of k, a multiple of 32
@@ -510,8 +548,8 @@ extern "C" __global__ void __launch_bounds__(256, 2) rnnc_dgrad_7_dot(const int 
     const int G = 1, M = 5, N = 20, K = rows * 1;
     __shared__ __align__(16) float As[2][1152];  // [k][m], rows 36 apart
     __shared__ __align__(16) float Bs[2][1152];  // [k][n], rows 36 apart
-    const float* A_ = reinterpret_cast<const float*>(v_state_3ah_40base);
-    const float* B_ = reinterpret_cast<const float*>(v_d_5frow_3a_251_40base);
+    const float* A_ = v_state_3ah_40base;
+    const float* B_ = v_d_5frow_3a_251_40base;
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
     const int m0 = blockIdx.y * 32, n0 = blockIdx.x * 32;
     // split-K: block z % 50 sums over its own chunk of k, a multiple of 32
@@ -655,8 +693,8 @@ extern "C" __global__ void __launch_bounds__(256, 2) rnnc_pre_bwd_10_dot(const i
     const int G = 1, M = rows * 1, N = 3, K = 20;
     __shared__ __align__(16) float As[2][1152];  // [k][m], rows 36 apart
     __shared__ __align__(16) float Bs[2][1152];  // [k][n], rows 36 apart
-    const float* A_ = reinterpret_cast<const float*>(v_d_5frow_3a_251_40base);
-    const float* B_ = reinterpret_cast<const float*>(v_param_3aW_40base);
+    const float* A_ = v_d_5frow_3a_251_40base;
+    const float* B_ = v_param_3aW_40base;
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
     const int m0 = blockIdx.y * 32, n0 = blockIdx.x * 32;
     // split-K: block z % 1 sums over its own chunk of k, a multiple of 32
@@ -725,8 +763,8 @@ extern "C" __global__ void __launch_bounds__(256, 2) rnnc_pre_bwd_11_dot(const i
     const int G = 1, M = 3, N = 20, K = rows * 1;
     __shared__ __align__(16) float As[2][1152];  // [k][m], rows 36 apart
     __shared__ __align__(16) float Bs[2][1152];  // [k][n], rows 36 apart
-    const float* A_ = reinterpret_cast<const float*>(v_pre_5fbwd_3a_25pre_3amask2_40base);
-    const float* B_ = reinterpret_cast<const float*>(v_d_5frow_3a_251_40base);
+    const float* A_ = v_pre_5fbwd_3a_25pre_3amask2_40base;
+    const float* B_ = v_d_5frow_3a_251_40base;
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
     const int m0 = blockIdx.y * 32, n0 = blockIdx.x * 32;
     // split-K: block z % 50 sums over its own chunk of k, a multiple of 32
