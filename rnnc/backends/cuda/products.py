@@ -52,10 +52,6 @@ class InputType:
     convert: str = ""  # TF32: applied to a float from shared memory to make a fragment register
     rounding: str = ""  # applied to a float before a SIMT multiply, so both engines round alike
 
-    @property
-    def sixteen_bit(self) -> bool:
-        return self.elem != "float"
-
 
 INPUTS = {t.name: t for t in (
     InputType("fp32", "float"),
