@@ -100,7 +100,7 @@ def test_example_in_16_bits_equals_numpy_reference(path, policy, dtype, workdir,
         bad = cases.mismatches(cases.as_float64(got), cases.as_float64(want), cases.dtype_tolerance(dtype))
         assert not bad, f"lengths={lengths}: relative errors {bad}"
     plan = program.plan
-    assert held_bytes(module, args, None) == (plan.stored_bytes(cases.T, cases.B, dtype),
+    assert cases.held_bytes(module, args, None) == (plan.stored_bytes(cases.T, cases.B, dtype),
                                               plan.peak_bytes(cases.T, cases.B, dtype))
 
 
