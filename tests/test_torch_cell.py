@@ -274,7 +274,7 @@ def test_mixed_dtypes_name_the_argument(lstm32):
 
 def test_unsupported_dtype(lstm32):
     with pytest.raises(ValueError, match="float32, float64, bfloat16 or float16"):
-        lstm32.to(torch.complex64)(torch.randn(2, 1, 3, dtype=torch.complex64))
+        lstm32.to(torch.float8_e5m2)(torch.randn(2, 1, 3).to(torch.float8_e5m2))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
