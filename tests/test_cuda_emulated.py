@@ -116,6 +116,14 @@ def test_16_bits_are_not_float32(dtype, workdir):
     assert cases.mismatches(got, exact, 3 * cases.dtype_tolerance(dtype))
 
 
+def test_16_bit_modules_say_they_take_numpy_arrays(workdir):
+    program = cases.compile_example(example("gru"), "none")
+    module, _ = emulated(program, workdir, dtype="float16")
+    args = cases.in_dtype(cases.arguments(program), "float16")
+    with pytest.raises(ValueError, match=r"params\['U'\]: a device array, but .* float16 modules take NumPy"):
+        module.forward(inputs=args["inputs"], params={**args["params"], "U": cuda_emulator.HostArray(args["params"]["U"])})
+
+
 @pytest.mark.parametrize("path", [example("lstm"), example("attention_lstm")], ids=lambda p: p.stem)
 def test_tf32_is_not_exact(path, workdir):
     """tf32 kernels are far from the exact reference: the rounding the test

@@ -153,8 +153,20 @@ class CudaModule:
         own = self.buffers.get(buffer)
         return own.elem if own else "float"
 
+    def _wrapped(self, **groups) -> list:
+        """The caller's arrays of each group (inputs=..., params=...) as `wrap`
+        gives them; a 16-bit module takes NumPy arrays only, and says so."""
+        wrapped = [wrap_all(arrays) for arrays in groups.values()]
+        if is_narrow(self.dtype):
+            for group, arrays in zip(groups, wrapped):
+                for name, array in (arrays or {}).items():
+                    if isinstance(array, DeviceArray):
+                        raise ValueError(f"{group}[{name!r}]: a device array, but the cuda backend's "
+                                         f"{self.dtype.name} modules take NumPy arrays only (16-bit device "
+                                         "arrays are not supported yet)")
+        return wrapped
+
     def _array_types(self) -> tuple:
-        """What the caller may pass: NumPy arrays, and device arrays for float32 modules."""
         return (np.ndarray,) if is_narrow(self.dtype) else (np.ndarray, DeviceArray)
 
     def _value_shape(self, name: str) -> tuple:
@@ -174,8 +186,8 @@ class CudaModule:
 
     def _forward(self, inputs, params, states, contexts, lengths, train):
         T, B, inputs, params, states, contexts, lengths = bind_forward(
-            self.cell, self.dtype, wrap_all(inputs), wrap_all(params), wrap_all(states),
-            wrap_all(contexts), lengths, self._array_types())
+            self.cell, self.dtype, *self._wrapped(inputs=inputs, params=params, states=states, contexts=contexts),
+            lengths, self._array_types())
         schedule = self.program.plan.schedule(T, B, self.dtype, train)
         self.executor.check_sizes(T, B, max((e.stop - e.start for e in schedule.events), default=0))
         call = Call(T, B, schedule,
@@ -299,8 +311,9 @@ class CudaModule:
     def _backward(self, result: ForwardResult, d_outputs, d_states) -> Gradients:
         call = saved_for_backward(result)
         T, B = call.T, call.B
-        d_outputs, d_states = bind_cotangents(self.cell, self.dtype, T, B, wrap_all(d_outputs),
-                                              wrap_all(d_states), self._array_types())
+        d_outputs, d_states = bind_cotangents(self.cell, self.dtype, T, B,
+                                              *self._wrapped(d_outputs=d_outputs, d_states=d_states),
+                                              self._array_types())
         if call.used:  # an earlier backward freed what the forward kept: rebuild it
             self._run_forward(call)
         call.used = True
