@@ -24,6 +24,7 @@ from .errors import CellError, Source
 from .frontend import check as checker
 from .frontend import parse as parser
 from .ir import Cell, format_cell
+from .ops import COUNTER_KINDS
 from .passes.autodiff import vjp
 from .passes.hoist import Hoisted, hoist
 from .passes.mask import format_masked, mask
@@ -88,8 +89,10 @@ def check_source(source: Source, cell: str | None = None, dims: dict | None = No
 
 
 def differentiate(hoisted: Hoisted) -> dict:
-    """The backward region of each forward region, w.r.t. everything it reads."""
-    return {name: vjp(graph, tuple(v.name for v in graph.inputs), prefix=f"%{name}:")
+    """The backward region of each forward region, w.r.t. everything it reads
+    but the counter of random draws (the step index among it)."""
+    counter = {d.name for d in hoisted.cell.decls if d.kind in COUNTER_KINDS}
+    return {name: vjp(graph, tuple(v.name for v in graph.inputs if v.name not in counter), prefix=f"%{name}:")
             for name, graph in (("seq", hoisted.seq), ("pre", hoisted.pre), ("step", hoisted.step))}
 
 

@@ -3,6 +3,8 @@
 The loss is a fixed random linear function of every output and final state,
 so its gradient with respect to an argument is exactly what `backward` returns
 for those cotangents; each entry is compared with a central difference.
+Random ops draw the same masks in every forward (all from `seed`), so the
+loss is a smooth function of the arguments, the masks held fixed.
 """
 from __future__ import annotations
 
@@ -60,13 +62,13 @@ def gradcheck(module, T: int = 3, B: int = 2, seed: int = 0, with_lengths: bool 
         raise ValueError(f"gradcheck needs a float64 module, got {module.dtype}")
     args = random_arguments(module, T, B, seed, with_lengths)
     rng = np.random.default_rng(seed + 1)
-    result = module.forward(**args)
+    result = module.forward(**args, seed=seed)
     d_outputs = {k: rng.normal(size=v.shape) for k, v in result.outputs.items()}
     d_states = {k: rng.normal(size=v.shape) for k, v in result.states.items()}
     grads = module.backward(result, d_outputs, d_states)
 
     def loss() -> float:
-        r = module.forward(**args, train=False)
+        r = module.forward(**args, train=False, stochastic=True, seed=seed)
         return (sum(float((r.outputs[k] * d).sum()) for k, d in d_outputs.items())
                 + sum(float((r.states[k] * d).sum()) for k, d in d_states.items()))
 

@@ -78,7 +78,7 @@ def live_nodes(nodes, roots) -> list:
 class Decl:
     """A declared input, context, state or param of a cell."""
 
-    kind: str  # input context state param
+    kind: str  # input context state param, or a random draw's counter: key example step
     name: str
     shape: Shape
     init: float | None = None  # params only; None means uniform(+-1/sqrt(fan_in))
@@ -86,7 +86,7 @@ class Decl:
 
     @property
     def batched(self) -> bool:
-        return self.kind != "param"
+        return self.kind not in ("param", "key")
 
     @property
     def value(self) -> Value:

@@ -9,6 +9,8 @@ NumPy scalar of the right dtype is taken as a 0-d array.
 """
 from __future__ import annotations
 
+import numbers
+import secrets
 from collections.abc import Mapping
 
 import numpy as np
@@ -37,6 +39,19 @@ def module_dtype(dtype) -> np.dtype:
     except TypeError:
         pass
     raise ValueError(f"dtype: expected 'float32' or 'float64', got {dtype!r}")
+
+
+SEEDS = 2**64  # a seed is the key of the random draws: two 32-bit words
+
+
+def bind_seed(seed) -> int:
+    """The seed of a forward call's random draws (dropout, zoneout): the one
+    given, else a fresh one (as each call of torch's dropout draws anew)."""
+    if seed is None:
+        return secrets.randbits(64)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < SEEDS:
+        raise ValueError(f"seed: expected an integer in 0..2**64-1, got {seed!r}")
+    return int(seed)
 
 
 def saved_for_backward(result):

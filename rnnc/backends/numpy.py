@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..dtypes import compute, is_narrow, rounded_where_made, storage
-from ..ops import OPS, align
+from ..ops import COUNTER_KINDS, OPS, align, key_words
 from ..passes.mask import VALID, cotangent_input
 from ..precision import for_dtype
 from ..shapes import concrete_shape
-from .args import bind_cotangents, bind_forward, saved_for_backward
+from .args import bind_cotangents, bind_forward, bind_seed, saved_for_backward
 from .ledger import Ledger
 
 
@@ -70,10 +70,16 @@ class Runner:
 
     def run(self, env: dict) -> dict:
         for out, fn, args in self.steps:
-            env[out] = np.asarray(fn(*[np.asarray(env[a], self.dtype) for a in args]), self.dtype)
+            env[out] = np.asarray(fn(*[self._read(env[a]) for a in args]), self.dtype)
             if out in self.rounded:
                 env[out] = env[out].astype(self.narrow)
         return env
+
+    def _read(self, array):
+        """An argument in the dtype the Runner computes in; the random draws'
+        key (unsigned words, rnnc/ops/random.py) as it is."""
+        array = np.asarray(array)
+        return array if array.dtype.kind == "u" else array.astype(self.dtype, copy=False)
 
 
 @dataclass
@@ -82,6 +88,7 @@ class ForwardResult:
     states: dict
     stored_bytes: int = 0  # measured: what this forward keeps for the backward
     _tape: "Saved | None" = field(default=None, repr=False)
+    seed: int | None = None  # of the random draws: forward(..., seed=result.seed) draws them again
 
 
 @dataclass
@@ -102,6 +109,7 @@ class Call:
     inputs: dict  # name -> [T, B, ...]
     valid: np.ndarray | None  # [T, B]: step t inside sequence b (None without lengths: all are)
     run: dict  # region name -> Runner, for these lengths
+    steps: dict = field(default_factory=dict)  # the step index's name -> [T, B] (t), when the cell reads it
     ledger: Ledger = field(default_factory=Ledger)
     shared: dict = field(default_factory=dict)  # params, contexts, literals, once-per-sequence values
     state: dict = field(default_factory=dict)  # the states between segments
@@ -191,6 +199,8 @@ class NumpyModule:
         self.literals = {n.out: np.asarray(n.attr("value"), self.compute)
                          for g in (self.hoisted.seq, self.hoisted.pre, self.hoisted.step)
                          for n in g.nodes if n.op == "const"}
+        # the counter of random draws (rnnc/ops/random.py): kind -> its declared name
+        self.counter = {d.kind: d.name for d in self.cell.decls if d.kind in COUNTER_KINDS}
 
     def _runners(self, all_valid: bool) -> dict:
         h, g = self.hoisted, self.grads
@@ -243,17 +253,24 @@ class NumpyModule:
             for buffer in event.frees:
                 call.ledger.release(buffer)
 
-    def forward(self, inputs, params, states=None, contexts=None, lengths=None, train=True):
+    def forward(self, inputs, params, states=None, contexts=None, lengths=None, train=True, seed=None,
+                stochastic=None):
         """Run the schedule's forward events: the sequence segment by segment, as
         the plan says. Training keeps, for the backward, the states at the start
         of every segment but the last and the last segment's hoisted rows and
-        stored step values; inference keeps nothing."""
+        stored step values; inference keeps nothing. Random ops draw their
+        masks from `seed` (a fresh one when None) when `stochastic` (default:
+        `train`), else take their expectation forms."""
         args = dict(inputs=inputs, params=params, states=states, contexts=contexts, lengths=lengths)
         T, B, inputs, params, states, contexts, lengths = bind_forward(
             self.cell, self.dtype, inputs, params, states, contexts, lengths)
+        seed, stochastic = bind_seed(seed), train if stochastic is None else bool(stochastic)
+        args.update(seed=seed, stochastic=stochastic)  # a second backward draws the same masks again
         valid = None if lengths is None else np.arange(T)[:, None] < lengths[None, :]
         call = Call(T, B, inputs, valid, self.runners[valid is not None])
-        call.shared = {**params, **contexts, **self.literals}
+        call.shared = {**params, **contexts, **self.literals, **self._counter_values(B, seed, stochastic)}
+        if "step" in self.counter:
+            call.steps = {self.counter["step"]: np.broadcast_to(np.arange(T, dtype=self.compute)[:, None], (T, B))}
         # the forward runs on its own copies of the initial states: a checkpoint owns them
         call.state = {d.name: np.array(states[d.name], self.compute) if d.name in states
                       else self._zeros(d.name, (B,), self.compute) for d in self.cell.of_kind("state")}
@@ -266,7 +283,12 @@ class NumpyModule:
         if train:
             fingerprints = {k: _fingerprint(a) for k, a in _caller_arrays(args).items()}
             saved = Saved(args, call, schedule, fingerprints)
-        return ForwardResult(call.outputs, final, call.ledger.current, saved)
+        return ForwardResult(call.outputs, final, call.ledger.current, saved, seed)
+
+    def _counter_values(self, B: int, seed: int, stochastic: bool) -> dict:
+        """The key and the batch elements of the random draws' counter, where the cell draws."""
+        values = {"key": key_words(seed, stochastic), "example": np.arange(B, dtype=self.compute)}
+        return {name: values[kind] for kind, name in self.counter.items() if kind in values}
 
     def _on_seq(self, call, event):
         """The once-per-sequence values every region reads, held until the backward is done."""
@@ -310,17 +332,20 @@ class NumpyModule:
         """What the hoisted `pre` region and its backward read over the event's
         steps: the shared values, and the inputs and the mask as flat rows."""
         env = dict(call.shared)
-        sequences = {**call.inputs, **({} if call.valid is None else {VALID: call.valid})}
-        env.update((x, a[event.start:event.stop].reshape((-1,) + a.shape[2:])) for x, a in sequences.items())
+        env.update((x, a[event.start:event.stop].reshape((-1,) + a.shape[2:])) for x, a in self._sequences(call).items())
         return env
 
+    @staticmethod
+    def _sequences(call) -> dict:
+        """The values of every row: the inputs, the mask and the step index, [T, B, ...]."""
+        return {**call.inputs, **({} if call.valid is None else {VALID: call.valid}), **call.steps}
+
     def _step_env(self, call, rows, start, t) -> dict:
-        """What step t reads: shared values, its inputs, the mask and its rows of the hoisted values."""
+        """What step t reads: shared values, its inputs, the mask, the step index
+        and its rows of the hoisted values."""
         B, row = call.B, (t - start) * call.B
         env = dict(call.shared)
-        env.update((x, a[t]) for x, a in call.inputs.items())
-        if call.valid is not None:
-            env[VALID] = call.valid[t]
+        env.update((x, a[t]) for x, a in self._sequences(call).items())
         env.update((v, rows[v][row:row + B]) for v in self.hoisted.pre.outputs)
         return env
 

@@ -8,6 +8,8 @@ place it was made. Dims given by the caller are substituted as the shapes are bu
 `split` divisibility and size clashes are decided on the real sizes.
 Elementwise work on literals only (`1 - 0.5`, `-3.0`) is folded into one
 literal of its value, refused where float32 cannot hold it (`1e30 * 1e30`).
+A random op (dropout, zoneout) gets its site and the counter values it draws
+by (rnnc/ops/random.py), declared by the checker as they are first needed.
 """
 from __future__ import annotations
 
@@ -86,6 +88,11 @@ class _Checker:
         self.nexts: dict[str, tuple] = {}  # state -> (value, pos)
         self.outputs: list[tuple] = []
         self.defined_later = self._all_bound_names()
+        self.in_time: set = set()  # values that change from step to step (they read an input, a state or the step)
+        self.sites = 0  # random calls so far
+        # the step index's name: the cell's `step` declaration's, else one no cell can write
+        self.step_name = next((s.items[0].id for s in cell.body if isinstance(s, ast.Decl) and s.kind == "step"),
+                              ops.random.STEP)
 
     # --- driver -----------------------------------------------------------
     def run(self) -> Checked:
@@ -115,7 +122,7 @@ class _Checker:
     def _unused_warnings(self, used: set) -> tuple:
         found = []
         for name, (kind, pos, value) in self.scope.items():
-            if kind in ("value", "input", "context", "param") and value not in used:
+            if kind in ("value", "input", "context", "param", "step") and value not in used:
                 what = "value" if kind == "value" else kind
                 found.append(CellWarning(f"{what} '{name}' is never used", pos, self.source))
         return tuple(sorted(found, key=lambda w: (w.pos.line, w.pos.col)))
@@ -227,11 +234,32 @@ class _Checker:
             if d.kind == "dim":
                 self._bind(item.id, item.pos, "dim")
                 continue
+            if d.kind == "step":
+                if item.id != self.step_name:
+                    raise CellError(f"the step index is already declared as '{self.step_name}'; a cell has one",
+                                    item.pos)
+                self._bind(item.id, item.pos, "step")
+                self._counter("step", item.pos)
+                continue
             init = None if item.init is None else _param_init(item.init)
             self._bind(item.name, item.pos, d.kind)
-            decl = Decl(d.kind, item.name, self._shape(item), init, item.pos)
-            self.decls.append(decl)
-            self.builder.values[decl.name] = decl.value
+            self._declare(Decl(d.kind, item.name, self._shape(item), init, item.pos))
+
+    def _declare(self, decl: Decl) -> str:
+        self.decls.append(decl)
+        self.builder.values[decl.name] = decl.value
+        if decl.kind in ("input", "state", "step"):
+            self.in_time.add(decl.name)
+        return decl.name
+
+    def _counter(self, kind: str, pos: Pos | None = None) -> str:
+        """The name of a counter value of a random draw (`kind`: key, example or
+        step), declared when first needed (the step where the cell declares it)."""
+        name = {"key": ops.random.KEY, "example": ops.random.EXAMPLE, "step": self.step_name}[kind]
+        if name in self.builder.values:
+            return name
+        shape = (Size.const(3),) if kind == "key" else ()
+        return self._declare(Decl(kind, name, shape, None, pos))
 
     def _assign(self, s: ast.Assign):
         op = ops.FUNCTIONS.get(s.value.func) if isinstance(s.value, ast.Call) else None
@@ -287,6 +315,8 @@ class _Checker:
         foldable = ops.OPS[op].elementwise and args and all(a in self.constants for a in args)
         out = self._rule(self.builder.emit, where, op, *args, name=None if foldable else name, pos=where.pos,
                          **attrs)
+        if any(a in self.in_time for a in args):
+            self.in_time.add(out)
         if not foldable:
             return out
         with np.errstate(all="ignore"):  # 1/0 and log(-1) are reported below
@@ -367,7 +397,7 @@ class _Checker:
                 raise CellError(f"{c.func}() has no argument '{a.name}' (keywords: {valid})", a.pos)
             if a.name in keywords:
                 raise CellError(f"{c.func}() got argument '{a.name}' twice", a.pos)
-            keywords[a.name] = _literal(a.value, allowed[a.name], a.pos)
+            keywords[a.name] = self._literal(a.value, allowed[a.name], a.pos)
         n, want = len(positional), len(fn.params)
         if fn.variadic and n < want:
             raise CellError(f"{c.func}() takes {want} or more arguments, got {n}", c.pos)
@@ -376,7 +406,7 @@ class _Checker:
             raise CellError(f"{c.func}() takes {want} argument{'s' if want != 1 else ''} ({names}), got {n}",
                             c.pos)
         split = n - len(fn.literals)
-        given = {p.name: _literal(e, p, e.pos) for p, e in zip(fn.literals, positional[split:])}
+        given = {p.name: self._literal(e, p, _start(e)) for p, e in zip(fn.literals, positional[split:])}
         given.update((p.name, keywords.get(p.name, p.default)) for p in fn.keywords)
         return positional[:split], given
 
@@ -397,7 +427,36 @@ class _Checker:
         for a in args:
             values.append((yield a))
         attrs = self._attrs(c, op.syntax, values, given)
+        if op.draws:
+            values, attrs = self._draw(values, attrs, given)
         return self._emit(op.name, *values, where=c, name=name, **attrs)
+
+    def _draw(self, values: list, attrs: dict, given: dict) -> tuple:
+        """A random call's arguments and attrs: its counter values after its own
+        arguments, its site and what it is drawn once per (rnnc/ops/random.py)."""
+        batched = any(self.builder.values[v].batched for v in values)
+        per = ops.per_of(batched, any(v in self.in_time for v in values), given)
+        counter = ops.counter_args(per, self.step_name)
+        for kind, _ in zip(ops.COUNTER_KINDS, counter):
+            self._counter(kind)
+        self.sites += 1
+        return values + list(counter), {**attrs, "per": per, "site": self.sites - 1}
+
+    def _literal(self, e, param: ops.Param, pos: Pos):
+        """The value of literal argument `e` for `param`: a number of its kind's
+        form, or for a kind that folds, an expression of numbers (else an error
+        at the argument), and one it allows (else at `pos`, the keyword's place
+        for a keyword)."""
+        number = _number(e)
+        if number is None and param.kind.folded:
+            value = self._expr(e, None)  # dims and values are refused or left unfolded
+            number = self.constants.get(value)
+        value = None if number is None else param.kind.read(number)
+        if value is None:
+            raise CellError(f"'{param.name}' must be {param.kind.what}", _start(e))
+        if not param.kind.allows(value):
+            raise CellError(f"'{param.name}' must be {param.kind.allowed}, not {value:g}", pos)
+        return value
 
     def _several(self, c: ast.Call, names: list) -> list:
         """The values of a call that gives several (`a, b = split(x, 2)`), one node each."""
@@ -430,17 +489,6 @@ def _param_init(e) -> float:
     return value
 
 
-def _literal(e, param: ops.Param, pos: Pos):
-    """The value of literal argument `e` for `param`: a number of its kind's
-    form (else an error at the literal), and one it allows (else at `pos`, the
-    keyword's place for a keyword)."""
-    number = _number(e)
-    value = None if number is None else param.kind.read(number)
-    if value is None:
-        raise CellError(f"'{param.name}' must be {param.kind.what}", e.pos)
-    if not param.kind.allows(value):
-        raise CellError(f"'{param.name}' must be {param.kind.allowed}, not {value}", pos)
-    return value
 
 
 def _keyword_pos(c: ast.Call, name: str) -> Pos:

@@ -15,7 +15,7 @@ import lark
 
 from ..errors import CellError, Pos, Source
 
-KEYWORDS = ("cell", "dim", "input", "context", "state", "param", "next", "output")
+KEYWORDS = ("cell", "dim", "input", "context", "state", "param", "step", "next", "output")
 
 
 # --- AST -------------------------------------------------------------------
@@ -70,8 +70,8 @@ class Var(Node):
 
 @dataclass(frozen=True)
 class Decl(Node):
-    kind: str  # dim input context state param
-    items: tuple  # Var, or Name for dims
+    kind: str  # dim input context state param step
+    items: tuple  # Var, or Name for dims and the step
 
 
 @dataclass(frozen=True)
@@ -242,6 +242,10 @@ class _ToAst(lark.visitors.Transformer_NonRecursive):
     @lark.v_args(meta=True)
     def dim_decl(self, meta, names):
         return Decl(_pos(meta), "dim", tuple(self._name(n) for n in names))
+
+    @lark.v_args(meta=True)
+    def step_decl(self, meta, names):
+        return Decl(_pos(meta), "step", tuple(self._name(n) for n in names))
 
     def var(self, items):
         name, shape = items

@@ -23,7 +23,9 @@ of this package, one per family), everything the compiler knows about it:
   (a parameter's gradient): the lengths mask zeroes its padded rows'
   operands, and the CUDA backend may run it once over several steps' rows;
 - `batched`: (argument batched flags, attrs) -> whether the result has the
-  batch axis (default: any argument has it).
+  batch axis (default: any argument has it);
+- `draws`: a random op (rnnc/ops/random.py): the checker gives each call a
+  `site` and appends the counter values it draws by to its arguments.
 
 The checker, the planner and both backends read these facts and keep no
 table of ops of their own.
@@ -71,6 +73,7 @@ class LiteralKind:
     read: Callable[[float], object]
     allows: Callable[[object], bool] = lambda value: True
     allowed: str = ""  # for messages: "'keepdims' must be 0 or 1, not 2"
+    folded: bool = False  # an expression of numbers is taken too (`1 - 0.75`), folded by the checker
 
 
 def _integer(v: float):
@@ -80,6 +83,8 @@ def _integer(v: float):
 INTEGER = LiteralKind("an integer literal", _integer)
 FLAG = LiteralKind("an integer literal", _integer, lambda v: v in (0, 1), "0 or 1")
 COUNT = LiteralKind("an integer literal", _integer, lambda v: v >= 1, "positive")
+PROBABILITY = LiteralKind("a number or an expression of numbers", float, lambda v: 0 <= v < 1, "in [0, 1)",
+                          folded=True)
 
 REQUIRED = object()  # a Param without a default
 
@@ -190,12 +195,14 @@ class OpDef:
     rounds_inputs: bool = False
     sums_rows: bool = False
     batched: Callable | None = None
+    draws: bool = False
 
     @property
     def elementwise(self) -> bool:
         """Computed element by element from its arguments' elements at the same
-        (broadcast) index: the NumPy rule gets them aligned (`align`)."""
-        return isinstance(self.cuda, CExpr)
+        (broadcast) index: the NumPy rule gets them aligned (`align`). A random
+        op is too: its counter values are shared or one number per row."""
+        return isinstance(self.cuda, CExpr) or self.draws
 
     @property
     def arity(self) -> int | None:
@@ -216,11 +223,11 @@ OPERATORS: dict[str, OpDef] = {}  # the grammar's rule name of an operator -> op
 
 
 def defop(name, *, syntax, shape, numpy, vjp, flops, recompute, cuda, rounds_inputs=False, sums_rows=False,
-          batched=None):
+          batched=None, draws=False):
     """Register op `name` with every fact about it (see the module doc)."""
     if name in OPS:
         raise ValueError(f"op {name!r} is defined twice")
-    op = OpDef(name, syntax, shape, numpy, vjp, flops, recompute, cuda, rounds_inputs, sums_rows, batched)
+    op = OpDef(name, syntax, shape, numpy, vjp, flops, recompute, cuda, rounds_inputs, sums_rows, batched, draws)
     OPS[name] = op
     if isinstance(syntax, Function):
         FUNCTIONS[syntax.name] = op

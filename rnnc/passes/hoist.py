@@ -38,7 +38,8 @@ class Hoisted:
 
 def classify(cell: Cell) -> dict:
     """Region ('seq', 'pre' or 'step') of every value of the step."""
-    region = {d.name: {"input": "pre", "state": "step"}.get(d.kind, "seq") for d in cell.decls}
+    # the step index is a value of every row, as an input is; a random draw's other counter values are once per sequence
+    region = {d.name: {"input": "pre", "step": "pre", "state": "step"}.get(d.kind, "seq") for d in cell.decls}
     batched = {d.name: d.batched for d in cell.decls}
     for n in cell.nodes:
         batched[n.out] = n.batched
