@@ -18,6 +18,7 @@ POLICIES = ("none", "auto", "all")
 DIMS = {"D": 3, "H": 5, "E": 4, "S": 6}
 T, B = 4, 3
 LENGTHS = np.array([4, 2, 0])  # full, partial and empty sequences
+SEED = 2**40 + 7  # of random draws: both words of the key in use
 TOLERANCE = 1e-4  # float32 kernels against the float64 reference, times its largest magnitude, per array
 PRECISIONS_RUN = tuple(PRECISIONS)  # fp32 and tf32
 DTYPES_RUN = tuple(OF_NARROW)  # bfloat16 and float16
@@ -86,7 +87,7 @@ def run(module, args: dict, lengths, to_array=lambda a: a, to_numpy=np.asarray) 
     """Every array forward and backward give, by a name like 'grad params W'."""
     forward = {k: {n: to_array(a) for n, a in args[k].items()}
                for k in ("inputs", "states", "contexts", "params")}
-    res = module.forward(**forward, lengths=lengths)
+    res = module.forward(**forward, lengths=lengths, seed=SEED)
     grads = module.backward(res, {n: to_array(a) for n, a in args["d_outputs"].items()},
                             {n: to_array(a) for n, a in args["d_states"].items()})
     arrays = {f"output {n}": a for n, a in res.outputs.items()}

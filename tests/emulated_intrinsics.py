@@ -15,6 +15,7 @@
 - `cvt.rna.tf32.f32`: to nearest, ties away from zero, as
   rnnc.precision.Precision.round_inputs.
 - `__shfl_down_sync`: a warp-wide exchange through the same slots.
+- `__float_as_uint` (`rnnc_bits`): the float's bytes as an unsigned.
 """
 from __future__ import annotations
 
@@ -66,6 +67,7 @@ inline void rnnc_cp_async_wait() {  // every copy of a group older than the newe
 
 static inline unsigned emu_bits(float x) { unsigned u; memcpy(&u, &x, 4); return u; }
 static inline float emu_float(unsigned u) { float x; memcpy(&x, &u, 4); return x; }
+inline unsigned rnnc_bits(float x) { return emu_bits(x); }
 
 inline unsigned rnnc_to_tf32(float x) {
     unsigned u = emu_bits(x);

@@ -10,15 +10,16 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 # Buffer roles. The caller's arrays, for the whole call: input, param,
-# context, output, valid (the lengths mask) in the forward; d_output,
+# context, output, valid (the lengths mask) and the random draws' counter
+# (key, example, step: rnnc/ops/random.py) in the forward; d_output,
 # d_state, d_input and d_param (the gradients of params and contexts) in the
 # backward. The schedule's held buffers, made and freed by its events: seq,
 # rows, tape, d_seq, d_rows (rnnc/passes/costs.py). Scratch, and tickets
 # (scratch counters, zero when allocated): made for one run of a launch list
 # and freed after it.
-WHOLE_SEQUENCE = ("input", "output", "valid", "d_output", "d_input")
+WHOLE_SEQUENCE = ("input", "output", "valid", "step", "d_output", "d_input")
 SCRATCH = ("scratch", "tickets")
-FORWARD_CALLER = ("input", "param", "context", "output", "valid")
+FORWARD_CALLER = ("input", "param", "context", "output", "valid", "key", "example", "step")
 BACKWARD_CALLER = ("d_output", "d_state", "d_input", "d_param")
 # Under a 16-bit dtype (rnnc/dtypes.py) the buffers of these roles hold it; the
 # others (states and their cotangents, sums, scratch) hold float32. A tape

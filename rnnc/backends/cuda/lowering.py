@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from ...ops import OPS
+from ...ops import COUNTER_KINDS, OPS
 from ...passes.mask import VALID, cotangent_input
 from ...dtypes import storage
 from ...precision import for_dtype
@@ -60,11 +60,12 @@ class Lowering:
         return concrete_shape(self.values[name].shape)
 
     def declared(self, name, selector="t") -> Ref:
-        """A declaration's caller-given buffer: inputs per step, states per step, others whole."""
+        """A declaration's buffer: inputs and the step index per step, states
+        per step, others whole. The runtime fills the counter's (key, example, step)."""
         d = self.decl[name]
         shape = concrete_shape(d.shape)
-        if d.kind == "input":
-            return self.buffer(f"input:{name}", shape, True, "T", "input", selector)
+        if d.kind in ("input", "step"):
+            return self.buffer(f"{d.kind}:{name}", shape, True, "T", d.kind, selector)
         if d.kind == "state":
             return self.buffer(f"state:{name}", shape, True, "state", "tape", selector)
         return self.buffer(f"{d.kind}:{name}", shape, d.batched, "one", d.kind)
@@ -78,7 +79,7 @@ class Lowering:
                 self.d_row(d.name, "base")
             elif d.kind == "state":
                 self.d_state(d.name, "t")
-            else:
+            elif d.kind not in COUNTER_KINDS:
                 self.accumulator(d.name)
         for o, _ in self.hoisted.outputs:
             self.d_output(o, "t")

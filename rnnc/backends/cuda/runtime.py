@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ...dtypes import is_narrow, storage
+from ...ops import key_words
 from ...precision import for_dtype
-from ..args import bind_cotangents, bind_forward, concrete_shape, saved_for_backward
+from ..args import bind_cotangents, bind_forward, bind_seed, concrete_shape, saved_for_backward
 from ..numpy import ForwardResult, Gradients, NumpyModule
 from .device import PycudaDevice
 from .executor import Executor, Steps, held_slots
@@ -180,14 +181,16 @@ class CudaModule:
         return memory
 
     # --- forward -----------------------------------------------------------------------------------
-    def forward(self, inputs, params, states=None, contexts=None, lengths=None, train=True):
+    def forward(self, inputs, params, states=None, contexts=None, lengths=None, train=True, seed=None,
+                stochastic=None):
         with self.device.active():  # the device's context, on whichever thread calls
-            return self._forward(inputs, params, states, contexts, lengths, train)
+            return self._forward(inputs, params, states, contexts, lengths, train, seed, stochastic)
 
-    def _forward(self, inputs, params, states, contexts, lengths, train):
+    def _forward(self, inputs, params, states, contexts, lengths, train, seed, stochastic):
         T, B, inputs, params, states, contexts, lengths = bind_forward(
             self.cell, self.dtype, *self._wrapped(inputs=inputs, params=params, states=states, contexts=contexts),
             lengths, self._array_types())
+        seed = bind_seed(seed)
         schedule = self.program.plan.schedule(T, B, self.dtype, train)
         self.executor.check_sizes(T, B, max((e.stop - e.start for e in schedule.events), default=0))
         call = Call(T, B, schedule,
@@ -202,13 +205,23 @@ class CudaModule:
                 self.device.memset0(memory[f"initial:{s}"].ptr, memory[f"initial:{s}"].slot_bytes)
         steps = np.arange(T)[:, None] < (np.full(B, T) if lengths is None else lengths)[None, :]
         self.device.htod(memory["valid"].ptr, steps.astype(np.float32))
+        self._counter(memory, T, B, key_words(seed, train if stochastic is None else stochastic))
         self._run_forward(call)
         outputs = {o: self._copy_out(memory[f"output:{o}"].ptr, (T, B) + self._value_shape(v), call.on_device,
                                      self._elem(f"output:{o}"))
                    for o, v in self.program.hoisted.outputs}
         final = {s: self._copy_out(memory[f"carry:{s}"].ptr, (B,) + self._value_shape(s), call.on_device)
                  for s in self.states}
-        return ForwardResult(outputs, final, call.current, call if train else None)
+        return ForwardResult(outputs, final, call.current, call if train else None, seed)
+
+    def _counter(self, memory: dict, T: int, B: int, key):
+        """The random draws' counter (rnnc/ops/random.py), where the cell draws:
+        the key's words as floats' bits, the batch elements and the step index."""
+        values = {"key": key, "example": np.arange(B, dtype=np.float32),
+                  "step": np.broadcast_to(np.arange(T, dtype=np.float32)[:, None], (T, B))}
+        for b in self.buffers.values():
+            if b.role in values:
+                self.device.htod(memory[b.name].ptr, np.ascontiguousarray(values[b.role]))
 
     def _run_forward(self, call: Call):
         self._copy_states(call.memory, "carry", call.memory, "initial")
