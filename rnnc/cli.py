@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from . import driver
+from .backends.args import bind_seed
 from .backends.cuda import ToolchainError
 from .errors import CellError
 from .precision import DEFAULT as DEFAULT_PRECISION
@@ -44,6 +45,14 @@ def positive_int(text: str) -> int:
     if not re.fullmatch(r"\s*[0-9]+\s*", text) or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return int(text)
+
+
+def seed_int(text: str) -> int:
+    """A seed: an integer in 0..2^64-1."""
+    try:
+        return bind_seed(int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer in 0..2**64-1, got {text!r}") from None
 
 
 def parse_dims(items: list) -> dict:
@@ -81,7 +90,8 @@ def cmd_gradcheck(args) -> int:
         print(f"gradcheck: {label}, {entries} entries ({done + 1} of {total})", file=sys.stderr)
     print(f"gradcheck: T={args.seq_len}, B={args.batch}, float64, central differences of every entry "
           f"of every argument", file=sys.stderr)
-    report = gradcheck(module, T=args.seq_len, B=args.batch, with_lengths=args.lengths, progress=progress)
+    report = gradcheck(module, T=args.seq_len, B=args.batch, seed=args.seed, with_lengths=args.lengths,
+                       progress=progress)
     print(report.format())
     ok = report.worst <= args.tolerance
     print(f"{'ok' if ok else 'FAILED'}: tolerance {args.tolerance:.0e}")
@@ -95,7 +105,7 @@ def cmd_run(args) -> int:
     times = []  # (forward, backward) seconds of each run; the first is a warm-up
     for _ in range(args.repeat + 1):
         start = time.perf_counter()
-        result = module.forward(**arrays)
+        result = module.forward(**arrays, seed=args.seed)
         middle = time.perf_counter()
         grads = module.backward(result, {k: np.ones_like(v) for k, v in result.outputs.items()})
         times.append((middle - start, time.perf_counter() - middle))
@@ -203,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--batch", type=positive_int, default=DEFAULT_B, metavar="B",
                        help=f"batch size {what} (default {DEFAULT_B})")
 
+    def with_seed(c, what: str, default):
+        c.add_argument("--seed", type=seed_int, default=default, metavar="N", help=what)
+
     def with_precision(c, default_help):
         c.add_argument("--precision", choices=tuple(PRECISIONS), help="of products: fp32 (exact) or tf32 "
                                                                       f"(tensor cores); default: {default_help}")
@@ -219,12 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
     c = with_cell(command("gradcheck", cmd_gradcheck,
                           "check gradients against float64 finite differences (numpy backend)"))
     with_sizes(c, "of the random data")
+    with_seed(c, "of the random data and of dropout's and zoneout's masks (default 0)", 0)
     c.add_argument("--lengths", action="store_true", help="random sequence lengths")
     c.add_argument("--tolerance", type=float, default=1e-6, help="worst relative error allowed (default 1e-6)")
 
     c = with_cell(command("run", cmd_run, "forward and backward on random data, with timing"), "DIR|FILE",
                   "an artifact directory (rnnc compile -o) or a .cell file")
     with_sizes(c, "of the random data")
+    with_seed(c, "of dropout's and zoneout's masks (default: a fresh one each run)", None)
     c.add_argument("--repeat", type=positive_int, default=5, metavar="N",
                    help="timed runs after a warm-up; their median is shown (default 5)")
     c.add_argument("--backend", default="numpy", choices=("numpy", "cuda"))

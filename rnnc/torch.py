@@ -136,11 +136,12 @@ def _unflatten(layout: tuple, arrays) -> dict:
     return nested
 
 
-def _run_forward(backend, layout, lengths, tensors, train: bool):
-    """(backend result, output tensors in cell order, final state tensors in cell order)."""
+def _run_forward(backend, layout, lengths, draws: dict, tensors, train: bool):
+    """(backend result, output tensors in cell order, final state tensors in cell order);
+    `draws`: forward's `seed` and `stochastic`."""
     args = _unflatten(layout, [backend.to_array(t) for t in tensors])
     with backend.call():
-        res = backend.module.forward(**args, lengths=lengths, train=train)
+        res = backend.module.forward(**args, lengths=lengths, train=train, **draws)
     outs = backend.to_tensors(list(res.outputs.values()) + list(res.states.values()))
     return res, outs[:len(res.outputs)], outs[len(res.outputs):]
 
@@ -152,11 +153,13 @@ def _cotangents(backend, names, grads) -> dict:
 
 
 class _CellFunction(torch.autograd.Function):
-    """forward(backend, layout, lengths, *tensors) -> (*outputs, *final states)."""
+    """forward(backend, layout, lengths, draws, *tensors) -> (*outputs, *final states)."""
+
+    ARGUMENTS = 4  # before the tensors
 
     @staticmethod
-    def forward(ctx, backend, layout, lengths, *tensors):
-        res, outputs, finals = _run_forward(backend, layout, lengths, tensors, train=True)
+    def forward(ctx, backend, layout, lengths, draws, *tensors):
+        res, outputs, finals = _run_forward(backend, layout, lengths, draws, tensors, train=True)
         ctx.set_materialize_grads(False)  # an unused result's gradient stays None: zero to rnnc
         # the backend's tape reads these tensors' memory: saving them lets autograd's version
         # counters catch an in-place change before the backward would silently use it
@@ -174,11 +177,10 @@ class _CellFunction(torch.autograd.Function):
             g = backend.module.backward(
                 ctx.result, d_outputs=_cotangents(backend, out_names, grads[:len(out_names)]),
                 d_states=_cotangents(backend, state_names, grads[len(out_names):]))
-        needed = [(kind, name) for (kind, name), need in zip(ctx.layout, ctx.needs_input_grad[3:])
-                  if need]
+        needs = ctx.needs_input_grad[_CellFunction.ARGUMENTS:]
+        needed = [(kind, name) for (kind, name), need in zip(ctx.layout, needs) if need]
         tensors = iter(backend.to_tensors([getattr(g, kind)[name] for kind, name in needed]))
-        return (None, None, None, *(next(tensors) if need else None
-                                    for need in ctx.needs_input_grad[3:]))
+        return (None,) * _CellFunction.ARGUMENTS + tuple(next(tensors) if need else None for need in needs)
 
 
 # --- the module ---------------------------------------------------------------------------
@@ -203,6 +205,11 @@ class Cell(nn.Module):
     float32 on the CUDA backend. Under `torch.autocast` for their device the
     float tensors (params too) are cast to its dtype first, so the outputs
     are in it and the parameters' gradients in theirs.
+
+    Random ops (dropout, zoneout) follow `train()` and `eval()`: they draw
+    their masks in training mode, from a seed drawn from torch's default
+    generator at each call (so `torch.manual_seed` repeats a run), and take
+    their expectation forms in eval mode.
     """
 
     def __init__(self, program_or_path, dims: dict | None = None, recompute=None,
@@ -256,15 +263,24 @@ class Cell(nn.Module):
         device, dtype = _common_device_dtype(layout, tensors)
         backend = self._backend(device, dtype)
         lengths = _host_lengths(lengths)
+        draws = self._draws()
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-            results = _CellFunction.apply(backend, layout, lengths, *tensors)
+            results = _CellFunction.apply(backend, layout, lengths, draws, *tensors)
             n_out = len(self.program.cell.outputs)
             outputs, finals = results[:n_out], results[n_out:]
         else:  # nothing to differentiate: keep nothing for a backward
-            _, outputs, finals = _run_forward(backend, layout, lengths, tensors, train=False)
+            _, outputs, finals = _run_forward(backend, layout, lengths, draws, tensors, train=False)
         cell = self.program.cell
         return (dict(zip((o for o, _ in cell.outputs), outputs)),
                 dict(zip((d.name for d in cell.of_kind("state")), finals)))
+
+    def _draws(self) -> dict:
+        """forward's `seed` and `stochastic` for this call: a cell that draws
+        takes its seed from torch's default generator (one that does not
+        leaves the generator as it is)."""
+        draws = any(d.kind == "key" for d in self.program.cell.decls)
+        seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64)) if draws else 0
+        return {"seed": seed, "stochastic": self.training}
 
     def _named_inputs(self, inputs) -> dict:
         if isinstance(inputs, torch.Tensor):

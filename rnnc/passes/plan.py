@@ -33,6 +33,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ..ir import Graph
+from ..ops import OPS
 from ..shapes import shape_str
 from ..dtypes import storage, wide_bytes
 from .costs import Costs, backward_fixed, backward_per_step, elements, measure, role_values
@@ -62,6 +63,7 @@ class Plan:
     batch: int | None = None
     budget: int | None = None  # bytes, for `dtype`
     dtype: str = "float32"
+    draws: tuple = ()  # (value, op, what it is drawn once per) of each random call: masks drawn again, never kept
 
     # --- the schedule across time --------------------------------------------------------
     def segments_for(self, T: int) -> tuple:
@@ -122,6 +124,8 @@ class Plan:
                  f"  recomputed: {', '.join(n.out for n in self.recompute) or '(none)'}"]
         if self.segments is not None:
             lines.append(f"  segments: {format_segments(self.segments)}")
+        if self.draws:
+            lines.append(f"  {format_draws(self.draws)}")
         if T and B:
             lines.append(f"  T={T} B={B} {dtype}: stored {format_bytes(self.stored_bytes(T, B, dtype))}, "
                          f"peak {format_bytes(self.peak_bytes(T, B, dtype))}, recompute "
@@ -138,6 +142,17 @@ class Plan:
                 "segments": None if self.segments is None else list(self.segments),
                 "seq_len": self.seq_len, "batch": self.batch, "budget": self.budget,
                 "dtype": self.dtype}
+
+
+def format_draws(draws: tuple) -> str:
+    """The random calls, whose masks the backward draws again from their counter."""
+    calls = ", ".join(f"{value} ({op}, per {per})" for value, op, per in draws)
+    return f"masks drawn again in the backward, 0 bytes: {calls}"
+
+
+def random_draws(hoisted: Hoisted) -> tuple:
+    """(value, op, what it is drawn once per) of each random call of the cell."""
+    return tuple((n.out, n.op, n.attr("per")) for n in hoisted.cell.nodes if OPS[n.op].draws)
 
 
 def format_segments(lengths: tuple) -> str:
@@ -157,7 +172,8 @@ def planned(hoisted: Hoisted, grads: dict, policy, **across_time) -> Plan:
     per_step = per_step_plan(hoisted, grads["step"], policy)
     return Plan(per_step.policy, per_step.residuals, per_step.stored, per_step.recompute,
                 role_values(hoisted, grads, per_step.stored),
-                measure(hoisted, grads, per_step.stored, per_step.recompute), **across_time)
+                measure(hoisted, grads, per_step.stored, per_step.recompute), draws=random_draws(hoisted),
+                **across_time)
 
 
 # --- the schedule across time under a budget ----------------------------------------------
@@ -267,6 +283,8 @@ def format_table(plan: Plan, step: Graph, T: int, B: int, dtype: str, beside: di
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines.append("")
     lines += ["  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3] for r in rows]
+    if plan.draws:
+        lines.append(format_draws(plan.draws))
     lines.append("")
     lines += _totals({"this plan": plan, **beside}, T, B, dtype)
     return "\n".join(lines)
