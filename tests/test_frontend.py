@@ -17,7 +17,7 @@ from rnnc.cli import main
 
 from conftest import EXAMPLES, ROOT, example, run_rnnc
 NAMES = ["lstm", "gru", "milstm", "attention_lstm", "recurrent_attention_lstm",
-         "layernorm_lstm", "peephole_lstm", "indrnn"]
+         "layernorm_lstm", "peephole_lstm", "indrnn", "zoneout_lstm", "variational_gru"]
 DIMS = {"D": 3, "H": 5, "E": 7, "S": 11}
 
 
@@ -49,7 +49,7 @@ def dims_args(names) -> list:
 
 
 # --- the shipped examples ------------------------------------------------------
-def test_all_eight_examples_ship():
+def test_all_ten_examples_ship():
     assert sorted(p.stem for p in EXAMPLES) == sorted(NAMES)
 
 
@@ -414,7 +414,7 @@ def test_exit_status_0_for_good_files():
     proc = run_rnnc("check", *(f"examples/{n}.cell" for n in NAMES))
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
-    assert proc.stdout.count(": ok (cell ") == 8
+    assert proc.stdout.count(": ok (cell ") == len(NAMES)
     proc = run_rnnc("emit", "examples/gru.cell", "--stage", "ir", "-D", "D=3", "-D", "H=5")
     assert proc.returncode == 0
     assert "h_new[5] = add(" in proc.stdout

@@ -97,6 +97,11 @@ BODIES = {
     "context_products": "alpha = softmax(enc @ h, axis=0)\n next h = alpha @ enc + x",
     "shared_only": "w = v * v + 1\n next h = h * w + x",
     "shared_matrix_broadcast": "next h = sum(P * h, axis=0) + x",
+    # the masks held fixed (gradcheck draws them all from one seed): per step, per
+    # sequence (a context's, and variational), shared by the batch (a param's), and zoneout's
+    "dropout": "next h = tanh(dropout(x * h, 0.3) + dropout(h, 0.5, variational=1) * dropout(v, 0.25)) "
+               "+ sum(dropout(enc, 0.4), axis=0)",
+    "zoneout": "next h = zoneout(tanh(x + h @ P), h, 0.3) + zoneout(v, x, 0.5)",
 }
 
 

@@ -148,9 +148,11 @@ VARIATIONAL = Param("variational", FLAG, 0)
 defop("dropout", syntax=Function("dropout", (Param("x"), Param("p", PROBABILITY)), (VARIATIONAL,),
                                  attrs=lambda values, given: {"p": given["p"]}),
       shape=lambda shapes, attrs: shapes[0], numpy=dropout_np, vjp=dropout_vjp,
-      # priced as an activation: the Philox rounds are integer work on registers, in
-      # kernels whose time goes to moving memory
-      flops=per_element(4), recompute=True, cuda=Inline(lower_dropout), draws=True)
+      # the draw is priced at nothing (a value of its counter alone, which the
+      # planner should never store to save drawing it again; its Philox rounds are
+      # integer work on registers, in kernels whose time goes to moving memory):
+      # what is left is the select, 1 flop per element
+      flops=per_element(1), recompute=True, cuda=Inline(lower_dropout), draws=True)
 
 
 # --- zoneout ---------------------------------------------------------------------------------
@@ -185,7 +187,7 @@ def lower_zoneout(loop, n, shape, row, index):
 
 defop("zoneout", syntax=Function("zoneout", (Param("new"), Param("old"), Param("p", PROBABILITY)), (VARIATIONAL,),
                                  attrs=lambda values, given: {"p": given["p"]}),
-      shape=zoneout_shape, numpy=zoneout_np, vjp=zoneout_vjp, flops=per_element(4), recompute=True,
+      shape=zoneout_shape, numpy=zoneout_np, vjp=zoneout_vjp, flops=per_element(1), recompute=True,
       cuda=Inline(lower_zoneout), draws=True)
 
 __all__ = ["COUNTER_KINDS", "EXAMPLE", "KEY", "PER", "STEP", "ShapeError", "bits", "counter_args", "key_words",
