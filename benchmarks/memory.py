@@ -18,12 +18,20 @@ measured, and the 16-bit ones as a ratio to float32's. The hoisted rows, the
 stored values and their cotangents halve; the states (in the tape and the
 checkpoints), the once-per-sequence values and the gradient sums stay float32.
 
+Table 4: the masks of dropout and zoneout. The zoneout LSTM and the
+variational-dropout GRU against the LSTM and GRU they regularise: bytes the
+forward stores for the backward (planned, and measured on the regularised
+one) under `none`, `auto` and `all`, and what keeping their masks would add
+(float32, one per element drawn: per step for zoneout, per sequence for the
+variational mask), which rnnc never does: the backward draws them again.
+
 Times are the best of --repeats runs, the plans of a table taken in turn so
 that drift in the machine's speed falls on all of them alike.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import time
@@ -38,12 +46,14 @@ import numpy as np  # noqa: E402
 
 import rnnc  # noqa: E402
 from rnnc.gradcheck import random_arguments  # noqa: E402
+from rnnc.shapes import concrete_shape  # noqa: E402
 
 EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "examples").glob("*.cell"))
 DIMS = {"D": 128, "H": 128, "E": 64, "S": 16}
 DTYPE = "float32"
 # Caffe2's recurrent_net in its memory mode: recompute the gate pre-activations (and what follows from them)
-CAFFE2_CHOICE = {"gru": ["hu"], "indrnn": ["h_new"]}
+CAFFE2_CHOICE = {"gru": ["hu"], "variational_gru": ["hu"], "indrnn": ["h_new"]}
+REGULARISED = {"zoneout_lstm": "lstm", "variational_gru": "gru"}  # regularised example -> its plain cell
 BUDGETS = (20, 10, 5)  # percent of none's peak
 
 
@@ -169,6 +179,38 @@ def dtype_table(T: int, B: int) -> str:
             + table(rows, header))
 
 
+def mask_bytes(program, T: int, B: int) -> int:
+    """What keeping every mask of a call would take in float32: each random
+    call's elements, per step or once per sequence."""
+    values = program.hoisted.values()
+    total = 0
+    for value, _, per in program.plan.draws:
+        elements = math.prod(concrete_shape(values[value].shape)) * (B if per != "batch" else 1)
+        total += elements * (T if per == "step" else 1) * 4
+    return total
+
+
+def masks_table(T: int, B: int) -> str:
+    rows = []
+    for regularised, plain in REGULARISED.items():
+        path = next(p for p in EXAMPLES if p.stem == regularised)
+        for policy in ("none", "auto", "all"):
+            programs = [compile_plan(next(p for p in EXAMPLES if p.stem == name), T, B, recompute=policy)
+                        for name in (plain, regularised)]
+            planned = [p.plan.stored_bytes(T, B, DTYPE) for p in programs]
+            module = programs[1].load(dtype=DTYPE)
+            measured = module.forward(**random_arguments(module, T=T, B=B, seed=0)).stored_bytes
+            assert measured == planned[1], (regularised, policy, measured, planned[1])
+            rows.append((f"{regularised} / {plain}", policy, mib(planned[0]), mib(measured),
+                         f"{planned[1] - planned[0]:+d} B", mib(mask_bytes(programs[1], T, B))))
+    header = ("cell / plain cell", "plan", "plain stores", "regularised stores (measured)", "difference",
+              "masks, if kept")
+    return (f"Masks, D=H=128, T={T}, B={B}, {DTYPE}: stored bytes of the regularised examples and of the cells "
+            f"they regularise\n" + table(rows, header) + "\n(a difference is a dropped value a product reads, "
+            "`dropout(h) @ U`: an activation `none` stores as any other, not a mask; `rnnc plan` of "
+            f"{path.stem}: {str(programs[1].plan).splitlines()[-1].strip()})")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seq-len", type=int, default=1000)
@@ -185,6 +227,9 @@ def main():
         print(examples_table(args.examples_seq_len or args.seq_len, args.batch, args.repeats))
         print()
     print(dtype_table(args.dtype_seq_len, args.batch))
+    if not args.only_dtypes:
+        print()
+        print(masks_table(args.seq_len, args.batch))
 
 
 if __name__ == "__main__":
