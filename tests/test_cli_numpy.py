@@ -40,6 +40,18 @@ def test_run_prints_shapes(capsys):
     assert "output y: [7, 2, 4]" in out and "state ctx: [2, 5]" in out and "d param We: [5, 5]" in out
 
 
+def test_seed_repeats_the_masks_of_run_and_gradcheck(capsys, monkeypatch):
+    """`rnnc run --seed` hands its seed to every forward; gradcheck's holds its masks fixed."""
+    seeds = []
+    forward = NumpyModule.forward
+    monkeypatch.setattr(NumpyModule, "forward", lambda self, *a, **kw: seeds.append(kw["seed"]) or forward(self, *a, **kw))
+    dims = ["-D", "D=2", "-D", "H=3"]
+    assert main(["run", str(example("zoneout_lstm")), *dims, "--seed", "7", "--repeat", "2"]) == 0
+    assert seeds == [7, 7, 7]
+    assert main(["gradcheck", str(example("variational_gru")), *dims, "--seed", "9", "--lengths"]) == 0
+    assert "ok" in capsys.readouterr().out and set(seeds[3:]) == {9}
+
+
 def test_missing_dims_is_a_user_error(capsys):
     assert main(["run", str(example("lstm"))]) == 1
     assert "D, H" in capsys.readouterr().err
@@ -105,6 +117,8 @@ def test_output_cut_short_by_a_closed_pipe_ends_quietly():
     (["run", "--seq-len", "-3"], ["argument --seq-len: expected a positive integer, got '-3'"]),
     (["gradcheck", "--seq-len", "0"], ["argument --seq-len: expected a positive integer, got '0'"]),
     (["plan", "--batch", "1.5"], ["argument --batch: expected a positive integer"]),
+    (["run", "--seed", "-1"], ["argument --seed: expected an integer in 0..2**64-1, got '-1'"]),
+    (["gradcheck", "--seed", str(2**64)], ["argument --seed: expected an integer in 0..2**64-1"]),
 ])
 def test_malformed_arguments_are_usage_errors(capsys, argv, words):
     with pytest.raises(SystemExit) as exit_:
