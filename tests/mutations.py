@@ -74,6 +74,13 @@ MUTATIONS = [
              'f"acc[{i * self.tn + j}] += {av} * {bv};"', 'f"acc[{i * self.tn + j}] = {av} * {bv};"'),
     Mutation("tensor-core fragments reading k 0-3 twice", "rnnc/backends/cuda/products.py",
              "'k': f'kk + quad + {4 * half}'", "'k': f'kk + quad'"),
+    Mutation("Philox without its key schedule", "templates/intrinsics.cu", "if (round > 0) {", "if (round < 0) {"),
+    Mutation("a counter word not offset by 1 (example 0 as a shared draw)", "rnnc/ops/random.py",
+             'f"(unsigned){(yield name, row, ())} + 1u"', 'f"(unsigned){(yield name, row, ())}"'),
+    Mutation("dropout not scaling what it keeps", "rnnc/ops/random.py",
+             "0.0f : {x} * {c_float(1 / (1 - p))}", "0.0f : {x}"),
+    Mutation("zoneout taking new where it keeps old", "rnnc/ops/random.py",
+             "? {old} : {new}) : {expected}", "? {new} : {old}) : {expected}"),
 ]
 
 

@@ -205,28 +205,22 @@ def test_bad_seeds_are_refused_by_name(seed):
         mask_outputs(mod, 2, 1, 2, seed)
 
 
-EXPECTED = """
-cell expected {
+# a cell with random ops, and the same with their expectation forms written out
+EXPECTATIONS = """
+cell {name} {{
     dim H
     input x[H]
     state h[H], c[H]
     param W[H, H]
-    next h = tanh(dropout(x, 0.3) @ W + dropout(h, 0.5, variational=1))
-    next c = zoneout(tanh(x + c), c, 0.2)
-    output y = dropout(h, 0.1) * 2
-}
+    next h = {h}
+    next c = {c}
+    output y = {y}
+}}
 """
-WRITTEN_OUT = """
-cell written_out {
-    dim H
-    input x[H]
-    state h[H], c[H]
-    param W[H, H]
-    next h = tanh(x @ W + h)
-    next c = 0.2 * c + 0.8 * tanh(x + c)
-    output y = h * 2
-}
-"""
+EXPECTED = EXPECTATIONS.format(name="expected", h="tanh(dropout(x, 0.3) @ W + dropout(h, 0.5, variational=1))",
+                               c="zoneout(tanh(x + c), c, 0.2)", y="dropout(h, 0.1) * 2")
+WRITTEN_OUT = EXPECTATIONS.format(name="written_out", h="tanh(x @ W + h)", c="0.2 * c + 0.8 * tanh(x + c)",
+                                  y="h * 2")
 
 
 def test_without_training_the_expectation_forms():
