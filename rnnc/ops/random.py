@@ -33,12 +33,11 @@ import numpy as np
 
 from ..backends.cuda.cexpr import c_float, offset, strides
 from ..shapes import concrete_shape
-from .registry import FLAG, PROBABILITY, Function, Inline, Param, ShapeError, defop
+from .registry import FLAG, PROBABILITY, Function, Inline, Param, defop
 from .rules import broadcast_shapes, per_element
 
 KEY, EXAMPLE, STEP = "%key", "%example", "%step"  # the counter's declared values (STEP: unless a cell names it)
 COUNTER_KINDS = ("key", "example", "step")  # their declarations' kinds
-PER = ("step", "sequence", "batch")  # what a draw is made once per
 
 # Philox4x32's multipliers and Weyl key increments (Salmon et al., table 2)
 PHILOX_M = (0xD2511F53, 0xCD9E8D57)
@@ -99,9 +98,14 @@ def bits(n, key, counter) -> np.ndarray:
     return philox4x32(np.broadcast_arrays(element, *words, np.uint64(n.attr("site"))), key[:2])[0]
 
 
+def counter_of(n) -> tuple:
+    """The counter values random node `n` reads: its last arguments."""
+    return n.args[len(n.args) - len(counter_args(n.attr("per"), STEP)):]
+
+
 def value_args(n, arrays) -> tuple:
     """(the op's own arguments, the key, the example and step arrays) of a rule's arrays."""
-    own = len(arrays) - len(counter_args(n.attr("per"), STEP))
+    own = len(arrays) - len(counter_of(n))
     return arrays[:own], arrays[own], tuple(arrays[own + 1:])
 
 
@@ -116,14 +120,14 @@ def dropout_np(n, *arrays):
 
 def dropout_vjp(B, n, g):
     # the same mask again (the same counter), scaling the cotangent as the value
-    counter = n.args[1:]
+    counter = counter_of(n)
     return [B.reduce_to(B.emit("dropout", g, *counter, **dict(n.attrs)), n.args[0])] + [None] * len(counter)
 
 
 def draw_expr(loop, n, shape, row, index):
-    """C: (whether this call draws, the element's Philox word), reading the
-    counter values after the op's `own` arguments (a generator, as `Inline`)."""
-    counter = n.args[len(n.args) - len(counter_args(n.attr("per"), STEP)):]
+    """C: (whether this call draws, the element's Philox word) of the element
+    at `index` of random node `n` (a generator, as an `Inline` lowering)."""
+    counter = counter_of(n)
     key = []
     for k in range(3):
         key.append(f"rnnc_bits({(yield counter[0], None, (str(k),))})")
@@ -170,7 +174,7 @@ def zoneout_np(n, *arrays):
 
 def zoneout_vjp(B, n, g):
     # the cotangent goes where the value came from: the old one where the mask kept it
-    counter, attrs, zero = n.args[2:], dict(n.attrs), B.const(0)
+    counter, attrs, zero = counter_of(n), dict(n.attrs), B.const(0)
     new, old = n.args[:2]
     return [B.reduce_to(B.emit("zoneout", g, zero, *counter, **attrs), new),
             B.reduce_to(B.emit("zoneout", zero, g, *counter, **attrs), old)] + [None] * len(counter)
@@ -190,5 +194,3 @@ defop("zoneout", syntax=Function("zoneout", (Param("new"), Param("old"), Param("
       shape=zoneout_shape, numpy=zoneout_np, vjp=zoneout_vjp, flops=per_element(1), recompute=True,
       cuda=Inline(lower_zoneout), draws=True)
 
-__all__ = ["COUNTER_KINDS", "EXAMPLE", "KEY", "PER", "STEP", "ShapeError", "bits", "counter_args", "key_words",
-           "per_of", "philox4x32", "threshold"]
