@@ -4,10 +4,35 @@
 // kernel takes (rows, buffers...): rows is B per step and T*B for the
 // hoisted regions. Buffers are row-major [rows, *shape] or [*shape].
 
+// Philox4x32-10 (Salmon et al., SC 2011), the first word of its output: the bits of
+// one element of a random op's mask (rnnc/ops/random.py draws the same in NumPy).
+// Plain integer C, the same on the GPU and in the tests' emulation.
+__device__ __forceinline__ unsigned rnnc_philox(unsigned c0, unsigned c1, unsigned c2, unsigned c3,
+                                                unsigned k0, unsigned k1) {
+    for (int round = 0; round < 10; ++round) {
+        if (round > 0) {  // the key is bumped before every round but the first
+            k0 += 0x9E3779B9u;
+            k1 += 0xBB67AE85u;
+        }
+        const unsigned long long p0 = 0xD2511F53ull * c0, p1 = 0xCD9E8D57ull * c2;
+        const unsigned n0 = (unsigned)(p1 >> 32) ^ c1 ^ k0, n2 = (unsigned)(p0 >> 32) ^ c3 ^ k1;
+        c1 = (unsigned)p1;
+        c3 = (unsigned)p0;
+        c0 = n0;
+        c2 = n2;
+    }
+    return c0;
+}
+
 // The few hardware instructions the kernels use, as PTX in small device functions.
 // Built by anything but nvcc (the tests' CPU emulation of CUDA), kernels.cu gets
 // them from elsewhere: the emulator defines the same functions its own way.
 #ifdef __CUDACC__
+// the bits of a float (a random op's key words are stored as floats' bits)
+__device__ __forceinline__ unsigned rnnc_bits(float x) {
+    return __float_as_uint(x);
+}
+
 // cp.async: copy BYTES from global to shared memory without holding a register,
 // zero-filling when !full; 4, 8 and 16 bytes only, so a lone 16-bit element is
 // copied at once. Copies complete in commit groups (rnnc_cp_async_wait).
