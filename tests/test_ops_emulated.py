@@ -51,7 +51,8 @@ def test_the_forms_reach_every_argument_kind():
     several arguments of concat, shared and scalar operands and ties."""
     text = "\n".join(text for text, _ in CELLS.values())
     for written in ("sum(h_m, axis=0, keepdims=1)", "softmax(", "axis=-2", "split(", ", 3)", "concat(",
-                    "transpose(", " @ ", "max(h_v, h_v)", "relu((", " * 0)", "p_s", "0.5", "* 30)"):
+                    "transpose(", " @ ", "max(h_v, h_v)", "relu((", " * 0)", "p_s", "0.5", "* 30)",
+                    "dropout(p_", "dropout(e_", "dropout(h_", "variational=1", "zoneout(h_v, x_"):
         assert written in text, written
 
 
