@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..dtypes import compute, is_narrow, rounded_where_made, storage
-from ..ops import COUNTER_KINDS, OPS, align, key_words
+from ..ops import COUNTER_KINDS, OPS, align, counter_values
 from ..passes.mask import VALID, cotangent_input
 from ..precision import for_dtype
 from ..shapes import concrete_shape
@@ -268,9 +268,11 @@ class NumpyModule:
         args.update(seed=seed, stochastic=stochastic)  # a second backward draws the same masks again
         valid = None if lengths is None else np.arange(T)[:, None] < lengths[None, :]
         call = Call(T, B, inputs, valid, self.runners[valid is not None])
-        call.shared = {**params, **contexts, **self.literals, **self._counter_values(B, seed, stochastic)}
-        if "step" in self.counter:
-            call.steps = {self.counter["step"]: np.broadcast_to(np.arange(T, dtype=self.compute)[:, None], (T, B))}
+        values = counter_values(T, B, seed, stochastic, self.compute)
+        counter = {name: values[kind] for kind, name in self.counter.items()}  # those the cell reads, by name
+        step = self.counter.get("step")
+        call.steps = {step: counter.pop(step)} if step else {}
+        call.shared = {**params, **contexts, **self.literals, **counter}
         # the forward runs on its own copies of the initial states: a checkpoint owns them
         call.state = {d.name: np.array(states[d.name], self.compute) if d.name in states
                       else self._zeros(d.name, (B,), self.compute) for d in self.cell.of_kind("state")}
@@ -284,11 +286,6 @@ class NumpyModule:
             fingerprints = {k: _fingerprint(a) for k, a in _caller_arrays(args).items()}
             saved = Saved(args, call, schedule, fingerprints)
         return ForwardResult(call.outputs, final, call.ledger.current, saved, seed)
-
-    def _counter_values(self, B: int, seed: int, stochastic: bool) -> dict:
-        """The key and the batch elements of the random draws' counter, where the cell draws."""
-        values = {"key": key_words(seed, stochastic), "example": np.arange(B, dtype=self.compute)}
-        return {name: values[kind] for kind, name in self.counter.items() if kind in values}
 
     def _on_seq(self, call, event):
         """The once-per-sequence values every region reads, held until the backward is done."""

@@ -25,11 +25,11 @@ arguments included (each value of NUMBERS its kind reads and allows).
 from . import contraction, elementwise, random, reductions, structure  # noqa: F401  (each registers its ops)
 from .builder import Builder
 from .contraction import BATCH, matmul_spec
-from .random import COUNTER_KINDS, counter_args, key_words, per_of
+from .random import COUNTER_KINDS, counter_args, counter_values, per_of
 from .registry import (FUNCTIONS, OPERATORS, OPS, CExpr, Function, Inline, Internal, Kernel, LiteralKind,
                        Number, OpDef, Operator, Param, ShapeError, defop)
 from .rules import align, numel
 
 __all__ = ["BATCH", "Builder", "CExpr", "COUNTER_KINDS", "FUNCTIONS", "Function", "Inline", "Internal", "Kernel",
            "LiteralKind", "Number", "OPERATORS", "OPS", "OpDef", "Operator", "Param", "ShapeError", "align",
-           "counter_args", "defop", "key_words", "matmul_spec", "numel", "per_of"]
+           "counter_args", "counter_values", "defop", "matmul_spec", "numel", "per_of"]

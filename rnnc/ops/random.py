@@ -60,9 +60,13 @@ def philox4x32(counter, key, rounds: int = 10) -> tuple:
     return tuple(c.astype(np.uint32) for c in (c0, c1, c2, c3))
 
 
-def key_words(seed: int, drawing: bool) -> np.ndarray:
-    """The `KEY` value of a call: the seed's low and high words, and whether it draws."""
-    return np.array([seed & 0xFFFFFFFF, seed >> 32, int(drawing)], np.uint32)
+def counter_values(T: int, B: int, seed: int, drawing: bool, dtype) -> dict:
+    """The counter's values of a call of T steps and batch B, by their
+    declarations' kinds: the key (uint32: the seed's low and high words, and
+    whether the call draws), the batch elements [B] and the step index [T, B]."""
+    return {"key": np.array([seed & 0xFFFFFFFF, seed >> 32, int(drawing)], np.uint32),
+            "example": np.arange(B, dtype=dtype),
+            "step": np.broadcast_to(np.arange(T, dtype=dtype)[:, None], (T, B))}
 
 
 def threshold(p: float) -> int:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ...dtypes import is_narrow, storage
-from ...ops import key_words
+from ...ops import counter_values
 from ...precision import for_dtype
 from ..args import bind_cotangents, bind_forward, bind_seed, concrete_shape, saved_for_backward
 from ..numpy import ForwardResult, Gradients, NumpyModule
@@ -205,7 +205,11 @@ class CudaModule:
                 self.device.memset0(memory[f"initial:{s}"].ptr, memory[f"initial:{s}"].slot_bytes)
         steps = np.arange(T)[:, None] < (np.full(B, T) if lengths is None else lengths)[None, :]
         self.device.htod(memory["valid"].ptr, steps.astype(np.float32))
-        self._counter(memory, T, B, key_words(seed, train if stochastic is None else stochastic))
+        drawing = train if stochastic is None else bool(stochastic)
+        counter = counter_values(T, B, seed, drawing, np.float32)  # the key's words go in as floats' bits
+        for b in self.buffers.values():
+            if b.role in counter:
+                self.device.htod(memory[b.name].ptr, np.ascontiguousarray(counter[b.role]))
         self._run_forward(call)
         outputs = {o: self._copy_out(memory[f"output:{o}"].ptr, (T, B) + self._value_shape(v), call.on_device,
                                      self._elem(f"output:{o}"))
@@ -213,15 +217,6 @@ class CudaModule:
         final = {s: self._copy_out(memory[f"carry:{s}"].ptr, (B,) + self._value_shape(s), call.on_device)
                  for s in self.states}
         return ForwardResult(outputs, final, call.current, call if train else None, seed)
-
-    def _counter(self, memory: dict, T: int, B: int, key):
-        """The random draws' counter (rnnc/ops/random.py), where the cell draws:
-        the key's words as floats' bits, the batch elements and the step index."""
-        values = {"key": key, "example": np.arange(B, dtype=np.float32),
-                  "step": np.broadcast_to(np.arange(T, dtype=np.float32)[:, None], (T, B))}
-        for b in self.buffers.values():
-            if b.role in values:
-                self.device.htod(memory[b.name].ptr, np.ascontiguousarray(values[b.role]))
 
     def _run_forward(self, call: Call):
         self._copy_states(call.memory, "carry", call.memory, "initial")
