@@ -21,6 +21,7 @@ from rnnc.ops.random import philox4x32
 
 import cuda_cases as cases
 import cuda_emulator
+import emulated_intrinsics
 from conftest import example
 
 # Random123's kat_vectors, "philox4x32 10": counter (4 words), key (2 words), the output (4 words)
@@ -45,9 +46,9 @@ def test_philox_numpy_gives_the_known_answers(counter, key, want):
 
 @pytest.mark.skipif(not cuda_emulator.available(), reason="needs g++")
 def test_philox_of_the_kernels_gives_the_known_answers(tmp_path):
-    """templates/intrinsics.cu's rnnc_philox, built as plain C++ (as the emulator builds it)."""
+    """templates/intrinsics.cu's rnnc_philox, built as the emulator builds kernels.cu."""
     source = resources.files("rnnc.templates").joinpath("intrinsics.cu").read_text()
-    text = ("#define __device__\n#define __forceinline__ inline\n" + source +
+    text = (cuda_emulator.HEADER + emulated_intrinsics.HEADER + source +
             'extern "C" unsigned first_word(unsigned a, unsigned b, unsigned c, unsigned d, unsigned k0, '
             "unsigned k1) { return rnnc_philox(a, b, c, d, k0, k1); }\n")
     (tmp_path / "philox.cpp").write_text(text)
