@@ -91,7 +91,7 @@ def cmd_gradcheck(args) -> int:
     print(f"gradcheck: T={args.seq_len}, B={args.batch}, float64, central differences of every entry "
           f"of every argument", file=sys.stderr)
     report = gradcheck(module, T=args.seq_len, B=args.batch, seed=args.seed, with_lengths=args.lengths,
-                       progress=progress)
+                       progress=progress, reverse=args.reverse)
     print(report.format())
     ok = report.worst <= args.tolerance
     print(f"{'ok' if ok else 'FAILED'}: tolerance {args.tolerance:.0e}")
@@ -101,11 +101,11 @@ def cmd_gradcheck(args) -> int:
 def cmd_run(args) -> int:
     from .gradcheck import random_arguments
     module = load_for_run(args)
-    arrays = random_arguments(module, args.seq_len, args.batch)
+    arrays = random_arguments(module, args.seq_len, args.batch, with_lengths=args.lengths)
     times = []  # (forward, backward) seconds of each run; the first is a warm-up
     for _ in range(args.repeat + 1):
         start = time.perf_counter()
-        result = module.forward(**arrays, seed=args.seed)
+        result = module.forward(**arrays, seed=args.seed, reverse=args.reverse)
         middle = time.perf_counter()
         grads = module.backward(result, {k: np.ones_like(v) for k, v in result.outputs.items()})
         times.append((middle - start, time.perf_counter() - middle))
@@ -116,7 +116,8 @@ def cmd_run(args) -> int:
     forward, backward = (1e3 * statistics.median(t[i] for t in times[1:]) for i in (0, 1))
     print(f"forward {forward:.2f} ms, backward {backward:.2f} ms (median of {args.repeat} runs after a "
           f"warm-up of {1e3 * times[0][0]:.2f} + {1e3 * times[0][1]:.2f} ms; "
-          f"{module.backend}, {module.dtype.name}, {module.precision.name}, T={args.seq_len}, B={args.batch})")
+          f"{module.backend}, {module.dtype.name}, {module.precision.name}, T={args.seq_len}, B={args.batch}"
+          f"{', random lengths' if args.lengths else ''}{', reversed' if args.reverse else ''})")
     return 0
 
 
@@ -220,6 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--precision", choices=tuple(PRECISIONS), help="of products: fp32 (exact) or tf32 "
                                                                       f"(tensor cores); default: {default_help}")
 
+    def with_time(c):
+        c.add_argument("--lengths", action="store_true", help="random sequence lengths")
+        c.add_argument("--reverse", action="store_true",
+                       help="run each sequence from its last valid step to its first")
+
     plan_options = ("recompute", "memory_budget", "seq_len", "batch", "dtype")
     c = command("check", cmd_check, "parse and check .cell files", options=())
     c.add_argument("files", nargs="+", metavar="FILE")
@@ -233,13 +239,14 @@ def build_parser() -> argparse.ArgumentParser:
                           "check gradients against float64 finite differences (numpy backend)"))
     with_sizes(c, "of the random data")
     with_seed(c, "of the random data and of dropout's and zoneout's masks (default 0)", 0)
-    c.add_argument("--lengths", action="store_true", help="random sequence lengths")
+    with_time(c)
     c.add_argument("--tolerance", type=float, default=1e-6, help="worst relative error allowed (default 1e-6)")
 
     c = with_cell(command("run", cmd_run, "forward and backward on random data, with timing"), "DIR|FILE",
                   "an artifact directory (rnnc compile -o) or a .cell file")
     with_sizes(c, "of the random data")
     with_seed(c, "of dropout's and zoneout's masks (default: a fresh one each run)", None)
+    with_time(c)
     c.add_argument("--repeat", type=positive_int, default=5, metavar="N",
                    help="timed runs after a warm-up; their median is shown (default 5)")
     c.add_argument("--backend", default="numpy", choices=("numpy", "cuda"))

@@ -55,20 +55,21 @@ def random_arguments(module, T: int, B: int, seed: int = 0, with_lengths: bool =
 
 
 def gradcheck(module, T: int = 3, B: int = 2, seed: int = 0, with_lengths: bool = False,
-              eps: float = 1e-6, progress=None) -> Report:
-    """Worst relative error of every argument's gradient against central differences.
-    `progress(label, entries, index, count)` is called before each argument's."""
+              eps: float = 1e-6, progress=None, reverse: bool = False) -> Report:
+    """Worst relative error of every argument's gradient against central differences
+    (of the forward with `reverse`). `progress(label, entries, index, count)` is called
+    before each argument's."""
     if module.dtype != np.float64:
         raise ValueError(f"gradcheck needs a float64 module, got {module.dtype}")
     args = random_arguments(module, T, B, seed, with_lengths)
     rng = np.random.default_rng(seed + 1)
-    result = module.forward(**args, seed=seed)
+    result = module.forward(**args, seed=seed, reverse=reverse)
     d_outputs = {k: rng.normal(size=v.shape) for k, v in result.outputs.items()}
     d_states = {k: rng.normal(size=v.shape) for k, v in result.states.items()}
     grads = module.backward(result, d_outputs, d_states)
 
     def loss() -> float:
-        r = module.forward(**args, train=False, stochastic=True, seed=seed)
+        r = module.forward(**args, train=False, stochastic=True, seed=seed, reverse=reverse)
         return (sum(float((r.outputs[k] * d).sum()) for k, d in d_outputs.items())
                 + sum(float((r.states[k] * d).sum()) for k, d in d_states.items()))
 

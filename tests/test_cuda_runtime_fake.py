@@ -471,3 +471,25 @@ def test_torch_cells_run_on_the_tensors_gpu_with_torchs_memory(monkeypatch):
     cell._backend(torch.device("cuda", 1), torch.float32)
     assert seen == {"dtype": "float32", "device": 1,
                     "array": ("torch.empty", (2, 3), torch.float32, torch.device("cuda", 1))}
+
+
+def test_reverse_on_gpuarrays_permutes_device_memory(cuda, workdir):
+    """reverse=True with device arrays: the steps are permuted by device-to-device copies
+    (each checked to lie inside an allocation), and the result is the NumPy reference's."""
+    from pycuda import gpuarray
+    program = cases.compile_example(LSTM, "all")
+    module, _ = loaded(cuda, program, workdir)
+    args = cases.arguments(program)
+    f64 = {k: {n: a.astype(np.float64) for n, a in v.items()} for k, v in args.items()}
+    ref = program.load("numpy", "float64")
+    res = ref.forward(f64["inputs"], f64["params"], f64["states"], lengths=cases.LENGTHS, reverse=True)
+    want = ref.backward(res, f64["d_outputs"], f64["d_states"])
+    on = {k: {n: gpuarray.to_gpu(a) for n, a in v.items()} for k, v in args.items()}
+    got = module.forward(on["inputs"], on["params"], on["states"], lengths=cases.LENGTHS, reverse=True)
+    grads = module.backward(got, on["d_outputs"], on["d_states"])
+    for label, mine, theirs in (("y", got.outputs["y"], res.outputs["y"]),
+                                ("h", got.states["h"], res.states["h"]),
+                                ("dx", grads.inputs["x"], want.inputs["x"]),
+                                ("dW", grads.params["W"], want.params["W"])):
+        assert isinstance(mine, gpuarray.GPUArray), label
+        np.testing.assert_allclose(mine.get(), theirs, rtol=1e-4, atol=1e-4, err_msg=label)

@@ -27,6 +27,7 @@ from ..passes.mask import VALID, cotangent_input
 from ..precision import for_dtype
 from ..shapes import concrete_shape
 from .args import bind_cotangents, bind_forward, bind_seed, saved_for_backward
+from .reverse import flip, step_order
 from .ledger import Ledger
 
 
@@ -110,6 +111,7 @@ class Call:
     valid: np.ndarray | None  # [T, B]: step t inside sequence b (None without lengths: all are)
     run: dict  # region name -> Runner, for these lengths
     steps: dict = field(default_factory=dict)  # the step index's name -> [T, B] (t), when the cell reads it
+    order: np.ndarray | None = None  # reverse=True: the steps' permutation (see backends/reverse.py)
     ledger: Ledger = field(default_factory=Ledger)
     shared: dict = field(default_factory=dict)  # params, contexts, literals, once-per-sequence values
     state: dict = field(default_factory=dict)  # the states between segments
@@ -254,20 +256,26 @@ class NumpyModule:
                 call.ledger.release(buffer)
 
     def forward(self, inputs, params, states=None, contexts=None, lengths=None, train=True, seed=None,
-                stochastic=None):
+                stochastic=None, reverse=False):
         """Run the schedule's forward events: the sequence segment by segment, as
-        the plan says. Training keeps, for the backward, the states at the start
-        of every segment but the last and the last segment's hoisted rows and
-        stored step values; inference keeps nothing. Random ops draw their
-        masks from `seed` (a fresh one when None) when `stochastic` (default:
-        `train`), else take their expectation forms."""
-        args = dict(inputs=inputs, params=params, states=states, contexts=contexts, lengths=lengths)
+        the plan says. Inputs and outputs are time first, [T, B, ...]. Training
+        keeps, for the backward, the states at the start of every segment but the
+        last and the last segment's hoisted rows and stored step values;
+        inference keeps nothing. Random ops draw their masks from `seed` (a
+        fresh one when None) when `stochastic` (default: `train`), else take
+        their expectation forms. `reverse`: each example runs from its last
+        valid step to its first (the step index and the masks count the steps
+        as they run)."""
+        args = dict(inputs=inputs, params=params, states=states, contexts=contexts, lengths=lengths,
+                    reverse=reverse)
         T, B, inputs, params, states, contexts, lengths = bind_forward(
             self.cell, self.dtype, inputs, params, states, contexts, lengths)
         seed, stochastic = bind_seed(seed), train if stochastic is None else bool(stochastic)
         args.update(seed=seed, stochastic=stochastic)  # a second backward draws the same masks again
         valid = None if lengths is None else np.arange(T)[:, None] < lengths[None, :]
-        call = Call(T, B, inputs, valid, self.runners[valid is not None])
+        order = step_order(T, B, lengths) if reverse else None
+        call = Call(T, B, {x: flip(a, order) for x, a in inputs.items()}, valid,
+                    self.runners[valid is not None], order=order)
         values = counter_values(T, B, seed, stochastic, self.compute)
         counter = {name: values[kind] for kind, name in self.counter.items()}  # those the cell reads, by name
         step = self.counter.get("step")
@@ -285,7 +293,8 @@ class NumpyModule:
         if train:
             fingerprints = {k: _fingerprint(a) for k, a in _caller_arrays(args).items()}
             saved = Saved(args, call, schedule, fingerprints)
-        return ForwardResult(call.outputs, final, call.ledger.current, saved, seed)
+        return ForwardResult({o: flip(y, order) for o, y in call.outputs.items()}, final,
+                             call.ledger.current, saved, seed)
 
     def _on_seq(self, call, event):
         """The once-per-sequence values every region reads, held until the backward is done."""
@@ -360,6 +369,7 @@ class NumpyModule:
             saved = self.forward(**saved.args)._tape
         saved.used = True
         call = saved.call
+        d_outputs = {o: flip(d, call.order) for o, d in d_outputs.items()}
         B = call.B
         call.grads = Accumulators(
             d_state={d.name: np.asarray(d_states[d.name], self.compute) if d.name in d_states
@@ -372,7 +382,7 @@ class NumpyModule:
         return Gradients(
             params={d.name: self._given(acc.d_shared[d.name]) if d.name in acc.d_shared else self._zeros(d.name)
                     for d in cell.of_kind("param")},
-            inputs=acc.d_inputs,
+            inputs={x: flip(d, call.order) for x, d in acc.d_inputs.items()},
             states={s: self._given(a) for s, a in acc.d_state.items()},
             contexts={d.name: self._given(self._batched(d.name, acc.d_shared[d.name], B)) if d.name in acc.d_shared
                       else self._zeros(d.name, (B,)) for d in cell.of_kind("context")},

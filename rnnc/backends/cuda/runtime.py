@@ -31,6 +31,7 @@ from ...ops import counter_values
 from ...precision import for_dtype
 from ..args import bind_cotangents, bind_forward, bind_seed, concrete_shape, saved_for_backward
 from ..numpy import ForwardResult, Gradients, NumpyModule
+from ..reverse import flip, flip_copies, step_order
 from .device import PycudaDevice
 from .executor import Executor, Steps, held_slots
 from .launches import BACKWARD_CALLER, ELEMS, FORWARD_CALLER, Buffer, Launches
@@ -93,6 +94,7 @@ class Call:
     current: int = 0  # bytes of the schedule's buffers held now ...
     peak: int = 0  # ... and at most
     used: bool = False  # a backward freed what the forward kept
+    order: np.ndarray | None = None  # reverse=True: the steps' permutation (see backends/reverse.py)
 
 
 class CudaModule:
@@ -123,22 +125,28 @@ class CudaModule:
         return NumpyModule(self.program, self.dtype, None).init_params(seed)
 
     # --- moving arrays -------------------------------------------------------------------------
-    def _copy_in(self, ptr: int, array, elem: str = "float"):
-        """A caller's array into a buffer of `elem`s (a 16-bit module's states: converted to float32)."""
+    def _copy_in(self, ptr: int, array, elem: str = "float", order=None):
+        """A caller's array into a buffer of `elem`s (a 16-bit module's states: converted to
+        float32); a [T, B, ...] one with its steps permuted by `order`."""
         if isinstance(array, DeviceArray):
-            self.device.dtod(ptr, array.ptr, array.nbytes)
+            for dst, src, nbytes in flip_copies(order, array.nbytes):
+                self.device.dtod(ptr + dst, array.ptr + src, nbytes)
         else:
-            self.device.htod(ptr, as_bits(np.ascontiguousarray(array, storage(ELEMS[elem].dtype))))
+            self.device.htod(ptr, as_bits(np.ascontiguousarray(flip(array, order),
+                                                                storage(ELEMS[elem].dtype))))
 
-    def _copy_out(self, ptr: int, shape: tuple, on_device: bool, elem: str = "float"):
-        """A buffer of `elem`s as an array of the module's dtype."""
+    def _copy_out(self, ptr: int, shape: tuple, on_device: bool, elem: str = "float", order=None):
+        """A buffer of `elem`s as an array of the module's dtype; a [T, B, ...] one with its
+        steps permuted by `order`."""
         if on_device:
             out = self.device.empty(shape)
-            self.device.dtod(int(out.__cuda_array_interface__["data"][0]), ptr, math.prod(shape) * 4)
+            base = int(out.__cuda_array_interface__["data"][0])
+            for dst, src, nbytes in flip_copies(order, math.prod(shape) * 4):
+                self.device.dtod(base + dst, ptr + src, nbytes)
             return out
         out = np.empty(shape, storage(ELEMS[elem].dtype))
         self.device.dtoh(as_bits(out), ptr)
-        return out.astype(self.dtype, copy=False)
+        return flip(out.astype(self.dtype, copy=False), order)
 
     def _copy_states(self, to: dict, to_kind: str, source: dict, source_kind: str, at=(0, 0)):
         """Each state from `source_kind:s` in `source` into `to_kind:s` in `to`,
@@ -182,24 +190,26 @@ class CudaModule:
 
     # --- forward -----------------------------------------------------------------------------------
     def forward(self, inputs, params, states=None, contexts=None, lengths=None, train=True, seed=None,
-                stochastic=None):
+                stochastic=None, reverse=False):
         with self.device.active():  # the device's context, on whichever thread calls
-            return self._forward(inputs, params, states, contexts, lengths, train, seed, stochastic)
+            return self._forward(inputs, params, states, contexts, lengths, train, seed, stochastic, reverse)
 
-    def _forward(self, inputs, params, states, contexts, lengths, train, seed, stochastic):
+    def _forward(self, inputs, params, states, contexts, lengths, train, seed, stochastic, reverse):
         T, B, inputs, params, states, contexts, lengths = bind_forward(
             self.cell, self.dtype, *self._wrapped(inputs=inputs, params=params, states=states, contexts=contexts),
             lengths, self._array_types())
         seed = bind_seed(seed)
         schedule = self.program.plan.schedule(T, B, self.dtype, train)
         self.executor.check_sizes(T, B, max((e.stop - e.start for e in schedule.events), default=0))
+        order = step_order(T, B, lengths) if reverse else None
         call = Call(T, B, schedule,
-                    isinstance(next(iter(inputs.values())), DeviceArray))
+                    isinstance(next(iter(inputs.values())), DeviceArray), order=order)
         caller = [b for b in self.buffers.values() if b.role in FORWARD_CALLER]
         memory = self._caller(call, caller + self.own["initial"] + self.own["carry"])
         for kind, given in (("input", inputs), ("param", params), ("context", contexts), ("initial", states)):
             for name, array in given.items():
-                self._copy_in(memory[f"{kind}:{name}"].ptr, array, self._elem(f"{kind}:{name}"))
+                self._copy_in(memory[f"{kind}:{name}"].ptr, array, self._elem(f"{kind}:{name}"),
+                              order if kind == "input" else None)
         for s in self.states:
             if s not in states:
                 self.device.memset0(memory[f"initial:{s}"].ptr, memory[f"initial:{s}"].slot_bytes)
@@ -212,7 +222,7 @@ class CudaModule:
                 self.device.htod(memory[b.name].ptr, np.ascontiguousarray(counter[b.role]))
         self._run_forward(call)
         outputs = {o: self._copy_out(memory[f"output:{o}"].ptr, (T, B) + self._value_shape(v), call.on_device,
-                                     self._elem(f"output:{o}"))
+                                     self._elem(f"output:{o}"), order)
                    for o, v in self.program.hoisted.outputs}
         final = {s: self._copy_out(memory[f"carry:{s}"].ptr, (B,) + self._value_shape(s), call.on_device)
                  for s in self.states}
@@ -332,18 +342,19 @@ class CudaModule:
         for name, m in memory.items():
             kind, value = name.split(":", 1)
             if value in given.get(kind, {}):  # a state's cotangent after the last step: slot T
-                self._copy_in(m.at(T) if kind == "d_state" else m.ptr, given[kind][value], self._elem(name))
+                self._copy_in(m.at(T) if kind == "d_state" else m.ptr, given[kind][value], self._elem(name),
+                              call.order if kind == "d_output" else None)
             else:  # gradients summed into, and cotangents not given
                 self.device.memset0(m.ptr, m.slots * m.slot_bytes)
         self._run(call, call.schedule.backward())
 
-        def out(buf, lead, name):
+        def out(buf, lead, name, order=None):
             return self._copy_out(memory[buf].at(0), lead + self._value_shape(name), call.on_device,
-                                  self._elem(buf))
+                                  self._elem(buf), order)
         cell = self.cell
         grads = Gradients(
             params={d.name: out(f"d_acc:{d.name}", (), d.name) for d in cell.of_kind("param")},
-            inputs={d.name: out(f"d_row:{d.name}", (T, B), d.name) for d in cell.of_kind("input")},
+            inputs={d.name: out(f"d_row:{d.name}", (T, B), d.name, call.order) for d in cell.of_kind("input")},
             states={s: out(f"d_state:{s}", (B,), s) for s in self.states},
             contexts={d.name: out(f"d_acc:{d.name}", (B,), d.name) for d in cell.of_kind("context")},
             peak_bytes=call.peak)
