@@ -151,6 +151,12 @@ def bad_calls():
     yield "inputs a list", dict(inputs=[x]), ["inputs", "expected a dict of arrays by name (x)", "list"]
     yield "params an array", dict(params=np.zeros((3, 16))), ["params", "a dict", "(W, U, b)", "ndarray"]
     yield "states a list", dict(states=[np.zeros((B, H))]), ["states", "a dict", "(h, c)", "list"]
+    # [B, T, D] by mistake: the other arguments know B, and the error names both shapes and the layout
+    batch_first = np.zeros((B, T, D))
+    yield "batch-first input, states", dict(inputs={"x": batch_first}, states={"h": np.zeros((B, H))}), \
+        ["states['h']", "[3, 4]", "[2, 4]", "inputs['x'] of shape [2, 3, 3]", "time first, [T, B, ...]"]
+    yield "batch-first input, lengths", dict(inputs={"x": batch_first}, lengths=np.array([3, 1])), \
+        ["lengths", "[3]", "[2]", "inputs['x'] of shape [2, 3, 3]", "time first, [T, B, ...]"]
 
 
 @pytest.mark.parametrize("case,override,words", list(bad_calls()), ids=[c[0] for c in bad_calls()])
@@ -176,6 +182,8 @@ def test_bad_backward_arguments():
         mod.backward(res, {"y": np.zeros((3, 2, 5))})
     with pytest.raises(ValueError, match=r"d_states\['c'\].*\[2, 4\].*\[2, 3\]"):
         mod.backward(res, d_states={"c": np.zeros((2, 3))})
+    with pytest.raises(ValueError, match=r"d_outputs\['y'\].*\[3, 2, 4\].*\[2, 3, 4\].*\[3, 2, \.\.\.\].*time first"):
+        mod.backward(res, {"y": np.zeros((2, 3, 4))})
     inference = mod.forward({"x": np.zeros((3, 2, 3))}, mod.init_params(), train=False)
     with pytest.raises(ValueError, match="train=False"):
         mod.backward(inference, {"y": np.zeros((3, 2, 4))})

@@ -6,6 +6,11 @@ outside 0..T is a ValueError that names the argument and both shapes; an
 argument of the wrong kind (a list where a dict of arrays belongs) is an
 ArgumentTypeError, both a TypeError and a ValueError. Where the shape is [] a
 NumPy scalar of the right dtype is taken as a 0-d array.
+
+Arrays over time are time first, [T, B, ...]: the first input fixes T and B,
+and every other argument is checked against it. A batch-first array given by
+mistake is caught wherever another argument knows the batch size (states,
+contexts, lengths, cotangents), and those errors say how sequences are laid out.
 """
 from __future__ import annotations
 
@@ -17,6 +22,9 @@ import numpy as np
 
 from ..ir import Cell
 from ..shapes import concrete_shape, shape_str
+
+
+LAYOUT = "time first, [T, B, ...]"
 
 
 def _shape_or_type(array) -> str:
@@ -94,31 +102,28 @@ def check_array(label: str, array, expected: tuple, dtype, array_type=np.ndarray
 
 
 class Binder:
-    """Fixes T and B from the first batched array and checks every argument against them."""
+    """Fixes T and B from the first sequence and checks every argument against them."""
 
-    def __init__(self, cell: Cell, dtype, array_type=np.ndarray):
-        self.cell, self.dtype, self.array_type = cell, dtype, array_type
+    def __init__(self, dtype=None, array_type=np.ndarray):
+        self.dtype, self.array_type = dtype, array_type
         self.T = self.B = None
-        self.first = None
+        self.first = None  # what fixed T and B: its name, shape and layout, for the messages
 
-    def _fix(self, label: str, dim: str, value: int):
-        if getattr(self, dim) is None:
-            setattr(self, dim, int(value))
-            self.first = self.first or label
+    def fix(self, T: int, B: int, first: str):
+        self.T, self.B, self.first = int(T), int(B), first
 
     def _batched(self, label, array, shape, with_time):
         if not isinstance(array, self.array_type) or array.ndim != len(shape) + 1 + with_time:
             lead = "T, B" if with_time else "B"
             raise ValueError(f"{label}: expected shape [{lead}{''.join(', ' + str(s) for s in shape)}], "
-                             f"got {_shape_or_type(array)}")
-        if with_time:
-            self._fix(label, "T", array.shape[0])
-        self._fix(label, "B", array.shape[with_time])
+                             f"got {_shape_or_type(array)}" + (f" (sequences are {LAYOUT})" if with_time else ""))
+        if self.first is None:  # inputs come first, so a sequence
+            self.fix(*array.shape[:2], f"{label} of shape {shape_str(array.shape)}, read {LAYOUT}")
         lead = (self.T, self.B) if with_time else (self.B,)
         if tuple(array.shape[:len(lead)]) != lead:
             what = "sequence length T" if with_time and array.shape[0] != self.T else "batch size B"
-            raise ValueError(f"{label}: expected shape {shape_str(lead + shape)}, got {shape_str(array.shape)} "
-                             f"({what} differs from {self.first})")
+            raise ValueError(f"{label}: expected shape {shape_str(lead + shape)}, got {shape_str(array.shape)}: "
+                             f"its {what} differs from {self.first}")
         return check_array(label, array, lead + shape, self.dtype, self.array_type)
 
     def sequence(self, label, array, shape):
@@ -134,15 +139,16 @@ class Binder:
         try:
             lengths = np.asarray(lengths)
         except (TypeError, ValueError):  # ragged lists
-            raise ValueError(f"lengths: expected {self.B} integers, one per batch element") from None
+            raise ValueError(f"lengths: expected {self.B} integers, one per batch element of "
+                             f"{self.first}") from None
         if lengths.shape != (self.B,):
-            raise ValueError(f"lengths: expected shape [{self.B}] (one length per batch element), "
-                             f"got {_shape_or_type(lengths)}")
+            raise ValueError(f"lengths: expected shape [{self.B}], one length per batch element of "
+                             f"{self.first}; got {_shape_or_type(lengths)}")
         if not np.issubdtype(lengths.dtype, np.integer):
             raise ValueError(f"lengths: expected an integer array, got dtype {lengths.dtype}")
         if lengths.size and (lengths.min() < 0 or lengths.max() > self.T):
-            raise ValueError(f"lengths: every length must lie in 0..{self.T} (T), got "
-                             f"{int(lengths.min())}..{int(lengths.max())}")
+            raise ValueError(f"lengths: every length must lie in 0..{self.T}, the T of {self.first}; "
+                             f"got {int(lengths.min())}..{int(lengths.max())}")
         return lengths
 
 
@@ -150,7 +156,7 @@ def bind_forward(cell: Cell, dtype, inputs, params, states, contexts, lengths,
                  array_type=np.ndarray):
     """Checked arguments of `forward`: (T, B, inputs, params, states, contexts, lengths)."""
     kinds = {k: [d for d in cell.decls if d.kind == k] for k in ("input", "param", "state", "context")}
-    b = Binder(cell, dtype, array_type)
+    b = Binder(dtype, array_type)
     inputs = check_names("inputs", inputs, [d.name for d in kinds["input"]], True)
     params = check_names("params", params, [d.name for d in kinds["param"]], True)
     contexts = check_names("contexts", contexts, [d.name for d in kinds["context"]], True)
@@ -173,8 +179,8 @@ def bind_cotangents(cell: Cell, dtype, T: int, B: int, d_outputs, d_states, arra
     out_shapes = {name: concrete_shape(values[value].shape) for name, value in cell.outputs}
     d_outputs = check_names("d_outputs", d_outputs, list(out_shapes), False)
     d_states = check_names("d_states", d_states, [d.name for d in cell.decls if d.kind == "state"], False)
-    b = Binder(cell, dtype, array_type)
-    b.T, b.B, b.first = T, B, "the forward's inputs"
+    b = Binder(dtype, array_type)
+    b.fix(T, B, f"the forward's inputs, of shape [{T}, {B}, ...] read {LAYOUT}")
     d_outputs = {k: b.sequence(f"d_outputs[{k!r}]", v, out_shapes[k]) for k, v in d_outputs.items()}
     d_states = {k: b.per_batch(f"d_states[{k!r}]", v, concrete_shape(decls[k].shape))
                 for k, v in d_states.items()}
