@@ -49,10 +49,11 @@ from rnnc.gradcheck import random_arguments  # noqa: E402
 from rnnc.shapes import concrete_shape  # noqa: E402
 
 EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "examples").glob("*.cell"))
-DIMS = {"D": 128, "H": 128, "E": 64, "S": 16}
+DIMS = {"D": 128, "H": 128, "E": 64, "S": 16, "P": 64}
 DTYPE = "float32"
 # Caffe2's recurrent_net in its memory mode: recompute the gate pre-activations (and what follows from them)
-CAFFE2_CHOICE = {"gru": ["hu"], "variational_gru": ["hu"], "indrnn": ["h_new"]}
+CAFFE2_CHOICE = {"gru": ["hu"], "variational_gru": ["hu"], "indrnn": ["h_new"], "elman": ["pre"],
+                 "elman_relu": ["pre"]}
 REGULARISED = {"zoneout_lstm": "lstm", "variational_gru": "gru"}  # regularised example -> its plain cell
 BUDGETS = (20, 10, 5)  # percent of none's peak
 

@@ -15,7 +15,7 @@ from conftest import compile_sized, declared_dims, example
 
 POLICIES = ("none", "auto", "all")
 # small dims, all different, so a transposed or swapped index cannot pass by accident
-DIMS = {"D": 3, "H": 5, "E": 4, "S": 6}
+DIMS = {"D": 3, "H": 5, "E": 4, "S": 6, "P": 2}
 T, B = 4, 3
 LENGTHS = np.array([4, 2, 0])  # full, partial and empty sequences
 SEED = 2**40 + 7  # of random draws: both words of the key in use

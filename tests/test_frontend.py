@@ -17,8 +17,9 @@ from rnnc.cli import main
 
 from conftest import EXAMPLES, ROOT, example, run_rnnc
 NAMES = ["lstm", "gru", "milstm", "attention_lstm", "recurrent_attention_lstm",
-         "layernorm_lstm", "peephole_lstm", "indrnn", "zoneout_lstm", "variational_gru"]
-DIMS = {"D": 3, "H": 5, "E": 7, "S": 11}
+         "layernorm_lstm", "peephole_lstm", "indrnn", "zoneout_lstm", "variational_gru",
+         "projected_lstm", "elman", "elman_relu"]
+DIMS = {"D": 3, "H": 5, "E": 7, "S": 11, "P": 2}
 
 
 def check_text(text: str, cell=None, dims=None):
@@ -49,7 +50,7 @@ def dims_args(names) -> list:
 
 
 # --- the shipped examples ------------------------------------------------------
-def test_all_ten_examples_ship():
+def test_all_thirteen_examples_ship():
     assert sorted(p.stem for p in EXAMPLES) == sorted(NAMES)
 
 

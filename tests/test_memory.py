@@ -15,10 +15,10 @@ from hypothesis import strategies as st  # noqa: E402
 
 from conftest import EXAMPLES, compile_sized, example  # noqa: E402
 
-SMALL = {"D": 3, "H": 4, "E": 3, "S": 2}
+SMALL = {"D": 3, "H": 4, "E": 3, "S": 2, "P": 2}
 T, B = 7, 3
 # Caffe2's recurrent_net in its memory mode: recompute the gate pre-activations
-MANUAL = {"gru": ["hu"], "variational_gru": ["hu"], "indrnn": ["h_new"]}
+MANUAL = {"gru": ["hu"], "variational_gru": ["hu"], "indrnn": ["h_new"], "elman": ["pre"], "elman_relu": ["pre"]}
 POLICIES = ["none", "auto", "all", "manual", "budget 60%", "budget 25%"]
 
 

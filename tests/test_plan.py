@@ -19,7 +19,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from conftest import EXAMPLES, compile_sized, example  # noqa: E402
 
-DIMS = {"D": 8, "H": 16, "E": 8, "S": 5}
+DIMS = {"D": 8, "H": 16, "E": 8, "S": 5, "P": 4}
 T, B = 50, 4
 
 
