@@ -468,7 +468,7 @@ def test_torch_cells_run_on_the_tensors_gpu_with_torchs_memory(monkeypatch):
     monkeypatch.setattr(runtime, "load", load)
     monkeypatch.setattr(torch, "empty", lambda shape, dtype, device: ("torch.empty", shape, dtype, device))
     cell = rnnc.torch.Cell(LSTM, dims={"D": 2, "H": 3}, dtype=torch.float32)
-    cell._backend(torch.device("cuda", 1), torch.float32)
+    cell._compiled.backend(torch.device("cuda", 1), torch.float32)
     assert seen == {"dtype": "float32", "device": 1,
                     "array": ("torch.empty", (2, 3), torch.float32, torch.device("cuda", 1))}
 
