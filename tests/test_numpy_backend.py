@@ -9,7 +9,7 @@ from rnnc.passes.hoist import classify
 
 from conftest import EXAMPLES, compile_sized, example
 
-SMALL = {"D": 3, "H": 2, "E": 3, "S": 4}
+SMALL = {"D": 3, "H": 2, "E": 3, "S": 4, "P": 2}
 
 
 def compile_small(path, **kw):

@@ -175,15 +175,10 @@ def test_flip_copies_move_rows_as_the_reversal_does():
 
 
 # --- the CUDA backend, emulated on the CPU ---------------------------------------------------
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    return tmp_path_factory.mktemp("reverse")
-
-
 @pytest.mark.skipif(not cuda_emulator.available(), reason="needs g++ for the CUDA emulation")
 @pytest.mark.parametrize("policy", ["auto", "budget"])
 def test_cuda_reverse_equals_numpy_with_host_and_device_arrays(policy, workdir):
-    from rnnc.backends.cuda.codegen import generate
+    from rnnc.backends.cuda.lowering import generate
     from rnnc.backends.cuda.runtime import CudaModule
     program = compiled("braid", policy)
     generated = generate(program)
