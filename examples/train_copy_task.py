@@ -12,14 +12,13 @@ nn.Linear readout; Adam trains both.
 from __future__ import annotations
 
 import argparse
-import sys
-from collections import deque
 from pathlib import Path
 
 import torch
 from torch import nn
 
 import rnnc.torch
+from rnnc.examples.progress import TextBar
 
 LSTM_CELL = Path(__file__).resolve().parent / "lstm.cell"
 ALPHABET, SYMBOLS, DELAY, HIDDEN, BATCH = 4, 3, 4, 32, 32
@@ -68,25 +67,6 @@ def train(steps: int = 300, seed: int = 0, report=None) -> list:
         if report:
             report(step, loss.item())
     return losses
-
-
-class TextBar:
-    """A one-line progress bar with the mean loss of the last few steps (one batch's loss is
-    noisy), needing nothing beyond the standard library."""
-
-    def __init__(self, total: int, width: int = 30, window: int = 10, out=sys.stdout):
-        self.total, self.width, self.out = total, width, out
-        self.recent = deque(maxlen=window)
-
-    def __call__(self, step: int, loss: float):
-        done = step + 1
-        self.recent.append(loss)
-        filled = self.width * done // self.total
-        self.out.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {done}/{self.total} "
-                       f"loss {sum(self.recent) / len(self.recent):.3f}")
-        if done % max(1, self.total // 10) == 0 or done == self.total:
-            self.out.write("\n")  # keep a line every tenth of the way, so the fall stays visible
-        self.out.flush()
 
 
 def main(argv=None):
