@@ -223,7 +223,7 @@ class _Recipe:
                    plan.budget, plan.seq_len, plan.batch, plan.dtype)
 
 
-@lru_cache(maxsize=None)
+@lru_cache(maxsize=256)
 def _compiled(recipe: _Recipe) -> Program:
     """The Program of a recipe; one per recipe in a process (Programs are immutable)."""
     recompute = recipe.recompute if isinstance(recipe.recompute, str) else list(recipe.recompute)
@@ -524,10 +524,11 @@ class RNN(nn.Module):
       has the same form, `directions * width` wide. `hx` and `h_n` are a
       tensor `[num_layers * directions, B, ...]` for a cell with one state,
       a tuple of them in the cell's state order for more (`(h, c)`).
-    - dicts, for any other cell: `outputs, states = rnn(inputs, states=None,
-      contexts=None, lengths=None)`: inputs and outputs by name, `[T, B, ...]`
-      (or batch first), states by name `[num_layers * directions, B, ...]`,
-      contexts by name `[B, ...]`, the same for every layer and direction.
+    - dicts, for any other cell: `outputs, h_n = rnn(inputs, hx=None,
+      lengths=None, contexts=None)`: inputs and outputs by name, `[T, B, ...]`
+      (or batch first), states `hx` and `h_n` by name `[num_layers *
+      directions, B, ...]`, contexts by name `[B, ...]`, the same for every
+      layer and direction.
 
     `lengths` (padded input only) ends each sequence as a PackedSequence
     would: outputs are zero past it, and the backward direction starts at
@@ -559,15 +560,21 @@ class RNN(nn.Module):
         self._mirror = mirror
         self._layers = _stacked(program, num_layers, 2 if bidirectional else 1)
         cell = program.cell
+        values = cell.graph.values()
+        scalars = [o for o, v in cell.outputs if not values[v].shape]
+        if bidirectional and scalars:
+            raise ValueError(f"bidirectional: the directions' outputs are put side by side along "
+                             f"their last axis, and output {scalars[0]} of cell '{cell.name}' has none "
+                             f"(give it one, as sum(..., keepdims=1) does)")
         self._lstm_convention = (len(cell.of_kind("input")) == 1 and len(cell.outputs) == 1
                                  and not cell.of_kind("context"))
         if mirror:
             sizes = mirror[1]
             self.input_size, self.hidden_size = sizes["input_size"], sizes["hidden_size"]
             self.proj_size = sizes.get("proj_size", 0)
-        else:  # the widths a layer of this cell reads and writes per direction
-            self.input_size = int(np.prod(concrete_shape(cell.of_kind("input")[0].shape)))
-            self.hidden_size, self.proj_size = _output_width(cell), 0
+        else:  # the last axes of the (first) input and output: what a direction reads and writes
+            self.input_size = _last_axis(cell.of_kind("input")[0].shape)
+            self.hidden_size, self.proj_size = _last_axis(values[cell.outputs[0][1]].shape), 0
 
     @property
     def directions(self) -> int:
@@ -620,6 +627,7 @@ class RNN(nn.Module):
                       if not isinstance(input, (torch.Tensor, PackedSequence))
                       else {cell.of_kind("input")[0].name: input})
         batch = _Batch.of(inputs, lengths, self.batch_first)
+        self._check_states(states, batch)
         outputs, finals = self._run_layers(batch.inputs, batch.sorted_states(states),
                                            _named("contexts", contexts, []), batch.lengths)
         outputs = {k: batch.wrap(y) for k, y in outputs.items()}
@@ -631,7 +639,6 @@ class RNN(nn.Module):
 
     def _run_layers(self, inputs: dict, states: dict, contexts: dict, lengths):
         """Every layer and direction, time first: (last layer's outputs, stacked final states)."""
-        self._check_states(states, inputs)
         finals = {d.name: [] for d in self._layers[0].program.cell.of_kind("state")}
         for layer in range(self.num_layers):
             compiled = self._layers[layer]
@@ -650,20 +657,18 @@ class RNN(nn.Module):
                 inputs = {x.name: nn.functional.dropout(y, self.dropout, self.training)}
         return outputs, {s: torch.stack(ts) for s, ts in finals.items()}
 
-    def _check_states(self, states: dict, inputs: dict):
-        """Stacked initial states: [num_layers * directions, B, ...], B as the inputs'."""
-        cell = self._layers[0].program.cell
-        first = next(iter(inputs.values()))
-        for d in cell.of_kind("state"):
+    def _check_states(self, states: dict, batch: "_Batch"):
+        """Stacked initial states: [num_layers * directions, B, ...], B the input's."""
+        for d in self._layers[0].program.cell.of_kind("state"):
             if d.name not in states:
                 continue
             t = states[d.name]
-            want = (self.num_layers * self.directions, first.shape[1]) + concrete_shape(d.shape)
+            want = (self.num_layers * self.directions, batch.size) + concrete_shape(d.shape)
             if not isinstance(t, torch.Tensor) or tuple(t.shape) != want:
                 got = shape_str(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                raise ValueError(f"initial state {d.name!r}: expected shape {shape_str(want)} "
-                                 f"([num_layers * directions, B, ...], B as the input's, "
-                                 f"{shape_str(first.shape)} time first), got {got}")
+                raise ValueError(f"initial state {d.name!r}: expected shape {shape_str(want)}, "
+                                 f"[num_layers * directions, B, ...] with B = {batch.size} from "
+                                 f"{batch.described}; got {got}")
 
     # --- weights from and to torch ------------------------------------------------------------
     @classmethod
@@ -728,25 +733,33 @@ class _Batch:
     inputs: dict
     lengths: object
     batch_first: bool
+    described: str  # where the batch size comes from, for messages
     packed: PackedSequence | None = None
+
+    @property
+    def size(self) -> int:
+        return next(iter(self.inputs.values())).shape[1]
 
     @classmethod
     def of(cls, inputs: dict, lengths, batch_first: bool) -> "_Batch":
         for name, t in inputs.items():
-            if not isinstance(t, (torch.Tensor, PackedSequence)) or isinstance(t, torch.Tensor) and t.dim() < 2:
+            if not isinstance(t, PackedSequence) and not (isinstance(t, torch.Tensor) and t.dim() >= 2):
                 got = shape_str(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                 raise ValueError(f"input {name!r}: expected a tensor [T, B, ...] ([B, T, ...] with "
                                  f"batch_first) or a PackedSequence, got {got}")
         packed = [t for t in inputs.values() if isinstance(t, PackedSequence)]
         if not packed:
+            name, first = next(iter(inputs.items()))
+            layout = "[B, T, ...] (batch_first=True)" if batch_first else \
+                "[T, B, ...] (time first; batch_first=True reads [B, T, ...])"
             return cls({k: _time_first(k, t, batch_first) for k, t in inputs.items()}, lengths,
-                       batch_first)
+                       batch_first, f"input {name!r} of shape {shape_str(first.shape)}, read as {layout}")
         if lengths is not None or len(packed) != len(inputs):
             raise ValueError("input: a PackedSequence holds its own lengths; pass no lengths= and "
                              "no other inputs beside it")
         (p,) = packed
         padded, lengths = pad_packed_sequence(PackedSequence(p.data, p.batch_sizes))
-        return cls({k: padded for k in inputs}, lengths, batch_first, p)
+        return cls({k: padded for k in inputs}, lengths, batch_first, "the PackedSequence", p)
 
     def sorted_states(self, states: dict) -> dict:
         if self.packed is None or self.packed.sorted_indices is None:
@@ -805,6 +818,11 @@ def _sole_dim(shape) -> str | None:
         return None
     (monomial, coefficient), = shape[0].terms.items()
     return monomial[0] if len(monomial) == 1 and coefficient == 1 else None
+
+
+def _last_axis(shape):
+    """A per-example shape's last size (None for a scalar)."""
+    return concrete_shape(shape)[-1] if shape else None
 
 
 def _output_width(cell) -> int:

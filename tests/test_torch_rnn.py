@@ -223,10 +223,11 @@ def test_dicts_for_a_cell_with_a_context_and_two_outputs():
     rnn = RNN(GLOSS, dims=dims, bidirectional=True, batch_first=True, dtype=torch.float64)
     x = torch.randn(B, T, D, dtype=torch.float64, requires_grad=True)
     e = torch.randn(B, 2, dtype=torch.float64, requires_grad=True)
-    outputs, states = rnn({"x": x}, contexts={"e": e}, lengths=LENGTHS)
+    h0 = torch.randn(2, B, H, dtype=torch.float64)
+    outputs, states = rnn({"x": x}, {"h": h0}, contexts={"e": e}, lengths=LENGTHS)
     assert outputs["y"].shape == (B, T, 2 * H) and outputs["score"].shape == (B, T, 2)
     assert states["h"].shape == (2, B, H)
-    want, finals = by_hand(rnn, GLOSS, dims, {"x": x.transpose(0, 1)}, {}, {"e": e}, LENGTHS)
+    want, finals = by_hand(rnn, GLOSS, dims, {"x": x.transpose(0, 1)}, {"h": h0}, {"e": e}, LENGTHS)
     for name in ("y", "score"):
         torch.testing.assert_close(outputs[name], want[name].transpose(0, 1), rtol=0, atol=TOL)
     torch.testing.assert_close(states["h"], finals["h"], rtol=0, atol=TOL)
@@ -270,7 +271,8 @@ def lstm2():
      r"initial state 'h': expected shape \[4, 3, 4\].*got \[2, 3, 4\]"),
     # batch-first input to a time-first layer: the states know the batch size
     (lambda m, x: m(x.transpose(0, 1), (torch.zeros(4, B, H, dtype=torch.float64),) * 2),
-     r"expected shape \[4, 4, 4\].*B as the input's, \[3, 4, 3\] time first.*got \[4, 3, 4\]"),
+     r"initial state 'h': expected shape \[4, 4, 4\], .* B = 4 from input 'x' of shape \[3, 4, 3\], "
+     r"read as \[T, B, \.\.\.\] \(time first; batch_first=True reads \[B, T, \.\.\.\]\); got \[4, 3, 4\]"),
     (lambda m, x: m(pack_padded_sequence(x, LENGTHS, enforce_sorted=False), lengths=LENGTHS),
      "PackedSequence holds its own lengths"),
     (lambda m, x: m(x[0]), r"inputs\['x'\]: expected shape \[T, B, 3\], got \[3, 3\] \(.*time first"),
@@ -288,6 +290,8 @@ def test_bad_calls_are_value_errors_that_say_what_is_wrong(lstm2, call, match):
     (lambda: RNN(TWIN, dims={"D": D, "H": H}, num_layers=2, dropout=1.5), "dropout: expected a probability"),
     (lambda: RNN(TWIN, dims={"D": D, "H": H}).to_torch(), "not made by RNN.from_torch"),
     (lambda: RNN.from_torch(nn.Linear(2, 3)), "expected torch.nn.LSTM, GRU or RNN, got Linear"),
+    (lambda: RNN(GLOSS.replace("keepdims=1", "keepdims=0"), dims={"D": D, "H": H, "E": 2},
+                 bidirectional=True), "output score of cell 'gloss' has none"),
 ])
 def test_bad_settings(make, match):
     with pytest.raises(ValueError, match=match):
