@@ -82,3 +82,27 @@ def test_torch_cell_on_gpu_equals_cpu():
     for _ in range(2):  # a second step reuses memory torch freed after the first
         for got, want in zip(run("cuda"), run("cpu")):
             assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), (got - want).abs().max()
+
+
+@skip_without_gpu
+def test_torch_rnn_on_gpu_equals_torch():
+    """A 2-layer bidirectional nn.LSTM and its rnnc RNN on CUDA tensors, packed: the backward
+    direction's time reversal runs on device memory (device-to-device copies)."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("PyTorch without CUDA")
+    import rnnc.torch
+    from torch.nn.utils.rnn import pack_padded_sequence
+    torch.manual_seed(0)
+    net = torch.nn.LSTM(5, 7, num_layers=2, bidirectional=True).cuda()
+    ours = rnnc.torch.RNN.from_torch(net)
+    x = torch.randn(6, 4, 5, device="cuda")
+    packed = pack_padded_sequence(x, torch.tensor([6, 2, 5, 1]), enforce_sorted=False)
+    results = []
+    for module in (ours, net):
+        module.zero_grad()
+        y, (h_n, c_n) = module(packed)
+        (y.data.square().sum() + h_n.sum() + c_n.sum()).backward()
+        results.append([y.data, h_n, c_n, *(p.grad for p in module.parameters())])
+    for got, want in zip(*results):
+        assert torch.allclose(got, want, rtol=1e-3, atol=1e-4), (got - want).abs().max()
