@@ -11,14 +11,13 @@ nn.Linear readout; Adam trains both.
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 from torch import nn
 
 import rnnc.torch
-from rnnc.examples.progress import TextBar
+from rnnc.examples import training
 
 LSTM_CELL = Path(__file__).resolve().parent / "lstm.cell"
 ALPHABET, SYMBOLS, DELAY, HIDDEN, BATCH = 4, 3, 4, 32, 32
@@ -54,32 +53,13 @@ def train(steps: int = 300, seed: int = 0, report=None) -> list:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = Model(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=2e-2)
-    losses = []
-    for step in range(steps):
+
+    def loss():
         inputs, targets = make_batch(gen)
-        logits = model(inputs)
-        loss = nn.functional.cross_entropy(logits.reshape(-1, ALPHABET), targets.reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if report:
-            report(step, loss.item())
-    return losses
-
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-    print(f"copy task: {SYMBOLS} symbols of {ALPHABET}, delay {DELAY}; chance loss "
-          f"{torch.log(torch.tensor(float(ALPHABET))):.3f}")
-    losses = train(args.steps, args.seed, report=TextBar(args.steps))
-    tail = losses[-20:]
-    print(f"mean loss over the last {len(tail)} steps: {sum(tail) / len(tail):.3f}")
+        return nn.functional.cross_entropy(model(inputs).reshape(-1, ALPHABET), targets.reshape(-1))
+    return training.minimise(model, loss, steps, report)
 
 
 if __name__ == "__main__":
-    main()
+    training.main(__doc__, train, 300, f"copy task: {SYMBOLS} symbols of {ALPHABET}, delay {DELAY}",
+                  chance_of=ALPHABET)

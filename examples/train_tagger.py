@@ -14,7 +14,6 @@ nn.Linear tagger over its packed outputs; Adam trains both.
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
@@ -22,7 +21,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_sequence
 
 import rnnc.torch
-from rnnc.examples.progress import TextBar
+from rnnc.examples import training
 
 LSTM_CELL = Path(__file__).resolve().parent / "lstm.cell"
 ALPHABET, MAX_LEN, HIDDEN, BATCH = 4, 10, 24, 32
@@ -57,31 +56,13 @@ def train(steps: int = 200, seed: int = 0, report=None) -> list:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = Tagger(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=2e-2)
-    losses = []
-    for step in range(steps):
+
+    def loss():
         inputs, tags = make_batch(gen)
-        loss = nn.functional.cross_entropy(model(inputs), tags.data)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if report:
-            report(step, loss.item())
-    return losses
-
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-    print(f"tagging: each symbol's tag is the sum of its neighbours mod {ALPHABET}; chance loss "
-          f"{torch.log(torch.tensor(float(ALPHABET))):.3f}")
-    losses = train(args.steps, args.seed, report=TextBar(args.steps))
-    tail = losses[-20:]
-    print(f"mean loss over the last {len(tail)} steps: {sum(tail) / len(tail):.3f}")
+        return nn.functional.cross_entropy(model(inputs), tags.data)
+    return training.minimise(model, loss, steps, report)
 
 
 if __name__ == "__main__":
-    main()
+    training.main(__doc__, train, 200, f"tagging: each symbol's tag is the sum of its neighbours "
+                  f"mod {ALPHABET}", chance_of=ALPHABET)

@@ -197,22 +197,19 @@ def test_cuda_reverse_equals_numpy_with_host_and_device_arrays(policy, workdir):
 
 
 # --- the command line ------------------------------------------------------------------
-def test_gradcheck_of_the_reversed_forward(tmp_path, capsys):
-    """Finite differences of the reversed forward, with random lengths, from the command line."""
+@pytest.mark.parametrize("command, name, dims, expected", [
+    # finite differences of the reversed forward, with random lengths
+    (["gradcheck", "--seq-len", "4", "--batch", "3"], "braid", ["D=2", "H=3"],
+     ["contexts['e']", "ok: tolerance"]),
+    (["run", "--seq-len", "5"], "swirl", ["D=2", "H=3", "S=2"],
+     ["output y: [5, 8, 3]", "random lengths, reversed)"]),
+])
+def test_command_line(command, name, dims, expected, tmp_path, capsys):
     from rnnc.cli import main
-    path = tmp_path / "braid.cell"
-    path.write_text(BRAID)
-    assert main(["gradcheck", str(path), "-D", "D=2", "-D", "H=3", "--seq-len", "4", "--batch", "3",
+    path = tmp_path / f"{name}.cell"
+    path.write_text(CELLS[name][0])
+    assert main([command[0], str(path), *command[1:], *(a for d in dims for a in ("-D", d)),
                  "--lengths", "--reverse"]) == 0
     out = capsys.readouterr().out
-    assert "contexts['e']" in out and "ok: tolerance" in out
-
-
-def test_run_reverse(tmp_path, capsys):
-    from rnnc.cli import main
-    path = tmp_path / "swirl.cell"
-    path.write_text(SWIRL)
-    assert main(["run", str(path), "-D", "D=2", "-D", "H=3", "-D", "S=2", "--seq-len", "5",
-                 "--lengths", "--reverse"]) == 0
-    out = capsys.readouterr().out
-    assert "output y: [5, 8, 3]" in out and "random lengths, reversed)" in out
+    for text in expected:
+        assert text in out

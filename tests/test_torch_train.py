@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("torch", reason="torch is an optional dependency (pip install 'rnnc[torch]'); "
                                     "the training example needs it")
-from rnnc.examples.progress import TextBar  # noqa: E402
+from rnnc.examples.training import TextBar  # noqa: E402
 from rnnc.examples import train_tagger  # noqa: E402
 from rnnc.examples.train_copy_task import ALPHABET, train  # noqa: E402
 
