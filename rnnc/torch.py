@@ -60,6 +60,7 @@ except ImportError as err:  # rnnc itself does not need torch
     raise ImportError("rnnc.torch needs PyTorch, an optional extra of rnnc: "
                       "pip install 'rnnc[torch]'") from err
 
+from .backends.args import Binder
 from .driver import Program, check_source, read_source
 from .driver import compile as compile_cell
 from .dtypes import storage
@@ -361,13 +362,6 @@ def _named(what: str, given, names: list) -> dict:
                      f"{type(given).__name__}")
 
 
-def _time_first(label: str, t, batch_first: bool):
-    if isinstance(t, PackedSequence):
-        raise ValueError(f"{label}: a PackedSequence goes to rnnc.torch.RNN; Cell takes padded "
-                         f"tensors and lengths=")
-    return t.transpose(0, 1) if batch_first and isinstance(t, torch.Tensor) else t
-
-
 # --- one cell ---------------------------------------------------------------------------------
 class Cell(nn.Module):
     """A compiled recurrent cell as an `nn.Module`: one layer, one direction.
@@ -428,13 +422,16 @@ class Cell(nn.Module):
                 lengths=None, reverse: bool = False):
         cell = self.program.cell
         names = {k: [d.name for d in cell.of_kind(k[:-1])] for k in ("inputs", "states", "contexts")}
-        inputs = {k: _time_first(f"inputs[{k!r}]", t, self.batch_first)
-                  for k, t in self._named_inputs(inputs).items()}
-        named = {"inputs": inputs, "params": self.params,
+        inputs = self._named_inputs(inputs)
+        if any(isinstance(t, PackedSequence) for t in inputs.values()):
+            raise ValueError("inputs: a PackedSequence goes to rnnc.torch.RNN; Cell takes padded "
+                             "tensors and lengths=")
+        batch = _Batch.of(inputs, lengths, self.batch_first)
+        named = {"inputs": batch.inputs, "params": self.params,
                  "states": _named("states", states, names["states"]),
                  "contexts": _named("contexts", contexts, names["contexts"])}
-        outputs, finals = self._compiled.run(named, lengths, reverse, self.training)
-        return {k: _time_first(k, t, self.batch_first) for k, t in outputs.items()}, finals
+        outputs, finals = self._compiled.run(named, batch.lengths, reverse, self.training)
+        return {k: batch.wrap(t) for k, t in outputs.items()}, finals
 
     def _named_inputs(self, inputs) -> dict:
         if isinstance(inputs, (torch.Tensor, PackedSequence)):
@@ -752,8 +749,14 @@ class _Batch:
             name, first = next(iter(inputs.items()))
             layout = "[B, T, ...] (batch_first=True)" if batch_first else \
                 "[T, B, ...] (time first; batch_first=True reads [B, T, ...])"
-            return cls({k: _time_first(k, t, batch_first) for k, t in inputs.items()}, lengths,
-                       batch_first, f"input {name!r} of shape {shape_str(first.shape)}, read as {layout}")
+            batch = cls({k: t.transpose(0, 1) if batch_first else t for k, t in inputs.items()},
+                        _host_lengths(lengths), batch_first,
+                        f"input {name!r} of shape {shape_str(first.shape)}, read as {layout}")
+            # checked here, where the caller's layout is known (the backends see it time first)
+            checks = Binder()
+            checks.fix(*next(iter(batch.inputs.values())).shape[:2], batch.described)
+            checks.lengths(batch.lengths)
+            return batch
         if lengths is not None or len(packed) != len(inputs):
             raise ValueError("input: a PackedSequence holds its own lengths; pass no lengths= and "
                              "no other inputs beside it")

@@ -278,7 +278,10 @@ def lstm2():
     (lambda m, x: m(x[0]), r"inputs\['x'\]: expected shape \[T, B, 3\], got \[3, 3\] \(.*time first"),
     (lambda m, x: m({"x": x}), r"input 'x': expected a tensor \[T, B, \.\.\.\].*or a PackedSequence, got dict"),
     (lambda m, x: m(x, contexts={"e": x}), "contexts: cell 'lstm' has none"),
-    (lambda m, x: m(x, lengths=[5, 1, 1]), r"lengths: every length must lie in 0\.\.4"),
+    (lambda m, x: m(x, lengths=[5, 1, 1]), r"lengths: every length must lie in 0\.\.4, the T of input 'x' "
+     r"of shape \[4, 3, 3\], read as \[T, B, \.\.\.\]"),
+    (lambda m, x: m(x.transpose(0, 1), lengths=[4, 1, 1]), r"lengths: expected shape \[4\], one length per "
+     r"batch element of input 'x' of shape \[3, 4, 3\], read as \[T, B, \.\.\.\] \(time first"),
 ])
 def test_bad_calls_are_value_errors_that_say_what_is_wrong(lstm2, call, match):
     with pytest.raises(ValueError, match=match):
@@ -304,7 +307,7 @@ def test_cell_says_what_it_takes():
     hx = (torch.zeros(B, H, dtype=torch.float64),) * 2
     with pytest.raises(ValueError, match=r"states: expected a dict \{name: tensor\} \(h, c\), got tuple"):
         cell(x, hx)
-    with pytest.raises(ValueError, match="a PackedSequence goes to rnnc.torch.RNN"):
+    with pytest.raises(ValueError, match="inputs: a PackedSequence goes to rnnc.torch.RNN"):
         cell(pack_padded_sequence(x, LENGTHS, enforce_sorted=False))
 
 
