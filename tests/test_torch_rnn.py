@@ -383,9 +383,24 @@ def test_to_another_dtype_and_device():
     torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-4)
 
 
-def test_torch_compile_breaks_the_graph_once_per_call_and_never_recompiles(caplog):
+class CellTagger(nn.Module):
+    """The same with one Cell (dicts by name) instead of an RNN."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(D, D).double()
+        self.cell = Cell.from_torch(make_torch("lstm", seed=13))
+        self.head = nn.Linear(H, 2).double()
+
+    def forward(self, x, lengths=None):
+        outputs, states = self.cell(torch.tanh(self.embed(x)), lengths=lengths)
+        return self.head(outputs["y"]).sum() + states["c"].sum()
+
+
+@pytest.mark.parametrize("make", [Tagger, CellTagger])
+def test_torch_compile_breaks_the_graph_once_per_call_and_never_recompiles(make, caplog):
     torch._dynamo.reset()
-    model = Tagger()
+    model = make()
     compiled = torch.compile(model, backend="eager")
     explained = torch._dynamo.explain(model)(torch.randn(T, B, D, dtype=torch.float64), LENGTHS)
     assert explained.graph_break_count == 1 and explained.graph_count == 2  # before and after it
