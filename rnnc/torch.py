@@ -352,7 +352,7 @@ def _add_parameter(module: nn.Module, name: str, param: nn.Parameter):
         module.register_parameter(name, param)
 
 
-def _named(what: str, given, names: list) -> dict:
+def _named(given, names: list, what: str = "hx") -> dict:
     """A dict argument of tensors by name, or a clear error for anything else."""
     if given is None:
         return {}
@@ -360,6 +360,20 @@ def _named(what: str, given, names: list) -> dict:
         return dict(given)
     raise ValueError(f"{what}: expected a dict {{name: tensor}} ({', '.join(names) or 'none'}), got "
                      f"{type(given).__name__}")
+
+
+def _inputs_by_name(given, cell) -> dict:
+    """The inputs by name: a dict, or one tensor (or PackedSequence) for a cell with one input."""
+    names = [d.name for d in cell.of_kind("input")]
+    if isinstance(given, dict):
+        return dict(given)
+    if not isinstance(given, (torch.Tensor, PackedSequence)):
+        raise ValueError(f"inputs: expected a tensor [T, B, ...], a PackedSequence or a dict "
+                         f"{{name: tensor}} ({', '.join(names)}), got {type(given).__name__}")
+    if len(names) != 1:
+        raise ValueError(f"inputs: cell '{cell.name}' has inputs {', '.join(names)}; pass a dict "
+                         f"{{name: tensor}}")
+    return {names[0]: given}
 
 
 # --- one cell ---------------------------------------------------------------------------------
@@ -422,25 +436,16 @@ class Cell(nn.Module):
                 lengths=None, reverse: bool = False):
         cell = self.program.cell
         names = {k: [d.name for d in cell.of_kind(k[:-1])] for k in ("inputs", "states", "contexts")}
-        inputs = self._named_inputs(inputs)
+        inputs = _inputs_by_name(inputs, cell)
         if any(isinstance(t, PackedSequence) for t in inputs.values()):
             raise ValueError("inputs: a PackedSequence goes to rnnc.torch.RNN; Cell takes padded "
                              "tensors and lengths=")
         batch = _Batch.of(inputs, lengths, self.batch_first)
         named = {"inputs": batch.inputs, "params": self.params,
-                 "states": _named("states", states, names["states"]),
-                 "contexts": _named("contexts", contexts, names["contexts"])}
+                 "states": _named(states, names["states"], "states"),
+                 "contexts": _named(contexts, names["contexts"], "contexts")}
         outputs, finals = self._compiled.run(named, batch.lengths, reverse, self.training)
         return {k: batch.wrap(t) for k, t in outputs.items()}, finals
-
-    def _named_inputs(self, inputs) -> dict:
-        if isinstance(inputs, (torch.Tensor, PackedSequence)):
-            names = [d.name for d in self.program.cell.of_kind("input")]
-            if len(names) != 1:
-                raise ValueError(f"inputs: cell '{self.program.cell.name}' has inputs "
-                                 f"{', '.join(names)}; pass a dict {{name: tensor}}")
-            return {names[0]: inputs}
-        return _named("inputs", inputs, [d.name for d in self.program.cell.of_kind("input")])
 
     # --- weights from and to torch.nn.LSTM / GRU / RNN -----------------------------------
     @classmethod
@@ -613,20 +618,14 @@ class RNN(nn.Module):
         """See the class docstring for the two conventions."""
         cell = self._layers[0].program.cell
         state_names = [d.name for d in cell.of_kind("state")]
-        if self._lstm_convention:
-            if contexts is not None:
-                raise ValueError(f"contexts: cell '{cell.name}' has none")
-            states = _states_by_name(hx, state_names)
-            inputs = {cell.of_kind("input")[0].name: input}
-        else:
-            states = _named("states", hx, state_names)
-            inputs = (_named("inputs", input, [d.name for d in cell.of_kind("input")])
-                      if not isinstance(input, (torch.Tensor, PackedSequence))
-                      else {cell.of_kind("input")[0].name: input})
-        batch = _Batch.of(inputs, lengths, self.batch_first)
+        context_names = [d.name for d in cell.of_kind("context")]
+        if self._lstm_convention and contexts is not None:
+            raise ValueError(f"contexts: cell '{cell.name}' has none")
+        states = _states_by_name(hx, state_names) if self._lstm_convention else _named(hx, state_names)
+        batch = _Batch.of(_inputs_by_name(input, cell), lengths, self.batch_first)
         self._check_states(states, batch)
         outputs, finals = self._run_layers(batch.inputs, batch.sorted_states(states),
-                                           _named("contexts", contexts, []), batch.lengths)
+                                           _named(contexts, context_names, "contexts"), batch.lengths)
         outputs = {k: batch.wrap(y) for k, y in outputs.items()}
         finals = {k: batch.unsort_states(s) for k, s in finals.items()}
         if not self._lstm_convention:

@@ -276,7 +276,10 @@ def lstm2():
     (lambda m, x: m(pack_padded_sequence(x, LENGTHS, enforce_sorted=False), lengths=LENGTHS),
      "PackedSequence holds its own lengths"),
     (lambda m, x: m(x[0]), r"inputs\['x'\]: expected shape \[T, B, 3\], got \[3, 3\] \(.*time first"),
-    (lambda m, x: m({"x": x}), r"input 'x': expected a tensor \[T, B, \.\.\.\].*or a PackedSequence, got dict"),
+    (lambda m, x: m(x.numpy()),
+     r"inputs: expected a tensor \[T, B, \.\.\.\], a PackedSequence or a dict \{name: tensor\} \(x\), got ndarray"),
+    (lambda m, x: m({"x": x.numpy()}),
+     r"input 'x': expected a tensor \[T, B, \.\.\.\].*or a PackedSequence, got ndarray"),
     (lambda m, x: m(x, contexts={"e": x}), "contexts: cell 'lstm' has none"),
     (lambda m, x: m(x, lengths=[5, 1, 1]), r"lengths: every length must lie in 0\.\.4, the T of input 'x' "
      r"of shape \[4, 3, 3\], read as \[T, B, \.\.\.\]"),
