@@ -218,6 +218,32 @@ def test_layers_of_a_new_cell_in_the_lstm_convention():
     torch.testing.assert_close(m_n, finals["m"], rtol=0, atol=TOL)
 
 
+@pytest.mark.parametrize("plan", ["all", "auto", "budget"])
+def test_every_plan_gives_the_same_layer(plan):
+    """Each layer and direction (the one above compiled again, with the same plan options)."""
+    dims = {"D": D, "H": H}
+    if plan == "budget":
+        roomy = rnnc.compile(TWIN, dims=dims, recompute="none").plan.peak_bytes(T, B, "float64")
+        program = rnnc.compile(TWIN, dims=dims, memory_budget=roomy // 2, seq_len=T, batch=B,
+                               dtype="float64")
+        assert len(program.plan.segments) > 1
+    else:
+        program = rnnc.compile(TWIN, dims=dims, recompute=plan)
+    planned = RNN(program, num_layers=2, bidirectional=True, dtype=torch.float64)
+    reference = RNN(TWIN, dims=dims, num_layers=2, bidirectional=True, recompute="none",
+                    dtype=torch.float64)
+    reference.load_state_dict(planned.state_dict())
+    assert planned._layers[1].program.plan.budget == program.plan.budget
+    x = torch.randn(T, B, D, dtype=torch.float64, requires_grad=True)
+    results = []
+    for rnn in (planned, reference):
+        y, (h_n, m_n) = rnn(x, lengths=LENGTHS)
+        grads = torch.autograd.grad((y.square().sum() + h_n.sum() + m_n.sum()), [x, *rnn.parameters()])
+        results.append([y, h_n, m_n, *grads])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=0, atol=TOL)
+
+
 def test_dicts_for_a_cell_with_a_context_and_two_outputs():
     dims = {"D": D, "H": H, "E": 2}
     rnn = RNN(GLOSS, dims=dims, bidirectional=True, batch_first=True, dtype=torch.float64)
