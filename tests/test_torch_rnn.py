@@ -367,6 +367,20 @@ class Tagger(nn.Module):
         return self.head(y).sum() + h_n.sum()
 
 
+class CellTagger(nn.Module):
+    """The same with one Cell (dicts by name) instead of an RNN."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(D, D).double()
+        self.cell = Cell.from_torch(make_torch("lstm", seed=13))
+        self.head = nn.Linear(H, 2).double()
+
+    def forward(self, x, lengths=None):
+        outputs, states = self.cell(torch.tanh(self.embed(x)), lengths=lengths)
+        return self.head(outputs["y"]).sum() + states["c"].sum()
+
+
 def loss_and_grads(model, x):
     model.zero_grad()
     loss = model(x, LENGTHS)
@@ -374,8 +388,9 @@ def loss_and_grads(model, x):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def test_torch_save_rebuilds_the_compiled_code(tmp_path):
-    model = Tagger()
+@pytest.mark.parametrize("make", [Tagger, CellTagger])
+def test_torch_save_rebuilds_the_compiled_code(make, tmp_path):
+    model = make()
     x = torch.randn(T, B, D, dtype=torch.float64)
     want = loss_and_grads(model, x)
     data = pickle.dumps(model)
@@ -410,20 +425,6 @@ def test_to_another_dtype_and_device():
     got = single(x.float(), LENGTHS)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-4)
-
-
-class CellTagger(nn.Module):
-    """The same with one Cell (dicts by name) instead of an RNN."""
-
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Linear(D, D).double()
-        self.cell = Cell.from_torch(make_torch("lstm", seed=13))
-        self.head = nn.Linear(H, 2).double()
-
-    def forward(self, x, lengths=None):
-        outputs, states = self.cell(torch.tanh(self.embed(x)), lengths=lengths)
-        return self.head(outputs["y"]).sum() + states["c"].sum()
 
 
 @pytest.mark.parametrize("make", [Tagger, CellTagger])
