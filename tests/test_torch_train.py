@@ -36,11 +36,11 @@ def test_copy_task_loss_falls_below_threshold():
 
 def test_bidirectional_tagger_learns_what_one_direction_cannot():
     """A tag needs both neighbours: one direction stays at chance, ln(4) = 1.386; the seeded
-    run falls to about 0.02 in 100 steps (seeds 0 to 3: 0.012 to 0.054)."""
-    losses = train_tagger.train(steps=100, seed=0)
+    run falls to about 0.17 in 80 steps (seeds 0 to 3: 0.14 to 0.27), and to 0.001 in 200."""
+    losses = train_tagger.train(steps=80, seed=0)
     chance = math.log(train_tagger.ALPHABET)
     assert abs(sum(losses[:10]) / 10 - chance) < 0.1
-    assert sum(losses[-10:]) / 10 < 0.3
+    assert sum(losses[-10:]) / 10 < 0.5
 
 
 class Terminal(io.StringIO):
