@@ -66,6 +66,7 @@ from .driver import compile as compile_cell
 from .dtypes import storage
 from .ir import format_cell
 from .passes.policy import POLICIES
+from .precision import DEFAULT as DEFAULT_PRECISION
 from .shapes import concrete_shape, shape_str
 
 __all__ = ["Cell", "RNN"]
@@ -214,6 +215,7 @@ class _Recipe:
     seq_len: int | None
     batch: int | None
     dtype: str
+    precision: str
 
     @classmethod
     def of(cls, program: Program) -> "_Recipe":
@@ -221,7 +223,7 @@ class _Recipe:
         # a manual policy is named "[a, b]" by the planner
         recompute = plan.policy if plan.policy in POLICIES else tuple(plan.policy[1:-1].split(", "))
         return cls(program.source.text, program.cell.name, tuple(program.cell.dims), recompute,
-                   plan.budget, plan.seq_len, plan.batch, plan.dtype)
+                   plan.budget, plan.seq_len, plan.batch, plan.dtype, program.precision)
 
 
 @lru_cache(maxsize=256)
@@ -230,7 +232,7 @@ def _compiled(recipe: _Recipe) -> Program:
     recompute = recipe.recompute if isinstance(recipe.recompute, str) else list(recipe.recompute)
     return compile_cell(recipe.text, dims=dict(recipe.dims), cell=recipe.cell, recompute=recompute,
                         memory_budget=recipe.memory_budget, seq_len=recipe.seq_len, batch=recipe.batch,
-                        dtype=recipe.dtype)
+                        dtype=recipe.dtype, precision=recipe.precision)
 
 
 class _Compiled:
@@ -872,7 +874,7 @@ def _shipped_program(example: str, net, recompute) -> Program:
     recompute = "auto" if recompute is None else recompute
     return _compiled(_Recipe(_shipped_source(example), example, dims,
                              recompute if isinstance(recompute, str) else tuple(recompute),
-                             None, None, None, "float32"))
+                             None, None, None, "float32", DEFAULT_PRECISION))
 
 
 def _torch_weights(net, suffix: str) -> dict:

@@ -462,3 +462,15 @@ def test_pickled_bytes_load_without_torch_save():
     again = pickle.loads(buffer.getvalue())
     x = torch.randn(T, B, D, dtype=torch.float64)
     torch.testing.assert_close(again(x)[0], rnn(x)[0], rtol=0, atol=0)
+
+
+def test_a_pickled_layer_keeps_every_compile_option():
+    """The recipe holds all of them: the policy (a manual list too) and the precision, for
+    the layer above too."""
+    program = rnnc.compile(TWIN, dims={"D": D, "H": H}, recompute=["m_new"], precision="tf32")
+    rnn = RNN(program, num_layers=2, bidirectional=True, dtype=torch.float64)
+    again = pickle.loads(pickle.dumps(rnn))
+    for layer in again._layers:
+        assert layer.program.precision == "tf32" and layer.program.plan.policy == "[m_new]"
+    x = torch.randn(T, B, D, dtype=torch.float64)
+    torch.testing.assert_close(again(x)[0], rnn(x)[0], rtol=0, atol=0)
