@@ -42,7 +42,7 @@ needs_nvcc = pytest.mark.skipif(not build.shutil.which("nvcc") and not Path("/us
                                 reason="needs nvcc (the CUDA toolkit)")
 
 
-BENCHMARK_DIMS = {"D": 512, "H": 512, "E": 256, "S": 32}  # benchmarks/gpu.py's sizes
+BENCHMARK_DIMS = {"D": 512, "H": 512, "E": 256, "S": 32, "P": 256}  # benchmarks/gpu.py's sizes
 
 
 MODES = cases.PRECISIONS_RUN + cases.DTYPES_RUN  # fp32, tf32 (float32 arrays), bfloat16, float16
