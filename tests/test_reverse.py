@@ -182,7 +182,7 @@ def test_cuda_reverse_equals_numpy_with_host_and_device_arrays(policy, workdir):
     from rnnc.backends.cuda.runtime import CudaModule
     program = compiled("braid", policy)
     generated = generate(program)
-    module = CudaModule(program, generated.schedule, cuda_emulator.EmulatedDevice(generated, workdir))
+    module = CudaModule(program, generated.launches, cuda_emulator.EmulatedDevice(generated, workdir))
     args32 = cases.arguments(program, 3, steps=T, batch=B)
     want = run(program.load(backend="numpy", dtype="float64"), arguments(program), LENGTHS, True)
 
