@@ -8,7 +8,7 @@ import rnnc
 
 from conftest import EXAMPLES, compile_sized, declared_dims, example, run_rnnc
 
-DIMS = {"D": 4, "H": 6, "E": 3, "S": 5}
+DIMS = {"D": 4, "H": 6, "E": 3, "S": 5, "P": 2}
 T, B = 20, 3
 
 
