@@ -2,9 +2,11 @@
 
     python benchmarks/bidirectional.py [--repeats 5] [--seq-len 50 --batch 32 --size 64]
 
-Prints three things, each contestant run interleaved with its reference (one
-repeat of each in turn, so a busy neighbour hits both alike), as medians and
-the ratio of medians:
+Prints three things, each contestant warmed up once and then run interleaved
+with its reference (one repeat of each in turn, so a busy neighbour hits both
+alike), as medians and the ratio of medians. On a machine shared with other
+work, OMP_NUM_THREADS=1 keeps torch's and NumPy's threads from fighting the
+neighbours' (oversubscribed, both slow down many times over, unevenly):
 
 1. the NumPy backend's forward+backward with reverse=True against the same
    call with reverse=False (examples/lstm.cell, random lengths): the cost of
@@ -18,8 +20,6 @@ the ratio of medians:
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,18 +30,9 @@ import rnnc
 import rnnc.torch
 from rnnc.backends.reverse import flip_copies, step_order
 
+from numpy_vs_torch import measure  # run as a script, so benchmarks/ is on the path
+
 LSTM_CELL = Path(__file__).resolve().parent.parent / "examples" / "lstm.cell"
-
-
-def medians(runs: dict, repeats: int) -> dict:
-    """name -> median seconds of `runs[name]()`, the runs interleaved."""
-    times = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def report(title: str, got: dict, reference: str):
@@ -60,7 +51,7 @@ def numpy_reverse(T, B, H, lengths, repeats):
     def run(reverse):
         res = mod.forward(inputs={"x": x}, params=params, lengths=lengths, reverse=reverse)
         mod.backward(res, d_outputs={"y": dy})
-    return medians({"forward time": lambda: run(False), "reverse=True": lambda: run(True)}, repeats)
+    return measure({"forward time": lambda: run(False), "reverse=True": lambda: run(True)}, repeats)
 
 
 def layer_against_torch(T, B, H, lengths, repeats):
@@ -73,7 +64,7 @@ def layer_against_torch(T, B, H, lengths, repeats):
     def run(module):
         y, (h_n, c_n) = module(packed)
         (y.data.sum() + h_n.sum()).backward()
-    return medians({"torch.nn.LSTM": lambda: run(net), "rnnc.torch.RNN.from_torch": lambda: run(ours)},
+    return measure({"torch.nn.LSTM": lambda: run(net), "rnnc.torch.RNN.from_torch": lambda: run(ours)},
                    repeats)
 
 

@@ -48,16 +48,15 @@ class Model(nn.Module):
         return self.readout(outputs["y"][-SYMBOLS:])  # [SYMBOLS, B, ALPHABET] logits
 
 
+def batch_loss(model, gen: torch.Generator):
+    """The cross-entropy of the model's answers for a fresh batch."""
+    inputs, targets = make_batch(gen)
+    return nn.functional.cross_entropy(model(inputs).reshape(-1, ALPHABET), targets.reshape(-1))
+
+
 def train(steps: int = 300, seed: int = 0, report=None) -> list:
     """Train for `steps` batches; return the loss of each. `report(step, loss)` sees each one."""
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    model = Model(seed)
-
-    def loss():
-        inputs, targets = make_batch(gen)
-        return nn.functional.cross_entropy(model(inputs).reshape(-1, ALPHABET), targets.reshape(-1))
-    return training.minimise(model, loss, steps, report)
+    return training.fit(Model, batch_loss, steps, seed, report)
 
 
 if __name__ == "__main__":

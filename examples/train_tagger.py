@@ -51,16 +51,15 @@ class Tagger(nn.Module):
         return self.tag(outputs.data)  # [positions, ALPHABET] logits, in packed order
 
 
+def batch_loss(model, gen: torch.Generator):
+    """The cross-entropy of the model's tags for a fresh batch."""
+    inputs, tags = make_batch(gen)
+    return nn.functional.cross_entropy(model(inputs), tags.data)
+
+
 def train(steps: int = 200, seed: int = 0, report=None) -> list:
     """Train for `steps` batches; return the loss of each. `report(step, loss)` sees each one."""
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    model = Tagger(seed)
-
-    def loss():
-        inputs, tags = make_batch(gen)
-        return nn.functional.cross_entropy(model(inputs), tags.data)
-    return training.minimise(model, loss, steps, report)
+    return training.fit(Tagger, batch_loss, steps, seed, report)
 
 
 if __name__ == "__main__":

@@ -15,13 +15,17 @@ from collections import deque
 import torch
 
 
-def minimise(model, loss, steps: int, report=None, lr: float = 2e-2) -> list:
-    """Adam on `loss()` (a fresh batch's loss each call) for `steps` steps; the loss of each.
-    `report(step, loss)` sees each one."""
+def fit(make_model, batch_loss, steps: int, seed: int, report=None, lr: float = 2e-2) -> list:
+    """Adam on the model `make_model(seed)` for `steps` steps, each on a fresh batch's loss
+    `batch_loss(model, gen)` (`gen` a torch.Generator seeded with `seed`, as torch's own
+    generator is); the loss of each. `report(step, loss)` sees each one."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = make_model(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     losses = []
     for step in range(steps):
-        value = loss()
+        value = batch_loss(model, gen)
         opt.zero_grad()
         value.backward()
         opt.step()
