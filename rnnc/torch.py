@@ -442,10 +442,12 @@ class Cell(nn.Module):
         if any(isinstance(t, PackedSequence) for t in inputs.values()):
             raise ValueError("inputs: a PackedSequence goes to rnnc.torch.RNN; Cell takes padded "
                              "tensors and lengths=")
-        batch = _Batch.of(inputs, lengths, self.batch_first)
+        batch = _Batch.of(inputs, lengths, self.batch_first, cell)
         named = {"inputs": batch.inputs, "params": self.params,
                  "states": _named(states, names["states"], "states"),
                  "contexts": _named(contexts, names["contexts"], "contexts")}
+        for kind in ("states", "contexts"):
+            batch.check_per_example(kind + "[{!r}]", named[kind], cell.of_kind(kind[:-1]))
         outputs, finals = self._compiled.run(named, batch.lengths, reverse, self.training)
         return {k: batch.wrap(t) for k, t in outputs.items()}, finals
 
@@ -624,10 +626,13 @@ class RNN(nn.Module):
         if self._lstm_convention and contexts is not None:
             raise ValueError(f"contexts: cell '{cell.name}' has none")
         states = _states_by_name(hx, state_names) if self._lstm_convention else _named(hx, state_names)
-        batch = _Batch.of(_inputs_by_name(input, cell), lengths, self.batch_first)
-        self._check_states(states, batch)
-        outputs, finals = self._run_layers(batch.inputs, batch.sorted_states(states),
-                                           _named(contexts, context_names, "contexts"), batch.lengths)
+        contexts = _named(contexts, context_names, "contexts")
+        batch = _Batch.of(_inputs_by_name(input, cell), lengths, self.batch_first, cell)
+        batch.check_per_example("initial state {!r}", states, cell.of_kind("state"),
+                                stacked=self.num_layers * self.directions)
+        batch.check_per_example("contexts[{!r}]", contexts, cell.of_kind("context"))
+        outputs, finals = self._run_layers(batch.inputs, batch.sorted_states(states), contexts,
+                                           batch.lengths)
         outputs = {k: batch.wrap(y) for k, y in outputs.items()}
         finals = {k: batch.unsort_states(s) for k, s in finals.items()}
         if not self._lstm_convention:
@@ -654,19 +659,6 @@ class RNN(nn.Module):
                 (y,), (x,) = outputs.values(), compiled.program.cell.of_kind("input")
                 inputs = {x.name: nn.functional.dropout(y, self.dropout, self.training)}
         return outputs, {s: torch.stack(ts) for s, ts in finals.items()}
-
-    def _check_states(self, states: dict, batch: "_Batch"):
-        """Stacked initial states: [num_layers * directions, B, ...], B the input's."""
-        for d in self._layers[0].program.cell.of_kind("state"):
-            if d.name not in states:
-                continue
-            t = states[d.name]
-            want = (self.num_layers * self.directions, batch.size) + concrete_shape(d.shape)
-            if not isinstance(t, torch.Tensor) or tuple(t.shape) != want:
-                got = shape_str(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                raise ValueError(f"initial state {d.name!r}: expected shape {shape_str(want)}, "
-                                 f"[num_layers * directions, B, ...] with B = {batch.size} from "
-                                 f"{batch.described}; got {got}")
 
     # --- weights from and to torch ------------------------------------------------------------
     @classmethod
@@ -717,9 +709,39 @@ def _states_by_name(hx, names: list) -> dict:
         return {names[0]: hx}
     if isinstance(hx, (tuple, list)) and len(hx) == len(names) and len(names) > 1:
         return dict(zip(names, hx))
-    form = "a tensor" if len(names) == 1 else f"a tuple ({', '.join(names)})"
-    got = f"a {type(hx).__name__}" + (f" of {len(hx)}" if isinstance(hx, (tuple, list)) else "")
-    raise ValueError(f"hx: expected {form} of [num_layers * directions, B, ...] tensors, got {got}")
+    stacked = "[num_layers * directions, B, ...]"
+    form = f"a tensor {stacked}" if len(names) == 1 else \
+        f"a tuple ({', '.join(names)}) of {stacked} tensors"
+    got = f"a {type(hx).__name__} of {len(hx)}" if isinstance(hx, (tuple, list)) else type(hx).__name__
+    raise ValueError(f"hx: expected {form}, got {got}")
+
+
+_LAYOUTS = {False: "[T, B, ...] (time first; batch_first=True reads [B, T, ...])",
+            True: "[B, T, ...] (batch_first=True)"}
+
+
+def _check_sequences(inputs: dict, steps: dict, batch_first: bool) -> str:
+    """Each input tensor [T, B, *step] ([B, T, *step] batch first), T and B those of the
+    first; returns what fixed them, for messages. Names the cell lacks are left to the
+    backends, which list the ones it has."""
+    layout = _LAYOUTS[batch_first]
+    (first_name, first), *_ = inputs.items()
+    described = f"input {first_name!r} of shape {shape_str(first.shape)}, read as {layout}"
+    if first_name not in steps:
+        return described
+    lead, source = ("B", "T") if batch_first else ("T", "B"), f"sequences are read as {layout}"
+    for name, t in inputs.items():
+        step = steps.get(name)
+        if step is None:
+            continue
+        fits = t.dim() == 2 + len(step) and tuple(t.shape[2:]) == step and \
+            (name == first_name or tuple(t.shape[:2]) == lead)
+        if not fits:
+            raise ValueError(f"input {name!r}: expected shape {shape_str(lead + step)}, "
+                             f"got {shape_str(t.shape)}; {source}")
+        if name == first_name:
+            lead, source = tuple(t.shape[:2]), f"T and B from {described}"
+    return described
 
 
 @dataclass
@@ -739,21 +761,19 @@ class _Batch:
         return next(iter(self.inputs.values())).shape[1]
 
     @classmethod
-    def of(cls, inputs: dict, lengths, batch_first: bool) -> "_Batch":
+    def of(cls, inputs: dict, lengths, batch_first: bool, cell) -> "_Batch":
+        """The inputs (by name) of `cell`, checked in the caller's layout: the backends see
+        them time first, so their messages would show a batch-first caller's shapes transposed."""
+        steps = {d.name: concrete_shape(d.shape) for d in cell.of_kind("input")}
         for name, t in inputs.items():
-            if not isinstance(t, PackedSequence) and not (isinstance(t, torch.Tensor) and t.dim() >= 2):
-                got = shape_str(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            if not isinstance(t, (torch.Tensor, PackedSequence)):
                 raise ValueError(f"input {name!r}: expected a tensor [T, B, ...] ([B, T, ...] with "
-                                 f"batch_first) or a PackedSequence, got {got}")
+                                 f"batch_first) or a PackedSequence, got {type(t).__name__}")
         packed = [t for t in inputs.values() if isinstance(t, PackedSequence)]
         if not packed:
-            name, first = next(iter(inputs.items()))
-            layout = "[B, T, ...] (batch_first=True)" if batch_first else \
-                "[T, B, ...] (time first; batch_first=True reads [B, T, ...])"
+            described = _check_sequences(inputs, steps, batch_first)
             batch = cls({k: t.transpose(0, 1) if batch_first else t for k, t in inputs.items()},
-                        _host_lengths(lengths), batch_first,
-                        f"input {name!r} of shape {shape_str(first.shape)}, read as {layout}")
-            # checked here, where the caller's layout is known (the backends see it time first)
+                        _host_lengths(lengths), batch_first, described)
             checks = Binder()
             checks.fix(*next(iter(batch.inputs.values())).shape[:2], batch.described)
             checks.lengths(batch.lengths)
@@ -761,9 +781,30 @@ class _Batch:
         if lengths is not None or len(packed) != len(inputs):
             raise ValueError("input: a PackedSequence holds its own lengths; pass no lengths= and "
                              "no other inputs beside it")
-        (p,) = packed
+        ((name, p),) = inputs.items()
+        step = steps.get(name)
+        if step is not None and tuple(p.data.shape[1:]) != step:
+            raise ValueError(f"input {name!r}: expected a PackedSequence of steps of shape "
+                             f"{shape_str(step)}, got one of data {shape_str(p.data.shape)}")
         padded, lengths = pad_packed_sequence(PackedSequence(p.data, p.batch_sizes))
-        return cls({k: padded for k in inputs}, lengths, batch_first, "the PackedSequence", p)
+        return cls({name: padded}, lengths, batch_first, "the PackedSequence", p)
+
+    def check_per_example(self, label: str, given: dict, decls, stacked: int | None = None):
+        """Tensors by name of `decls`, each [B, ...] with the input's B ([stacked, B, ...]
+        with `stacked` states, one per layer and direction); a wrong shape says where B came
+        from. `label` formats a name. A name the cell lacks is left to the backends, which
+        list the ones it has."""
+        lead, what = ((self.size,), "B") if stacked is None else \
+            ((stacked, self.size), "num_layers * directions, B")
+        for d in decls:
+            t = given.get(d.name)
+            want = lead + concrete_shape(d.shape)
+            if t is not None and not isinstance(t, torch.Tensor):
+                raise ValueError(f"{label.format(d.name)}: expected a torch.Tensor, got {type(t).__name__}")
+            if t is not None and tuple(t.shape) != want:
+                raise ValueError(f"{label.format(d.name)}: expected shape {shape_str(want)}, [{what}, "
+                                 f"...] with B = {self.size} from {self.described}; got "
+                                 f"{shape_str(t.shape)}")
 
     def sorted_states(self, states: dict) -> dict:
         if self.packed is None or self.packed.sorted_indices is None:

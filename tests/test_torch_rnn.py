@@ -301,7 +301,10 @@ def lstm2():
      r"read as \[T, B, \.\.\.\] \(time first; batch_first=True reads \[B, T, \.\.\.\]\); got \[4, 3, 4\]"),
     (lambda m, x: m(pack_padded_sequence(x, LENGTHS, enforce_sorted=False), lengths=LENGTHS),
      "PackedSequence holds its own lengths"),
-    (lambda m, x: m(x[0]), r"inputs\['x'\]: expected shape \[T, B, 3\], got \[3, 3\] \(.*time first"),
+    (lambda m, x: m(x[0]), r"input 'x': expected shape \[T, B, 3\], got \[3, 3\]; sequences are read "
+     r"as \[T, B, \.\.\.\] \(time first"),
+    (lambda m, x: m(pack_padded_sequence(x[..., :2], LENGTHS, enforce_sorted=False)),
+     r"input 'x': expected a PackedSequence of steps of shape \[3\], got one of data \[7, 2\]"),
     (lambda m, x: m(x.numpy()),
      r"inputs: expected a tensor \[T, B, \.\.\.\], a PackedSequence or a dict \{name: tensor\} \(x\), got ndarray"),
     (lambda m, x: m({"x": x.numpy()}),
@@ -315,6 +318,32 @@ def lstm2():
 def test_bad_calls_are_value_errors_that_say_what_is_wrong(lstm2, call, match):
     with pytest.raises(ValueError, match=match):
         call(lstm2, torch.randn(T, B, D, dtype=torch.float64))
+
+
+def test_a_batch_first_callers_errors_show_its_own_shapes():
+    """The backends see sequences time first; a batch-first caller's mistakes are told in
+    [B, T, ...], with where T and B came from, for inputs, states and contexts alike."""
+    dims = {"D": D, "H": H, "E": 2}
+    x, e = torch.randn(B, T, D, dtype=torch.float64), torch.zeros(B, 2, dtype=torch.float64)
+    read = r"input 'x' of shape \[3, 4, 3\], read as \[B, T, \.\.\.\] \(batch_first=True\)"
+    rnn = RNN(GLOSS, dims=dims, batch_first=True, dtype=torch.float64)
+    cell = Cell(GLOSS, dims=dims, batch_first=True, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"input 'x': expected shape \[B, T, 3\], got \[3, 4, 2\]; "
+                                         r"sequences are read as \[B, T, \.\.\.\] \(batch_first=True\)"):
+        rnn({"x": x[..., :2]}, contexts={"e": e})
+    with pytest.raises(ValueError, match=r"contexts\['e'\]: expected shape \[3, 2\], \[B, \.\.\.\] with "
+                                         r"B = 3 from " + read + r"; got \[2, 2\]"):
+        rnn({"x": x}, contexts={"e": e[1:]})
+    with pytest.raises(ValueError, match=r"states\['h'\]: expected shape \[3, 4\], .* from " + read):
+        cell({"x": x}, {"h": torch.zeros(B + 1, H, dtype=torch.float64)}, contexts={"e": e})
+    two = RNN(TWO_INPUTS, dims={"D": D, "H": H}, batch_first=True, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"input 'q': expected shape \[3, 4, 4\], got \[3, 3, 4\]; "
+                                         r"T and B from " + read):
+        two({"x": x, "q": torch.zeros(B, T - 1, H, dtype=torch.float64)})
+    gru = RNN.from_torch(make_torch("gru", seed=9, num_layers=2))
+    with pytest.raises(ValueError, match=r"hx: expected a tensor \[num_layers \* directions, B, \.\.\.\], "
+                                         r"got a tuple of 1"):
+        gru(x.transpose(0, 1), (torch.zeros(2, B, H, dtype=torch.float64),))
 
 
 @pytest.mark.parametrize("make, match", [
