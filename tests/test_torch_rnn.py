@@ -503,3 +503,27 @@ def test_a_pickled_layer_keeps_every_compile_option():
         assert layer.program.precision == "tf32" and layer.program.plan.policy == "[m_new]"
     x = torch.randn(T, B, D, dtype=torch.float64)
     torch.testing.assert_close(again(x)[0], rnn(x)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_runs_every_layer_in_16_bits_and_keeps_float32_gradients(dtype):
+    """Under CPU autocast each layer and direction casts its float32 params, input and
+    states to the autocast dtype on the way in: the same answer, to the bit, as the layer
+    converted to that dtype, and float32 gradients that are its gradients widened. (A GRU:
+    an LSTM from torch adds its two biases first, in float32 under autocast, which rounds
+    once where the converted layer rounds each.)"""
+    rnn = RNN.from_torch(make_torch("gru", seed=14, num_layers=2, bidirectional=True).float())
+    narrow = copy.deepcopy(rnn).to(dtype)
+    x, h0 = torch.randn(T, B, D), torch.randn(4, B, H)
+    with torch.autocast("cpu", dtype=dtype):
+        y, h_n = rnn(pack_padded_sequence(x, LENGTHS, enforce_sorted=False), h0)
+    want, want_h = narrow(pack_padded_sequence(x.to(dtype), LENGTHS, enforce_sorted=False), h0.to(dtype))
+    assert y.data.dtype == h_n.dtype == dtype
+    torch.testing.assert_close(y.data, want.data, rtol=0, atol=0)
+    torch.testing.assert_close(h_n, want_h, rtol=0, atol=0)
+    (y.data.float().sum() + h_n.float().sum()).backward()
+    (want.data.float().sum() + want_h.float().sum()).backward()
+    for (name, p), q in zip(rnn.named_parameters(), narrow.parameters()):
+        assert p.grad.dtype == torch.float32
+        torch.testing.assert_close(p.grad, q.grad.float(), rtol=0, atol=0, msg=name)
+    assert rnn(x)[0].dtype == torch.float32  # outside autocast, float32 again
