@@ -196,6 +196,38 @@ def test_cuda_reverse_equals_numpy_with_host_and_device_arrays(policy, workdir):
         assert_equal_results(got, want, atol=1e-4)
 
 
+# the step index and a mask per step, each shown by an output
+CLOCKED = """
+cell clocked {
+    dim H
+    input x[H]
+    state h[H]
+    step t
+    next h = zoneout(h + x, h, 0.3)
+    output y = x * 0 + t
+    output kept = dropout(x * 0 + 1, 0.5)
+}
+"""
+
+
+@pytest.mark.skipif(not cuda_emulator.available(), reason="needs g++ for the CUDA emulation")
+def test_step_index_and_masks_count_steps_as_they_run(workdir):
+    """With reverse=True the step index is 0 at each example's last valid step (the order
+    it runs in), and both backends draw the same masks at the same steps."""
+    program = rnnc.compile(CLOCKED, dims={"H": 3}, recompute="all")
+    module, _ = cuda_emulator.emulated(program, workdir)
+    reference = program.load(backend="numpy", dtype="float32")
+    x = np.random.default_rng(0).normal(size=(T, B, 3)).astype(np.float32)
+    got, want = (m.forward({"x": x}, {}, lengths=LENGTHS, seed=7, reverse=True) for m in (module, reference))
+    s = np.arange(T)[:, None]
+    np.testing.assert_array_equal(want.outputs["y"][..., 0], np.where(s < LENGTHS, LENGTHS - 1 - s, 0))
+    np.testing.assert_array_equal(got.outputs["y"], want.outputs["y"])
+    np.testing.assert_array_equal(got.outputs["kept"] == 0, want.outputs["kept"] == 0)
+    np.testing.assert_allclose(got.states["h"], want.states["h"], rtol=0, atol=1e-5)
+    forward = reference.forward({"x": x}, {}, lengths=LENGTHS, seed=7)
+    assert not np.array_equal(forward.outputs["kept"], want.outputs["kept"])
+
+
 # --- the command line ------------------------------------------------------------------
 @pytest.mark.parametrize("command, name, dims, expected", [
     # finite differences of the reversed forward, with random lengths

@@ -14,6 +14,8 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence  # noqa: E40
 import rnnc.torch  # noqa: E402
 from rnnc.torch import RNN, Cell  # noqa: E402
 
+from conftest import example  # noqa: E402
+
 TOL = 1e-9
 T, B, D, H, P = 4, 3, 3, 4, 2
 LENGTHS = torch.tensor([2, 4, 1])  # unsorted, one full, one of a single step
@@ -180,14 +182,15 @@ cell gloss {
 
 
 def by_hand(rnn: RNN, text: str, dims: dict, inputs: dict, states: dict, contexts: dict, lengths):
-    """The layers and directions of `rnn` run one Cell at a time with its weights: each layer
-    reads the outputs of the one below side by side; states are indexed layer * dirs + dir."""
+    """The layers and directions of `rnn` run one Cell at a time with its weights, in `rnn`'s
+    mode: each layer reads the outputs of the one below side by side; states are indexed
+    layer * dirs + dir."""
     outputs, finals = None, {}
     for layer in range(rnn.num_layers):
         per_direction = []
         for direction in range(rnn.directions):
             width = next(iter(inputs.values())).shape[-1]
-            cell = Cell(text, dims={**dims, "D": width}, dtype=torch.float64)
+            cell = Cell(text, dims={**dims, "D": width}, dtype=torch.float64).train(rnn.training)
             with torch.no_grad():
                 for name, value in rnn.cell_params(layer, direction).items():
                     cell.params[name].copy_(value)
@@ -527,3 +530,23 @@ def test_autocast_runs_every_layer_in_16_bits_and_keeps_float32_gradients(dtype)
         assert p.grad.dtype == torch.float32
         torch.testing.assert_close(p.grad, q.grad.float(), rtol=0, atol=0, msg=name)
     assert rnn(x)[0].dtype == torch.float32  # outside autocast, float32 again
+
+
+def test_a_layer_of_a_cell_that_draws_follows_train_and_eval():
+    """Every layer and direction draws its own masks from torch's generator in training
+    (torch.manual_seed repeats them) and takes the expectations in eval mode: then each
+    is the Cell of its weights in eval mode."""
+    rnn = RNN(example("zoneout_lstm"), dims={"D": D, "H": H}, num_layers=2, bidirectional=True,
+              dtype=torch.float64)
+    x = torch.randn(T, B, D, dtype=torch.float64)
+    torch.manual_seed(1)
+    first = rnn(x, lengths=LENGTHS)[0]
+    torch.manual_seed(1)
+    assert torch.equal(rnn(x, lengths=LENGTHS)[0], first)
+    assert not torch.equal(rnn(x, lengths=LENGTHS)[0], first)  # the generator moved on
+    rnn.eval()
+    y, (h_n, c_n) = rnn(x, lengths=LENGTHS)
+    want, finals = by_hand(rnn, example("zoneout_lstm").read_text(), {"D": D, "H": H}, {"x": x},
+                           {}, {}, LENGTHS)
+    torch.testing.assert_close(y, want["y"], rtol=0, atol=TOL)
+    torch.testing.assert_close(c_n, finals["c"], rtol=0, atol=TOL)
