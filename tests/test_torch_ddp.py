@@ -5,7 +5,12 @@ and make one SGD step; their parameters must then equal those of one process
 that made the step on the whole batch. DDP averages the gradients of the
 ranks, so the single process uses the mean loss over the full batch (the
 halves are of equal size).
+
+`run_ranks(body, tmp_path)` is the harness: it runs `body(rank, out_dir)` on
+each rank inside the process group and tears the group down completely before
+the rank exits (`_tear_down_process_group` says why that matters).
 """
+import gc
 import time
 from pathlib import Path
 
@@ -14,6 +19,11 @@ import pytest
 torch = pytest.importorskip("torch", reason="torch is an optional dependency (pip install "
                                             "'rnnc[torch]'); the data-parallel test needs it")
 import torch.distributed as dist  # noqa: E402
+# Imported before any process group exists, on purpose: its collectives take
+# `group=group.WORLD` as a default argument, evaluated when the module is first
+# imported. DDP's constructor imports it (through torch._dynamo); first imported
+# there, it would hold the rank's process group until the interpreter shuts down.
+import torch.distributed.nn  # noqa: E402,F401
 import torch.multiprocessing as mp  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -55,24 +65,21 @@ def sgd_step(model, x, target, lengths):
     opt.step()
 
 
-def worker(rank: int, init_file: str, out_dir: str):
-    torch.set_num_threads(1)  # two processes on a small machine: do not oversubscribe
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=WORLD)
-    try:
-        model = nn.parallel.DistributedDataParallel(Model())
-        x, target, lengths = make_data()
-        half = slice(rank * B // WORLD, (rank + 1) * B // WORLD)
-        sgd_step(model, x[:, half], target[half], lengths[half])
-        torch.save(model.module.state_dict(), Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def ddp_step(rank: int, out_dir: Path):
+    """One rank: its half of the batch, one SGD step under DDP, its parameters saved."""
+    model = nn.parallel.DistributedDataParallel(Model())
+    x, target, lengths = make_data()
+    half = slice(rank * B // WORLD, (rank + 1) * B // WORLD)
+    sgd_step(model, x[:, half], target[half], lengths[half])
+    torch.save(model.module.state_dict(), out_dir / f"rank{rank}.pt")
 
 
-def run_workers(tmp_path: Path):
-    """Spawn the ranks; fail (after stopping them) rather than hang if one never finishes."""
-    ctx = mp.spawn(worker, args=(str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=WORLD,
-                   join=False)
+def run_ranks(body, tmp_path: Path):
+    """Run `body(rank, out_dir)` on WORLD spawned ranks joined in one gloo process group
+    (`body` a module-level function; out_dir is tmp_path). Fail, after stopping the ranks,
+    rather than hang if one never finishes."""
+    ctx = mp.spawn(_rank_main, args=(body, str(tmp_path / "rendezvous"), str(tmp_path)),
+                   nprocs=WORLD, join=False)
     deadline = time.monotonic() + DEADLINE_S
     while not ctx.join(timeout=1):  # raises if a rank failed, with its traceback
         if time.monotonic() > deadline:
@@ -81,8 +88,52 @@ def run_workers(tmp_path: Path):
             pytest.fail(f"data-parallel ranks did not finish within {DEADLINE_S} s")
 
 
+def _rank_main(rank: int, body, init_file: str, out_dir: str):
+    """One spawned rank: join the group, run `body`, leave no gloo thread behind."""
+    torch.set_num_threads(1)  # two processes on a small machine: do not oversubscribe
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=WORLD)
+    try:
+        body(rank, Path(out_dir))
+    finally:
+        _tear_down_process_group()
+    leftover = _gloo_threads()
+    assert not leftover, (f"rank {rank}: gloo threads {leftover} outlive destroy_process_group(), "
+                          f"so something still holds the process group (see _tear_down_process_group)")
+
+
+def _tear_down_process_group():
+    """Free the process group, and so join gloo's threads, while the interpreter still runs.
+
+    A rank used to die at exit now and then with SIGABRT, "terminate called without an
+    active exception" (issue 16). gloo runs each collective on a worker thread, which
+    lets go of the finished work only on its next turn. DDP's gradient all-reduce starts
+    inside backward() and holds a Python object (the context torch stashes for the
+    backward pass). When the group outlived the rank's function, its threads were still
+    running as the interpreter finalized; a thread that got its turn only then took the
+    GIL to drop that object, Python ends such a thread with pthread_exit, the unwind hits
+    a noexcept destructor, and C++ aborts. A busy machine delays the thread's turn.
+    destroy_process_group() frees the group only if nothing else holds it: DDP sits in a
+    reference cycle (collected here first) and torch.distributed.nn is imported early
+    (top of file). It then joins the threads with the GIL released, so they can finish.
+    """
+    gc.collect()
+    dist.destroy_process_group()
+
+
+def _gloo_threads() -> list:
+    """Names of this process's gloo threads; empty where /proc does not list threads."""
+    names = []
+    for comm in Path("/proc/self/task").glob("*/comm"):
+        try:
+            names.append(comm.read_text().strip())
+        except FileNotFoundError:  # a thread that has just exited
+            continue
+    return [n for n in names if "gloo" in n]
+
+
 def test_ddp_step_equals_single_process_on_whole_batch(tmp_path):
-    run_workers(tmp_path)
+    run_ranks(ddp_step, tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
     single = Model()
