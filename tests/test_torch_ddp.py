@@ -98,24 +98,24 @@ def _rank_main(rank: int, body, init_file: str, out_dir: str):
     finally:
         _tear_down_process_group()
     leftover = _gloo_threads()
-    assert not leftover, (f"rank {rank}: gloo threads {leftover} outlive destroy_process_group(), "
-                          f"so something still holds the process group (see _tear_down_process_group)")
+    assert not leftover, (f"rank {rank}: gloo threads {leftover} outlive destroy_process_group(); "
+                          "something still holds the group (see _tear_down_process_group)")
 
 
 def _tear_down_process_group():
-    """Free the process group, and so join gloo's threads, while the interpreter still runs.
+    """Free the process group, joining gloo's threads, while the interpreter still runs.
 
-    A rank used to die at exit now and then with SIGABRT, "terminate called without an
-    active exception" (issue 16). gloo runs each collective on a worker thread, which
-    lets go of the finished work only on its next turn. DDP's gradient all-reduce starts
-    inside backward() and holds a Python object (the context torch stashes for the
-    backward pass). When the group outlived the rank's function, its threads were still
-    running as the interpreter finalized; a thread that got its turn only then took the
-    GIL to drop that object, Python ends such a thread with pthread_exit, the unwind hits
-    a noexcept destructor, and C++ aborts. A busy machine delays the thread's turn.
-    destroy_process_group() frees the group only if nothing else holds it: DDP sits in a
-    reference cycle (collected here first) and torch.distributed.nn is imported early
-    (top of file). It then joins the threads with the GIL released, so they can finish.
+    Issue 16: a rank sometimes died at exit with SIGABRT ("terminate called without an
+    active exception"). gloo runs each collective on a worker thread that lets go of the
+    finished work only on its next turn, and DDP's gradient all-reduce, started inside
+    backward(), holds a Python object (the context torch stashes for the backward pass).
+    The group used to outlive the rank's function, so on a busy machine a worker thread
+    could get that turn only once the interpreter was finalizing: it took the GIL to drop
+    the object, Python ended the thread with pthread_exit, and the unwind through a
+    noexcept destructor aborted. destroy_process_group() frees the group only when nothing
+    else holds it: DDP sits in a reference cycle (hence gc.collect() first) and
+    torch.distributed.nn would keep it as a default argument (hence its early import).
+    Freed here, the threads are joined with the GIL released, so they can finish.
     """
     gc.collect()
     dist.destroy_process_group()
