@@ -106,16 +106,18 @@ def _tear_down_process_group():
     """Free the process group, joining gloo's threads, while the interpreter still runs.
 
     Issue 16: a rank sometimes died at exit with SIGABRT ("terminate called without an
-    active exception"). gloo runs each collective on a worker thread that lets go of the
-    finished work only on its next turn, and DDP's gradient all-reduce, started inside
-    backward(), holds a Python object (the context torch stashes for the backward pass).
-    The group used to outlive the rank's function, so on a busy machine a worker thread
-    could get that turn only once the interpreter was finalizing: it took the GIL to drop
-    the object, Python ended the thread with pthread_exit, and the unwind through a
-    noexcept destructor aborted. destroy_process_group() frees the group only when nothing
-    else holds it: DDP sits in a reference cycle (hence gc.collect() first) and
-    torch.distributed.nn would keep it as a default argument (hence its early import).
-    Freed here, the threads are joined with the GIL released, so they can finish.
+    active exception"). gloo runs each collective on a worker thread, which drops its
+    reference to the work only after the rank has been told the work is done. DDP's
+    gradient all-reduce, queued inside backward(), keeps the thread-local state torch
+    captured then, and that state holds a Python object. The group used to outlive the
+    rank's function, so on a busy machine the worker thread could drop the last reference
+    only once the interpreter was finalizing: it took the GIL to free the Python object,
+    Python ended the thread with pthread_exit, and the unwind through a noexcept destructor
+    aborted (the same happens with plain torch modules under DDP). destroy_process_group()
+    frees the group only when nothing else holds it: DDP sits in a reference cycle (hence
+    gc.collect() first) and torch.distributed.nn would keep it as a default argument (hence
+    its early import). Freed here, the threads are joined with the GIL released, so they
+    finish while the interpreter still runs.
     """
     gc.collect()
     dist.destroy_process_group()
