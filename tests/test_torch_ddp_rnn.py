@@ -16,10 +16,8 @@ from torch import nn  # noqa: E402
 from rnnc.torch import RNN  # noqa: E402
 
 from conftest import example  # noqa: E402
-from test_torch_ddp import WORLD, run_ranks  # noqa: E402
-
-T, B, D, H = 5, 4, 3, 4
-LR = 0.5
+import test_torch_ddp as ddp  # noqa: E402
+from test_torch_ddp import B, D, H, WORLD, run_ranks, sgd_step  # noqa: E402
 
 
 class Tagger(nn.Module):
@@ -36,19 +34,7 @@ class Tagger(nn.Module):
 
 
 def make_data():
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(T, B, D, generator=gen, dtype=torch.float64)
-    target = torch.randn(B, generator=gen, dtype=torch.float64)
-    lengths = torch.tensor([5, 2, 3, 1])  # the backward direction starts at each one's end
-    return x, target, lengths
-
-
-def sgd_step(model, x, target, lengths):
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
-    loss = (model(x, lengths) - target).pow(2).mean()
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
+    return ddp.make_data(lengths=(5, 2, 3, 1))  # the backward direction starts at each one's end
 
 
 def ddp_step(rank: int, out_dir):
