@@ -18,7 +18,7 @@ so. H=512, B=64, T=100 (D=512; attention: E=256 over S=32
 encoder positions); `--quick` runs H=128, B=16, T=20. Arrays are float32 and
 stay on the GPU (rnnc takes the torch tensors through
 `__cuda_array_interface__`). Prints the median time of each, rnnc's time over
-PyTorch's and rnnc's kernel launches per step. Without a GPU, PyCUDA or a
+PyTorch's, and rnnc's kernel launches per step and per call. Without a GPU, PyCUDA or a
 CUDA build of PyTorch it says so and exits 0.
 """
 from __future__ import annotations
@@ -157,11 +157,12 @@ def bench(name, dims, torch_side, repeats, T, B, precision, dtype):
     if "S" in dims:
         contexts = {"enc": torch.randn(B, dims["S"], dims["E"], device="cuda", generator=gen).to(tensor_dtype)}
     if dtype == "float32":
-        ours = median_ms(rnnc_run(module, params, contexts), (x, dy), repeats)
+        run, args = rnnc_run(module, params, contexts), (x, dy)
     else:  # host arrays (see the module docstring)
         run = rnnc_run(module, {k: to_host(v, module) for k, v in params.items()},
                        contexts and {k: to_host(v, module) for k, v in contexts.items()})
-        ours = median_ms(run, (to_host(x, module), to_host(dy, module)), repeats)
+        args = (to_host(x, module), to_host(dy, module))
+    ours = median_ms(run, args, repeats)
     leaf = {k: v.clone().requires_grad_() for k, v in params.items()}
     builders = {"builtin": lambda: torch_builtin(name.upper(), dims["D"], dims["H"], tensor_dtype),
                 "milstm": lambda: torch_milstm(leaf),
@@ -171,7 +172,25 @@ def bench(name, dims, torch_side, repeats, T, B, precision, dtype):
     launches = module.executor.launches
     copies = "" if dtype == "float32" else " (rnnc's with host copies)"
     print(f"{name:>15}: rnnc {ours:8.2f} ms   {label:>12} {theirs:8.2f} ms   rnnc/{label} = {ours / theirs:.2f}{copies}"
-          f"   (rnnc launches per step: {len(launches.step)} forward, {len(launches.backward_step)} backward)")
+          f"   (rnnc launches: {len(launches.step)} per forward step, {len(launches.backward_step)} per "
+          f"backward step, {launches_per_call(module, run, args)} per call)")
+
+
+def launches_per_call(module, run, args) -> int:
+    """The kernel launches of one call of `run`, counted at the device."""
+    device = module.device
+    counted = []
+    launch = device.launch
+
+    def counting(*launched):
+        counted.append(launched[0])
+        launch(*launched)
+    device.launch = counting
+    try:
+        run(*args)
+    finally:
+        del device.launch  # the method again
+    return len(counted)
 
 
 def main(argv=None) -> int:

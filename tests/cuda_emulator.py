@@ -51,6 +51,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from rnnc.backends.cuda.executor import unpacked
 from rnnc.backends.cuda.lowering import generate
 from rnnc.backends.cuda.runtime import CudaModule
 
@@ -75,6 +76,7 @@ HEADER = r"""
 #include <ucontext.h>
 using std::min; using std::max;
 struct dim3 { unsigned x = 1, y = 1, z = 1; };
+typedef dim3 uint3;
 static dim3 threadIdx, blockIdx, blockDim, gridDim;
 #define __global__
 #define __launch_bounds__(...)
@@ -83,7 +85,9 @@ static dim3 threadIdx, blockIdx, blockDim, gridDim;
 extern "C" char __start_emu_shared[] __attribute__((weak));
 extern "C" char __stop_emu_shared[] __attribute__((weak));
 #define __device__
-#define __forceinline__ inline
+// static: a kernel's body (a device function) and its __shared__ arrays stay inside its library; as a
+// plain inline function, g++ would make those arrays one object for every library loaded (GNU_UNIQUE)
+#define __forceinline__ static inline
 #define __align__(n) __attribute__((aligned(n)))
 namespace emu {
 // a launch argument: the untyped pointer the host passes, as the kernel's parameter type
@@ -330,10 +334,18 @@ class EmulatedDevice:
     def memset0(self, ptr, nbytes):
         ctypes.memset(ptr, 0, nbytes)
 
+    def reused(self, ptr, nbytes):
+        """A block the runtime's pool hands out again, for `nbytes` bytes, reads
+        as unwritten memory as a fresh one does, and the rest of it is guard zone."""
+        ref, start, end = self.guarded[ptr]
+        ctypes.memset(ptr, 0xFF, end - start)
+        self.guarded[ptr] = (ref, start, start + nbytes)
+
     def empty(self, shape):
         return HostArray(np.empty(shape, np.float32))
 
-    def launch(self, kernel, grid, block, rows, ptrs):
+    def launch(self, kernel, grid, block, args: bytes):
+        rows, ptrs = unpacked(args)
         self.launched.append(kernel)
         self.library.run(kernel, grid, block, rows, ptrs, self.random.getrandbits(64))
         self.check_guards(kernel, ptrs)

@@ -72,6 +72,32 @@ cell once_per_sequence {
 CELLS = {"scalar_params": SCALAR_PARAMS, "literals": LITERALS, "once_per_sequence": ONCE_PER_SEQUENCE}
 DIMS = {"D": 3, "H": 4}
 
+# per-example matrix states multiplied together (a product per example with
+# more than one row, column and summand: tensor cores under tf32), a sum and
+# a softmax within each example, a recurrent product of a concatenation (of
+# sizes no vector copy divides) beside them and a bias: the CUDA backend runs
+# these in launches of several kernels (test_cuda_emulated.py)
+PER_EXAMPLE = """
+cell per_example {
+    dim D, H, S
+    input x[D]
+    state h[H], m[S, H], q[H, H], g[S]
+    param W[D, H], U[H + S, H], b[H]
+    a = x @ W + concat(h, g) @ U + b
+    h_new = tanh(a)
+    mq = m @ q
+    score = sum(mq * h_new, axis=-1)
+    alpha = softmax(score, axis=0)
+    r = alpha @ m
+    next h = h_new + 0.5 * r
+    next m = tanh(mq)
+    next q = q * sigmoid(h_new)
+    next g = tanh(score)
+    output y = r
+}
+"""
+PER_EXAMPLE_DIMS = {"D": 3, "H": 4, "S": 5}
+
 
 def _step(expr: str, body: str = "") -> str:
     return ("cell deep {\n    dim D, H\n    input x[D]\n    state h[H]\n    param W[D, H]\n"

@@ -224,6 +224,24 @@ def test_new_cells_equal_numpy_reference(name, seed, workdir):
         assert not bad, f"lengths={lengths}: relative errors {bad}"
 
 
+@pytest.mark.parametrize("precision", cases.PRECISIONS_RUN)
+@pytest.mark.parametrize("policy", cases.POLICIES)
+def test_launches_of_several_kernels_equal_numpy_reference(policy, precision, workdir):
+    """A cell whose kernels share launches every way the lowering shares them
+    (a product going on with the phase that reads it, kernels side by side,
+    runs of per-example work with a block per example, per-example products
+    on tensor cores among them under tf32), with and without lengths."""
+    program = rnnc.compile(new_cells.PER_EXAMPLE, dims=new_cells.PER_EXAMPLE_DIMS, recompute=policy)
+    kinds = {launch.kernel.rsplit("_", 1)[1] for launch in generate(program, precision).launches.launches()}
+    assert {"rows", "fused"} <= kinds  # the cell exercises what it is here for
+    module, _ = emulated(program, workdir, precision)
+    args = cases.arguments(program)
+    for lengths in (None, cases.LENGTHS):
+        want = cases.reference(program, args, lengths, precision)
+        bad = cases.mismatches(cases.run(module, args, lengths), want, cases.tolerance(precision))
+        assert not bad, f"lengths={lengths}: relative errors {bad}"
+
+
 def test_scalar_params_as_numpy_scalars_and_device_arrays(workdir):
     program = rnnc.compile(new_cells.SCALAR_PARAMS, dims=new_cells.DIMS, recompute="none")
     module, _ = emulated(program, workdir)

@@ -8,6 +8,7 @@ import random
 import numpy as np
 import pytest
 
+from rnnc.backends.cuda.executor import packed
 from rnnc.backends.cuda.launches import Extent, Generated, Launch, Launches
 
 import cuda_emulator
@@ -85,7 +86,7 @@ def launch(device, name, blocks, threads, n, seed):
     out, out_pool = device.alloc(4 * n)
     four, four_pool = device.alloc(4 * 4)
     device.htod(four, np.zeros(4, np.float32))
-    device.launch(name, (blocks, 1, 1), threads, 1, [out, four])
+    device.launch(name, (blocks, 1, 1), threads, packed(1, [out, four]))
     got = np.empty(n, np.float32)
     device.dtoh(got, out)
     return got

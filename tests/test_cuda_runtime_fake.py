@@ -7,11 +7,12 @@ What the fake holds the runtime to, as PyCUDA 2026.1 does:
 - a context stack per thread: allocating, loading a module, copying and
   launching need a context pushed on the calling thread, and every push is
   popped (PyCUDA aborts at a thread's exit when its stack is not empty);
-- `Function.prepare` takes one struct character per kernel argument and
-  `prepared_call(grid, block, *args)` packs the arguments with it (the
-  `_pvt_struct` module is a copy of `struct`); grid and block are tuples of
-  Python ints (boost.python's `extract<unsigned>` takes no NumPy integers)
-  within the hardware's limits;
+- `Function.prepare` takes one struct character per kernel argument, and
+  `_launch_kernel(grid, block, arg_buf, shared_size, stream)` (what
+  `prepared_call` calls once it has packed its arguments with that format)
+  takes the packed bytes, exactly the struct's size; grid and block are
+  tuples of Python ints (boost.python's `extract<unsigned>` takes no NumPy
+  integers) within the hardware's limits;
 - device pointers and sizes given to memcpy_*/memset_d8 are Python ints
   (boost.python's CUdeviceptr converter takes no NumPy integers), inside a
   live allocation;
@@ -188,7 +189,7 @@ def fake_pycuda(monkeypatch, cuda: FakeCuda, package_dir) -> types.ModuleType:
             self.arg_format = arg_types
             return self
 
-        def prepared_call(self, grid, block, *args, shared_size=0):
+        def _launch_kernel(self, grid, block, arg_buf, shared_size, stream):
             cuda.need_context("cuLaunchKernel")
             assert isinstance(block, tuple), "block: a tuple (an int is PyCUDA's deprecated form)"
             assert isinstance(grid, tuple) and 1 <= len(grid) <= 3 and 1 <= len(block) <= 3
@@ -196,10 +197,12 @@ def fake_pycuda(monkeypatch, cuda: FakeCuda, package_dir) -> types.ModuleType:
                 assert all(type(d) is int and d >= 1 for d in dims), f"{what} {dims!r}: positive Python ints"
             assert all(d <= limit for d, limit in zip(grid, GRID_MAX)), f"grid {grid} past the limits"
             assert np.prod(block) <= 1024 and block[0] <= 1024, f"block {block} past the limits"
-            assert len(self.arg_format) == len(args) == 1 + self.arity, \
-                f"{self.name}: format {self.arg_format!r}, {len(args)} arguments, {self.arity} buffers"
-            assert type(shared_size) is int
-            packed = struct.unpack(self.arg_format, struct.pack(self.arg_format, *args))
+            assert len(self.arg_format) == 1 + self.arity, \
+                f"{self.name}: format {self.arg_format!r}, {self.arity} buffers"
+            assert isinstance(arg_buf, bytes) and len(arg_buf) == struct.calcsize(self.arg_format), \
+                f"{self.name}: {len(arg_buf)} bytes of arguments for format {self.arg_format!r}"
+            assert type(shared_size) is int and stream is None
+            packed = struct.unpack(self.arg_format, arg_buf)
             rows, *ptrs = packed
             grid3, block3 = grid + (1,) * (3 - len(grid)), block + (1,) * (3 - len(block))
             assert block3[1:] == (1, 1), "the kernels index threads along x only"

@@ -156,7 +156,7 @@ __device__ __forceinline__ unsigned rnnc_pack(unsigned short lo, unsigned short 
 // out[g, m, n] = sum_k A[g, m, k] * B[g, k, n]: float32 FMA, 16x16 threads with 2x2 outputs each.
 // A block computes a 32x32 tile of (m, n), reading k 16 at a time into shared memory,
 // the next slice copied (cp.async) while this one is multiplied.
-extern "C" __global__ void __launch_bounds__(256, 2) rnnc_pre_1_dot(const int rows, float* v_input_3ax_40base, float* v_param_3aW_40base, float* v_pre_3a_251_40base) {
+__device__ __forceinline__ void rnnc_pre_1_dot_body(const uint3 blockIdx, const uint3 gridDim, const int rows, float* v_input_3ax_40base, float* v_param_3aW_40base, float* v_pre_3a_251_40base) {
     const int G = 1, M = rows * 1, N = 20, K = 3;
     __shared__ __align__(16) float As[2][576];  // [k][m], rows 36 apart
     __shared__ __align__(16) float Bs[2][576];  // [k][n], rows 36 apart
@@ -222,11 +222,15 @@ extern "C" __global__ void __launch_bounds__(256, 2) rnnc_pre_1_dot(const int ro
     }
 }
 
-// %2 = dot(h, U)  [zk,kj->zj]
+extern "C" __global__ void __launch_bounds__(256, 2) rnnc_pre_1_dot(const int rows, float* v_input_3ax_40base, float* v_param_3aW_40base, float* v_pre_3a_251_40base) {
+    rnnc_pre_1_dot_body(blockIdx, gridDim, rows, v_input_3ax_40base, v_param_3aW_40base, v_pre_3a_251_40base);
+}
+
+// %2 = dot(h, U); then %4 = sigmoid(f); %6 = sigmoid(i); %7 = tanh(g); %9 = sigmoid(o); %next:h = select(%valid, h_new, h); %next:c = select(%valid, c_new, c); %output:y = select(%valid, h_new, %mask:1)  [zk,kj->zj]
 // out[g, m, n] = sum_k A[g, m, k] * B[g, k, n]: float32 FMA, 16x16 threads with 2x2 outputs each.
 // A block computes a 32x32 tile of (m, n), reading k 16 at a time into shared memory,
 // the next slice copied (cp.async) while this one is multiplied.
-extern "C" __global__ void __launch_bounds__(256, 2) rnnc_step_2_dot(const int rows, float* v_state_3ah_40t, float* v_param_3aU_40base, float* v_step_3a_252_40base) {
+__device__ __forceinline__ void rnnc_step_2_dot_body(const uint3 blockIdx, const uint3 gridDim, const int rows, float* v_state_3ah_40t, float* v_param_3aU_40base, float* v_step_3a_252_40base, float* v_rows_3arnnc_5fstep_5f2_5fdot_40base, float* v_pre_3a_251_40t, float* v_param_3ab_40base, float* v_tape_3a_254_40t, float* v_tape_3a_256_40t, float* v_tape_3a_257_40t, float* v_tape_3a_259_40t, float* v_valid_40t, float* v_state_3ac_40t, float* v_state_3ah_40t_2b1, float* v_state_3ac_40t_2b1, float* v_output_3ay_40t) {
     const int G = 1, M = rows * 1, N = 20, K = 5;
     __shared__ __align__(16) float As[2][576];  // [k][m], rows 36 apart
     __shared__ __align__(16) float Bs[2][576];  // [k][n], rows 36 apart
@@ -289,66 +293,82 @@ extern "C" __global__ void __launch_bounds__(256, 2) rnnc_step_2_dot(const int r
                 v_step_3a_252_40base[m * 20 + n] = acc[i];
             }
         }
+        // the elementwise work that reads this product, row by row: the rows of an m tile are
+        // done when all gridDim.x of its tiles are, and the last block to finish one runs it for
+        // them (the product's results from L2: other blocks wrote them)
+        __threadfence();  // this block's results are visible to the block that reads them
+        __syncthreads();
+        int* rows_tickets_ = reinterpret_cast<int*>(v_rows_3arnnc_5fstep_5f2_5fdot_40base);  // per m tile, its tiles done
+        __shared__ int rows_last_;
+        if (threadIdx.x == 0) {
+            rows_last_ = true && atomicAdd(&rows_tickets_[blockIdx.y], 1) == gridDim.x - 1;
+        }
+        __syncthreads();
+        if (rows_last_) {
+            const int row_begin_ = m0, row_end_ = min(M, m0 + 32);
+            for (int i_ = row_begin_ * 5 + threadIdx.x; i_ < row_end_ * 5; i_ += blockDim.x) {
+                const int j0 = i_ / 5;
+                const int j1 = i_ % 5;
+                const int j2 = j1 + 5;
+                const float f3 = v_pre_3a_251_40t[j0 * 20 + j2];
+                const float f4 = __ldcg(&v_step_3a_252_40base[j0 * 20 + j2]);
+                const float f5 = (f3 + f4);
+                const float f6 = v_param_3ab_40base[j2];
+                const float f7 = (f5 + f6);
+                const float f8 = (1.0f / (1.0f + expf(-f7)));
+                v_tape_3a_254_40t[j0 * 5 + j1] = f8;
+                const int j9 = j1 + 0;
+                const float f10 = v_pre_3a_251_40t[j0 * 20 + j9];
+                const float f11 = __ldcg(&v_step_3a_252_40base[j0 * 20 + j9]);
+                const float f12 = (f10 + f11);
+                const float f13 = v_param_3ab_40base[j9];
+                const float f14 = (f12 + f13);
+                const float f15 = (1.0f / (1.0f + expf(-f14)));
+                v_tape_3a_256_40t[j0 * 5 + j1] = f15;
+                const int j16 = j1 + 10;
+                const float f17 = v_pre_3a_251_40t[j0 * 20 + j16];
+                const float f18 = __ldcg(&v_step_3a_252_40base[j0 * 20 + j16]);
+                const float f19 = (f17 + f18);
+                const float f20 = v_param_3ab_40base[j16];
+                const float f21 = (f19 + f20);
+                const float f22 = tanhf(f21);
+                v_tape_3a_257_40t[j0 * 5 + j1] = f22;
+                const int j23 = j1 + 15;
+                const float f24 = v_pre_3a_251_40t[j0 * 20 + j23];
+                const float f25 = __ldcg(&v_step_3a_252_40base[j0 * 20 + j23]);
+                const float f26 = (f24 + f25);
+                const float f27 = v_param_3ab_40base[j23];
+                const float f28 = (f26 + f27);
+                const float f29 = (1.0f / (1.0f + expf(-f28)));
+                v_tape_3a_259_40t[j0 * 5 + j1] = f29;
+                const float f30 = v_valid_40t[j0];
+                const float f31 = v_state_3ac_40t[j0 * 5 + j1];
+                const float f32 = (f8 * f31);
+                const float f33 = (f15 * f22);
+                const float f34 = (f32 + f33);
+                const float f35 = tanhf(f34);
+                const float f36 = (f29 * f35);
+                const float f37 = v_state_3ah_40t[j0 * 5 + j1];
+                const float f38 = ((f30 != 0.0f) ? f36 : f37);
+                v_state_3ah_40t_2b1[j0 * 5 + j1] = f38;
+                const float f39 = ((f30 != 0.0f) ? f34 : f31);
+                v_state_3ac_40t_2b1[j0 * 5 + j1] = f39;
+                const float f40 = ((f30 != 0.0f) ? f36 : 0.0f);
+                v_output_3ay_40t[j0 * 5 + j1] = f40;
+            }
+            if (threadIdx.x == 0) {
+                rows_tickets_[blockIdx.y] = 0;  // ready for the next launch
+            }
+        }
     }
 }
 
-// %4 = sigmoid(f); %6 = sigmoid(i); %7 = tanh(g); %9 = sigmoid(o); %next:h = select(%valid, h_new, h); %next:c = select(%valid, c_new, c); %output:y = select(%valid, h_new, %mask:1)
-extern "C" __global__ void rnnc_step_3_phase1(const int rows, float* v_pre_3a_251_40t, float* v_step_3a_252_40base, float* v_param_3ab_40base, float* v_tape_3a_254_40t, float* v_tape_3a_256_40t, float* v_tape_3a_257_40t, float* v_tape_3a_259_40t, float* v_valid_40t, float* v_state_3ac_40t, float* v_state_3ah_40t, float* v_state_3ah_40t_2b1, float* v_state_3ac_40t_2b1, float* v_output_3ay_40t) {
-    const int stride_ = blockDim.x * gridDim.x;
-    for (int i_ = blockIdx.x * blockDim.x + threadIdx.x; i_ < rows * 5; i_ += stride_) {
-        const int j0 = i_ / 5;
-        const int j1 = i_ % 5;
-        const int j2 = j1 + 5;
-        const float f3 = v_pre_3a_251_40t[j0 * 20 + j2];
-        const float f4 = v_step_3a_252_40base[j0 * 20 + j2];
-        const float f5 = (f3 + f4);
-        const float f6 = v_param_3ab_40base[j2];
-        const float f7 = (f5 + f6);
-        const float f8 = (1.0f / (1.0f + expf(-f7)));
-        v_tape_3a_254_40t[j0 * 5 + j1] = f8;
-        const int j9 = j1 + 0;
-        const float f10 = v_pre_3a_251_40t[j0 * 20 + j9];
-        const float f11 = v_step_3a_252_40base[j0 * 20 + j9];
-        const float f12 = (f10 + f11);
-        const float f13 = v_param_3ab_40base[j9];
-        const float f14 = (f12 + f13);
-        const float f15 = (1.0f / (1.0f + expf(-f14)));
-        v_tape_3a_256_40t[j0 * 5 + j1] = f15;
-        const int j16 = j1 + 10;
-        const float f17 = v_pre_3a_251_40t[j0 * 20 + j16];
-        const float f18 = v_step_3a_252_40base[j0 * 20 + j16];
-        const float f19 = (f17 + f18);
-        const float f20 = v_param_3ab_40base[j16];
-        const float f21 = (f19 + f20);
-        const float f22 = tanhf(f21);
-        v_tape_3a_257_40t[j0 * 5 + j1] = f22;
-        const int j23 = j1 + 15;
-        const float f24 = v_pre_3a_251_40t[j0 * 20 + j23];
-        const float f25 = v_step_3a_252_40base[j0 * 20 + j23];
-        const float f26 = (f24 + f25);
-        const float f27 = v_param_3ab_40base[j23];
-        const float f28 = (f26 + f27);
-        const float f29 = (1.0f / (1.0f + expf(-f28)));
-        v_tape_3a_259_40t[j0 * 5 + j1] = f29;
-        const float f30 = v_valid_40t[j0];
-        const float f31 = v_state_3ac_40t[j0 * 5 + j1];
-        const float f32 = (f8 * f31);
-        const float f33 = (f15 * f22);
-        const float f34 = (f32 + f33);
-        const float f35 = tanhf(f34);
-        const float f36 = (f29 * f35);
-        const float f37 = v_state_3ah_40t[j0 * 5 + j1];
-        const float f38 = ((f30 != 0.0f) ? f36 : f37);
-        v_state_3ah_40t_2b1[j0 * 5 + j1] = f38;
-        const float f39 = ((f30 != 0.0f) ? f34 : f31);
-        v_state_3ac_40t_2b1[j0 * 5 + j1] = f39;
-        const float f40 = ((f30 != 0.0f) ? f36 : 0.0f);
-        v_output_3ay_40t[j0 * 5 + j1] = f40;
-    }
+extern "C" __global__ void __launch_bounds__(256, 2) rnnc_step_2_dot(const int rows, float* v_state_3ah_40t, float* v_param_3aU_40base, float* v_step_3a_252_40base, float* v_rows_3arnnc_5fstep_5f2_5fdot_40base, float* v_pre_3a_251_40t, float* v_param_3ab_40base, float* v_tape_3a_254_40t, float* v_tape_3a_256_40t, float* v_tape_3a_257_40t, float* v_tape_3a_259_40t, float* v_valid_40t, float* v_state_3ac_40t, float* v_state_3ah_40t_2b1, float* v_state_3ac_40t_2b1, float* v_output_3ay_40t) {
+    rnnc_step_2_dot_body(blockIdx, gridDim, rows, v_state_3ah_40t, v_param_3aU_40base, v_step_3a_252_40base, v_rows_3arnnc_5fstep_5f2_5fdot_40base, v_pre_3a_251_40t, v_param_3ab_40base, v_tape_3a_254_40t, v_tape_3a_256_40t, v_tape_3a_257_40t, v_tape_3a_259_40t, v_valid_40t, v_state_3ac_40t, v_state_3ah_40t_2b1, v_state_3ac_40t_2b1, v_output_3ay_40t);
 }
 
 // %step:mask3 = select(%valid, %step:32, %step:mask1); %step:mask5 = select(%valid, %step:23, dnext:c)
-extern "C" __global__ void rnnc_bwd_4_phase0(const int rows, float* v_valid_40t, float* v_d_5fstate_3ac_40t_2b1, float* v_d_5foutput_3ay_40t, float* v_d_5fstate_3ah_40t_2b1, float* v_tape_3a_259_40t, float* v_tape_3a_254_40t, float* v_state_3ac_40t, float* v_tape_3a_256_40t, float* v_tape_3a_257_40t, float* v_d_5frow_3a_251_40t, float* v_d_5fstate_3ac_40t) {
+__device__ __forceinline__ void rnnc_bwd_3_phase0_body(const uint3 blockIdx, const uint3 gridDim, const int rows, float* v_valid_40t, float* v_d_5fstate_3ac_40t_2b1, float* v_d_5foutput_3ay_40t, float* v_d_5fstate_3ah_40t_2b1, float* v_tape_3a_259_40t, float* v_tape_3a_254_40t, float* v_state_3ac_40t, float* v_tape_3a_256_40t, float* v_tape_3a_257_40t, float* v_d_5frow_3a_251_40t, float* v_d_5fstate_3ac_40t) {
     const int stride_ = blockDim.x * gridDim.x;
     for (int i_ = blockIdx.x * blockDim.x + threadIdx.x; i_ < rows * 20; i_ += stride_) {
         const int j0 = i_ / 20;
@@ -481,11 +501,15 @@ extern "C" __global__ void rnnc_bwd_4_phase0(const int rows, float* v_valid_40t,
     }
 }
 
-// %step:34 = dot(%step:mask3, U)  [zj,kj->zk]
+extern "C" __global__ void rnnc_bwd_3_phase0(const int rows, float* v_valid_40t, float* v_d_5fstate_3ac_40t_2b1, float* v_d_5foutput_3ay_40t, float* v_d_5fstate_3ah_40t_2b1, float* v_tape_3a_259_40t, float* v_tape_3a_254_40t, float* v_state_3ac_40t, float* v_tape_3a_256_40t, float* v_tape_3a_257_40t, float* v_d_5frow_3a_251_40t, float* v_d_5fstate_3ac_40t) {
+    rnnc_bwd_3_phase0_body(blockIdx, gridDim, rows, v_valid_40t, v_d_5fstate_3ac_40t_2b1, v_d_5foutput_3ay_40t, v_d_5fstate_3ah_40t_2b1, v_tape_3a_259_40t, v_tape_3a_254_40t, v_state_3ac_40t, v_tape_3a_256_40t, v_tape_3a_257_40t, v_d_5frow_3a_251_40t, v_d_5fstate_3ac_40t);
+}
+
+// %step:34 = dot(%step:mask3, U); then %step:mask4 = select(%valid, %step:34, dnext:h)  [zj,kj->zk]
 // out[g, m, n] = sum_k A[g, m, k] * B[g, k, n]: float32 FMA, 16x16 threads with 2x2 outputs each.
 // A block computes a 32x32 tile of (m, n), reading k 32 at a time into shared memory,
 // the next slice copied (cp.async) while this one is multiplied.
-extern "C" __global__ void __launch_bounds__(256, 2) rnnc_bwd_5_dot(const int rows, float* v_d_5frow_3a_251_40t, float* v_param_3aU_40base, float* v_bwd_3a_25step_3a34_40base) {
+__device__ __forceinline__ void rnnc_bwd_4_dot_body(const uint3 blockIdx, const uint3 gridDim, const int rows, float* v_d_5frow_3a_251_40t, float* v_param_3aU_40base, float* v_bwd_3a_25step_3a34_40base, float* v_rows_3arnnc_5fbwd_5f4_5fdot_40base, float* v_valid_40t, float* v_d_5fstate_3ah_40t_2b1, float* v_d_5fstate_3ah_40t) {
     const int G = 1, M = rows * 1, N = 5, K = 20;
     __shared__ __align__(16) float As[2][1152];  // [k][m], rows 36 apart
     __shared__ __align__(16) float Bs[2][1152];  // [k][n], rows 36 apart
@@ -548,28 +572,44 @@ extern "C" __global__ void __launch_bounds__(256, 2) rnnc_bwd_5_dot(const int ro
                 v_bwd_3a_25step_3a34_40base[m * 5 + n] = acc[i];
             }
         }
+        // the elementwise work that reads this product, row by row: the rows of an m tile are
+        // done when all gridDim.x of its tiles are, and the last block to finish one runs it for
+        // them (the product's results from L2: other blocks wrote them)
+        __threadfence();  // this block's results are visible to the block that reads them
+        __syncthreads();
+        int* rows_tickets_ = reinterpret_cast<int*>(v_rows_3arnnc_5fbwd_5f4_5fdot_40base);  // per m tile, its tiles done
+        __shared__ int rows_last_;
+        if (threadIdx.x == 0) {
+            rows_last_ = true && atomicAdd(&rows_tickets_[blockIdx.y], 1) == gridDim.x - 1;
+        }
+        __syncthreads();
+        if (rows_last_) {
+            const int row_begin_ = m0, row_end_ = min(M, m0 + 32);
+            for (int i_ = row_begin_ * 5 + threadIdx.x; i_ < row_end_ * 5; i_ += blockDim.x) {
+                const int j0 = i_ / 5;
+                const int j1 = i_ % 5;
+                const float f2 = v_valid_40t[j0];
+                const float f3 = __ldcg(&v_bwd_3a_25step_3a34_40base[j0 * 5 + j1]);
+                const float f4 = v_d_5fstate_3ah_40t_2b1[j0 * 5 + j1];
+                const float f5 = ((f2 != 0.0f) ? f3 : f4);
+                v_d_5fstate_3ah_40t[j0 * 5 + j1] = f5;
+            }
+            if (threadIdx.x == 0) {
+                rows_tickets_[blockIdx.y] = 0;  // ready for the next launch
+            }
+        }
     }
 }
 
-// %step:mask4 = select(%valid, %step:34, dnext:h)
-extern "C" __global__ void rnnc_bwd_6_phase1(const int rows, float* v_valid_40t, float* v_bwd_3a_25step_3a34_40base, float* v_d_5fstate_3ah_40t_2b1, float* v_d_5fstate_3ah_40t) {
-    const int stride_ = blockDim.x * gridDim.x;
-    for (int i_ = blockIdx.x * blockDim.x + threadIdx.x; i_ < rows * 5; i_ += stride_) {
-        const int j0 = i_ / 5;
-        const int j1 = i_ % 5;
-        const float f2 = v_valid_40t[j0];
-        const float f3 = v_bwd_3a_25step_3a34_40base[j0 * 5 + j1];
-        const float f4 = v_d_5fstate_3ah_40t_2b1[j0 * 5 + j1];
-        const float f5 = ((f2 != 0.0f) ? f3 : f4);
-        v_d_5fstate_3ah_40t[j0 * 5 + j1] = f5;
-    }
+extern "C" __global__ void __launch_bounds__(256, 2) rnnc_bwd_4_dot(const int rows, float* v_d_5frow_3a_251_40t, float* v_param_3aU_40base, float* v_bwd_3a_25step_3a34_40base, float* v_rows_3arnnc_5fbwd_5f4_5fdot_40base, float* v_valid_40t, float* v_d_5fstate_3ah_40t_2b1, float* v_d_5fstate_3ah_40t) {
+    rnnc_bwd_4_dot_body(blockIdx, gridDim, rows, v_d_5frow_3a_251_40t, v_param_3aU_40base, v_bwd_3a_25step_3a34_40base, v_rows_3arnnc_5fbwd_5f4_5fdot_40base, v_valid_40t, v_d_5fstate_3ah_40t_2b1, v_d_5fstate_3ah_40t);
 }
 
 // %step:35 = dot(h, %step:mask3)  [zk,zj->kj]
 // out[g, m, n] += sum_k A[g, m, k] * B[g, k, n]: float32 FMA, 16x16 threads with 2x2 outputs each.
 // A block computes a 32x32 tile of (m, n), reading k 32 at a time into shared memory,
 // the next slice copied (cp.async) while this one is multiplied.
-extern "C" __global__ void __launch_bounds__(256, 2) rnnc_dgrad_7_dot(const int rows, float* v_state_3ah_40base, float* v_d_5frow_3a_251_40base, float* v_d_5facc_3aU_40base, float* v_split_3arnnc_5fdgrad_5f7_5fdot_40base, float* v_tickets_3arnnc_5fdgrad_5f7_5fdot_40base) {
+__device__ __forceinline__ void rnnc_dgrad_5_dot_body(const uint3 blockIdx, const uint3 gridDim, const int rows, float* v_state_3ah_40base, float* v_d_5frow_3a_251_40base, float* v_d_5facc_3aU_40base, float* v_split_3arnnc_5fdgrad_5f5_5fdot_40base, float* v_tickets_3arnnc_5fdgrad_5f5_5fdot_40base) {
     const int G = 1, M = 5, N = 20, K = rows * 1;
     __shared__ __align__(16) float As[2][1152];  // [k][m], rows 36 apart
     __shared__ __align__(16) float Bs[2][1152];  // [k][n], rows 36 apart
@@ -627,8 +667,8 @@ extern "C" __global__ void __launch_bounds__(256, 2) rnnc_dgrad_7_dot(const int 
         }
         // each split leaves its partial sums in the workspace; the last of the tile's
         // blocks to arrive adds them up in split order (the same sum whichever is last)
-        float* partial_ = v_split_3arnnc_5fdgrad_5f7_5fdot_40base;
-        int* tickets_ = reinterpret_cast<int*>(v_tickets_3arnnc_5fdgrad_5f7_5fdot_40base);
+        float* partial_ = v_split_3arnnc_5fdgrad_5f5_5fdot_40base;
+        int* tickets_ = reinterpret_cast<int*>(v_tickets_3arnnc_5fdgrad_5f5_5fdot_40base);
         const int tile_ = blockIdx.y * gridDim.x + blockIdx.x;
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
@@ -663,10 +703,14 @@ extern "C" __global__ void __launch_bounds__(256, 2) rnnc_dgrad_7_dot(const int 
     }
 }
 
+extern "C" __global__ void __launch_bounds__(256, 2) rnnc_dgrad_5_dot(const int rows, float* v_state_3ah_40base, float* v_d_5frow_3a_251_40base, float* v_d_5facc_3aU_40base, float* v_split_3arnnc_5fdgrad_5f5_5fdot_40base, float* v_tickets_3arnnc_5fdgrad_5f5_5fdot_40base) {
+    rnnc_dgrad_5_dot_body(blockIdx, gridDim, rows, v_state_3ah_40base, v_d_5frow_3a_251_40base, v_d_5facc_3aU_40base, v_split_3arnnc_5fdgrad_5f5_5fdot_40base, v_tickets_3arnnc_5fdgrad_5f5_5fdot_40base);
+}
+
 // %step:33 = reduce_to(%step:mask3)
 // y[o] += sum over r of x[base(o) + step(r)]: 8 outputs side by side, 4 lanes of each of 8 warps per output. An output's 32
 // threads each sum r = r_lane, r_lane + 32, ...; warp shuffles, then the warps, add up their sums.
-extern "C" __global__ void __launch_bounds__(256) rnnc_dgrad_8_reduce_to(const int rows, float* v_d_5frow_3a_251_40base, float* v_d_5facc_3ab_40base) {
+__device__ __forceinline__ void rnnc_dgrad_6_reduce_to_body(const uint3 blockIdx, const uint3 gridDim, const int rows, float* v_d_5frow_3a_251_40base, float* v_d_5facc_3ab_40base) {
     const int out_total = 20, red_total = rows * 1;
     __shared__ float partial_[8][8];  // a sum per warp of each output
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -697,8 +741,12 @@ extern "C" __global__ void __launch_bounds__(256) rnnc_dgrad_8_reduce_to(const i
     }
 }
 
+extern "C" __global__ void __launch_bounds__(256) rnnc_dgrad_6_reduce_to(const int rows, float* v_d_5frow_3a_251_40base, float* v_d_5facc_3ab_40base) {
+    rnnc_dgrad_6_reduce_to_body(blockIdx, gridDim, rows, v_d_5frow_3a_251_40base, v_d_5facc_3ab_40base);
+}
+
 // %pre:mask2 = select(%valid, x, %pre:mask1)
-extern "C" __global__ void rnnc_pre_bwd_9_phase0(const int rows, float* v_valid_40base, float* v_input_3ax_40base, float* v_pre_5fbwd_3a_25pre_3amask2_40base) {
+__device__ __forceinline__ void rnnc_pre_bwd_7_phase0_body(const uint3 blockIdx, const uint3 gridDim, const int rows, float* v_valid_40base, float* v_input_3ax_40base, float* v_pre_5fbwd_3a_25pre_3amask2_40base) {
     const int stride_ = blockDim.x * gridDim.x;
     for (int i_ = blockIdx.x * blockDim.x + threadIdx.x; i_ < rows * 3; i_ += stride_) {
         const int j0 = i_ / 3;
@@ -710,11 +758,113 @@ extern "C" __global__ void rnnc_pre_bwd_9_phase0(const int rows, float* v_valid_
     }
 }
 
-// %pre:1 = dot(d:%1, W)  [zj,kj->zk]
+extern "C" __global__ void rnnc_pre_bwd_7_phase0(const int rows, float* v_valid_40base, float* v_input_3ax_40base, float* v_pre_5fbwd_3a_25pre_3amask2_40base) {
+    rnnc_pre_bwd_7_phase0_body(blockIdx, gridDim, rows, v_valid_40base, v_input_3ax_40base, v_pre_5fbwd_3a_25pre_3amask2_40base);
+}
+
+// %pre:2 = dot(%pre:mask2, d:%1)  [zk,zj->kj]
 // out[g, m, n] = sum_k A[g, m, k] * B[g, k, n]: float32 FMA, 16x16 threads with 2x2 outputs each.
 // A block computes a 32x32 tile of (m, n), reading k 32 at a time into shared memory,
 // the next slice copied (cp.async) while this one is multiplied.
-extern "C" __global__ void __launch_bounds__(256, 2) rnnc_pre_bwd_10_dot(const int rows, float* v_d_5frow_3a_251_40base, float* v_param_3aW_40base, float* v_pre_5fbwd_3a_25pre_3a1_40base) {
+__device__ __forceinline__ void rnnc_pre_bwd_8_dot_body(const uint3 blockIdx, const uint3 gridDim, const int rows, float* v_pre_5fbwd_3a_25pre_3amask2_40base, float* v_d_5frow_3a_251_40base, float* v_pre_5fbwd_3a_25pre_3a2_40base, float* v_split_3arnnc_5fpre_5fbwd_5f8_5fdot_40base, float* v_tickets_3arnnc_5fpre_5fbwd_5f8_5fdot_40base) {
+    const int G = 1, M = 3, N = 20, K = rows * 1;
+    __shared__ __align__(16) float As[2][1152];  // [k][m], rows 36 apart
+    __shared__ __align__(16) float Bs[2][1152];  // [k][n], rows 36 apart
+    const float* A_ = v_pre_5fbwd_3a_25pre_3amask2_40base;
+    const float* B_ = v_d_5frow_3a_251_40base;
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    const int m0 = blockIdx.y * 32, n0 = blockIdx.x * 32;
+    // split-K: block z % 50 sums over its own chunk of k, a multiple of 32
+    const int split = blockIdx.z % 50;
+    const int chunk = (K + 1600 - 1) / 1600 * 32;
+    const int k_begin = split * chunk, k_end = min(K, k_begin + chunk);
+    for (int g = blockIdx.z / 50; g < G; g += gridDim.z / 50) {
+        auto load = [&](int stage, int k0) {  // not unrolled: copies are issued, not waited for
+#pragma unroll 1
+            for (int l_ = threadIdx.x; l_ < 1024; l_ += 256) {
+                const int r_ = l_ / 32, c_ = l_ % 32 * 1;
+                const int m = m0 + c_, k = k0 + r_;
+                const bool in_ = m < M && k < k_end;
+                rnnc_cp_async<4>(&As[stage][(k - k0) * 36 + m - m0], A_ + (in_ ? m + k * 3 : 0), in_);
+            }
+#pragma unroll 1
+            for (int l_ = threadIdx.x; l_ < 256; l_ += 256) {
+                const int r_ = l_ / 8, c_ = l_ % 8 * 4;
+                const int n = n0 + c_, k = k0 + r_;
+                const bool in_ = k < k_end && n < N;
+                rnnc_cp_async<16>(&Bs[stage][(k - k0) * 36 + n - n0], B_ + (in_ ? k * 20 + n : 0), in_);
+            }
+            rnnc_cp_async_commit();
+        };
+        float acc[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            acc[i] = 0.0f;
+        }
+        if (k_begin < k_end) {
+            load(0, k_begin);
+        }
+        int stage = 0;
+        for (int k0 = k_begin; k0 < k_end; k0 += 32, stage ^= 1) {
+            if (k0 + 32 < k_end) {  // the next slice goes into the other stage
+                load(stage ^ 1, k0 + 32);
+                rnnc_cp_async_wait<1>();
+            } else {
+                rnnc_cp_async_wait<0>();
+            }
+            __syncthreads();
+#pragma unroll
+            for (int kk = 0; kk < 32; kk += 1) {
+                const float2 a0_ = *reinterpret_cast<const float2*>(&As[stage][(kk) * 36 + ty * 2 + 0]);
+                const float2 b0_ = *reinterpret_cast<const float2*>(&Bs[stage][(kk) * 36 + tx * 2 + 0]);
+                acc[0] += a0_.x * b0_.x; acc[1] += a0_.x * b0_.y;
+                acc[2] += a0_.y * b0_.x; acc[3] += a0_.y * b0_.y;
+            }
+            __syncthreads();  // before the next load overwrites this stage
+        }
+        // each split leaves its partial sums in the workspace; the last of the tile's
+        // blocks to arrive adds them up in split order (the same sum whichever is last)
+        float* partial_ = v_split_3arnnc_5fpre_5fbwd_5f8_5fdot_40base;
+        int* tickets_ = reinterpret_cast<int*>(v_tickets_3arnnc_5fpre_5fbwd_5f8_5fdot_40base);
+        const int tile_ = blockIdx.y * gridDim.x + blockIdx.x;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int m = m0 + ty * 2 + i / 2, n = n0 + tx * 2 + i % 2;
+            if (m < M && n < N) {
+                partial_[(split * M + m) * N + n] = acc[i];
+            }
+        }
+        __threadfence();  // the partial sums are visible to the block that adds them
+        __syncthreads();
+        __shared__ int last_;
+        if (threadIdx.x == 0) {
+            last_ = atomicAdd(&tickets_[tile_], 1) == 50 - 1;
+        }
+        __syncthreads();
+        if (last_) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int m = m0 + ty * 2 + i / 2, n = n0 + tx * 2 + i % 2;
+                if (m < M && n < N) {
+                    float sum_ = 0.0f;
+                    for (int s = 0; s < 50; ++s) {
+                        sum_ += __ldcg(&partial_[(s * M + m) * N + n]);
+                    }
+                    v_pre_5fbwd_3a_25pre_3a2_40base[m * 20 + n] = sum_;
+                }
+            }
+            if (threadIdx.x == 0) {
+                tickets_[tile_] = 0;  // ready for the next launch
+            }
+        }
+    }
+}
+
+// %pre:1 = dot(d:%1, W); then %pre:mask3 = select(%valid, %pre:1, %pre:mask1)  [zj,kj->zk]
+// out[g, m, n] = sum_k A[g, m, k] * B[g, k, n]: float32 FMA, 16x16 threads with 2x2 outputs each.
+// A block computes a 32x32 tile of (m, n), reading k 32 at a time into shared memory,
+// the next slice copied (cp.async) while this one is multiplied.
+__device__ __forceinline__ void rnnc_pre_bwd_9_dot_body(const uint3 blockIdx, const uint3 gridDim, const int rows, float* v_d_5frow_3a_251_40base, float* v_param_3aW_40base, float* v_pre_5fbwd_3a_25pre_3a1_40base, float* v_rows_3arnnc_5fpre_5fbwd_5f9_5fdot_40base, float* v_valid_40base, float* v_pre_5fbwd_3a_25pre_3amask3_40base) {
     const int G = 1, M = rows * 1, N = 3, K = 20;
     __shared__ __align__(16) float As[2][1152];  // [k][m], rows 36 apart
     __shared__ __align__(16) float Bs[2][1152];  // [k][n], rows 36 apart
@@ -777,122 +927,63 @@ extern "C" __global__ void __launch_bounds__(256, 2) rnnc_pre_bwd_10_dot(const i
                 v_pre_5fbwd_3a_25pre_3a1_40base[m * 3 + n] = acc[i];
             }
         }
-    }
-}
-
-// %pre:2 = dot(%pre:mask2, d:%1)  [zk,zj->kj]
-// out[g, m, n] = sum_k A[g, m, k] * B[g, k, n]: float32 FMA, 16x16 threads with 2x2 outputs each.
-// A block computes a 32x32 tile of (m, n), reading k 32 at a time into shared memory,
-// the next slice copied (cp.async) while this one is multiplied.
-extern "C" __global__ void __launch_bounds__(256, 2) rnnc_pre_bwd_11_dot(const int rows, float* v_pre_5fbwd_3a_25pre_3amask2_40base, float* v_d_5frow_3a_251_40base, float* v_pre_5fbwd_3a_25pre_3a2_40base, float* v_split_3arnnc_5fpre_5fbwd_5f11_5fdot_40base, float* v_tickets_3arnnc_5fpre_5fbwd_5f11_5fdot_40base) {
-    const int G = 1, M = 3, N = 20, K = rows * 1;
-    __shared__ __align__(16) float As[2][1152];  // [k][m], rows 36 apart
-    __shared__ __align__(16) float Bs[2][1152];  // [k][n], rows 36 apart
-    const float* A_ = v_pre_5fbwd_3a_25pre_3amask2_40base;
-    const float* B_ = v_d_5frow_3a_251_40base;
-    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-    const int m0 = blockIdx.y * 32, n0 = blockIdx.x * 32;
-    // split-K: block z % 50 sums over its own chunk of k, a multiple of 32
-    const int split = blockIdx.z % 50;
-    const int chunk = (K + 1600 - 1) / 1600 * 32;
-    const int k_begin = split * chunk, k_end = min(K, k_begin + chunk);
-    for (int g = blockIdx.z / 50; g < G; g += gridDim.z / 50) {
-        auto load = [&](int stage, int k0) {  // not unrolled: copies are issued, not waited for
-#pragma unroll 1
-            for (int l_ = threadIdx.x; l_ < 1024; l_ += 256) {
-                const int r_ = l_ / 32, c_ = l_ % 32 * 1;
-                const int m = m0 + c_, k = k0 + r_;
-                const bool in_ = m < M && k < k_end;
-                rnnc_cp_async<4>(&As[stage][(k - k0) * 36 + m - m0], A_ + (in_ ? m + k * 3 : 0), in_);
-            }
-#pragma unroll 1
-            for (int l_ = threadIdx.x; l_ < 256; l_ += 256) {
-                const int r_ = l_ / 8, c_ = l_ % 8 * 4;
-                const int n = n0 + c_, k = k0 + r_;
-                const bool in_ = k < k_end && n < N;
-                rnnc_cp_async<16>(&Bs[stage][(k - k0) * 36 + n - n0], B_ + (in_ ? k * 20 + n : 0), in_);
-            }
-            rnnc_cp_async_commit();
-        };
-        float acc[4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            acc[i] = 0.0f;
-        }
-        if (k_begin < k_end) {
-            load(0, k_begin);
-        }
-        int stage = 0;
-        for (int k0 = k_begin; k0 < k_end; k0 += 32, stage ^= 1) {
-            if (k0 + 32 < k_end) {  // the next slice goes into the other stage
-                load(stage ^ 1, k0 + 32);
-                rnnc_cp_async_wait<1>();
-            } else {
-                rnnc_cp_async_wait<0>();
-            }
-            __syncthreads();
-#pragma unroll
-            for (int kk = 0; kk < 32; kk += 1) {
-                const float2 a0_ = *reinterpret_cast<const float2*>(&As[stage][(kk) * 36 + ty * 2 + 0]);
-                const float2 b0_ = *reinterpret_cast<const float2*>(&Bs[stage][(kk) * 36 + tx * 2 + 0]);
-                acc[0] += a0_.x * b0_.x; acc[1] += a0_.x * b0_.y;
-                acc[2] += a0_.y * b0_.x; acc[3] += a0_.y * b0_.y;
-            }
-            __syncthreads();  // before the next load overwrites this stage
-        }
-        // each split leaves its partial sums in the workspace; the last of the tile's
-        // blocks to arrive adds them up in split order (the same sum whichever is last)
-        float* partial_ = v_split_3arnnc_5fpre_5fbwd_5f11_5fdot_40base;
-        int* tickets_ = reinterpret_cast<int*>(v_tickets_3arnnc_5fpre_5fbwd_5f11_5fdot_40base);
-        const int tile_ = blockIdx.y * gridDim.x + blockIdx.x;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const int m = m0 + ty * 2 + i / 2, n = n0 + tx * 2 + i % 2;
-            if (m < M && n < N) {
-                partial_[(split * M + m) * N + n] = acc[i];
-            }
-        }
-        __threadfence();  // the partial sums are visible to the block that adds them
+        // the elementwise work that reads this product, row by row: the rows of an m tile are
+        // done when all gridDim.x of its tiles are, and the last block to finish one runs it for
+        // them (the product's results from L2: other blocks wrote them)
+        __threadfence();  // this block's results are visible to the block that reads them
         __syncthreads();
-        __shared__ int last_;
+        int* rows_tickets_ = reinterpret_cast<int*>(v_rows_3arnnc_5fpre_5fbwd_5f9_5fdot_40base);  // per m tile, its tiles done
+        __shared__ int rows_last_;
         if (threadIdx.x == 0) {
-            last_ = atomicAdd(&tickets_[tile_], 1) == 50 - 1;
+            rows_last_ = true && atomicAdd(&rows_tickets_[blockIdx.y], 1) == gridDim.x - 1;
         }
         __syncthreads();
-        if (last_) {
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const int m = m0 + ty * 2 + i / 2, n = n0 + tx * 2 + i % 2;
-                if (m < M && n < N) {
-                    float sum_ = 0.0f;
-                    for (int s = 0; s < 50; ++s) {
-                        sum_ += __ldcg(&partial_[(s * M + m) * N + n]);
-                    }
-                    v_pre_5fbwd_3a_25pre_3a2_40base[m * 20 + n] = sum_;
-                }
+        if (rows_last_) {
+            const int row_begin_ = m0, row_end_ = min(M, m0 + 32);
+            for (int i_ = row_begin_ * 3 + threadIdx.x; i_ < row_end_ * 3; i_ += blockDim.x) {
+                const int j0 = i_ / 3;
+                const int j1 = i_ % 3;
+                const float f2 = v_valid_40base[j0];
+                const float f3 = __ldcg(&v_pre_5fbwd_3a_25pre_3a1_40base[j0 * 3 + j1]);
+                const float f4 = ((f2 != 0.0f) ? f3 : 0.0f);
+                v_pre_5fbwd_3a_25pre_3amask3_40base[j0 * 3 + j1] = f4;
             }
             if (threadIdx.x == 0) {
-                tickets_[tile_] = 0;  // ready for the next launch
+                rows_tickets_[blockIdx.y] = 0;  // ready for the next launch
             }
         }
     }
 }
 
-// %pre:mask3 = select(%valid, %pre:1, %pre:mask1)
-extern "C" __global__ void rnnc_pre_bwd_12_phase1(const int rows, float* v_valid_40base, float* v_pre_5fbwd_3a_25pre_3a1_40base, float* v_pre_5fbwd_3a_25pre_3amask3_40base) {
-    const int stride_ = blockDim.x * gridDim.x;
-    for (int i_ = blockIdx.x * blockDim.x + threadIdx.x; i_ < rows * 3; i_ += stride_) {
-        const int j0 = i_ / 3;
-        const int j1 = i_ % 3;
-        const float f2 = v_valid_40base[j0];
-        const float f3 = v_pre_5fbwd_3a_25pre_3a1_40base[j0 * 3 + j1];
-        const float f4 = ((f2 != 0.0f) ? f3 : 0.0f);
-        v_pre_5fbwd_3a_25pre_3amask3_40base[j0 * 3 + j1] = f4;
+// rnnc_pre_bwd_8_dot | rnnc_pre_bwd_9_dot
+// 2 kernels that need nothing of each other in one launch: the blocks of the grid
+// go to each in turn, each block to a block of that kernel's own grid.
+extern "C" __global__ void __launch_bounds__(256, 2) rnnc_pre_bwd_10_fused(const int rows, float* v_pre_5fbwd_3a_25pre_3amask2_40base, float* v_d_5frow_3a_251_40base, float* v_pre_5fbwd_3a_25pre_3a2_40base, float* v_split_3arnnc_5fpre_5fbwd_5f8_5fdot_40base, float* v_tickets_3arnnc_5fpre_5fbwd_5f8_5fdot_40base, float* v_param_3aW_40base, float* v_pre_5fbwd_3a_25pre_3a1_40base, float* v_rows_3arnnc_5fpre_5fbwd_5f9_5fdot_40base, float* v_valid_40base, float* v_pre_5fbwd_3a_25pre_3amask3_40base) {
+    unsigned block_ = blockIdx.x;
+    {
+        const uint3 grid_ = uint3{ 1, 1, 50 };
+        const unsigned blocks_ = grid_.x * grid_.y * grid_.z;
+        if (block_ < blocks_) {
+            rnnc_pre_bwd_8_dot_body(uint3{block_ % grid_.x, block_ / grid_.x % grid_.y, block_ / (grid_.x * grid_.y)}, grid_,
+                rows, v_pre_5fbwd_3a_25pre_3amask2_40base, v_d_5frow_3a_251_40base, v_pre_5fbwd_3a_25pre_3a2_40base, v_split_3arnnc_5fpre_5fbwd_5f8_5fdot_40base, v_tickets_3arnnc_5fpre_5fbwd_5f8_5fdot_40base);
+            return;
+        }
+        block_ -= blocks_;
+    }
+    {
+        const uint3 grid_ = uint3{ 1, unsigned(max(1, (rows * 1 + 31) / 32)), 1 };
+        const unsigned blocks_ = grid_.x * grid_.y * grid_.z;
+        if (block_ < blocks_) {
+            rnnc_pre_bwd_9_dot_body(uint3{block_ % grid_.x, block_ / grid_.x % grid_.y, block_ / (grid_.x * grid_.y)}, grid_,
+                rows, v_d_5frow_3a_251_40base, v_param_3aW_40base, v_pre_5fbwd_3a_25pre_3a1_40base, v_rows_3arnnc_5fpre_5fbwd_5f9_5fdot_40base, v_valid_40base, v_pre_5fbwd_3a_25pre_3amask3_40base);
+            return;
+        }
+        block_ -= blocks_;
     }
 }
 
 // pre_bwd: add gradients
-extern "C" __global__ void rnnc_pre_bwd_add_13_glue(const int rows, float* v_pre_5fbwd_3a_25pre_3amask3_40base, float* v_d_5frow_3ax_40base, float* v_pre_5fbwd_3a_25pre_3a2_40base, float* v_d_5facc_3aW_40base) {
+__device__ __forceinline__ void rnnc_pre_bwd_add_11_glue_body(const uint3 blockIdx, const uint3 gridDim, const int rows, float* v_pre_5fbwd_3a_25pre_3amask3_40base, float* v_d_5frow_3ax_40base, float* v_pre_5fbwd_3a_25pre_3a2_40base, float* v_d_5facc_3aW_40base) {
     const int stride_ = blockDim.x * gridDim.x;
     for (int i_ = blockIdx.x * blockDim.x + threadIdx.x; i_ < rows * 3; i_ += stride_) {
         const int j0 = i_ / 3;
@@ -906,4 +997,8 @@ extern "C" __global__ void rnnc_pre_bwd_add_13_glue(const int rows, float* v_pre
         const float f2 = v_pre_5fbwd_3a_25pre_3a2_40base[j0 * 20 + j1];
         v_d_5facc_3aW_40base[j0 * 20 + j1] += f2;
     }
+}
+
+extern "C" __global__ void rnnc_pre_bwd_add_11_glue(const int rows, float* v_pre_5fbwd_3a_25pre_3amask3_40base, float* v_d_5frow_3ax_40base, float* v_pre_5fbwd_3a_25pre_3a2_40base, float* v_d_5facc_3aW_40base) {
+    rnnc_pre_bwd_add_11_glue_body(blockIdx, gridDim, rows, v_pre_5fbwd_3a_25pre_3amask3_40base, v_d_5frow_3ax_40base, v_pre_5fbwd_3a_25pre_3a2_40base, v_d_5facc_3aW_40base);
 }

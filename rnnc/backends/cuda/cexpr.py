@@ -58,6 +58,31 @@ class Ref:
         return math.prod(self.shape)
 
 
+@dataclass(frozen=True)
+class Joined:
+    """A concatenation a product reads where its parts are, with no copy: each
+    part's Ref and where it starts along `axis` of `shape` (the parts' batched
+    flag is the concatenation's)."""
+
+    parts: tuple  # (Ref, start)
+    axis: int
+    shape: tuple
+    batched: bool
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def elem(self) -> str:
+        return self.parts[0][0].elem  # the parts' (Region joins parts of one type only)
+
+
+def parts_of(operand) -> list:
+    """The Refs an operand (a Ref or a Joined) reads."""
+    return [ref for ref, _ in operand.parts] if isinstance(operand, Joined) else [operand]
+
+
 def strides(shape: tuple) -> list:
     out, acc = [], 1
     for n in reversed(shape):

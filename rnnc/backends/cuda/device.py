@@ -110,9 +110,12 @@ class PycudaDevice:
         if nbytes:
             self.drv.memset_d8(ptr, 0, nbytes)
 
-    def launch(self, kernel, grid, block, rows, ptrs):
-        self.functions[kernel].prepared_call(grid, (block, 1, 1), np.int32(rows),
-                                             *[np.uintp(p) for p in ptrs])
+    def launch(self, kernel, grid, block, args: bytes):
+        """`args`: the kernel's parameter struct, packed (executor.packed). PyCUDA's
+        `prepared_call` packs its arguments with `struct` on every call, then
+        hands them to `_launch_kernel`; the runtime packs them once per event,
+        so this calls `_launch_kernel` itself (the same in every PyCUDA since 2011)."""
+        self.functions[kernel]._launch_kernel(grid, (block, 1, 1), args, 0, None)
 
 
 def import_pycuda():

@@ -23,9 +23,10 @@ class Loop:
     """One grid-stride loop of a phase kernel over the elements of one shape:
     statements (with common subexpressions shared) and the stores."""
 
-    def __init__(self, shape: tuple, batched: bool, resolve, narrow=None):
+    def __init__(self, shape: tuple, batched: bool, resolve, narrow=None, coherent=frozenset()):
         self.shape, self.batched, self.resolve = shape, batched, resolve
         self.narrow = narrow or (lambda name: None)  # node -> the 16-bit type it is stored in
+        self.coherent = coherent  # params other blocks of the same launch wrote: read from L2 (__ldcg)
         self.lines: list = []
         self.memo: dict = {}
         self.inlined: dict = {}  # (value, row, index) -> its C expression
@@ -56,7 +57,10 @@ class Loop:
         return f"{ref.param}[{offset(terms)}]"
 
     def load(self, ref: Ref, row, index) -> str:
-        return self.temp("float", self.element(ref, row, index))
+        element = self.element(ref, row, index)
+        if ref.param in self.coherent:  # from L2: a float, or a 16-bit type's bits
+            element = f"__ldcg(&{element})" if ref.elem == "float" else f"{ref.elem}_value(__ldcg(&{element}.bits))"
+        return self.temp("float", element)
 
     def node(self, n, row, index) -> str:
         """The C expression of node `n`'s result at (row, index), inlining its
@@ -129,13 +133,13 @@ TEMP = re.compile(r"const \w+ ([jf]\d+) = ")  # a line `temp` makes
 TEMP_NAME = re.compile(r"\b[jf]\d+\b")
 
 
-def loop_for(loops: dict, shape: tuple, batched: bool, resolve=None, narrow=None) -> Loop:
+def loop_for(loops: dict, shape: tuple, batched: bool, resolve=None, narrow=None, coherent=frozenset()) -> Loop:
     """The loop of `loops` over the elements of (shape, batched), made on first
     use: a kernel runs one grid-stride loop per shape it writes. Without
     `resolve` the loop only loads and stores buffers (`Loop.at`, `Loop.store`)."""
     key = (shape, batched)
     if key not in loops:
-        loops[key] = Loop(shape, batched, resolve, narrow)
+        loops[key] = Loop(shape, batched, resolve, narrow, coherent)
     return loops[key]
 
 

@@ -3,11 +3,20 @@
 `Executor` runs `Launches` on a `Device`: `PycudaDevice` (`device.py`) or
 anything with the same few methods (the tests run the kernels through a CPU
 emulation of CUDA). A buffer has slots (one per step of a segment, say); a
-launch's arguments pick a slot by the step being run.
+launch's arguments pick a slot by the step being run. Device memory comes
+from a `CachingPool`, which keeps what a call frees for the next call, and
+each kernel's arguments are packed once for all the steps of an event
+(`Executor.prepare`), so the per-step loop only hands packed bytes to the
+driver.
 """
 from __future__ import annotations
 
+import math
+import threading
+from collections import defaultdict
 from dataclasses import dataclass
+
+import numpy as np
 
 from .cexpr import MAX_INDEX
 from .launches import SCRATCH, Launches
@@ -29,7 +38,8 @@ class Slotted:
     slot_bytes: int
     per_segment: bool
 
-    def at(self, step: int, start: int = 0) -> int:
+    def at(self, step, start: int = 0):
+        """The address of step `step`'s slot (of each step, for an array of them)."""
         index = step - start if self.per_segment else step
         return self.ptr + (index % self.slots if self.slots else 0) * self.slot_bytes  # T = 0: no slots
 
@@ -64,12 +74,63 @@ def held_slots(buffer, steps: Steps) -> int:
     return slot_count(buffer, steps) - (buffer.slots == "state")
 
 
+class CachingPool:
+    """Device memory kept for reuse, as PyTorch's caching allocator does: a
+    block given back (`give`) waits for the next request (`take`) it can serve,
+    one of its size or up to half as small, so a call that follows one like it
+    allocates nothing and calls of other lengths mostly reuse what is there.
+    The runtime launches everything on one stream, in order, so a block given
+    back while kernels that use it are still queued is safe to hand out
+    again: whatever is queued next runs after them. A failed allocation
+    empties the cache and tries once more. `device.reused(ptr, nbytes)`, where
+    the device has it, hears of every block handed out again and the bytes
+    asked for (the tests' emulator makes them look unwritten and guards the
+    rest of the block)."""
+
+    def __init__(self, device):
+        self.device = device
+        self.free = defaultdict(list)  # bytes -> [(ptr, what keeps the memory alive)]
+        self.lock = threading.Lock()  # blocks come back from the garbage collector, on any thread
+
+    def take(self, nbytes: int) -> tuple:
+        """A block of at least `nbytes` bytes: (ptr, what keeps it alive, its size), for `give`."""
+        with self.lock:
+            fits = [size for size, cached in self.free.items() if cached and nbytes <= size <= 2 * nbytes]
+            size = min(fits, default=None)
+            block = self.free[size].pop() if size is not None else None
+        if block is not None:
+            if hasattr(self.device, "reused"):
+                self.device.reused(block[0], nbytes)
+            return block + (size,)
+        try:
+            ptr, memory = self.device.alloc(nbytes)
+        except Exception:  # out of memory, say: what the cache holds may be enough
+            if not self.empty():
+                raise
+            ptr, memory = self.device.alloc(nbytes)
+        return ptr, memory, nbytes
+
+    def give(self, blocks):
+        """Blocks made by `take`, free for reuse."""
+        with self.lock:
+            for ptr, memory, nbytes in blocks:
+                self.free[nbytes].append((ptr, memory))
+
+    def empty(self) -> bool:
+        """Hand every cached block back to the device; whether there were any."""
+        with self.lock:
+            had = any(self.free.values())
+            self.free.clear()
+        return had
+
+
 class Executor:
     """Allocates buffers and runs launch lists on a device. `scratch[k]` are
     the scratch buffers launch list k writes or reads, made for one run of it."""
 
     def __init__(self, launches: Launches, device):
         self.launches, self.device = launches, device
+        self.pool = CachingPool(device)
         self.scratch = {k: [launches.buffers[name] for name in dict.fromkeys(
                             name for launch in getattr(launches, k) for name, _ in launch.args)
                             if launches.buffers[name].role in SCRATCH]
@@ -79,12 +140,12 @@ class Executor:
         return [b for b in self.launches.buffers.values() if b.role == role]
 
     def allocate(self, buffers, steps: Steps):
-        """One pool for `buffers`: (name -> Slotted, the pool to keep alive; None
-        for no buffers). A device with `alloc_per_buffer` (the tests' emulator,
-        which guards every allocation) gets one allocation per buffer instead.
-        Tickets start at zero (the kernels leave them at zero)."""
+        """One block of the pool for `buffers`: (name -> Slotted, the blocks to
+        give back with `release`). A device with `alloc_per_buffer` (the tests'
+        emulator, which guards every allocation) gets one block per buffer
+        instead. Tickets start at zero (the kernels leave them at zero)."""
         if not buffers:
-            return {}, None
+            return {}, []
         layout, offset = {}, 0
         for b in buffers:
             slot_bytes = (steps.B if b.batched else 1) * b.numel * b.elem_bytes
@@ -92,16 +153,20 @@ class Executor:
             layout[b.name] = (offset, slots, slot_bytes, not b.whole_sequence)
             offset += aligned(slots * slot_bytes)
         if getattr(self.device, "alloc_per_buffer", False):
-            held = {n: self.device.alloc(slots * slot_bytes) for n, (_, slots, slot_bytes, _) in layout.items()}
+            held = {n: self.pool.take(aligned(slots * slot_bytes)) for n, (_, slots, slot_bytes, _) in layout.items()}
             memory = {n: Slotted(held[n][0], *rest) for n, (_, *rest) in layout.items()}
-            pool = [p for _, p in held.values()]
+            blocks = list(held.values())
         else:
-            base, pool = self.device.alloc(offset)
-            memory = {n: Slotted(base + o, *rest) for n, (o, *rest) in layout.items()}
+            blocks = [self.pool.take(offset)]
+            memory = {n: Slotted(blocks[0][0] + o, *rest) for n, (o, *rest) in layout.items()}
         for b in buffers:
             if b.role == "tickets":
                 self.device.memset0(memory[b.name].ptr, memory[b.name].slots * memory[b.name].slot_bytes)
-        return memory, pool
+        return memory, blocks
+
+    def release(self, blocks):
+        """Blocks `allocate` gave, back to the pool."""
+        self.pool.give(blocks)
 
     def check_sizes(self, T: int, B: int, longest: int):
         """Refuse a call whose kernels would index more than MAX_INDEX elements
@@ -118,21 +183,56 @@ class Executor:
                         "32-bit int indices reach; use a smaller batch, a shorter sequence or a "
                         "memory_budget (its segments run fewer steps at once)")
 
-    def run(self, kind: str, memory: dict, steps: Steps, t: int):
-        """The launches of list `kind` for step t (the segment's start for its rows)."""
+    def prepare(self, kind: str, memory: dict, steps: Steps, times) -> list:
+        """The launches of list `kind` for each step in `times` (the segment's
+        start for its rows), their arguments packed for all steps at once:
+        per step, a list of (kernel, grid, block, packed arguments)."""
+        times = np.asarray(list(times), np.int64)
+        per_launch = []
         for launch in getattr(self.launches, kind):
             rows = steps.B if launch.rows == "B" else steps.rows
-            index = {"base": steps.start, "t": t, "t+1": t + 1}
-            ptrs = [memory[name].at(index[sel], steps.start) for name, sel in launch.args]
-            self.device.launch(launch.kernel, grid(launch, rows), launch.block, rows, ptrs)
+            index = {"base": np.full_like(times, steps.start), "t": times, "t+1": times + 1}
+            table = np.empty((len(times), 1 + len(launch.args)), np.uint64)
+            table[:, 0] = rows  # the int: its 4 bytes, then the 4 bytes of padding before the pointers
+            for j, (name, sel) in enumerate(launch.args, 1):
+                table[:, j] = memory[name].at(index[sel], steps.start)
+            blocks = grid(launch, rows)
+            per_launch.append([(launch.kernel, blocks, launch.block, packed.tobytes()) for packed in table])
+        return [list(step) for step in zip(*per_launch)] if per_launch else [[] for _ in times]
+
+    def run(self, prepared: list):
+        """One step's launches, as `prepare` gave them."""
+        for kernel, blocks, threads, args in prepared:
+            self.device.launch(kernel, blocks, threads, args)
+
+
+def packed(rows: int, ptrs) -> bytes:
+    """A kernel's arguments (rows, buffers...) as its parameter struct: the int,
+    4 bytes of padding, then each pointer (little-endian, as NVIDIA GPUs and
+    their hosts are)."""
+    return np.array([rows, *ptrs], np.uint64).tobytes()
+
+
+def unpacked(args: bytes) -> tuple:
+    """(rows, [pointers]) of a packed parameter struct."""
+    values = np.frombuffer(args, np.uint64)
+    return int(values[0] & 0xFFFFFFFF), [int(p) for p in values[1:]]
 
 
 def grid(launch, rows: int) -> tuple:
     """The blocks of `launch` for `rows` rows. Grid-stride loops (and the
     product kernel's loop over g) make any grid size correct, so huge launches
-    are capped at the hardware's limits."""
-    return tuple(min(-(-(e.n * (rows if e.rows else 1)) // e.div), limit) or 1
-                 for e, limit in zip(launch.grid, GRID_LIMITS))
+    are capped at the hardware's limits. A launch of several kernels has a
+    block for each block of each of their grids (uncapped, as the kernel
+    counts them: `kernels.extent_c`)."""
+    if launch.parts:
+        return (sum(math.prod(blocks(e, rows) for e in part) for part in launch.parts), 1, 1)
+    return tuple(min(blocks(e, rows), limit) for e, limit in zip(launch.grid, GRID_LIMITS))
+
+
+def blocks(e, rows: int) -> int:
+    """The blocks of Extent `e` for `rows` rows, at least 1."""
+    return max(1, -(-(e.n * (rows if e.rows else 1)) // e.div))
 
 
 GRID_LIMITS = (2**31 - 1, 65535, 65535)

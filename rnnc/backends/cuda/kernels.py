@@ -1,14 +1,18 @@
 """Kernel builders: each kernel's source from a jinja2 template, and its launch.
 
-The templates in `templates/` only fill in strings prepared here, one
-template per kernel family:
+The templates in `templates/` only fill in strings prepared here. A kernel
+family's template writes a body, a device function written for any grid
+(`Part`); a launch runs one body (`kernel.cu.j2`), several side by side
+(`fused.cu.j2`: the blocks of the grid go to each in turn) or several in a
+row for each example (`rows.cu.j2`: a block per row). The families:
 
 - `elementwise.cu.j2`: a phase of fused elementwise work (`elementwise.py`
   prepares its loops).
 - `contract.cu.j2`: a tiled product for one `dot` spec (batched or shared
   operands), seen as out[g, m, n] = sum_k A[g, m, k] * B[g, k, n]
   (`products.py` decides its tiles and inner loop; `contract_store.cu.j2`
-  or `contract_split.cu.j2` writes the result).
+  or `contract_split.cu.j2` writes the result, then `contract_rows.cu.j2`
+  runs the elementwise work that reads it, a tile of rows at a time).
 - `reduce.cu.j2`: sum, mean and reduce_to (a sum over some axes).
 - `softmax.cu.j2`: softmax over one small axis.
 
@@ -28,9 +32,9 @@ from importlib import resources
 import jinja2
 
 from ...ops import BATCH, OPS
-from .cexpr import Ref, c_float, comment, decode, offset, size_expr, strides
+from .cexpr import Joined, Ref, c_float, comment, decode, offset, parts_of, size_expr, strides
 from .launches import ELEMS, Buffer, Extent, Launch
-from .products import INPUTS, NOMINAL_ROWS, Contraction, product_kernel
+from .products import INPUTS, NOMINAL_ROWS, SHARED_BYTES, Contraction, product_kernel
 
 BLOCK = 256  # threads per block of the elementwise, reduction and softmax kernels
 
@@ -60,6 +64,22 @@ def extent(axes: list, div: int = 1) -> Extent:
     return Extent(math.prod(s for s in axes if s is not None), any(s is None for s in axes), div)
 
 
+def extent_c(e: Extent, rows: str = "rows") -> str:
+    """An extent as C (unsigned, at least 1) for `rows` rows, as `executor.blocks` counts it."""
+    return f"unsigned(max(1, ({rows} * {e.n} + {e.div - 1}) / {e.div}))" if e.rows else str(max(1, -(-e.n // e.div)))
+
+
+def launch_bounds(parts: list) -> str:
+    """The __launch_bounds__ of a launch of `parts`: none where a part wants
+    none, else their block size and the fewest blocks per multiprocessor any
+    of them asks for."""
+    if any(part.bounds is None for part in parts):
+        return ""
+    asks = [part.bounds[1] for part in parts if len(part.bounds) > 1]
+    values = [parts[0].block] + ([min(asks)] if asks else [])
+    return f"__launch_bounds__({', '.join(map(str, values))}) "
+
+
 def total_expr(axes: list) -> str:
     e = extent([s for s, _ in axes])
     return size_expr(e.n, e.rows)
@@ -81,13 +101,34 @@ def contraction(spec: str, a: Ref, b: Ref, out: Ref) -> Contraction:
               "m": [c for c in out_letters if c in la and c not in lb],
               "n": [c for c in out_letters if c in lb and c not in la],
               "k": [c for c in la if c in lb and c not in out_letters]}
-    sizes, terms = {}, {op: {} for op in "abc"}
+    sizes, terms, index = {}, {op: {} for op in "abc"}, {}
     for var, letters in groups.items():
         letters = sorted(letters, key=lambda c: c != BATCH)  # the batch letter outermost
         sizes[var] = [None if c == BATCH else size[c] for c in letters]
+        index.update(zip(letters, decode(var, sizes[var])))
         for op in "abc":
-            terms[op][var] = [(i, strides[op].get(c, 0)) for i, c in zip(decode(var, sizes[var]), letters)]
-    return Contraction(sizes, terms, {"a": a.numel, "b": b.numel, "c": out.numel})
+            terms[op][var] = [(index[c], strides[op].get(c, 0)) for c in letters]
+    pieces = {op: joined_pieces(letters, operand, groups, index)
+              for op, letters, operand in (("a", la, a), ("b", lb, b)) if isinstance(operand, Joined)}
+    return Contraction(sizes, terms, {"a": a.numel, "b": b.numel, "c": out.numel}, pieces)
+
+
+def joined_pieces(letters: str, joined: Joined, groups: dict, index: dict) -> list:
+    """Each part of a Joined operand as (param, the index along the joined
+    axis where the part ends, its offset, the numbers its vector copies must
+    divide): its own strides, the joined axis's index counted from its start."""
+    own = [c for c in letters if c != BATCH]
+    axis_letter = own[joined.axis]
+    out = []
+    for ref, start in joined.parts:
+        table = letter_strides(letters, ref)
+        moved = {c: f"({index[c]} - {start})" if c == axis_letter and start else index[c] for c in table}
+        terms = [(moved[c], table[c]) for group in groups.values() for c in sorted(group, key=lambda c: c != BATCH)
+                 if c in table]
+        stop = start + ref.shape[joined.axis]
+        out.append((ref.param, index[axis_letter], stop, offset(terms),
+                    [ref.numel, start] + [s for s in table.values() if s != 1]))
+    return out
 
 
 def letter_strides(letters: str, ref: Ref) -> dict:
@@ -156,14 +197,35 @@ def flat_terms(var: str, axes: list) -> str:
 
 
 # --- the kernels of a program ------------------------------------------------------------------
+@dataclass(frozen=True)
+class Part:
+    """A kernel's work as a device function, `{name}_body(blockIdx, gridDim,
+    rows, buffers...)`, written for a grid of `grid` (3 Extents) blocks of
+    `block` threads; `bounds`: its __launch_bounds__ (threads, and blocks per
+    multiprocessor where it asks for some), None for none; `shared`: the bytes
+    of shared memory it declares; `refs`: its buffers, in its parameters' order."""
+
+    name: str
+    grid: tuple
+    block: int
+    bounds: tuple | None
+    shared: int
+    refs: tuple
+
+    @property
+    def args(self) -> str:
+        return ", ".join(["rows"] + [r.param for r in self.refs])
+
+
 class Generator:
-    """Collects kernel sources and launches for a whole program. A kernel's
-    launch goes to the region it belongs to (`region.launches`), which also
-    gives the kernel's name prefix (`region.label`) and rows (`region.rows`).
-    Products read their inputs as `inputs` (`products.INPUTS`) says: "fp32" or
-    "tf32" for the precisions of rnnc/precision.py, "bf16" or "f16" for 16-bit
-    arrays. The scratch buffers kernels need for themselves (split-K's) go to
-    `scratch`."""
+    """Collects kernel sources and launches for a whole program. A kernel
+    builder makes a `Part` (the kernel's body), and `launch` makes one launch
+    of one or several parts, which goes to the region it belongs to
+    (`region.launches`); the region also gives the kernel's name prefix
+    (`region.label`) and rows (`region.rows`). Products read their inputs as
+    `inputs` (`products.INPUTS`) says: "fp32" or "tf32" for the precisions of
+    rnnc/precision.py, "bf16" or "f16" for 16-bit arrays. The scratch buffers
+    kernels need for themselves (split-K's) go to `scratch`."""
 
     def __init__(self, inputs: str):
         self.sources: list = []
@@ -180,46 +242,143 @@ class Generator:
         """The kernel's parameters: rows, then one pointer per buffer slot it reads or writes."""
         return ", ".join(["const int rows"] + [f"{r.elem}* {r.param}" for r in refs])
 
-    def emit(self, region, name, template, refs, grid, note, block=BLOCK, **values):
-        refs = list({r.param: r for r in refs}.values())
-        self.sources.append(render(template, name=name, params=self.signature(refs),
-                                   comment=comment(note), block=block, **values))
-        region.launches.append(Launch(name, grid, block, region.rows,
-                                      tuple((r.buffer, r.selector) for r in refs)))
+    def emit(self, name, template, refs, grid, note, block=BLOCK, bounds=(BLOCK,), shared=0, **values) -> Part:
+        """The body of kernel `name` from `template`, as a Part."""
+        refs = tuple({r.param: r for r in refs}.values())
+        self.sources.append(render(template, name=f"{name}_body", comment=comment(note), block=block,
+                                   params=", ".join(["const uint3 blockIdx, const uint3 gridDim",
+                                                     self.signature(refs)]), **values))
+        return Part(name, grid, block, bounds, shared, refs)
+
+    def launch(self, region, parts: list):
+        """One launch of `parts`, kernels that need nothing of each other, on
+        blocks of one size: a kernel of its own for one part, on the part's
+        grid; else a kernel whose blocks go to each part in turn."""
+        refs = list({r.param: r for part in parts for r in part.refs}.values())
+        spelled = launch_bounds(parts)
+        params = self.signature(refs)
+        if len(parts) == 1:
+            (part,) = parts
+            name, grid, split = part.name, part.grid, ()
+            self.sources.append(render("kernel.cu.j2", name=name, body=f"{name}_body", bounds=spelled,
+                                       params=params, args=part.args))
+        else:
+            name, grid, split = self.name(region, "fused"), (Extent(1),) * 3, tuple(part.grid for part in parts)
+            self.sources.append(render("fused.cu.j2", name=name, bounds=spelled, params=params,
+                                       comment=comment(" | ".join(part.name for part in parts)),
+                                       parts=[{"body": f"{part.name}_body", "args": part.args,
+                                               "grid": [extent_c(e) for e in part.grid]} for part in parts]))
+        region.launches.append(Launch(name, grid, parts[0].block, region.rows,
+                                      tuple((r.buffer, r.selector) for r in refs), split))
 
     def scratch_ref(self, name, numel, batched, role="scratch") -> Ref:
         """A buffer of the kernel's own, `numel` floats (per row when `batched`)."""
         self.scratch[name] = Buffer(name, numel, batched, "one", role)
         return Ref(name, "base", (numel,), batched)
 
-    def elementwise(self, region, family, loops, comments):
+    def elementwise(self, region, family, loops, comments) -> Part:
+        """A phase of fused elementwise work. No __launch_bounds__: given only the
+        block size, ptxas (CUDA 13, sm_90) holds some small kernels to 32
+        registers and spills; without it they take what they need (64 at most)."""
         refs = [r for loop in loops for r in loop.refs.values()]
         work = max((Extent(math.prod(loop.shape), loop.batched, BLOCK) for loop in loops),
                    key=lambda e: (e.rows, e.n))
-        self.emit(region, self.name(region, family), "elementwise.cu.j2", refs, (work, Extent(1), Extent(1)),
-                  "; ".join(comments), loops=[{"total": loop.total, "lines": loop.live_lines()} for loop in loops])
+        return self.emit(self.name(region, family), "elementwise.cu.j2", refs, (work, Extent(1), Extent(1)),
+                         "; ".join(comments), bounds=None,
+                         loops=[{"total": loop.total, "lines": loop.live_lines()} for loop in loops])
 
-    def breaking(self, region, n, args: list, out: Ref, op: str, note: str):
+    def breaking(self, region, n, args: list, out: Ref, op: str, note: str, then=None, together=1) -> Part:
         """The kernel of node `n`, an op whose lowering is a `Kernel`, reading
-        `args`, writing (op `=`) or adding to (op `+=`) `out`."""
+        `args`, writing (op `=`) or adding to (op `+=`) `out`; then, for a
+        product that `takes_rows_after`, the elementwise loops `then`
+        ((loops, comments): a phase that reads it, row by row). `together`:
+        the kernels meant to share its launch, itself included (a product
+        then takes its share of shared memory and a block of BLOCK threads)."""
         lowering = OPS[n.op].cuda
-        BUILDERS[lowering.template](self, region, n, args, out, op, note, **lowering.params(n, *args))
+        extra = {"then": then} if then else {}
+        if lowering.template == "contract.cu.j2":
+            extra["together"] = together
+        return BUILDERS[lowering.template](self, region, n, args, out, op, note, **lowering.params(n, *args),
+                                           **extra)
 
-    def contract(self, region, n, args, out, op, note, spec):
+    @staticmethod
+    def takes_rows_after(n, args: list, out: Ref) -> bool:
+        """Whether node `n` is a product whose launch can go on with elementwise
+        work row by row: its tiles split the batch rows along m and nothing
+        else is per example, so the rows of a tile of m are done together."""
+        lowering = OPS[n.op].cuda
+        if lowering.template != "contract.cu.j2" or not out.batched:
+            return False
+        c = contraction(lowering.params(n, *args)["spec"], *args, out)
+        return c.sizes["m"] == [None] and not c.sizes["g"]
+
+    @staticmethod
+    def row_local(n, args: list, out: Ref) -> bool:
+        """Whether node `n`'s kernel works example by example, so a block can run
+        it for one row (`rows_launch`): a sum or a softmax within each example,
+        or a product per example."""
+        lowering = OPS[n.op].cuda
+        params = lowering.params(n, *args)
+        if not (out.batched and args[0].batched):
+            return False
+        if lowering.template == "contract.cu.j2":
+            return contraction(params["spec"], *args, out).sizes["g"] == [None]
+        return lowering.template == "softmax.cu.j2" or (lowering.template == "reduce.cu.j2" and not params["rows"])
+
+    def rows_launch(self, region, stages: list):
+        """One launch that runs `stages` row by row, a block per row: each a
+        Part (its body for one row, over its grid's blocks one by one) or
+        elementwise loops (loops, comments) of a phase, in order."""
+        refs, spelled, notes = [], [], []
+        for stage in stages:
+            if isinstance(stage, Part):
+                refs += stage.refs
+                notes.append(stage.name)
+                args = ["1"] + [f"{r.param} + row_ * {r.numel}" if r.batched else r.param for r in stage.refs]
+                spelled.append({"body": f"{stage.name}_body", "args": ", ".join(args),
+                                "grid": [extent_c(e, "1") for e in stage.grid]})
+            else:
+                loops, comments = stage
+                refs += [r for loop in loops for r in loop.refs.values()]
+                notes += comments
+                spelled.append({"body": None, "loops": [{"per_row": math.prod(loop.shape), "lines": loop.live_lines()}
+                                                        for loop in loops]})
+        refs = list({r.param: r for r in refs}.values())
+        name = self.name(region, "rows")
+        self.sources.append(render("rows.cu.j2", name=name, bounds="", params=self.signature(refs),
+                                   comment=comment("; ".join(notes)), stages=spelled))
+        region.launches.append(Launch(name, (Extent(1, True), Extent(1), Extent(1)), BLOCK, region.rows,
+                                      tuple((r.buffer, r.selector) for r in refs)))
+
+    def contract(self, region, n, args, out, op, note, spec, then=None, together=1) -> Part:
         a, b = args
         c = contraction(spec, a, b, out)
-        kernel = product_kernel(c, self.inputs, NOMINAL_ROWS[region.rows], {"a": ELEMS[a.elem], "b": ELEMS[b.elem]})
+        shared = {} if together == 1 else {"shared": SHARED_BYTES // together, "threads": BLOCK}
+        kernel = product_kernel(c, self.inputs, NOMINAL_ROWS[region.rows], {"a": ELEMS[a.elem], "b": ELEMS[b.elem]},
+                                **shared)
         name, engine = self.name(region, "dot"), kernel.engine
-        refs, extra = [a, b, out], {}
+        refs, extra = [*parts_of(a), *parts_of(b), out], {}
         if kernel.splits > 1:
             extra = self.split_buffers(name, c, kernel)
-            refs += list(extra.values())
-            extra = {k: r.param for k, r in extra.items()}
+        if then:
+            extra["rows_tickets"] = self.scratch_ref(f"rows:{name}", 1, True, "tickets")
+        refs += list(extra.values())
+        extra = {k: r.param for k, r in extra.items()}
+        rows = None
+        if then:
+            loops, comments = then
+            refs += [r for loop in loops for r in loop.refs.values()]
+            rows = {"tickets": extra.pop("rows_tickets"), "finished": "last_" if kernel.splits > 1 else "true",
+                    "loops": [{"per_row": math.prod(loop.shape), "lines": loop.live_lines()} for loop in loops]}
+            note = f"{note}; then {'; '.join(comments)}"
         grid = (extent(c.sizes["n"], engine.bn), extent(c.sizes["m"], engine.bm),
                 Extent(kernel.splits) if kernel.splits > 1 else extent(c.sizes["g"]))
         exprs = {f"{v}_size": size_expr(e.n, e.rows) for v in "gmnk" for e in [extent(c.sizes[v])]}
-        self.emit(region, name, "contract.cu.j2", refs, grid, f"{note}  [{spec}]", block=kernel.block,
-                  c=out.param, op=op, **kernel.values(a.param, b.param), **exprs, **extra)
+        values = kernel.values(*(x.param if isinstance(x, Ref) else None for x in (a, b)))
+        return self.emit(name, "contract.cu.j2", refs, grid, f"{note}  [{spec}]", block=kernel.block,
+                         bounds=(kernel.block, values["min_blocks"]),
+                         shared=kernel.shared + 4 * (kernel.splits > 1) + 4 * bool(then),  # and its flags' ints
+                         c=out.param, op=op, rows=rows, **values, **exprs, **extra)
 
     def split_buffers(self, name, c: Contraction, kernel) -> dict:
         """A split-K product's workspace (each split's partial sums, [splits, M, N])
@@ -238,8 +397,9 @@ class Generator:
         scale = f" * {c_float(1.0 / count)}" if mean else ""
         layout = reduce_layout(kept)
         work = extent([s for s, _ in kept], layout.per_block)
-        self.emit(region, self.name(region, n.op), "reduce.cu.j2", [src, out], (work, Extent(1), Extent(1)), note,
-                  x=src.param, y=out.param, op=op, scale=scale, out_total=total_expr(kept),
+        return self.emit(
+                  self.name(region, n.op), "reduce.cu.j2", [src, out], (work, Extent(1), Extent(1)), note,
+                  shared=4 * layout.warps * layout.per_block, x=src.param, y=out.param, op=op, scale=scale, out_total=total_expr(kept),
                   red_total=total_expr(reduced), base=flat_terms("o_", kept), step=flat_terms("r_", reduced),
                   layout=layout.name, per_block=layout.per_block, lanes=BLOCK // layout.per_block,
                   o_lane=layout.o_lane, r_lane=layout.r_lane, shuffles=layout.shuffles, lead=layout.lead,
@@ -250,7 +410,7 @@ class Generator:
         shape = src.shape
         outer, size, inner = math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1:])
         work = Extent(outer * inner, src.batched, BLOCK)
-        self.emit(region, self.name(region, "softmax"), "softmax.cu.j2", [src, out], (work, Extent(1), Extent(1)), note,
+        return self.emit(self.name(region, "softmax"), "softmax.cu.j2", [src, out], (work, Extent(1), Extent(1)), note,
                   x=src.param, y=out.param, op=op, size=size, inner=inner, span=size * inner,
                   lanes=size_expr(outer * inner, src.batched))
 

@@ -91,6 +91,7 @@ class Launch:
     block: int
     rows: str  # "B", or "TB": B times the number of steps of the segment being run
     args: tuple  # (buffer name, selector) pairs; selector: base, t or t+1 (modulo the slots)
+    parts: tuple = ()  # a launch of several kernels: the grid (3 Extents) of each; its own grid is 1D, their sum
 
 
 @dataclass
@@ -114,9 +115,12 @@ class Launches:
 
     @staticmethod
     def from_json(data: dict) -> "Launches":
+        def grid(extents):
+            return tuple(Extent(**e) for e in extents)
+
         def launch(d):
-            return Launch(d["kernel"], tuple(Extent(**e) for e in d["grid"]), d["block"], d["rows"],
-                          tuple(tuple(a) for a in d["args"]))
+            return Launch(d["kernel"], grid(d["grid"]), d["block"], d["rows"], tuple(tuple(a) for a in d["args"]),
+                          tuple(grid(part) for part in d["parts"]))
         s = Launches({b["name"]: Buffer(**b) for b in data["buffers"]})
         for k in LAUNCH_LISTS:
             setattr(s, k, [launch(d) for d in data[k]])

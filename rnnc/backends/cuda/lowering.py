@@ -164,7 +164,7 @@ class Lowering:
         if not loops:
             return []
         region = Region(self.gen, label, rows, [], set(), None, None)
-        self.gen.elementwise(region, "glue", list(loops.values()), [note])
+        self.gen.launch(region, [self.gen.elementwise(region, "glue", list(loops.values()), [note])])
         return region.launches
 
     # backward ----------------------------------------------------------------------------

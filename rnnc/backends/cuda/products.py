@@ -29,7 +29,7 @@ came from.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .cexpr import offset
 from .launches import ELEMS, Elem
@@ -269,10 +269,17 @@ MMA_TILES = ((128, 128, 2, 4), (128, 64, 4, 2), (64, 128, 2, 4), (64, 64, 2, 2),
              (32, 64, 2, 2), (32, 32, 2, 2))
 
 
-def engines(kind: InputType, tensor_cores: bool):
-    """Every engine a product of `kind` may run on, largest tile first."""
+# the smaller tiles on 8 warps, for a product that shares a launch with kernels of 256 threads
+MMA_TILES_8_WARPS = ((64, 64, 2, 4), (64, 32, 2, 4), (32, 64, 2, 4), (32, 32, 2, 4))
+
+
+def engines(kind: InputType, tensor_cores: bool, threads: int | None = None):
+    """Every engine a product of `kind` may run on (on blocks of `threads`
+    threads, where given), largest tile first."""
     if tensor_cores:
-        return [Mma(bm, bn, kind, wm, wn) for bm, bn, wm, wn in MMA_TILES]
+        tiles = MMA_TILES if threads is None else MMA_TILES + MMA_TILES_8_WARPS
+        options = [Mma(bm, bn, kind, wm, wn) for bm, bn, wm, wn in tiles]
+        return sorted([e for e in options if threads in (None, e.threads)], key=lambda e: -e.bm * e.bn)
     return [Simt(bm, bn, kind) for bm, bn in SIMT_TILES]
 
 
@@ -290,11 +297,11 @@ def blocks(engine, m: int, n: int, g: int) -> int:
     return -(-m // engine.bm) * -(-n // engine.bn) * g
 
 
-def slice_depth(engine, inner: dict, elems: dict, k: int) -> int:
+def slice_depth(engine, inner: dict, elems: dict, k: int, shared: int) -> int:
     """BK: 32 when k is longer than 16 and both stages of both operands fit in
-    shared memory, else 16."""
+    `shared` bytes, else 16."""
     return next(bk for bk in (32, 16) if (bk == 16 or k > 16)
-                and shared_bytes(shared_tiles(engine, inner, elems, bk)) <= SHARED_BYTES)
+                and shared_bytes(shared_tiles(engine, inner, elems, bk)) <= shared)
 
 
 def shared_tiles(engine, inner: dict, elems: dict, bk: int) -> dict:
@@ -325,6 +332,9 @@ class Contraction:
     sizes: dict  # group -> [size or None]
     terms: dict  # operand -> group -> [(C expression, stride)]
     numel: dict  # operand -> elements per row (batched) or in all
+    # a concatenation read where its parts are (kernels.joined_pieces): operand ->
+    # [(param, index along the joined axis, where the part ends, its offset, numbers copies divide)]
+    pieces: dict = field(default_factory=dict)
 
     GROUPS = {"a": "gmk", "b": "gkn", "c": "gmn"}
 
@@ -351,6 +361,7 @@ class Contraction:
         if self.global_inner(operand) != axis:
             return 1
         strides = [s for group in self.GROUPS[operand] for _, s in self.terms[operand][group] if s != 1]
+        strides += [x for *_, numbers in self.pieces.get(operand, ()) for x in numbers]  # and each part's
         for vec in (16 // elem.bytes, 8 // elem.bytes, 4 // elem.bytes):
             if all(x % vec == 0 for x in strides + [self.numel[operand], self.sizes[axis][-1]]):
                 return max(vec, 1)
@@ -371,6 +382,11 @@ class ProductKernel:
     def block(self) -> int:
         return self.engine.threads
 
+    @property
+    def shared(self) -> int:
+        """Bytes of shared memory its blocks take."""
+        return shared_bytes(self.tiles)
+
     def loader(self, operand: str, param: str) -> dict:
         """How the block's threads copy a slice of `operand` into its SharedTile:
         consecutive threads take consecutive addresses of the operand (its
@@ -381,13 +397,30 @@ class ProductKernel:
         vec = c.vector(operand, along, tile.elem) if along == tile.inner else 1
         dims = {tile.outer: tile.rows, tile.inner: tile.cols}
         origin = {"m": "m0", "n": "n0", "k": "k0"}
-        return {"param": param, "elements": tile.elements, "vec": vec,
+        return {"elements": tile.elements, "vec": vec,
                 "note": f"[{tile.outer}][{tile.inner}], rows {tile.stride} apart",
                 "row_copies": dims[along] // vec, "copies": dims[across] * dims[along] // vec,
                 "map": f"{along} = {origin[along]} + c_, {across} = {origin[across]} + r_",
                 "elem": tile.elem.c_type, "copier": f"rnnc_cp_async<{vec * tile.elem.bytes}>",
                 "store": tile.at(**{axis: f"{axis} - {origin[axis]}" for axis in (tile.outer, tile.inner)}),
-                "offset": c.offset(operand)}
+                **self.source(operand, param)}
+
+    def source(self, operand: str, param: str) -> dict:
+        """Where a copy of `operand` reads: its pointers (declarations) and the
+        address of element (m, n, k) as C, the operand's first element where
+        the element is out of range (`in_` false; the copy then writes zeros).
+        A concatenation read where its parts are takes the part the index
+        along its joined axis falls in."""
+        elem, name = self.tiles[operand].elem.c_type, operand.upper()
+        pieces = self.contraction.pieces.get(operand)
+        if not pieces:
+            return {"pointers": [f"const {elem}* {name}_ = {param};"],
+                    "source": f"{name}_ + (in_ ? {self.contraction.offset(operand)} : 0)"}
+        pointers = [f"const {elem}* {name}{i}_ = {p};" for i, (p, *_) in enumerate(pieces)]
+        source = f"{name}{len(pieces) - 1}_ + ({pieces[-1][3]})"
+        for i, (_, index, stop, offset_, _) in reversed(list(enumerate(pieces[:-1]))):
+            source = f"{index} < {stop} ? {name}{i}_ + ({offset_}) : {source}"
+        return {"pointers": pointers, "source": f"!in_ ? {name}0_ : {source}"}
 
     def values(self, a_param: str, b_param: str) -> dict:
         e = self.engine
@@ -399,20 +432,29 @@ class ProductKernel:
                 "epilogue": "contract_split.cu.j2" if self.splits > 1 else "contract_store.cu.j2"}
 
 
-def product_kernel(c: Contraction, kind: InputType, rows: int, elems: dict) -> ProductKernel:
+def product_kernel(c: Contraction, kind: InputType, rows: int, elems: dict, shared: int = SHARED_BYTES,
+                   threads: int | None = None) -> ProductKernel:
     """The kernel of one product of inputs `kind` reading operands of
     `elems` (operand -> Elem), sized for `rows` rows (the region's nominal
     rows): tensor cores where the kind has them and the product has more than
-    one row, column and summand, else SIMT."""
+    one row, column and summand, else SIMT. A product that shares its launch
+    with other kernels takes at most `shared` bytes of shared memory and
+    blocks of `threads` threads."""
     for operand, elem in elems.items():
         if elem.c_type not in ("float", kind.elem):
             raise ValueError(f"a {kind.name} product cannot read {elem.c_type} operand {operand}")
     m, n, k, g = (c.size(group, rows) for group in "mnkg")
-    options = engines(kind, kind.mma is not None and min(m, n, k) > 1)
+
+    def inner(engine) -> dict:
+        return {operand: engine.inner(operand, c.global_inner(operand)) for operand in "ab"}
+    tensor_cores = kind.mma is not None and min(m, n, k) > 1
+    options = [e for e in engines(kind, tensor_cores, threads)
+               if threads in (None, e.threads) and shared_bytes(shared_tiles(e, inner(e), elems, 16)) <= shared]
+    if not options:  # none can share the launch: a launch of its own
+        options, shared = engines(kind, tensor_cores), SHARED_BYTES
     engine = choose_tile(options, m, n, g)
-    inner = {operand: engine.inner(operand, c.global_inner(operand)) for operand in "ab"}
-    bk = slice_depth(engine, inner, elems, k)
+    bk = slice_depth(engine, inner(engine), elems, k, shared)
     tiles, splits = blocks(engine, m, n, g), 1
     if g == 1 and tiles < GPU_SMS // 2:  # too few tiles for the GPU: split k where it is long
         splits = max(1, min(-(-GPU_SMS // tiles), k // (MIN_K_TILES * bk)))
-    return ProductKernel(engine, bk, splits, shared_tiles(engine, inner, elems, bk), c)
+    return ProductKernel(engine, bk, splits, shared_tiles(engine, inner(engine), elems, bk), c)

@@ -2,10 +2,11 @@
 
 `CudaModule` has the NumPy module's API. A call copies the caller's arrays
 in and runs the schedule's events one by one: an event makes the device
-buffers of the roles it allocates (one pool per schedule buffer; the
-lowering gave every buffer its role), runs its launch lists
-(`launches.Launches`) with their scratch made for the run, and frees what
-the schedule says; then the results are copied out. The bytes of the
+buffers of the roles it allocates (one block of the executor's caching pool
+per schedule buffer; the lowering gave every buffer its role), runs its
+launch lists (`launches.Launches`) with their scratch made for the run, and
+frees what the schedule says, back to the pool, so the next call reuses it;
+then the results are copied out. The bytes of the
 buffers it holds are counted as it makes and frees them, and equal the
 Plan's predictions. `executor.Executor` runs the launches on a device
 (`device.PycudaDevice`, or the tests' CPU emulation of CUDA).
@@ -21,6 +22,7 @@ on the host.
 from __future__ import annotations
 
 import math
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -89,8 +91,7 @@ class Call:
     schedule: object  # rnnc/passes/schedule.Schedule
     on_device: bool
     memory: dict = field(default_factory=dict)  # name -> Slotted: every live buffer a kernel may read
-    held: dict = field(default_factory=dict)  # schedule buffer key -> (name -> Slotted, pool, bytes)
-    pools: list = field(default_factory=list)  # the caller's arrays' device memory, for the call
+    held: dict = field(default_factory=dict)  # schedule buffer key -> (name -> Slotted, blocks, bytes)
     current: int = 0  # bytes of the schedule's buffers held now ...
     peak: int = 0  # ... and at most
     used: bool = False  # a backward freed what the forward kept
@@ -182,10 +183,10 @@ class CudaModule:
         return concrete_shape(self.program.hoisted.values()[name].shape)
 
     def _caller(self, call: Call, buffers) -> dict:
-        """Device memory for the caller's arrays, for the rest of the call."""
-        memory, pool = self.executor.allocate(buffers, Steps(call.T, call.B))
+        """Device memory for the caller's arrays, back to the pool when the call is gone."""
+        memory, blocks = self.executor.allocate(buffers, Steps(call.T, call.B))
         call.memory.update(memory)
-        call.pools.append(pool)
+        weakref.finalize(call, self.executor.release, blocks)
         return memory
 
     # --- forward -----------------------------------------------------------------------------------
@@ -239,49 +240,55 @@ class CudaModule:
             for buffer in event.allocs:
                 self._hold(call, buffer, event)
             getattr(self, f"_on_{event.kind}")(call, event, restored)
+            if restored:
+                self.executor.release(restored[1])
             for buffer in event.frees:
-                self._release(call, buffer)
+                self.executor.release(self._release(call, buffer)[1])
 
     def _hold(self, call: Call, buffer, event):
         """The device buffers of schedule buffer `buffer`, made for `event`'s steps."""
         steps = Steps(call.T, call.B, event.start, event.stop, tape=True)
         buffers = self.own["checkpoint"] if buffer.role == "checkpoint" else self.executor.role(buffer.role)
-        memory, pool = self.executor.allocate(buffers, steps)
+        memory, blocks = self.executor.allocate(buffers, steps)
         if buffer.role in ("d_seq", "d_rows"):  # sums, and rows a step may leave unwritten
             for m in memory.values():
                 self.device.memset0(m.ptr, m.slots * m.slot_bytes)
         nbytes = sum(held_slots(b, steps) * memory[b.name].slot_bytes for b in buffers)
-        call.held[buffer.key] = (memory, pool, nbytes)
+        call.held[buffer.key] = (memory, blocks, nbytes)
         call.current += nbytes
         call.peak = max(call.peak, call.current)
         if buffer.role != "checkpoint":  # only the runtime reads checkpoints
             call.memory.update(memory)
 
     def _release(self, call: Call, buffer) -> tuple:
-        """Forget `buffer`; its (memory, pool), for a last use."""
-        memory, pool, nbytes = call.held.pop(buffer.key)
+        """Forget `buffer`; its (memory, blocks), for a last use before the blocks go back to the pool."""
+        memory, blocks, nbytes = call.held.pop(buffer.key)
         call.current -= nbytes
         for name in memory:
             call.memory.pop(name, None)
-        return memory, pool
+        return memory, blocks
 
     @contextmanager
     def _scratch(self, call: Call, kind: str, steps: Steps, extra=()):
         """Device memory for one run of launch list `kind`: its scratch, and `extra`."""
-        memory, pool = self.executor.allocate(self.executor.scratch[kind] + list(extra), steps)
+        memory, blocks = self.executor.allocate(self.executor.scratch[kind] + list(extra), steps)
         call.memory.update(memory)
         try:
             yield
         finally:
             for name in memory:
                 del call.memory[name]
-            del pool
+            self.executor.release(blocks)
 
     def _launch(self, call: Call, kind: str, steps: Steps, times, extra=()):
         """Launch list `kind` for each step in `times`, with its scratch."""
         with self._scratch(call, kind, steps, extra):
-            for t in times:
-                self.executor.run(kind, call.memory, steps, t)
+            self._steps(call, kind, steps, times)
+
+    def _steps(self, call: Call, kind: str, steps: Steps, times):
+        """Launch list `kind` for each step in `times`, its arguments packed once for all of them."""
+        for launches in self.executor.prepare(kind, call.memory, steps, times):
+            self.executor.run(launches)
 
     def _on_seq(self, call, event, restored):
         self._launch(call, "seq", Steps(call.T, call.B), [0])
@@ -303,8 +310,7 @@ class CudaModule:
                 self._copy_states(call.memory, "state", restored[0], "checkpoint", at)
             else:
                 self._copy_states(call.memory, "state", call.memory, "carry", at)
-            for t in event.steps:
-                self.executor.run("step", call.memory, steps, t)
+            self._steps(call, "step", steps, event.steps)
             if event.kind == "forward":
                 self._copy_states(call.memory, "carry", call.memory, "state", (event.stop, event.start))
 
@@ -335,7 +341,7 @@ class CudaModule:
         if call.used:  # an earlier backward freed what the forward kept: rebuild it
             self._run_forward(call)
         call.used = True
-        memory, pool = self.executor.allocate(
+        memory, blocks = self.executor.allocate(
             [b for b in self.buffers.values() if b.role in BACKWARD_CALLER], Steps(T, B))
         call.memory.update(memory)
         given = {"d_output": d_outputs, "d_state": d_states}
@@ -360,6 +366,7 @@ class CudaModule:
             peak_bytes=call.peak)
         for name in memory:
             del call.memory[name]
+        self.executor.release(blocks)  # the copies out are queued before any reuse
         return grads
 
 
