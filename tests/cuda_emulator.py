@@ -85,9 +85,7 @@ static dim3 threadIdx, blockIdx, blockDim, gridDim;
 extern "C" char __start_emu_shared[] __attribute__((weak));
 extern "C" char __stop_emu_shared[] __attribute__((weak));
 #define __device__
-// static: a kernel's body (a device function) and its __shared__ arrays stay inside its library; as a
-// plain inline function, g++ would make those arrays one object for every library loaded (GNU_UNIQUE)
-#define __forceinline__ static inline
+#define __forceinline__ inline
 #define __align__(n) __attribute__((aligned(n)))
 namespace emu {
 // a launch argument: the untyped pointer the host passes, as the kernel's parameter type

@@ -156,7 +156,7 @@ __device__ __forceinline__ unsigned rnnc_pack(unsigned short lo, unsigned short 
 // out[g, m, n] = sum_k A[g, m, k] * B[g, k, n]: float32 FMA, 16x16 threads with 2x2 outputs each.
 // A block computes a 32x32 tile of (m, n), reading k 16 at a time into shared memory,
 // the next slice copied (cp.async) while this one is multiplied.
-__device__ __forceinline__ void rnnc_pre_1_dot_body(const uint3 blockIdx, const uint3 gridDim, const int rows, float* v_input_3ax_40base, float* v_param_3aW_40base, float* v_pre_3a_251_40base) {
+static __device__ __forceinline__ void rnnc_pre_1_dot_body(const uint3 blockIdx, const uint3 gridDim, const int rows, float* v_input_3ax_40base, float* v_param_3aW_40base, float* v_pre_3a_251_40base) {
     const int G = 1, M = rows * 1, N = 20, K = 3;
     __shared__ __align__(16) float As[2][576];  // [k][m], rows 36 apart
     __shared__ __align__(16) float Bs[2][576];  // [k][n], rows 36 apart
@@ -230,7 +230,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) rnnc_pre_1_dot(const int ro
 // out[g, m, n] = sum_k A[g, m, k] * B[g, k, n]: float32 FMA, 16x16 threads with 2x2 outputs each.
 // A block computes a 32x32 tile of (m, n), reading k 16 at a time into shared memory,
 // the next slice copied (cp.async) while this one is multiplied.
-__device__ __forceinline__ void rnnc_step_2_dot_body(const uint3 blockIdx, const uint3 gridDim, const int rows, float* v_state_3ah_40t, float* v_param_3aU_40base, float* v_step_3a_252_40base, float* v_rows_3arnnc_5fstep_5f2_5fdot_40base, float* v_pre_3a_251_40t, float* v_param_3ab_40base, float* v_tape_3a_254_40t, float* v_tape_3a_256_40t, float* v_tape_3a_257_40t, float* v_tape_3a_259_40t, float* v_valid_40t, float* v_state_3ac_40t, float* v_state_3ah_40t_2b1, float* v_state_3ac_40t_2b1, float* v_output_3ay_40t) {
+static __device__ __forceinline__ void rnnc_step_2_dot_body(const uint3 blockIdx, const uint3 gridDim, const int rows, float* v_state_3ah_40t, float* v_param_3aU_40base, float* v_step_3a_252_40base, float* v_rows_3arnnc_5fstep_5f2_5fdot_40base, float* v_pre_3a_251_40t, float* v_param_3ab_40base, float* v_tape_3a_254_40t, float* v_tape_3a_256_40t, float* v_tape_3a_257_40t, float* v_tape_3a_259_40t, float* v_valid_40t, float* v_state_3ac_40t, float* v_state_3ah_40t_2b1, float* v_state_3ac_40t_2b1, float* v_output_3ay_40t) {
     const int G = 1, M = rows * 1, N = 20, K = 5;
     __shared__ __align__(16) float As[2][576];  // [k][m], rows 36 apart
     __shared__ __align__(16) float Bs[2][576];  // [k][n], rows 36 apart
@@ -368,7 +368,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) rnnc_step_2_dot(const int r
 }
 
 // %step:mask3 = select(%valid, %step:32, %step:mask1); %step:mask5 = select(%valid, %step:23, dnext:c)
-__device__ __forceinline__ void rnnc_bwd_3_phase0_body(const uint3 blockIdx, const uint3 gridDim, const int rows, float* v_valid_40t, float* v_d_5fstate_3ac_40t_2b1, float* v_d_5foutput_3ay_40t, float* v_d_5fstate_3ah_40t_2b1, float* v_tape_3a_259_40t, float* v_tape_3a_254_40t, float* v_state_3ac_40t, float* v_tape_3a_256_40t, float* v_tape_3a_257_40t, float* v_d_5frow_3a_251_40t, float* v_d_5fstate_3ac_40t) {
+static __device__ __forceinline__ void rnnc_bwd_3_phase0_body(const uint3 blockIdx, const uint3 gridDim, const int rows, float* v_valid_40t, float* v_d_5fstate_3ac_40t_2b1, float* v_d_5foutput_3ay_40t, float* v_d_5fstate_3ah_40t_2b1, float* v_tape_3a_259_40t, float* v_tape_3a_254_40t, float* v_state_3ac_40t, float* v_tape_3a_256_40t, float* v_tape_3a_257_40t, float* v_d_5frow_3a_251_40t, float* v_d_5fstate_3ac_40t) {
     const int stride_ = blockDim.x * gridDim.x;
     for (int i_ = blockIdx.x * blockDim.x + threadIdx.x; i_ < rows * 20; i_ += stride_) {
         const int j0 = i_ / 20;
@@ -509,7 +509,7 @@ extern "C" __global__ void rnnc_bwd_3_phase0(const int rows, float* v_valid_40t,
 // out[g, m, n] = sum_k A[g, m, k] * B[g, k, n]: float32 FMA, 16x16 threads with 2x2 outputs each.
 // A block computes a 32x32 tile of (m, n), reading k 32 at a time into shared memory,
 // the next slice copied (cp.async) while this one is multiplied.
-__device__ __forceinline__ void rnnc_bwd_4_dot_body(const uint3 blockIdx, const uint3 gridDim, const int rows, float* v_d_5frow_3a_251_40t, float* v_param_3aU_40base, float* v_bwd_3a_25step_3a34_40base, float* v_rows_3arnnc_5fbwd_5f4_5fdot_40base, float* v_valid_40t, float* v_d_5fstate_3ah_40t_2b1, float* v_d_5fstate_3ah_40t) {
+static __device__ __forceinline__ void rnnc_bwd_4_dot_body(const uint3 blockIdx, const uint3 gridDim, const int rows, float* v_d_5frow_3a_251_40t, float* v_param_3aU_40base, float* v_bwd_3a_25step_3a34_40base, float* v_rows_3arnnc_5fbwd_5f4_5fdot_40base, float* v_valid_40t, float* v_d_5fstate_3ah_40t_2b1, float* v_d_5fstate_3ah_40t) {
     const int G = 1, M = rows * 1, N = 5, K = 20;
     __shared__ __align__(16) float As[2][1152];  // [k][m], rows 36 apart
     __shared__ __align__(16) float Bs[2][1152];  // [k][n], rows 36 apart
@@ -609,7 +609,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) rnnc_bwd_4_dot(const int ro
 // out[g, m, n] += sum_k A[g, m, k] * B[g, k, n]: float32 FMA, 16x16 threads with 2x2 outputs each.
 // A block computes a 32x32 tile of (m, n), reading k 32 at a time into shared memory,
 // the next slice copied (cp.async) while this one is multiplied.
-__device__ __forceinline__ void rnnc_dgrad_5_dot_body(const uint3 blockIdx, const uint3 gridDim, const int rows, float* v_state_3ah_40base, float* v_d_5frow_3a_251_40base, float* v_d_5facc_3aU_40base, float* v_split_3arnnc_5fdgrad_5f5_5fdot_40base, float* v_tickets_3arnnc_5fdgrad_5f5_5fdot_40base) {
+static __device__ __forceinline__ void rnnc_dgrad_5_dot_body(const uint3 blockIdx, const uint3 gridDim, const int rows, float* v_state_3ah_40base, float* v_d_5frow_3a_251_40base, float* v_d_5facc_3aU_40base, float* v_split_3arnnc_5fdgrad_5f5_5fdot_40base, float* v_tickets_3arnnc_5fdgrad_5f5_5fdot_40base) {
     const int G = 1, M = 5, N = 20, K = rows * 1;
     __shared__ __align__(16) float As[2][1152];  // [k][m], rows 36 apart
     __shared__ __align__(16) float Bs[2][1152];  // [k][n], rows 36 apart
@@ -710,7 +710,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) rnnc_dgrad_5_dot(const int 
 // %step:33 = reduce_to(%step:mask3)
 // y[o] += sum over r of x[base(o) + step(r)]: 8 outputs side by side, 4 lanes of each of 8 warps per output. An output's 32
 // threads each sum r = r_lane, r_lane + 32, ...; warp shuffles, then the warps, add up their sums.
-__device__ __forceinline__ void rnnc_dgrad_6_reduce_to_body(const uint3 blockIdx, const uint3 gridDim, const int rows, float* v_d_5frow_3a_251_40base, float* v_d_5facc_3ab_40base) {
+static __device__ __forceinline__ void rnnc_dgrad_6_reduce_to_body(const uint3 blockIdx, const uint3 gridDim, const int rows, float* v_d_5frow_3a_251_40base, float* v_d_5facc_3ab_40base) {
     const int out_total = 20, red_total = rows * 1;
     __shared__ float partial_[8][8];  // a sum per warp of each output
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -746,7 +746,7 @@ extern "C" __global__ void __launch_bounds__(256) rnnc_dgrad_6_reduce_to(const i
 }
 
 // %pre:mask2 = select(%valid, x, %pre:mask1)
-__device__ __forceinline__ void rnnc_pre_bwd_7_phase0_body(const uint3 blockIdx, const uint3 gridDim, const int rows, float* v_valid_40base, float* v_input_3ax_40base, float* v_pre_5fbwd_3a_25pre_3amask2_40base) {
+static __device__ __forceinline__ void rnnc_pre_bwd_7_phase0_body(const uint3 blockIdx, const uint3 gridDim, const int rows, float* v_valid_40base, float* v_input_3ax_40base, float* v_pre_5fbwd_3a_25pre_3amask2_40base) {
     const int stride_ = blockDim.x * gridDim.x;
     for (int i_ = blockIdx.x * blockDim.x + threadIdx.x; i_ < rows * 3; i_ += stride_) {
         const int j0 = i_ / 3;
@@ -766,7 +766,7 @@ extern "C" __global__ void rnnc_pre_bwd_7_phase0(const int rows, float* v_valid_
 // out[g, m, n] = sum_k A[g, m, k] * B[g, k, n]: float32 FMA, 16x16 threads with 2x2 outputs each.
 // A block computes a 32x32 tile of (m, n), reading k 32 at a time into shared memory,
 // the next slice copied (cp.async) while this one is multiplied.
-__device__ __forceinline__ void rnnc_pre_bwd_8_dot_body(const uint3 blockIdx, const uint3 gridDim, const int rows, float* v_pre_5fbwd_3a_25pre_3amask2_40base, float* v_d_5frow_3a_251_40base, float* v_pre_5fbwd_3a_25pre_3a2_40base, float* v_split_3arnnc_5fpre_5fbwd_5f8_5fdot_40base, float* v_tickets_3arnnc_5fpre_5fbwd_5f8_5fdot_40base) {
+static __device__ __forceinline__ void rnnc_pre_bwd_8_dot_body(const uint3 blockIdx, const uint3 gridDim, const int rows, float* v_pre_5fbwd_3a_25pre_3amask2_40base, float* v_d_5frow_3a_251_40base, float* v_pre_5fbwd_3a_25pre_3a2_40base, float* v_split_3arnnc_5fpre_5fbwd_5f8_5fdot_40base, float* v_tickets_3arnnc_5fpre_5fbwd_5f8_5fdot_40base) {
     const int G = 1, M = 3, N = 20, K = rows * 1;
     __shared__ __align__(16) float As[2][1152];  // [k][m], rows 36 apart
     __shared__ __align__(16) float Bs[2][1152];  // [k][n], rows 36 apart
@@ -864,7 +864,7 @@ __device__ __forceinline__ void rnnc_pre_bwd_8_dot_body(const uint3 blockIdx, co
 // out[g, m, n] = sum_k A[g, m, k] * B[g, k, n]: float32 FMA, 16x16 threads with 2x2 outputs each.
 // A block computes a 32x32 tile of (m, n), reading k 32 at a time into shared memory,
 // the next slice copied (cp.async) while this one is multiplied.
-__device__ __forceinline__ void rnnc_pre_bwd_9_dot_body(const uint3 blockIdx, const uint3 gridDim, const int rows, float* v_d_5frow_3a_251_40base, float* v_param_3aW_40base, float* v_pre_5fbwd_3a_25pre_3a1_40base, float* v_rows_3arnnc_5fpre_5fbwd_5f9_5fdot_40base, float* v_valid_40base, float* v_pre_5fbwd_3a_25pre_3amask3_40base) {
+static __device__ __forceinline__ void rnnc_pre_bwd_9_dot_body(const uint3 blockIdx, const uint3 gridDim, const int rows, float* v_d_5frow_3a_251_40base, float* v_param_3aW_40base, float* v_pre_5fbwd_3a_25pre_3a1_40base, float* v_rows_3arnnc_5fpre_5fbwd_5f9_5fdot_40base, float* v_valid_40base, float* v_pre_5fbwd_3a_25pre_3amask3_40base) {
     const int G = 1, M = rows * 1, N = 3, K = 20;
     __shared__ __align__(16) float As[2][1152];  // [k][m], rows 36 apart
     __shared__ __align__(16) float Bs[2][1152];  // [k][n], rows 36 apart
@@ -983,7 +983,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) rnnc_pre_bwd_10_fused(const
 }
 
 // pre_bwd: add gradients
-__device__ __forceinline__ void rnnc_pre_bwd_add_11_glue_body(const uint3 blockIdx, const uint3 gridDim, const int rows, float* v_pre_5fbwd_3a_25pre_3amask3_40base, float* v_d_5frow_3ax_40base, float* v_pre_5fbwd_3a_25pre_3a2_40base, float* v_d_5facc_3aW_40base) {
+static __device__ __forceinline__ void rnnc_pre_bwd_add_11_glue_body(const uint3 blockIdx, const uint3 gridDim, const int rows, float* v_pre_5fbwd_3a_25pre_3amask3_40base, float* v_d_5frow_3ax_40base, float* v_pre_5fbwd_3a_25pre_3a2_40base, float* v_d_5facc_3aW_40base) {
     const int stride_ = blockDim.x * gridDim.x;
     for (int i_ = blockIdx.x * blockDim.x + threadIdx.x; i_ < rows * 3; i_ += stride_) {
         const int j0 = i_ / 3;

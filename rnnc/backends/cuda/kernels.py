@@ -243,7 +243,10 @@ class Generator:
         return ", ".join(["const int rows"] + [f"{r.elem}* {r.param}" for r in refs])
 
     def emit(self, name, template, refs, grid, note, block=BLOCK, bounds=(BLOCK,), shared=0, **values) -> Part:
-        """The body of kernel `name` from `template`, as a Part."""
+        """The body of kernel `name` from `template`, as a Part. Bodies are
+        `static`: their __shared__ arrays stay inside their own module (as
+        inline functions' static locals, g++ would make them one object across
+        all the libraries the tests' emulator loads)."""
         refs = tuple({r.param: r for r in refs}.values())
         self.sources.append(render(template, name=f"{name}_body", comment=comment(note), block=block,
                                    params=", ".join(["const uint3 blockIdx, const uint3 gridDim",
