@@ -156,5 +156,6 @@ inline float __shfl_down_sync(unsigned mask, float value, unsigned delta) {
 
 inline void __threadfence() {}
 inline float __ldcg(const float* p) { return *p; }
+inline unsigned short __ldcg(const unsigned short* p) { return *p; }  // a 16-bit element's bits
 inline int atomicAdd(int* p, int v) { const int old = *p; *p = v + old; return old; }  // blocks run one at a time
 """
