@@ -123,6 +123,11 @@ __device__ __forceinline__ void rnnc_mma_f16(float* d, const unsigned* a, const 
                  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
+
+// a short wait in a spin loop (the grid barrier's), leaving the issue slots to the other warps
+__device__ __forceinline__ void rnnc_pause() {
+    __nanosleep(64);
+}
 #endif
 
 // bfloat16 and float16 elements of a buffer: 16 bits that a kernel reads as a
@@ -143,4 +148,35 @@ RNNC_SIXTEEN_BIT(rnnc_f16, rnnc_f16_of, rnnc_f16_value)
 // two 16-bit values (raw bits) as one 32-bit fragment register, the first in the low half
 __device__ __forceinline__ unsigned rnnc_pack(unsigned short lo, unsigned short hi) {
     return (unsigned)lo | ((unsigned)hi << 16);
+}
+
+// A barrier for the whole grid, between the phases of a persistent kernel (persistent.cu.j2).
+// barrier[0] counts the blocks arrived; barrier[1] is the generation, a sense that changes at
+// every barrier: the last block to arrive sets the count back to 0, then starts the next
+// generation, which the other blocks wait to see. One pair of counters serves every barrier of
+// the launch: a block can arrive at the next barrier only after the generation changed, so
+// after the count was reset. Fences: a block's writes are visible to the whole GPU before it
+// arrives, and it fences again after the wait, before it reads what the others wrote.
+// Every block must be resident at once, else blocks wait for ones that never start: the runtime
+// launches no more blocks than the GPU holds at once (occupancy.py), and its launches run one at
+// a time on one stream, so no kernel of its own can hold a multiprocessor the grid needs
+// (another program's kernels finish on their own and free theirs).
+__device__ __forceinline__ void rnnc_grid_barrier(unsigned* barrier) {
+    __syncthreads();  // the whole block is done with the phase
+    if (threadIdx.x == 0) {
+        volatile unsigned* generation = barrier + 1;
+        const unsigned mine = *generation;
+        __threadfence();  // the block's writes, and the read of its generation, before it arrives
+        if (atomicAdd(barrier, 1u) == gridDim.x * gridDim.y * gridDim.z - 1) {
+            atomicExch(barrier, 0u);
+            __threadfence();  // the count reset before any block can see the new generation
+            atomicAdd(barrier + 1, 1u);
+        } else {
+            while (*generation == mine) {
+                rnnc_pause();
+            }
+        }
+        __threadfence();  // what the others wrote before they arrived, before this block reads it
+    }
+    __syncthreads();
 }

@@ -62,6 +62,7 @@ SEEDS = [int(seed) for seed in os.environ.get("RNNC_EMULATOR_SEEDS", "1,2").spli
 MAX_BLOCK = 1024
 MAX_GRID = (2**31 - 1, 65535, 65535)
 GUARD = 256  # bytes of NaN before and after every buffer
+CO_RESIDENT = 3  # blocks of a persistent kernel at once (EmulatedDevice.co_resident)
 
 HEADER = r"""
 #include <math.h>
@@ -93,17 +94,20 @@ struct Pointer { void* p; template <class T> operator T*() const { return static
 // where a thread stands: running (or ready to), waiting at __syncthreads, waiting
 // for the rest of its warp at a warp-wide instruction (mma, shuffle), or done
 enum State { READY, AT_BLOCK, AT_WARP, DONE };
+// the threads of the blocks running together, as fibers: thread i of the group's
+// block j is fiber j * threads + i
 static ucontext_t scheduler;
 static std::vector<ucontext_t> fibers;
 static std::vector<std::vector<char>> stacks;
 static std::vector<State> state;
 static std::vector<int> barrier_line;  // the line of the __syncthreads each thread waits at
-static int current;
+static int current;  // the running fiber
+static int spins;  // the fibers of this round that came back from a spin loop's wait, and nothing else
 static std::mt19937_64 rng;
 static char error[512];  // the launch's first violation, "" while there is none
 static void (*body)(void*);
 static void* body_arg;
-static void (*block_start)(unsigned threads);  // the intrinsics' per-block state, reset
+static void (*group_start)(unsigned fibers);  // the intrinsics' per-thread state, reset
 static void entry() {
     body(body_arg);
     state[current] = DONE;
@@ -113,6 +117,11 @@ static void wait(State at) {
     state[current] = at;
     swapcontext(&fibers[current], &scheduler);
 }
+static void spin() {  // a wait in a spin loop: the others go on, this thread tries again next round
+    ++spins;
+    wait(READY);
+    --spins;
+}
 static void fail(const char* what) {  // the first violation is reported; the launch stops after this round
     if (!error[0])
         snprintf(error, sizeof error, "block (%u, %u, %u): %s", blockIdx.x, blockIdx.y, blockIdx.z, what);
@@ -121,12 +130,13 @@ static void barrier(int line) {
     barrier_line[current] = line;
     wait(AT_BLOCK);
 }
-// Releases the threads that may go on: a warp whose lanes all wait at a warp-wide
-// instruction, else the whole block when every thread not done waits at __syncthreads.
-static bool release(unsigned threads) {
+// Releases the threads of one block (fibers first .. first + threads) that may go on: a warp
+// whose lanes all wait at a warp-wide instruction, else the whole block when every thread not
+// done waits at __syncthreads; none while a thread still runs (spins). Whether any went on.
+static bool release(unsigned first, unsigned threads) {
     bool any = false;
-    for (unsigned w = 0; w < threads; w += 32) {
-        unsigned lanes = std::min(threads - w, 32u), at_warp = 0;
+    for (unsigned w = first; w < first + threads; w += 32) {
+        unsigned lanes = std::min(first + threads - w, 32u), at_warp = 0;
         for (unsigned i = w; i < w + lanes; ++i) at_warp += state[i] == AT_WARP;
         if (at_warp == 0) continue;
         if (at_warp != lanes) fail("a warp-wide instruction not reached by every lane of the warp");
@@ -134,15 +144,16 @@ static bool release(unsigned threads) {
         any = true;
     }
     if (any) return true;
-    unsigned waiting = 0, left = 0;
+    unsigned waiting = 0, left = 0, ready = 0;
     int line = 0, other = 0;
-    for (unsigned i = 0; i < threads; ++i) {
+    for (unsigned i = first; i < first + threads; ++i) {
         waiting += state[i] == AT_BLOCK;
         left += state[i] != DONE;
+        ready += state[i] == READY;
         if (state[i] == AT_BLOCK && !line) line = barrier_line[i];
         else if (state[i] == AT_BLOCK && barrier_line[i] != line) other = barrier_line[i];
     }
-    if (left == 0) return false;
+    if (left == 0 || ready) return false;
     char what[160];
     if (waiting != left || waiting != threads) {
         snprintf(what, sizeof what, "%u threads exited while %u wait at the __syncthreads of line %d "
@@ -156,18 +167,24 @@ static bool release(unsigned threads) {
         fail(what);
         return false;
     }
-    for (unsigned i = 0; i < threads; ++i) if (state[i] == AT_BLOCK) state[i] = READY;
+    for (unsigned i = first; i < first + threads; ++i) if (state[i] == AT_BLOCK) state[i] = READY;
     return true;
 }
-static void run_block(unsigned threads) {
-    fibers.resize(threads);
-    stacks.resize(threads);
-    state.assign(threads, READY);
-    barrier_line.assign(threads, 0);
-    if (block_start) block_start(threads);
-    if (__start_emu_shared)  // shared memory nobody wrote reads as NaN
-        memset(__start_emu_shared, 0xFF, __stop_emu_shared - __start_emu_shared);
-    for (unsigned i = 0; i < threads; ++i) {
+// Runs `group`, blocks that are resident together, to the end: in rounds, each block in a
+// random order, each ready thread of it in a random order, up to its next barrier, warp-wide
+// instruction or spin. Each block has shared memory of its own: the section holds the running
+// block's, and is swapped when another block runs. A round in which threads only spun and
+// none could be released would repeat forever: a deadlock.
+static void run_blocks(const std::vector<dim3>& group, unsigned threads) {
+    const unsigned total = group.size() * threads;
+    const size_t shared_bytes = __start_emu_shared ? __stop_emu_shared - __start_emu_shared : 0;
+    std::vector<std::vector<char>> shared(group.size(), std::vector<char>(shared_bytes, (char)0xFF));
+    fibers.resize(total);
+    stacks.resize(total);
+    state.assign(total, READY);
+    barrier_line.assign(total, 0);
+    if (group_start) group_start(total);
+    for (unsigned i = 0; i < total; ++i) {
         stacks[i].resize(1 << 16);
         getcontext(&fibers[i]);
         fibers[i].uc_stack.ss_sp = stacks[i].data();
@@ -175,20 +192,45 @@ static void run_block(unsigned threads) {
         fibers[i].uc_link = nullptr;
         makecontext(&fibers[i], entry, 0);
     }
-    std::vector<unsigned> order(threads);
-    std::iota(order.begin(), order.end(), 0u);
-    do {  // one round: every ready thread, in a random order, up to its next barrier or warp-wide instruction
-        std::shuffle(order.begin(), order.end(), rng);
-        for (unsigned i : order) {
-            if (state[i] != READY) continue;
-            current = (int)i;
-            threadIdx.x = i;
-            swapcontext(&scheduler, &fibers[i]);
+    std::vector<unsigned> blocks(group.size()), order(threads);
+    std::iota(blocks.begin(), blocks.end(), 0u);
+    int idle = 0;
+    bool going = true;
+    while (going && !error[0]) {
+        std::shuffle(blocks.begin(), blocks.end(), rng);
+        int ran = 0;
+        spins = 0;
+        for (unsigned j : blocks) {
+            if (std::none_of(&state[j * threads], &state[j * threads] + threads, [](State s) { return s == READY; }))
+                continue;
+            blockIdx = group[j];
+            if (shared_bytes) memcpy(__start_emu_shared, shared[j].data(), shared_bytes);  // NaN: nobody wrote it
+            std::iota(order.begin(), order.end(), 0u);
+            std::shuffle(order.begin(), order.end(), rng);
+            for (unsigned i : order) {
+                if (state[j * threads + i] != READY) continue;
+                current = (int)(j * threads + i);
+                threadIdx.x = i;
+                ++ran;
+                swapcontext(&scheduler, &fibers[current]);
+            }
+            if (shared_bytes) memcpy(shared[j].data(), __start_emu_shared, shared_bytes);
         }
-    } while (!error[0] && release(threads));
+        bool released = false;
+        going = false;
+        for (unsigned j = 0; j < group.size() && !error[0]; ++j) {
+            blockIdx = group[j];
+            released |= release(j * threads, threads);
+            for (unsigned i = j * threads; i < (j + 1) * threads; ++i) going |= state[i] == READY;
+        }
+        idle = (ran > 0 && ran == spins && !released) ? idle + 1 : 0;
+        if (idle == 2) fail("threads spin at a grid barrier that the other blocks never reach (a deadlock)");
+    }
 }
-// the blocks of a launch in a random order; 0, or 1 with the first violation in `message`
-static int run_grid(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned long long seed,
+// The blocks of a launch in a random order: one at a time, or all of them at once
+// (`together`: a persistent kernel, whose blocks meet at grid barriers); 0, or 1 with
+// the first violation in `message`.
+static int run_grid(unsigned gx, unsigned gy, unsigned gz, unsigned bx, int together, unsigned long long seed,
                     char* message, int size) {
     gridDim.x = gx; gridDim.y = gy; gridDim.z = gz;
     blockDim.x = bx;
@@ -202,10 +244,13 @@ static int run_grid(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned
                 blocks.push_back(b);
             }
     std::shuffle(blocks.begin(), blocks.end(), rng);
-    for (const dim3& b : blocks) {
-        blockIdx = b;
-        run_block(bx);
-        if (error[0]) break;
+    if (together) {
+        run_blocks(blocks, bx);
+    } else {
+        for (const dim3& b : blocks) {
+            run_blocks(std::vector<dim3>{b}, bx);
+            if (error[0]) break;
+        }
     }
     snprintf(message, size, "%s", error);
     return error[0] ? 1 : 0;
@@ -215,12 +260,12 @@ static int run_grid(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned
 """
 
 WRAPPER = """
-extern "C" int emu_{name}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, int rows, void** p,
+extern "C" int emu_{name}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, int together, int rows, void** p,
                           unsigned long long seed, char* message, int size) {{
     struct Args {{ int rows; void** p; }} args{{rows, p}};
     emu::body = [](void* v) {{ Args* a = (Args*)v; {name}(a->rows{params}); }};
     emu::body_arg = &args;
-    return emu::run_grid(gx, gy, gz, bx, seed, message, size);
+    return emu::run_grid(gx, gy, gz, bx, together, seed, message, size);
 }}
 """
 
@@ -260,12 +305,13 @@ class Library:
         self.max_threads = {name: int(bound) if bound else MAX_BLOCK for bound, name in KERNEL.findall(source)}
         for name in arities:
             getattr(self.cdll, f"emu_{name}").argtypes = (
-                [ctypes.c_uint] * 4 + [ctypes.c_int, ctypes.POINTER(ctypes.c_void_p),
+                [ctypes.c_uint] * 4 + [ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_void_p),
                                        ctypes.c_ulonglong, ctypes.c_char_p, ctypes.c_int])
 
-    def run(self, kernel: str, grid: tuple, block: int, rows: int, ptrs: list, seed: int):
+    def run(self, kernel: str, grid: tuple, block: int, rows: int, ptrs: list, seed: int, together=False):
         """Launch `kernel` over `grid` (3 ints) blocks of `block` threads, its
-        blocks and threads ordered by `seed`; EmulationError on a violation."""
+        blocks and threads ordered by `seed`, the blocks one at a time or, for
+        a persistent kernel, all `together`; EmulationError on a violation."""
         if not 1 <= block <= self.max_threads[kernel]:
             raise EmulationError(f"{kernel}: a block of {block} threads, but its __launch_bounds__ allow "
                                  f"at most {self.max_threads[kernel]}")
@@ -273,7 +319,8 @@ class Library:
             raise EmulationError(f"{kernel}: grid {grid} is past CUDA's limits {MAX_GRID}")
         args = (ctypes.c_void_p * max(len(ptrs), 1))(*ptrs)
         message = ctypes.create_string_buffer(512)
-        if getattr(self.cdll, f"emu_{kernel}")(*grid, block, rows, args, seed, message, len(message)):
+        if getattr(self.cdll, f"emu_{kernel}")(*grid, block, int(together), rows, args, seed, message,
+                                               len(message)):
             raise EmulationError(f"{kernel}: {message.value.decode()}")
 
 
@@ -303,6 +350,7 @@ class EmulatedDevice:
     def __init__(self, generated, workdir: Path, seed: int = SEEDS[0]):
         self.library = Library(generated.source, generated.launches.arities(), workdir)
         self.args = {launch.kernel: [name for name, _ in launch.args] for launch in generated.launches.launches()}
+        self.persistent = {p.kernel for p in generated.launches.persistent.values()}
         self.random = random.Random(seed)
         self.guarded = {}  # buffer address -> (weak reference to its pool, where it starts and ends in it)
         self.addresses = []  # of the buffers, sorted
@@ -345,8 +393,14 @@ class EmulatedDevice:
     def launch(self, kernel, grid, block, args: bytes):
         rows, ptrs = unpacked(args)
         self.launched.append(kernel)
-        self.library.run(kernel, grid, block, rows, ptrs, self.random.getrandbits(64))
+        self.library.run(kernel, grid, block, rows, ptrs, self.random.getrandbits(64),
+                         together=kernel in self.persistent)
         self.check_guards(kernel, ptrs)
+
+    def co_resident(self, kernel, block) -> int:
+        """The blocks of a persistent kernel the emulated GPU holds at once: a few,
+        fewer than most of its kernels' grids, so its blocks take turns at their work."""
+        return CO_RESIDENT
 
     def check_guards(self, kernel, ptrs):
         """A launch wrote outside the allocation of a buffer it was given: which, and where."""

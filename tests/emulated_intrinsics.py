@@ -37,23 +37,23 @@ static std::vector<int> committed;
 struct Slot { unsigned a[4], b[2]; float c[4]; float value; };
 static std::vector<Slot> slots;  // [thread]
 
-static void start_block(unsigned threads) {
-    pending.assign(threads, {});
-    committed.assign(threads, 0);
-    slots.assign(threads, Slot{});
+static void start_group(unsigned fibers) {  // indexed by fiber: `current`, the running one
+    pending.assign(fibers, {});
+    committed.assign(fibers, 0);
+    slots.assign(fibers, Slot{});
 }
-static const bool registered = (block_start = start_block, true);
+static const bool registered = (group_start = start_group, true);
 }  // namespace emu
 
 template <int BYTES>
 inline void rnnc_cp_async(void* dst, const void* src, bool full) {
-    emu::pending[threadIdx.x].push_back({dst, src, BYTES, full, emu::committed[threadIdx.x]});
+    emu::pending[emu::current].push_back({dst, src, BYTES, full, emu::committed[emu::current]});
 }
-inline void rnnc_cp_async_commit() { ++emu::committed[threadIdx.x]; }
+inline void rnnc_cp_async_commit() { ++emu::committed[emu::current]; }
 template <int PENDING>
 inline void rnnc_cp_async_wait() {  // every copy of a group older than the newest PENDING lands
-    std::vector<emu::PendingCopy>& mine = emu::pending[threadIdx.x];
-    const int oldest_left = emu::committed[threadIdx.x] - PENDING;
+    std::vector<emu::PendingCopy>& mine = emu::pending[emu::current];
+    const int oldest_left = emu::committed[emu::current] - PENDING;
     std::vector<emu::PendingCopy> left;
     for (const emu::PendingCopy& c : mine) {
         if (c.group < oldest_left) {
@@ -101,12 +101,12 @@ static inline unsigned short half_of(unsigned reg, int h) { return (unsigned sho
 // D = A B + C for the warp, each lane's fragments in slots; k 8 (tf32) or 16 (16-bit types)
 template <int K, typename AT, typename BT>
 static void mma(float* d, const unsigned* a, const unsigned* b, AT a_at, BT b_at) {
-    Slot& own = slots[threadIdx.x];
+    Slot& own = slots[current];
     memcpy(own.a, a, sizeof own.a);
     memcpy(own.b, b, sizeof own.b);
     memcpy(own.c, d, sizeof own.c);
     warp_meet();
-    const Slot* warp_slots = &slots[warp() * 32];
+    const Slot* warp_slots = &slots[current - lane()];
     const unsigned group = lane() / 4, quad = lane() % 4;
     float out[4];
     for (int r = 0; r < 4; ++r) {  // c0, c1 in row group, c2, c3 in row group + 8; columns 2 * quad (+1)
@@ -146,10 +146,10 @@ RNNC_EMU_MMA16(rnnc_mma_f16, emu::f16_value)
 // warp shuffles: every lane of the warp takes part (the kernels pass the full mask)
 inline float __shfl_down_sync(unsigned mask, float value, unsigned delta) {
     if (mask != 0xFFFFFFFFu) emu::fail("a shuffle without the full warp");
-    emu::slots[threadIdx.x].value = value;
+    emu::slots[emu::current].value = value;
     emu::warp_meet();
     const unsigned from = emu::lane() + delta;
-    const float got = from < 32 ? emu::slots[threadIdx.x - emu::lane() + from].value : value;
+    const float got = from < 32 ? emu::slots[emu::current - emu::lane() + from].value : value;
     emu::warp_meet();
     return got;
 }
@@ -157,5 +157,9 @@ inline float __shfl_down_sync(unsigned mask, float value, unsigned delta) {
 inline void __threadfence() {}
 inline float __ldcg(const float* p) { return *p; }
 inline unsigned short __ldcg(const unsigned short* p) { return *p; }  // a 16-bit element's bits
-inline int atomicAdd(int* p, int v) { const int old = *p; *p = v + old; return old; }  // blocks run one at a time
+// fibers switch only at barriers, warp-wide instructions and spins: a read-modify-write is atomic
+inline int atomicAdd(int* p, int v) { const int old = *p; *p = v + old; return old; }
+inline unsigned atomicAdd(unsigned* p, unsigned v) { const unsigned old = *p; *p = v + old; return old; }
+inline unsigned atomicExch(unsigned* p, unsigned v) { const unsigned old = *p; *p = v; return old; }
+inline void rnnc_pause() { emu::spin(); }  // the others run before this thread reads again
 """

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from . import ToolchainError
+from .occupancy import Limits, co_resident
 
 
 class CudaUnavailable(ToolchainError):
@@ -116,6 +117,24 @@ class PycudaDevice:
         hands them to `_launch_kernel`; the runtime packs them once per event,
         so this calls `_launch_kernel` itself (the same in every PyCUDA since 2011)."""
         self.functions[kernel]._launch_kernel(grid, (block, 1, 1), args, 0, None)
+
+    def co_resident(self, kernel, block: int) -> int:
+        """Blocks of `block` threads of `kernel` this GPU holds at once, from the
+        kernel's registers and shared memory and the GPU's limits (occupancy.py)."""
+        function, attribute = self.functions[kernel], self.drv.device_attribute
+
+        def limit(name, default):  # attributes newer than some PyCUDA releases know
+            return self.gpu.get_attribute(getattr(attribute, name)) if hasattr(attribute, name) else default
+        limits = Limits(self.gpu.name(), limit("MULTIPROCESSOR_COUNT", 0),
+                        threads_per_sm=limit("MAX_THREADS_PER_MULTIPROCESSOR", 2048),
+                        blocks_per_sm=limit("MAX_BLOCKS_PER_MULTIPROCESSOR", 16),
+                        registers_per_sm=limit("MAX_REGISTERS_PER_MULTIPROCESSOR", 65536),
+                        registers_per_block=limit("MAX_REGISTERS_PER_BLOCK", 65536),
+                        shared_per_sm=limit("MAX_SHARED_MEMORY_PER_MULTIPROCESSOR", 0),
+                        reserved_shared_per_block=limit("RESERVED_SHARED_MEMORY_PER_BLOCK", 1024))
+        if block > function.max_threads_per_block:
+            return 0
+        return co_resident(limits, block, function.num_regs, function.shared_size_bytes)
 
 
 def import_pycuda():

@@ -6,8 +6,10 @@ emulation of CUDA). A buffer has slots (one per step of a segment, say); a
 launch's arguments pick a slot by the step being run. Device memory comes
 from a `CachingPool`, which keeps what a call frees for the next call, and
 each kernel's arguments are packed once for all the steps of an event
-(`Executor.prepare`), so the per-step loop only hands packed bytes to the
-driver.
+(`Executor.tables`), so the per-step loop only hands packed bytes to the
+driver; or, for a list with a persistent kernel, the packed arguments of all
+the steps go to the device in one table and one launch runs them all
+(`Executor.run_persistent`).
 """
 from __future__ import annotations
 
@@ -19,9 +21,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from .cexpr import MAX_INDEX
-from .launches import SCRATCH, Launches
+from .launches import LAUNCH_LISTS, SCRATCH, Launches
+from .occupancy import persistent_grid
 
 ALIGN = 256  # bytes between buffers of a pool (the alignment cudaMalloc gives)
+BARRIER_BYTES = 8  # a grid barrier's two counters (templates/intrinsics.cu: rnnc_grid_barrier)
 
 
 def aligned(nbytes: int) -> int:
@@ -134,7 +138,7 @@ class Executor:
         self.scratch = {k: [launches.buffers[name] for name in dict.fromkeys(
                             name for launch in getattr(launches, k) for name, _ in launch.args)
                             if launches.buffers[name].role in SCRATCH]
-                        for k in ("seq", "rows", "step", "backward_step", "param_grads", "backward_seq")}
+                        for k in LAUNCH_LISTS}
 
     def role(self, role: str) -> list:
         return [b for b in self.launches.buffers.values() if b.role == role]
@@ -183,12 +187,13 @@ class Executor:
                         "32-bit int indices reach; use a smaller batch, a shorter sequence or a "
                         "memory_budget (its segments run fewer steps at once)")
 
-    def prepare(self, kind: str, memory: dict, steps: Steps, times) -> list:
-        """The launches of list `kind` for each step in `times` (the segment's
-        start for its rows), their arguments packed for all steps at once:
-        per step, a list of (kernel, grid, block, packed arguments)."""
+    def tables(self, kind: str, memory: dict, steps: Steps, times) -> list:
+        """The arguments of each launch of list `kind` for each step in `times`
+        (the segment's start for its rows), packed for all steps at once: per
+        launch, (the launch, its rows, a [steps, 1 + buffers] uint64 table of
+        rows and pointers, each row a packed parameter struct)."""
         times = np.asarray(list(times), np.int64)
-        per_launch = []
+        out = []
         for launch in getattr(self.launches, kind):
             rows = steps.B if launch.rows == "B" else steps.rows
             index = {"base": np.full_like(times, steps.start), "t": times, "t+1": times + 1}
@@ -196,9 +201,33 @@ class Executor:
             table[:, 0] = rows  # the int: its 4 bytes, then the 4 bytes of padding before the pointers
             for j, (name, sel) in enumerate(launch.args, 1):
                 table[:, j] = memory[name].at(index[sel], steps.start)
-            blocks = grid(launch, rows)
-            per_launch.append([(launch.kernel, blocks, launch.block, packed.tobytes()) for packed in table])
+            out.append((launch, rows, table))
+        return out
+
+    def prepare(self, kind: str, memory: dict, steps: Steps, times) -> list:
+        """The launches of list `kind` for each step in `times`, as `tables`
+        packs them: per step, a list of (kernel, grid, block, packed arguments)."""
+        times = list(times)
+        per_launch = [[(launch.kernel, grid(launch, rows), launch.block, packed.tobytes()) for packed in table]
+                      for launch, rows, table in self.tables(kind, memory, steps, times)]
         return [list(step) for step in zip(*per_launch)] if per_launch else [[] for _ in times]
+
+    def run_persistent(self, kind: str, memory: dict, steps: Steps, times):
+        """Every step of list `kind` in one launch of its persistent kernel: the
+        launches' arguments for all the steps in a table on the device, its
+        grid as many blocks as the GPU holds at once (`occupancy`), at most
+        as many as the list's largest launch has."""
+        persistent = self.launches.persistent[kind]
+        tables = self.tables(kind, memory, steps, times)
+        args = np.ascontiguousarray(np.concatenate([table for _, _, table in tables], axis=1))
+        needed = max(work_blocks(launch, rows) for launch, rows, _ in tables)
+        blocks = persistent_grid(self.device.co_resident(persistent.kernel, persistent.block), needed)
+        held = self.pool.take(aligned(args.nbytes) + BARRIER_BYTES)
+        barrier = held[0] + aligned(args.nbytes)
+        self.device.htod(held[0], args)
+        self.device.memset0(barrier, BARRIER_BYTES)
+        self.device.launch(persistent.kernel, (blocks, 1, 1), persistent.block, packed(len(args), [held[0], barrier]))
+        self.pool.give([held])  # the launches run in order: the next user of the block comes after this one
 
     def run(self, prepared: list):
         """One step's launches, as `prepare` gave them."""
@@ -226,8 +255,14 @@ def grid(launch, rows: int) -> tuple:
     block for each block of each of their grids (uncapped, as the kernel
     counts them: `kernels.extent_c`)."""
     if launch.parts:
-        return (sum(math.prod(blocks(e, rows) for e in part) for part in launch.parts), 1, 1)
+        return (work_blocks(launch, rows), 1, 1)
     return tuple(min(blocks(e, rows), limit) for e, limit in zip(launch.grid, GRID_LIMITS))
+
+
+def work_blocks(launch, rows: int) -> int:
+    """The blocks of work of `launch` for `rows` rows, uncapped (its kernel's
+    grid in a persistent kernel, which any number of blocks can run)."""
+    return sum(math.prod(blocks(e, rows) for e in part) for part in (launch.parts or [launch.grid]))
 
 
 def blocks(e, rows: int) -> int:

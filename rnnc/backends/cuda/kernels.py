@@ -33,7 +33,7 @@ import jinja2
 
 from ...ops import BATCH, OPS
 from .cexpr import Joined, Ref, c_float, comment, decode, offset, parts_of, size_expr, strides
-from .launches import ELEMS, Buffer, Extent, Launch
+from .launches import ELEMS, Buffer, Extent, Launch, Persistent
 from .products import INPUTS, NOMINAL_ROWS, SHARED_BYTES, Contraction, product_kernel
 
 BLOCK = 256  # threads per block of the elementwise, reduction and softmax kernels
@@ -67,6 +67,29 @@ def extent(axes: list, div: int = 1) -> Extent:
 def extent_c(e: Extent, rows: str = "rows") -> str:
     """An extent as C (unsigned, at least 1) for `rows` rows, as `executor.blocks` counts it."""
     return f"unsigned(max(1, ({rows} * {e.n} + {e.div - 1}) / {e.div}))" if e.rows else str(max(1, -(-e.n // e.div)))
+
+
+def grid_c(launch: Launch) -> list:
+    """The grid of `launch` as C (3 unsigned expressions of `rows`): a launch of
+    several kernels has a block for each block of each of their grids."""
+    if launch.parts:
+        return [" + ".join(f"({' * '.join(extent_c(e) for e in part)})" for part in launch.parts), "1u", "1u"]
+    return [extent_c(e) for e in launch.grid]
+
+
+def pool_bytes(shared: int) -> int:
+    """The size of a kernel's pool of shared memory for bodies that take `shared`
+    bytes of it (at least 16: C has no empty arrays)."""
+    return max(16, aligned16(shared))
+
+
+def aligned16(nbytes: int) -> int:
+    return -(-nbytes // 16) * 16
+
+
+def tile_bytes(tile) -> int:
+    """The bytes of a product's two stages of one operand's SharedTile."""
+    return 2 * tile.elements * tile.elem.bytes
 
 
 def launch_bounds(parts: list) -> str:
@@ -232,6 +255,7 @@ class Generator:
         self.count = 0
         self.inputs = INPUTS[inputs]
         self.scratch: dict = {}  # name -> launches.Buffer
+        self.launched: dict = {}  # kernel name -> (its buffers' Refs, the shared memory its body declares)
 
     def name(self, region, family: str) -> str:
         self.count += 1
@@ -249,30 +273,64 @@ class Generator:
         all the libraries the tests' emulator loads)."""
         refs = tuple({r.param: r for r in refs}.values())
         self.sources.append(render(template, name=f"{name}_body", comment=comment(note), block=block,
-                                   params=", ".join(["const uint3 blockIdx, const uint3 gridDim",
-                                                     self.signature(refs)]), **values))
+                                   params=self.body_params(refs), **values))
         return Part(name, grid, block, bounds, shared, refs)
 
     def launch(self, region, parts: list):
         """One launch of `parts`, kernels that need nothing of each other, on
         blocks of one size: a kernel of its own for one part, on the part's
-        grid; else a kernel whose blocks go to each part in turn."""
+        grid; else a kernel whose blocks go to each part in turn. Either way
+        the launch's work is a device function, `{kernel}_body`, that a
+        persistent kernel calls as well (`persistent`)."""
         refs = list({r.param: r for part in parts for r in part.refs}.values())
-        spelled = launch_bounds(parts)
-        params = self.signature(refs)
         if len(parts) == 1:
             (part,) = parts
             name, grid, split = part.name, part.grid, ()
-            self.sources.append(render("kernel.cu.j2", name=name, body=f"{name}_body", bounds=spelled,
-                                       params=params, args=part.args))
         else:
             name, grid, split = self.name(region, "fused"), (Extent(1),) * 3, tuple(part.grid for part in parts)
-            self.sources.append(render("fused.cu.j2", name=name, bounds=spelled, params=params,
+            self.sources.append(render("fused.cu.j2", name=f"{name}_body", params=self.body_params(refs),
                                        comment=comment(" | ".join(part.name for part in parts)),
                                        parts=[{"body": f"{part.name}_body", "args": part.args,
                                                "grid": [extent_c(e) for e in part.grid]} for part in parts]))
-        region.launches.append(Launch(name, grid, parts[0].block, region.rows,
-                                      tuple((r.buffer, r.selector) for r in refs), split))
+        self.add_launch(region, Launch(name, grid, parts[0].block, region.rows,
+                                       tuple((r.buffer, r.selector) for r in refs), split),
+                        refs, launch_bounds(parts), max(part.shared for part in parts))
+
+    def add_launch(self, region, launch: Launch, refs: list, bounds: str, shared: int):
+        """`launch` of the device function `{kernel}_body` over `refs`, as a
+        kernel of its own that gives it `shared` bytes of shared memory."""
+        self.sources.append(render("kernel.cu.j2", name=launch.kernel, body=f"{launch.kernel}_body", bounds=bounds,
+                                   params=self.signature(refs), args=", ".join(["rows"] + [r.param for r in refs]),
+                                   shared=pool_bytes(shared)))
+        self.launched[launch.kernel] = (refs, shared)
+        region.launches.append(launch)
+
+    def body_params(self, refs) -> str:
+        """A body's parameters: its block and grid, the launch's shared memory, then the kernel's."""
+        return ", ".join(["const uint3 blockIdx, const uint3 gridDim, char* const shared_", self.signature(refs)])
+
+    def persistent(self, name: str, launches: list):
+        """One kernel that runs every step of the per-step launch list `launches`
+        (templates/persistent.cu.j2), or the reason it cannot: (Persistent or
+        None, the reason or None). Its blocks run every kernel of the list, so
+        they must all take blocks of one size; they take their shared memory
+        from one pool in turn."""
+        if not launches:
+            return None, "no launches a step"
+        sizes = sorted({launch.block for launch in launches})
+        if len(sizes) > 1:
+            return None, f"its kernels take blocks of {' and '.join(map(str, sizes))} threads"
+        shared = max(self.launched[launch.kernel][1] for launch in launches)
+        phases, at = [], 0
+        for launch in launches:
+            refs = self.launched[launch.kernel][0]
+            args = ["rows"] + [f"reinterpret_cast<{r.elem}*>(at_[{at + 1 + k}])" for k, r in enumerate(refs)]
+            phases.append({"kernel": launch.kernel, "at": at, "grid": grid_c(launch), "args": ", ".join(args)})
+            at += 1 + len(refs)
+        self.sources.append(render("persistent.cu.j2", name=name, block=sizes[0], width=at, phases=phases,
+                                   shared=pool_bytes(shared),
+                                   comment=comment(f"{name}: " + " | ".join(launch.kernel for launch in launches))))
+        return Persistent(name, sizes[0]), None
 
     def scratch_ref(self, name, numel, batched, role="scratch") -> Ref:
         """A buffer of the kernel's own, `numel` floats (per row when `batched`)."""
@@ -290,17 +348,17 @@ class Generator:
                          "; ".join(comments), bounds=None,
                          loops=[{"total": loop.total, "lines": loop.live_lines()} for loop in loops])
 
-    def breaking(self, region, n, args: list, out: Ref, op: str, note: str, then=None, together=1) -> Part:
+    def breaking(self, region, n, args: list, out: Ref, op: str, note: str, then=None, block_of=False) -> Part:
         """The kernel of node `n`, an op whose lowering is a `Kernel`, reading
         `args`, writing (op `=`) or adding to (op `+=`) `out`; then, for a
         product that `takes_rows_after`, the elementwise loops `then`
-        ((loops, comments): a phase that reads it, row by row). `together`:
-        the kernels meant to share its launch, itself included (a product
-        then takes its share of shared memory and a block of BLOCK threads)."""
+        ((loops, comments): a phase that reads it, row by row). `block_of`:
+        it runs on blocks of BLOCK threads (a product then picks its tile
+        for them), as it shares them with other kernels."""
         lowering = OPS[n.op].cuda
         extra = {"then": then} if then else {}
         if lowering.template == "contract.cu.j2":
-            extra["together"] = together
+            extra["block_of"] = block_of
         return BUILDERS[lowering.template](self, region, n, args, out, op, note, **lowering.params(n, *args),
                                            **extra)
 
@@ -348,17 +406,20 @@ class Generator:
                                                         for loop in loops]})
         refs = list({r.param: r for r in refs}.values())
         name = self.name(region, "rows")
-        self.sources.append(render("rows.cu.j2", name=name, bounds="", params=self.signature(refs),
+        self.sources.append(render("rows.cu.j2", name=f"{name}_body", params=self.body_params(refs),
                                    comment=comment("; ".join(notes)), stages=spelled))
-        region.launches.append(Launch(name, (Extent(1, True), Extent(1), Extent(1)), BLOCK, region.rows,
-                                      tuple((r.buffer, r.selector) for r in refs)))
+        self.add_launch(region, Launch(name, (Extent(1, True), Extent(1), Extent(1)), BLOCK, region.rows,
+                                       tuple((r.buffer, r.selector) for r in refs)),
+                        refs, "", max([stage.shared for stage in stages if isinstance(stage, Part)], default=0))
 
-    def contract(self, region, n, args, out, op, note, spec, then=None, together=1) -> Part:
+    def contract(self, region, n, args, out, op, note, spec, then=None, block_of=False) -> Part:
         a, b = args
         c = contraction(spec, a, b, out)
-        shared = {} if together == 1 else {"shared": SHARED_BYTES // together, "threads": BLOCK}
+        threads = {"threads": BLOCK} if block_of else {}
         kernel = product_kernel(c, self.inputs, NOMINAL_ROWS[region.rows], {"a": ELEMS[a.elem], "b": ELEMS[b.elem]},
-                                **shared)
+                                **threads)
+        b_at = aligned16(tile_bytes(kernel.tiles["a"]))
+        flags_at = aligned16(b_at + tile_bytes(kernel.tiles["b"]))
         name, engine = self.name(region, "dot"), kernel.engine
         refs, extra = [*parts_of(a), *parts_of(b), out], {}
         if kernel.splits > 1:
@@ -380,7 +441,7 @@ class Generator:
         values = kernel.values(*(x.param if isinstance(x, Ref) else None for x in (a, b)))
         return self.emit(name, "contract.cu.j2", refs, grid, f"{note}  [{spec}]", block=kernel.block,
                          bounds=(kernel.block, values["min_blocks"]),
-                         shared=kernel.shared + 4 * (kernel.splits > 1) + 4 * bool(then),  # and its flags' ints
+                         shared=flags_at + 8, b_at=b_at, flags_at=flags_at,  # the tiles, then two flags
                          c=out.param, op=op, rows=rows, **values, **exprs, **extra)
 
     def split_buffers(self, name, c: Contraction, kernel) -> dict:

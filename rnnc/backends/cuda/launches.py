@@ -94,12 +94,26 @@ class Launch:
     parts: tuple = ()  # a launch of several kernels: the grid (3 Extents) of each; its own grid is 1D, their sum
 
 
+@dataclass(frozen=True)
+class Persistent:
+    """Every step of a per-step launch list in one launch (templates/persistent.cu.j2):
+    `kernel` runs the list's launches in turn for each step, a grid barrier
+    after each, on blocks of `block` threads that stay resident for all the steps.
+    It takes (steps, the arguments of every launch of every step, the barrier's
+    counters); the runtime sizes its grid to what the GPU holds at once."""
+
+    kernel: str
+    block: int
+
+
 @dataclass
 class Launches:
     """The launch lists, one per part of an event: `seq` for the seq event;
     `rows` (the hoisted region over the segment's rows) then `step` per step
     for a forward or a replay; `backward_step` per step, last first, for a
-    backward; `param_grads` over the segment's rows; `backward_seq`."""
+    backward; `param_grads` over the segment's rows; `backward_seq`.
+    `persistent`: the per-step lists (`PER_STEP`) that also run as one
+    persistent launch; `why_per_step`: for the others, why not."""
 
     buffers: dict = field(default_factory=dict)  # name -> Buffer
     seq: list = field(default_factory=list)
@@ -108,10 +122,14 @@ class Launches:
     backward_step: list = field(default_factory=list)
     param_grads: list = field(default_factory=list)
     backward_seq: list = field(default_factory=list)
+    persistent: dict = field(default_factory=dict)  # list name -> Persistent
+    why_per_step: dict = field(default_factory=dict)  # list name -> the reason it has no Persistent
 
     def to_json(self) -> dict:
         return {"buffers": [asdict(b) for b in self.buffers.values()],
-                **{k: [asdict(launch) for launch in getattr(self, k)] for k in LAUNCH_LISTS}}
+                **{k: [asdict(launch) for launch in getattr(self, k)] for k in LAUNCH_LISTS},
+                "persistent": {k: asdict(p) for k, p in self.persistent.items()},
+                "why_per_step": dict(self.why_per_step)}
 
     @staticmethod
     def from_json(data: dict) -> "Launches":
@@ -124,20 +142,33 @@ class Launches:
         s = Launches({b["name"]: Buffer(**b) for b in data["buffers"]})
         for k in LAUNCH_LISTS:
             setattr(s, k, [launch(d) for d in data[k]])
+        s.persistent = {k: Persistent(**p) for k, p in data["persistent"].items()}
+        s.why_per_step = dict(data["why_per_step"])
         return s
 
     def launches(self):
         return [launch for k in LAUNCH_LISTS for launch in getattr(self, k)]
 
     def kernels(self) -> list:
-        return list(dict.fromkeys(launch.kernel for launch in self.launches()))
+        return list(dict.fromkeys([launch.kernel for launch in self.launches()]
+                                  + [p.kernel for p in self.persistent.values()]))
 
     def arities(self) -> dict:
-        """Buffers each kernel takes (after rows)."""
-        return {launch.kernel: len(launch.args) for launch in self.launches()}
+        """Pointers each kernel takes after its int (rows, or a persistent kernel's steps)."""
+        return {**{launch.kernel: len(launch.args) for launch in self.launches()},
+                **{p.kernel: PERSISTENT_ARITY for p in self.persistent.values()}}
+
+    def form(self, kind: str) -> str:
+        """How the steps of launch list `kind` run, and why, in a line."""
+        if kind in self.persistent:
+            return (f"persistent: one launch for all the steps, {len(getattr(self, kind))} phases a step "
+                    "with a grid barrier after each")
+        return f"per step: {len(getattr(self, kind))} launches a step ({self.why_per_step[kind]})"
 
 
 LAUNCH_LISTS = ("seq", "rows", "step", "backward_step", "param_grads", "backward_seq")
+PER_STEP = ("step", "backward_step")  # the lists launched once per step
+PERSISTENT_ARITY = 2  # a persistent kernel's pointers: the launches' arguments, the barrier's counters
 
 
 @dataclass(frozen=True)

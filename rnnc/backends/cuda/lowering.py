@@ -21,7 +21,7 @@ from ...shapes import concrete_shape
 from .cexpr import MAX_INDEX, Ref, comment
 from .elementwise import loop_for
 from .kernels import Generator, intrinsics, render
-from .launches import Buffer, Generated, Launches, buffer_elem
+from .launches import PER_STEP, Buffer, Generated, Launches, buffer_elem
 from .region import Region
 
 
@@ -113,8 +113,8 @@ class Lowering:
         return self.buffer(f"pre:{name}", self.shape(name), batched, "T" if batched else "one", "rows", selector)
 
     # regions ----------------------------------------------------------------------------
-    def region(self, label, rows, nodes, exports, external, home, accumulate=()) -> list:
-        return Region(self.gen, label, rows, nodes, set(exports), external, home, accumulate).lower()
+    def region(self, label, rows, nodes, exports, external, home, accumulate=(), persistent=False) -> list:
+        return Region(self.gen, label, rows, nodes, set(exports), external, home, accumulate, persistent).lower()
 
     def lower(self) -> Generated:
         s = self.launches
@@ -125,6 +125,12 @@ class Lowering:
         s.backward_step = self.backward_step(deferred) + self.grads(deferred)
         s.param_grads = self.after_loop(deferred) + self.pre_backward()
         s.backward_seq = self.seq_backward()
+        for kind in PER_STEP:
+            made, why = self.gen.persistent(f"rnnc_{kind}_persistent", getattr(s, kind))
+            if made:
+                s.persistent[kind] = made
+            else:
+                s.why_per_step[kind] = why
         s.buffers.update(self.gen.scratch)
         check_sizes(s)
         return Generated(render("module.cu.j2", cell=comment(self.cell.name), intrinsics=intrinsics(),
@@ -156,7 +162,7 @@ class Lowering:
     def forward_step(self) -> list:
         exports = self.stored | set(self.results)
         return self.region("step", "B", self.hoisted.step.nodes, exports,
-                           self.hoisted_value, self.step_home)
+                           self.hoisted_value, self.step_home, persistent=True)
 
     def glue_kernel(self, label, rows, loops: dict, note) -> list:
         """The launch of one elementwise kernel of `loops` (none without loops),
@@ -253,7 +259,8 @@ class Lowering:
         nodes = list(self.plan.recompute) + [n for n in self.step_bwd.graph.nodes if n.out not in deferred]
         exports = {g for _, g in self.step_bwd.grads if g}
         accumulate = set(self.sole_gradients()) - set(deferred)
-        return self.region("bwd", "B", nodes, exports, self.bwd_external(), self.bwd_home(), accumulate)
+        return self.region("bwd", "B", nodes, exports, self.bwd_external(), self.bwd_home(), accumulate,
+                           persistent=True)
 
     def accumulator(self, w) -> Ref:
         """Where the gradient of a whole-sequence value (param, context, `seq` value) adds up."""

@@ -37,6 +37,7 @@ from .launches import ELEMS, Elem
 GPU_SMS = 132  # multiprocessors of the GPU the tiles are sized for (H100, H200)
 NOMINAL_ROWS = {"B": 64, "TB": 64 * 100}  # rows of a region the tiles are sized for: a batch, T*B
 SHARED_BYTES = 48 * 1024  # static shared memory one block may declare
+TILE_BYTES = SHARED_BYTES - 32  # a product's tiles: the rest of its shared memory holds its flags
 MIN_K_TILES = 4  # k slices each split of a split-K product sums, at least
 WARP = 32
 
@@ -432,14 +433,15 @@ class ProductKernel:
                 "epilogue": "contract_split.cu.j2" if self.splits > 1 else "contract_store.cu.j2"}
 
 
-def product_kernel(c: Contraction, kind: InputType, rows: int, elems: dict, shared: int = SHARED_BYTES,
+def product_kernel(c: Contraction, kind: InputType, rows: int, elems: dict,
                    threads: int | None = None) -> ProductKernel:
     """The kernel of one product of inputs `kind` reading operands of
     `elems` (operand -> Elem), sized for `rows` rows (the region's nominal
     rows): tensor cores where the kind has them and the product has more than
-    one row, column and summand, else SIMT. A product that shares its launch
-    with other kernels takes at most `shared` bytes of shared memory and
-    blocks of `threads` threads."""
+    one row, column and summand, else SIMT. A product that shares its blocks
+    with other kernels takes blocks of `threads` threads; its tiles take at
+    most TILE_BYTES of shared memory."""
+    shared = TILE_BYTES
     for operand, elem in elems.items():
         if elem.c_type not in ("float", kind.elem):
             raise ValueError(f"a {kind.name} product cannot read {elem.c_type} operand {operand}")
@@ -450,8 +452,8 @@ def product_kernel(c: Contraction, kind: InputType, rows: int, elems: dict, shar
     tensor_cores = kind.mma is not None and min(m, n, k) > 1
     options = [e for e in engines(kind, tensor_cores, threads)
                if threads in (None, e.threads) and shared_bytes(shared_tiles(e, inner(e), elems, 16)) <= shared]
-    if not options:  # none can share the launch: a launch of its own
-        options, shared = engines(kind, tensor_cores), SHARED_BYTES
+    if not options:  # none can share the blocks: a launch of its own
+        options = engines(kind, tensor_cores)
     engine = choose_tile(options, m, n, g)
     bk = slice_depth(engine, inner(engine), elems, k, shared)
     tiles, splits = blocks(engine, m, n, g), 1

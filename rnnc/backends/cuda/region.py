@@ -33,7 +33,6 @@ from ...shapes import concrete_shape
 from .cexpr import Joined, Ref
 from .elementwise import loop_for
 from .kernels import BLOCK, Generator
-from .products import SHARED_BYTES
 
 
 def breaking(n) -> bool:
@@ -51,9 +50,10 @@ class Region:
     """
 
     def __init__(self, gen: Generator, label: str, rows: str, nodes, exports, resolve_external, home,
-                 accumulate=()):
+                 accumulate=(), persistent=False):
         self.gen, self.label, self.rows = gen, label, rows
         self.nodes = list(nodes)
+        self.persistent = persistent  # run once a step: may run as one persistent kernel (blocks of one size)
         self.producer = {n.out: n for n in self.nodes}
         self.external, self.home = resolve_external, home
         self.accumulate = set(accumulate)  # nodes whose home is added to, not overwritten
@@ -150,7 +150,7 @@ class Region:
             self.launch_level(level, kernels + later, stores, host)
             chain, later = [], []
         self.launch_rows(chain)
-        self.launch_together([self.breaking(n, together=len(later)) for n in later])
+        self.launch_together([self.breaking(n, shares_launch=len(later) > 1) for n in later])
         return self.launches
 
     def launch_level(self, level, kernels, stores, host):
@@ -162,7 +162,7 @@ class Region:
         before = [n for n in kernels if n is not host and self.ref(n.out).param in read]
         beside = [n for n in kernels if n is not host and n not in before] + ([host] if host else [])
         for group in (before, beside):
-            self.launch_together([self.breaking(n, then if n is host else None, len(group)) for n in group])
+            self.launch_together([self.breaking(n, then if n is host else None, len(group) > 1) for n in group])
         if stores and not host:
             self.launch_phase(level, self.phase_loops(level, stores))
 
@@ -177,16 +177,16 @@ class Region:
     def row_level(self, level, kernels, stores) -> tuple:
         """A level that works row by row, made to share a launch: (level, its
         kernels' parts, its phase's loops or None)."""
-        parts = [self.breaking(n, together=2) for n in kernels]
+        parts = [self.breaking(n, shares_launch=True) for n in kernels]
         return level, parts, self.phase_loops(level, stores) if stores else None
 
     def launch_rows(self, chain):
         """Levels that work row by row (`row_level`): one launch, a block per
         row, when that saves a launch and their kernels can share one (blocks
-        of BLOCK threads, shared memory that fits); else each as usual."""
+        of BLOCK threads); else each as usual."""
         parts = [p for _, level_parts, _ in chain for p in level_parts]
         kernels = len(parts) + sum(loops is not None for _, _, loops in chain)
-        if kernels >= 2 and all(p.block == BLOCK for p in parts) and sum(p.shared for p in parts) <= SHARED_BYTES:
+        if kernels >= 2 and all(p.block == BLOCK for p in parts):
             self.gen.rows_launch(self, [stage for _, level_parts, loops in chain
                                         for stage in level_parts + ([loops] if loops else [])])
             return
@@ -197,11 +197,11 @@ class Region:
 
     def launch_together(self, parts):
         """`parts`, kernels of one level (none reads another's results), in as
-        few launches as their block sizes and shared memory allow."""
+        few launches as their block sizes allow (a block runs one of them, in the
+        launch's shared memory)."""
         launches: list = []
         for part in parts:
-            fits = [group for group in launches if group[0].block == part.block
-                    and sum(p.shared for p in group) + part.shared <= SHARED_BYTES]
+            fits = [group for group in launches if group[0].block == part.block]
             if fits:
                 fits[0].append(part)
             else:
@@ -230,7 +230,9 @@ class Region:
             loop.store(self.ref(n.out), value, "+=" if n.out in self.accumulate else "=")
         return list(loops.values()), [f"{n.out} = {n.op}({', '.join(n.args)})" for n in stores]
 
-    def breaking(self, n, then=None, together=1):
+    def breaking(self, n, then=None, shares_launch=False):
+        """The kernel of node `n`: on blocks of BLOCK threads where it shares a
+        launch, or where the region may run as one persistent kernel."""
         op = "+=" if n.out in self.accumulate else "="
         return self.gen.breaking(self, n, [self.operand(a) for a in n.args], self.ref(n.out), op,
-                                 f"{n.out} = {n.op}({', '.join(n.args)})", then, together)
+                                 f"{n.out} = {n.op}({', '.join(n.args)})", then, shares_launch or self.persistent)

@@ -103,8 +103,12 @@ class CudaModule:
 
     backend = "cuda"
 
-    def __init__(self, program, launches: Launches, device, dtype="float32", precision: str | None = None):
+    def __init__(self, program, launches: Launches, device, dtype="float32", precision: str | None = None,
+                 persistent: bool = True):
         self.program, self.cell = program, program.cell
+        # the per-step lists with a persistent kernel run as one launch (False: launch by launch,
+        # to compare the two); a device that cannot size its grid runs them launch by launch
+        self.persistent = persistent and hasattr(device, "co_resident")
         self.dtype = cuda_dtype(dtype)
         self.precision = for_dtype(self.dtype, precision or program.precision)
         built = {ELEMS[b.elem].dtype for b in launches.buffers.values()} - {"float32"}
@@ -286,7 +290,12 @@ class CudaModule:
             self._steps(call, kind, steps, times)
 
     def _steps(self, call: Call, kind: str, steps: Steps, times):
-        """Launch list `kind` for each step in `times`, its arguments packed once for all of them."""
+        """Launch list `kind` for each step in `times`, its arguments packed once
+        for all of them: in one launch of its persistent kernel where it has
+        one and the module runs them (`persistent`), else launch by launch."""
+        if self.persistent and kind in self.executor.launches.persistent:
+            self.executor.run_persistent(kind, call.memory, steps, times)
+            return
         for launches in self.executor.prepare(kind, call.memory, steps, times):
             self.executor.run(launches)
 
@@ -373,11 +382,13 @@ class CudaModule:
 # --- PyCUDA -----------------------------------------------------------------------------------------
 
 def load(program, dtype="float32", device: int | None = None, empty=None, cubin_for=None,
-         made: dict | None = None, precision: str | None = None) -> CudaModule:
+         made: dict | None = None, precision: str | None = None, persistent: bool = True) -> CudaModule:
     """A CudaModule for a Program, loaded with PyCUDA (`device` and `empty`: see
     PycudaDevice): the program's `cuda` and `cubin` stages (rnnc/driver.py),
     its products at `precision` (default: the Program's), built for the GPU,
-    or `cubin_for(arch)`'s cubin of the `cuda` stage (given in `made`, or made now)."""
+    or `cubin_for(arch)`'s cubin of the `cuda` stage (given in `made`, or made now).
+    `persistent=False` runs every step as launches of its own (the persistent
+    kernels' comparison in benchmarks/gpu.py)."""
     dtype = cuda_dtype(dtype).name
     precision = for_dtype(dtype, precision or program.precision).name
     precision = program.precision if is_narrow(dtype) else precision  # the option's name; the dtype decides
@@ -390,7 +401,7 @@ def load(program, dtype="float32", device: int | None = None, empty=None, cubin_
         cubin = cubin_for(device.arch)
     launches = made["cuda"].launches
     device.load_module(cubin, launches.arities())
-    return CudaModule(program, launches, device, dtype, precision)
+    return CudaModule(program, launches, device, dtype, precision, persistent)
 
 
 def cuda_dtype(dtype) -> np.dtype:
