@@ -102,7 +102,7 @@ static std::vector<std::vector<char>> stacks;
 static std::vector<State> state;
 static std::vector<int> barrier_line;  // the line of the __syncthreads each thread waits at
 static int current;  // the running fiber
-static int spins;  // the fibers of this round that came back from a spin loop's wait, and nothing else
+static int spins;  // the fibers whose turn this round ended at a spin loop's wait
 static std::mt19937_64 rng;
 static char error[512];  // the launch's first violation, "" while there is none
 static void (*body)(void*);
@@ -120,7 +120,6 @@ static void wait(State at) {
 static void spin() {  // a wait in a spin loop: the others go on, this thread tries again next round
     ++spins;
     wait(READY);
-    --spins;
 }
 static void fail(const char* what) {  // the first violation is reported; the launch stops after this round
     if (!error[0])
@@ -172,9 +171,11 @@ static bool release(unsigned first, unsigned threads) {
 }
 // Runs `group`, blocks that are resident together, to the end: in rounds, each block in a
 // random order, each ready thread of it in a random order, up to its next barrier, warp-wide
-// instruction or spin. Each block has shared memory of its own: the section holds the running
-// block's, and is swapped when another block runs. A round in which threads only spun and
-// none could be released would repeat forever: a deadlock.
+// instruction or spin. Of several blocks, each sits a round out by chance, so blocks drift
+// apart as a GPU's do, and only a grid barrier keeps them together. Each block has shared
+// memory of its own: the section holds the running block's, and is swapped when another block
+// runs. A round in which every ready thread only spun, and none could be released, would
+// repeat forever: a deadlock.
 static void run_blocks(const std::vector<dim3>& group, unsigned threads) {
     const unsigned total = group.size() * threads;
     const size_t shared_bytes = __start_emu_shared ? __stop_emu_shared - __start_emu_shared : 0;
@@ -199,10 +200,15 @@ static void run_blocks(const std::vector<dim3>& group, unsigned threads) {
     while (going && !error[0]) {
         std::shuffle(blocks.begin(), blocks.end(), rng);
         int ran = 0;
+        bool skipped = false;
         spins = 0;
         for (unsigned j : blocks) {
             if (std::none_of(&state[j * threads], &state[j * threads] + threads, [](State s) { return s == READY; }))
                 continue;
+            if (group.size() > 1 && (ran || j != blocks.back()) && rng() % 2) {  // blocks drift apart
+                skipped = true;
+                continue;
+            }
             blockIdx = group[j];
             if (shared_bytes) memcpy(__start_emu_shared, shared[j].data(), shared_bytes);  // NaN: nobody wrote it
             std::iota(order.begin(), order.end(), 0u);
@@ -223,7 +229,7 @@ static void run_blocks(const std::vector<dim3>& group, unsigned threads) {
             released |= release(j * threads, threads);
             for (unsigned i = j * threads; i < (j + 1) * threads; ++i) going |= state[i] == READY;
         }
-        idle = (ran > 0 && ran == spins && !released) ? idle + 1 : 0;
+        idle = (ran > 0 && ran == spins && !released && !skipped) ? idle + 1 : 0;
         if (idle == 2) fail("threads spin at a grid barrier that the other blocks never reach (a deadlock)");
     }
 }

@@ -25,7 +25,8 @@ import numpy as np
 import pytest
 
 import rnnc
-from rnnc.backends.cuda import build
+from rnnc.backends.cuda import build, occupancy
+from rnnc.backends.cuda.executor import work_blocks
 from rnnc.backends.cuda.cexpr import mangle
 from rnnc.backends.cuda.device import CudaUnavailable
 from rnnc.backends.cuda.lowering import generate
@@ -159,6 +160,57 @@ def test_tf32_and_16_bit_products_run_on_tensor_cores_and_fp32_products_do_not(c
 
 
 @needs_nvcc
+def kernel_resources(log: str) -> dict:
+    """Each kernel's (registers, bytes of static shared memory) in ptxas -v's report."""
+    out = {}
+    for name, report in re.findall(r"Compiling entry function '(\w+)'.*?\n(.*?Used \d+ registers[^\n]*)", log, re.S):
+        shared = re.search(r"(\d+) bytes smem", report)
+        out[name] = (int(re.search(r"Used (\d+) registers", report).group(1)), int(shared.group(1)) if shared else 0)
+    return out
+
+
+# the GPUs each architecture's cubin runs on (occupancy.GPUS)
+GPUS_OF = {"sm_80": ("A100",), "sm_90": ("H100", "H200")}
+
+
+@needs_nvcc
+def test_persistent_grids_fit_on_the_gpu_at_once(cubins):
+    """Every example's persistent kernels at the benchmark's sizes, on the
+    A100 (sm_80), H100 and H200 (sm_90), from ptxas's registers and shared
+    memory: at least a block per multiprocessor fits, and the grid the
+    runtime launches at B=64 and B=4 (`executor.run_persistent`) is at most
+    what the GPU holds at once, so no block waits at a grid barrier for one
+    that cannot start."""
+    checked = 0
+    for label, mode, arch, cubin, _ in cubins:
+        stem, size, _ = label.split("/")
+        if size != "benchmark":
+            continue
+        launches = generate_in(compile_sized(example(stem), BENCHMARK_DIMS), mode).launches
+        used = kernel_resources(cubin.log)
+        for kind, persistent in launches.persistent.items():
+            registers, shared = used[persistent.kernel]
+            for gpu in GPUS_OF[arch]:
+                limits = occupancy.GPUS[gpu]
+                capacity = occupancy.co_resident(limits, persistent.block, registers, shared)
+                assert capacity >= limits.sms, (label, arch, gpu, kind, registers, shared)
+                for batch in (64, 4):
+                    needed = max(work_blocks(launch, batch) for launch in getattr(launches, kind))
+                    assert 1 <= occupancy.persistent_grid(capacity, needed) <= capacity
+                    checked += 1
+    assert checked >= len(EXAMPLES) * len(MODES) * 3 * 2  # examples, modes, GPUs, batches, a kind at least
+
+
+def test_kernel_resources_are_parsed():
+    log = ("ptxas info    : Compiling entry function 'a' for 'sm_90'\n"
+           "ptxas info    : Function properties for a\n"
+           "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
+           "ptxas info    : Used 78 registers, used 1 barriers, 19472 bytes smem\n"
+           "ptxas info    : Compiling entry function 'b' for 'sm_80'\n"
+           "ptxas info    : Used 12 registers, 380 bytes cmem[0]\n")
+    assert kernel_resources(log) == {"a": (78, 19472), "b": (12, 0)}
+
+
 def test_bare_nvcc_compiles_the_source(tmp_path):
     """kernels.cu needs no include path, macro or flag: `nvcc -cubin -arch=sm_80 kernels.cu`."""
     src = tmp_path / "kernels.cu"

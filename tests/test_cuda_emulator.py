@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from rnnc.backends.cuda.executor import packed
-from rnnc.backends.cuda.launches import Extent, Generated, Launch, Launches
+from rnnc.backends.cuda.kernels import intrinsics
+from rnnc.backends.cuda.launches import Extent, Generated, Launch, Launches, Persistent
 
 import cuda_emulator
 from cuda_emulator import EmulationError
@@ -146,3 +147,63 @@ def test_a_block_larger_than_the_launch_bounds_is_an_error(device):
     assert (launch(device, "bounded_to_128", 1, 128, 128, 0) == 1).all()
     with pytest.raises(EmulationError, match=r"bounded_to_128: a block of 256 threads.*at most 128"):
         launch(device, "bounded_to_128", 1, 256, 256, 0)
+
+
+# persistent kernels: their blocks run together and meet at grid barriers (templates/intrinsics.cu)
+GRID_KERNELS = {
+    # three rounds: each block's value is one more than the sum of all blocks' values of the round
+    # before, which the barrier between rounds makes sure are written (G blocks: 1, G + 1, G^2 + G + 1)
+    "rounds_with_barriers": """{
+    for (int r = 0; r < 3; ++r) {
+        if (threadIdx.x == 0) {
+            float sum = 0.0f;
+            for (unsigned b = 0; r > 0 && b < gridDim.x; ++b) sum += out[(r - 1) * gridDim.x + b];
+            out[r * gridDim.x + blockIdx.x] = sum + 1.0f;
+        }
+        rnnc_grid_barrier(reinterpret_cast<unsigned*>(four));
+    }
+}""",
+    "rounds_without_barriers": """{
+    for (int r = 0; r < 3; ++r) {
+        if (threadIdx.x == 0) {
+            float sum = 0.0f;
+            for (unsigned b = 0; r > 0 && b < gridDim.x; ++b) sum += out[(r - 1) * gridDim.x + b];
+            out[r * gridDim.x + blockIdx.x] = sum + 1.0f;
+        }
+        __syncthreads();
+    }
+}""",
+    # block 0 leaves before the barrier the others wait at
+    "barrier_one_block_skips": """{
+    if (blockIdx.x == 0) return;
+    rnnc_grid_barrier(reinterpret_cast<unsigned*>(four));
+    out[blockIdx.x] = 1.0f;
+}""",
+}
+
+
+@pytest.fixture(scope="module")
+def grid_device(workdir):
+    """The emulated device with GRID_KERNELS as persistent kernels (their blocks run together)."""
+    launches = Launches(step=[Launch(name, (Extent(1),) * 3, 64, "B", (("out", "base"), ("four", "base")))
+                              for name in GRID_KERNELS],
+                        persistent={name: Persistent(name, 64) for name in GRID_KERNELS})
+    source = intrinsics() + "\n".join(HEAD.format(bound=64, name=name) + " " + body
+                                      for name, body in GRID_KERNELS.items())
+    return cuda_emulator.EmulatedDevice(Generated(source, launches), workdir)
+
+
+def test_a_grid_barrier_makes_every_blocks_writes_visible_to_all(grid_device):
+    """The barrier's counters (`four` as two zeroed words) serve all three rounds: a
+    block already at the next barrier is not taken for one still at this one."""
+    G = 5
+    want = np.repeat(np.array([1, G + 1, G * (G + 1) + 1], np.float32), G)
+    for seed in SEEDS:
+        np.testing.assert_array_equal(launch(grid_device, "rounds_with_barriers", G, 64, 3 * G, seed), want)
+    assert all(np.isnan(launch(grid_device, "rounds_without_barriers", G, 64, 3 * G, seed)).any() for seed in SEEDS)
+
+
+def test_a_grid_barrier_some_block_never_reaches_is_a_deadlock(grid_device):
+    with pytest.raises(EmulationError, match=r"barrier_one_block_skips: .*spin at a grid barrier that the other "
+                                             r"blocks never reach \(a deadlock\)"):
+        launch(grid_device, "barrier_one_block_skips", 3, 64, 3, 0)

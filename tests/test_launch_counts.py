@@ -24,9 +24,9 @@ from rnnc.backends.cuda.lowering import generate
 from rnnc.backends.cuda.runtime import CudaModule
 
 import cuda_cases as cases
-from conftest import compile_sized, example
+from conftest import EXAMPLES, compile_sized, example
 
-DIMS = {"D": 6, "H": 8, "E": 4, "S": 3}
+DIMS = {"D": 6, "H": 8, "E": 4, "S": 3, "P": 5}
 B = 2
 # (example, forward launches per step, backward launches per step), at most
 TARGETS = [("lstm", 1, 2), ("gru", 1, 2), ("attention_lstm", 3, 5)]
@@ -70,10 +70,25 @@ class CountingDevice:
         self.launched.append(kernel)
 
 
-def counting_module(name: str, precision="fp32"):
-    program = compile_sized(example(name), DIMS, recompute="auto")
+class PersistentCountingDevice(CountingDevice):
+    """A counting device that holds `CAPACITY` blocks of a persistent kernel at
+    once (as a GPU of 132 multiprocessors holding 2 each), and checks that its
+    grids are no larger."""
+
+    CAPACITY = 264
+
+    def co_resident(self, kernel, block):
+        return self.CAPACITY
+
+    def launch(self, kernel, grid, block, args):
+        assert grid[0] <= self.CAPACITY or not kernel.endswith("_persistent"), (kernel, grid)
+        super().launch(kernel, grid, block, args)
+
+
+def counting_module(name: str, precision="fp32", device=None, recompute="auto"):
+    program = compile_sized(example(name), DIMS, recompute=recompute)
     generated = generate(program, precision)
-    device = CountingDevice()
+    device = device or CountingDevice()
     device.arities = generated.launches.arities()
     return CudaModule(program, generated.launches, device, precision=precision), device
 
@@ -98,6 +113,28 @@ def test_launches_per_step_meet_the_targets(name, forward, backward, precision):
     per_step = ((f2 - f1) / T, (b2 - b1) / T)
     assert per_step[0] <= forward and per_step[1] <= backward, \
         f"{name}: {per_step[0]:g} forward and {per_step[1]:g} backward launches per step"
+
+
+@pytest.mark.parametrize("precision", ["fp32", "tf32"])
+def test_a_persistent_lstm_launches_as_often_at_1000_steps_as_at_10(precision):
+    """The persistent kernels run every step of a forward and of a backward in
+    one launch each: at most 3 launches for a forward, 8 for forward and
+    backward, whatever T."""
+    module, device = counting_module("lstm", precision, PersistentCountingDevice())
+    counts = {T: launches(module, device, T) for T in (10, 1000)}
+    assert counts[10] == counts[1000], counts
+    forward, backward = counts[10]
+    assert forward <= 3 and forward + backward <= 8, counts
+    assert {"rnnc_step_persistent", "rnnc_backward_step_persistent"} <= set(device.launched)
+
+
+@pytest.mark.parametrize("policy", ["none", "auto", "all"])
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_every_example_launches_as_often_at_1000_steps_as_at_10(path, policy):
+    """Every example, every policy (replays are persistent too): the launches
+    of a call do not grow with T."""
+    module, device = counting_module(path.stem, device=PersistentCountingDevice(), recompute=policy)
+    assert launches(module, device, 10) == launches(module, device, 1000)
 
 
 @pytest.mark.parametrize("name", [name for name, _, _ in TARGETS])

@@ -129,6 +129,11 @@ __device__ __forceinline__ void rnnc_mma_f16(float* d, const unsigned* a, const 
                  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
+
+// a short wait in a spin loop (the grid barrier's), leaving the issue slots to the other warps
+__device__ __forceinline__ void rnnc_pause() {
+    __nanosleep(64);
+}
 #endif
 
 // bfloat16 and float16 elements of a buffer: 16 bits that a kernel reads as a
@@ -151,15 +156,46 @@ __device__ __forceinline__ unsigned rnnc_pack(unsigned short lo, unsigned short 
     return (unsigned)lo | ((unsigned)hi << 16);
 }
 
+// A barrier for the whole grid, between the phases of a persistent kernel (persistent.cu.j2).
+// barrier[0] counts the blocks arrived; barrier[1] is the generation, a sense that changes at
+// every barrier: the last block to arrive sets the count back to 0, then starts the next
+// generation, which the other blocks wait to see. One pair of counters serves every barrier of
+// the launch: a block can arrive at the next barrier only after the generation changed, so
+// after the count was reset. Fences: a block's writes are visible to the whole GPU before it
+// arrives, and it fences again after the wait, before it reads what the others wrote.
+// Every block must be resident at once, else blocks wait for ones that never start: the runtime
+// launches no more blocks than the GPU holds at once (occupancy.py), and its launches run one at
+// a time on one stream, so no kernel of its own can hold a multiprocessor the grid needs
+// (another program's kernels finish on their own and free theirs).
+__device__ __forceinline__ void rnnc_grid_barrier(unsigned* barrier) {
+    __syncthreads();  // the whole block is done with the phase
+    if (threadIdx.x == 0) {
+        volatile unsigned* generation = barrier + 1;
+        const unsigned mine = *generation;
+        __threadfence();  // the block's writes, and the read of its generation, before it arrives
+        if (atomicAdd(barrier, 1u) == gridDim.x * gridDim.y * gridDim.z - 1) {
+            atomicExch(barrier, 0u);
+            __threadfence();  // the count reset before any block can see the new generation
+            atomicAdd(barrier + 1, 1u);
+        } else {
+            while (*generation == mine) {
+                rnnc_pause();
+            }
+        }
+        __threadfence();  // what the others wrote before they arrived, before this block reads it
+    }
+    __syncthreads();
+}
+
 
 // %1 = dot(x, W)  [zk,kj->zj]
 // out[g, m, n] = sum_k A[g, m, k] * B[g, k, n]: float32 FMA, 16x16 threads with 2x2 outputs each.
 // A block computes a 32x32 tile of (m, n), reading k 16 at a time into shared memory,
 // the next slice copied (cp.async) while this one is multiplied.
-static __device__ __forceinline__ void rnnc_pre_1_dot_body(const uint3 blockIdx, const uint3 gridDim, const int rows, float* v_input_3ax_40base, float* v_param_3aW_40base, float* v_pre_3a_251_40base) {
+static __device__ __forceinline__ void rnnc_pre_1_dot_body(const uint3 blockIdx, const uint3 gridDim, char* const shared_, const int rows, float* v_input_3ax_40base, float* v_param_3aW_40base, float* v_pre_3a_251_40base) {
     const int G = 1, M = rows * 1, N = 20, K = 3;
-    __shared__ __align__(16) float As[2][576];  // [k][m], rows 36 apart
-    __shared__ __align__(16) float Bs[2][576];  // [k][n], rows 36 apart
+    auto& As = *reinterpret_cast<float(*)[2][576]>(shared_);  // [k][m], rows 36 apart
+    auto& Bs = *reinterpret_cast<float(*)[2][576]>(shared_ + 4608);  // [k][n], rows 36 apart
     const float* A_ = v_input_3ax_40base;
     const float* B_ = v_param_3aW_40base;
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
@@ -223,17 +259,18 @@ static __device__ __forceinline__ void rnnc_pre_1_dot_body(const uint3 blockIdx,
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2) rnnc_pre_1_dot(const int rows, float* v_input_3ax_40base, float* v_param_3aW_40base, float* v_pre_3a_251_40base) {
-    rnnc_pre_1_dot_body(blockIdx, gridDim, rows, v_input_3ax_40base, v_param_3aW_40base, v_pre_3a_251_40base);
+    __shared__ __align__(16) char shared_[9232];  // what its body takes of shared memory
+    rnnc_pre_1_dot_body(blockIdx, gridDim, shared_, rows, v_input_3ax_40base, v_param_3aW_40base, v_pre_3a_251_40base);
 }
 
 // %2 = dot(h, U); then %4 = sigmoid(f); %6 = sigmoid(i); %7 = tanh(g); %9 = sigmoid(o); %next:h = select(%valid, h_new, h); %next:c = select(%valid, c_new, c); %output:y = select(%valid, h_new, %mask:1)  [zk,kj->zj]
 // out[g, m, n] = sum_k A[g, m, k] * B[g, k, n]: float32 FMA, 16x16 threads with 2x2 outputs each.
 // A block computes a 32x32 tile of (m, n), reading k 16 at a time into shared memory,
 // the next slice copied (cp.async) while this one is multiplied.
-static __device__ __forceinline__ void rnnc_step_2_dot_body(const uint3 blockIdx, const uint3 gridDim, const int rows, float* v_state_3ah_40t, float* v_param_3aU_40base, float* v_step_3a_252_40base, float* v_rows_3arnnc_5fstep_5f2_5fdot_40base, float* v_pre_3a_251_40t, float* v_param_3ab_40base, float* v_tape_3a_254_40t, float* v_tape_3a_256_40t, float* v_tape_3a_257_40t, float* v_tape_3a_259_40t, float* v_valid_40t, float* v_state_3ac_40t, float* v_state_3ah_40t_2b1, float* v_state_3ac_40t_2b1, float* v_output_3ay_40t) {
+static __device__ __forceinline__ void rnnc_step_2_dot_body(const uint3 blockIdx, const uint3 gridDim, char* const shared_, const int rows, float* v_state_3ah_40t, float* v_param_3aU_40base, float* v_step_3a_252_40base, float* v_rows_3arnnc_5fstep_5f2_5fdot_40base, float* v_pre_3a_251_40t, float* v_param_3ab_40base, float* v_tape_3a_254_40t, float* v_tape_3a_256_40t, float* v_tape_3a_257_40t, float* v_tape_3a_259_40t, float* v_valid_40t, float* v_state_3ac_40t, float* v_state_3ah_40t_2b1, float* v_state_3ac_40t_2b1, float* v_output_3ay_40t) {
     const int G = 1, M = rows * 1, N = 20, K = 5;
-    __shared__ __align__(16) float As[2][576];  // [k][m], rows 36 apart
-    __shared__ __align__(16) float Bs[2][576];  // [k][n], rows 36 apart
+    auto& As = *reinterpret_cast<float(*)[2][576]>(shared_);  // [k][m], rows 36 apart
+    auto& Bs = *reinterpret_cast<float(*)[2][576]>(shared_ + 4608);  // [k][n], rows 36 apart
     const float* A_ = v_state_3ah_40t;
     const float* B_ = v_param_3aU_40base;
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
@@ -299,7 +336,7 @@ static __device__ __forceinline__ void rnnc_step_2_dot_body(const uint3 blockIdx
         __threadfence();  // this block's results are visible to the block that reads them
         __syncthreads();
         int* rows_tickets_ = reinterpret_cast<int*>(v_rows_3arnnc_5fstep_5f2_5fdot_40base);  // per m tile, its tiles done
-        __shared__ int rows_last_;
+        int& rows_last_ = *reinterpret_cast<int*>(shared_ + 9216 + 4);
         if (threadIdx.x == 0) {
             rows_last_ = true && atomicAdd(&rows_tickets_[blockIdx.y], 1) == gridDim.x - 1;
         }
@@ -364,11 +401,12 @@ static __device__ __forceinline__ void rnnc_step_2_dot_body(const uint3 blockIdx
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2) rnnc_step_2_dot(const int rows, float* v_state_3ah_40t, float* v_param_3aU_40base, float* v_step_3a_252_40base, float* v_rows_3arnnc_5fstep_5f2_5fdot_40base, float* v_pre_3a_251_40t, float* v_param_3ab_40base, float* v_tape_3a_254_40t, float* v_tape_3a_256_40t, float* v_tape_3a_257_40t, float* v_tape_3a_259_40t, float* v_valid_40t, float* v_state_3ac_40t, float* v_state_3ah_40t_2b1, float* v_state_3ac_40t_2b1, float* v_output_3ay_40t) {
-    rnnc_step_2_dot_body(blockIdx, gridDim, rows, v_state_3ah_40t, v_param_3aU_40base, v_step_3a_252_40base, v_rows_3arnnc_5fstep_5f2_5fdot_40base, v_pre_3a_251_40t, v_param_3ab_40base, v_tape_3a_254_40t, v_tape_3a_256_40t, v_tape_3a_257_40t, v_tape_3a_259_40t, v_valid_40t, v_state_3ac_40t, v_state_3ah_40t_2b1, v_state_3ac_40t_2b1, v_output_3ay_40t);
+    __shared__ __align__(16) char shared_[9232];  // what its body takes of shared memory
+    rnnc_step_2_dot_body(blockIdx, gridDim, shared_, rows, v_state_3ah_40t, v_param_3aU_40base, v_step_3a_252_40base, v_rows_3arnnc_5fstep_5f2_5fdot_40base, v_pre_3a_251_40t, v_param_3ab_40base, v_tape_3a_254_40t, v_tape_3a_256_40t, v_tape_3a_257_40t, v_tape_3a_259_40t, v_valid_40t, v_state_3ac_40t, v_state_3ah_40t_2b1, v_state_3ac_40t_2b1, v_output_3ay_40t);
 }
 
 // %step:mask3 = select(%valid, %step:32, %step:mask1); %step:mask5 = select(%valid, %step:23, dnext:c)
-static __device__ __forceinline__ void rnnc_bwd_3_phase0_body(const uint3 blockIdx, const uint3 gridDim, const int rows, float* v_valid_40t, float* v_d_5fstate_3ac_40t_2b1, float* v_d_5foutput_3ay_40t, float* v_d_5fstate_3ah_40t_2b1, float* v_tape_3a_259_40t, float* v_tape_3a_254_40t, float* v_state_3ac_40t, float* v_tape_3a_256_40t, float* v_tape_3a_257_40t, float* v_d_5frow_3a_251_40t, float* v_d_5fstate_3ac_40t) {
+static __device__ __forceinline__ void rnnc_bwd_3_phase0_body(const uint3 blockIdx, const uint3 gridDim, char* const shared_, const int rows, float* v_valid_40t, float* v_d_5fstate_3ac_40t_2b1, float* v_d_5foutput_3ay_40t, float* v_d_5fstate_3ah_40t_2b1, float* v_tape_3a_259_40t, float* v_tape_3a_254_40t, float* v_state_3ac_40t, float* v_tape_3a_256_40t, float* v_tape_3a_257_40t, float* v_d_5frow_3a_251_40t, float* v_d_5fstate_3ac_40t) {
     const int stride_ = blockDim.x * gridDim.x;
     for (int i_ = blockIdx.x * blockDim.x + threadIdx.x; i_ < rows * 20; i_ += stride_) {
         const int j0 = i_ / 20;
@@ -502,17 +540,18 @@ static __device__ __forceinline__ void rnnc_bwd_3_phase0_body(const uint3 blockI
 }
 
 extern "C" __global__ void rnnc_bwd_3_phase0(const int rows, float* v_valid_40t, float* v_d_5fstate_3ac_40t_2b1, float* v_d_5foutput_3ay_40t, float* v_d_5fstate_3ah_40t_2b1, float* v_tape_3a_259_40t, float* v_tape_3a_254_40t, float* v_state_3ac_40t, float* v_tape_3a_256_40t, float* v_tape_3a_257_40t, float* v_d_5frow_3a_251_40t, float* v_d_5fstate_3ac_40t) {
-    rnnc_bwd_3_phase0_body(blockIdx, gridDim, rows, v_valid_40t, v_d_5fstate_3ac_40t_2b1, v_d_5foutput_3ay_40t, v_d_5fstate_3ah_40t_2b1, v_tape_3a_259_40t, v_tape_3a_254_40t, v_state_3ac_40t, v_tape_3a_256_40t, v_tape_3a_257_40t, v_d_5frow_3a_251_40t, v_d_5fstate_3ac_40t);
+    __shared__ __align__(16) char shared_[16];  // what its body takes of shared memory
+    rnnc_bwd_3_phase0_body(blockIdx, gridDim, shared_, rows, v_valid_40t, v_d_5fstate_3ac_40t_2b1, v_d_5foutput_3ay_40t, v_d_5fstate_3ah_40t_2b1, v_tape_3a_259_40t, v_tape_3a_254_40t, v_state_3ac_40t, v_tape_3a_256_40t, v_tape_3a_257_40t, v_d_5frow_3a_251_40t, v_d_5fstate_3ac_40t);
 }
 
 // %step:34 = dot(%step:mask3, U); then %step:mask4 = select(%valid, %step:34, dnext:h)  [zj,kj->zk]
 // out[g, m, n] = sum_k A[g, m, k] * B[g, k, n]: float32 FMA, 16x16 threads with 2x2 outputs each.
 // A block computes a 32x32 tile of (m, n), reading k 32 at a time into shared memory,
 // the next slice copied (cp.async) while this one is multiplied.
-static __device__ __forceinline__ void rnnc_bwd_4_dot_body(const uint3 blockIdx, const uint3 gridDim, const int rows, float* v_d_5frow_3a_251_40t, float* v_param_3aU_40base, float* v_bwd_3a_25step_3a34_40base, float* v_rows_3arnnc_5fbwd_5f4_5fdot_40base, float* v_valid_40t, float* v_d_5fstate_3ah_40t_2b1, float* v_d_5fstate_3ah_40t) {
+static __device__ __forceinline__ void rnnc_bwd_4_dot_body(const uint3 blockIdx, const uint3 gridDim, char* const shared_, const int rows, float* v_d_5frow_3a_251_40t, float* v_param_3aU_40base, float* v_bwd_3a_25step_3a34_40base, float* v_rows_3arnnc_5fbwd_5f4_5fdot_40base, float* v_valid_40t, float* v_d_5fstate_3ah_40t_2b1, float* v_d_5fstate_3ah_40t) {
     const int G = 1, M = rows * 1, N = 5, K = 20;
-    __shared__ __align__(16) float As[2][1152];  // [k][m], rows 36 apart
-    __shared__ __align__(16) float Bs[2][1152];  // [k][n], rows 36 apart
+    auto& As = *reinterpret_cast<float(*)[2][1152]>(shared_);  // [k][m], rows 36 apart
+    auto& Bs = *reinterpret_cast<float(*)[2][1152]>(shared_ + 9216);  // [k][n], rows 36 apart
     const float* A_ = v_d_5frow_3a_251_40t;
     const float* B_ = v_param_3aU_40base;
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
@@ -578,7 +617,7 @@ static __device__ __forceinline__ void rnnc_bwd_4_dot_body(const uint3 blockIdx,
         __threadfence();  // this block's results are visible to the block that reads them
         __syncthreads();
         int* rows_tickets_ = reinterpret_cast<int*>(v_rows_3arnnc_5fbwd_5f4_5fdot_40base);  // per m tile, its tiles done
-        __shared__ int rows_last_;
+        int& rows_last_ = *reinterpret_cast<int*>(shared_ + 18432 + 4);
         if (threadIdx.x == 0) {
             rows_last_ = true && atomicAdd(&rows_tickets_[blockIdx.y], 1) == gridDim.x - 1;
         }
@@ -602,17 +641,18 @@ static __device__ __forceinline__ void rnnc_bwd_4_dot_body(const uint3 blockIdx,
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2) rnnc_bwd_4_dot(const int rows, float* v_d_5frow_3a_251_40t, float* v_param_3aU_40base, float* v_bwd_3a_25step_3a34_40base, float* v_rows_3arnnc_5fbwd_5f4_5fdot_40base, float* v_valid_40t, float* v_d_5fstate_3ah_40t_2b1, float* v_d_5fstate_3ah_40t) {
-    rnnc_bwd_4_dot_body(blockIdx, gridDim, rows, v_d_5frow_3a_251_40t, v_param_3aU_40base, v_bwd_3a_25step_3a34_40base, v_rows_3arnnc_5fbwd_5f4_5fdot_40base, v_valid_40t, v_d_5fstate_3ah_40t_2b1, v_d_5fstate_3ah_40t);
+    __shared__ __align__(16) char shared_[18448];  // what its body takes of shared memory
+    rnnc_bwd_4_dot_body(blockIdx, gridDim, shared_, rows, v_d_5frow_3a_251_40t, v_param_3aU_40base, v_bwd_3a_25step_3a34_40base, v_rows_3arnnc_5fbwd_5f4_5fdot_40base, v_valid_40t, v_d_5fstate_3ah_40t_2b1, v_d_5fstate_3ah_40t);
 }
 
 // %step:35 = dot(h, %step:mask3)  [zk,zj->kj]
 // out[g, m, n] += sum_k A[g, m, k] * B[g, k, n]: float32 FMA, 16x16 threads with 2x2 outputs each.
 // A block computes a 32x32 tile of (m, n), reading k 32 at a time into shared memory,
 // the next slice copied (cp.async) while this one is multiplied.
-static __device__ __forceinline__ void rnnc_dgrad_5_dot_body(const uint3 blockIdx, const uint3 gridDim, const int rows, float* v_state_3ah_40base, float* v_d_5frow_3a_251_40base, float* v_d_5facc_3aU_40base, float* v_split_3arnnc_5fdgrad_5f5_5fdot_40base, float* v_tickets_3arnnc_5fdgrad_5f5_5fdot_40base) {
+static __device__ __forceinline__ void rnnc_dgrad_5_dot_body(const uint3 blockIdx, const uint3 gridDim, char* const shared_, const int rows, float* v_state_3ah_40base, float* v_d_5frow_3a_251_40base, float* v_d_5facc_3aU_40base, float* v_split_3arnnc_5fdgrad_5f5_5fdot_40base, float* v_tickets_3arnnc_5fdgrad_5f5_5fdot_40base) {
     const int G = 1, M = 5, N = 20, K = rows * 1;
-    __shared__ __align__(16) float As[2][1152];  // [k][m], rows 36 apart
-    __shared__ __align__(16) float Bs[2][1152];  // [k][n], rows 36 apart
+    auto& As = *reinterpret_cast<float(*)[2][1152]>(shared_);  // [k][m], rows 36 apart
+    auto& Bs = *reinterpret_cast<float(*)[2][1152]>(shared_ + 9216);  // [k][n], rows 36 apart
     const float* A_ = v_state_3ah_40base;
     const float* B_ = v_d_5frow_3a_251_40base;
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
@@ -679,7 +719,7 @@ static __device__ __forceinline__ void rnnc_dgrad_5_dot_body(const uint3 blockId
         }
         __threadfence();  // the partial sums are visible to the block that adds them
         __syncthreads();
-        __shared__ int last_;
+        int& last_ = *reinterpret_cast<int*>(shared_ + 18432);
         if (threadIdx.x == 0) {
             last_ = atomicAdd(&tickets_[tile_], 1) == 50 - 1;
         }
@@ -704,15 +744,16 @@ static __device__ __forceinline__ void rnnc_dgrad_5_dot_body(const uint3 blockId
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2) rnnc_dgrad_5_dot(const int rows, float* v_state_3ah_40base, float* v_d_5frow_3a_251_40base, float* v_d_5facc_3aU_40base, float* v_split_3arnnc_5fdgrad_5f5_5fdot_40base, float* v_tickets_3arnnc_5fdgrad_5f5_5fdot_40base) {
-    rnnc_dgrad_5_dot_body(blockIdx, gridDim, rows, v_state_3ah_40base, v_d_5frow_3a_251_40base, v_d_5facc_3aU_40base, v_split_3arnnc_5fdgrad_5f5_5fdot_40base, v_tickets_3arnnc_5fdgrad_5f5_5fdot_40base);
+    __shared__ __align__(16) char shared_[18448];  // what its body takes of shared memory
+    rnnc_dgrad_5_dot_body(blockIdx, gridDim, shared_, rows, v_state_3ah_40base, v_d_5frow_3a_251_40base, v_d_5facc_3aU_40base, v_split_3arnnc_5fdgrad_5f5_5fdot_40base, v_tickets_3arnnc_5fdgrad_5f5_5fdot_40base);
 }
 
 // %step:33 = reduce_to(%step:mask3)
 // y[o] += sum over r of x[base(o) + step(r)]: 8 outputs side by side, 4 lanes of each of 8 warps per output. An output's 32
 // threads each sum r = r_lane, r_lane + 32, ...; warp shuffles, then the warps, add up their sums.
-static __device__ __forceinline__ void rnnc_dgrad_6_reduce_to_body(const uint3 blockIdx, const uint3 gridDim, const int rows, float* v_d_5frow_3a_251_40base, float* v_d_5facc_3ab_40base) {
+static __device__ __forceinline__ void rnnc_dgrad_6_reduce_to_body(const uint3 blockIdx, const uint3 gridDim, char* const shared_, const int rows, float* v_d_5frow_3a_251_40base, float* v_d_5facc_3ab_40base) {
     const int out_total = 20, red_total = rows * 1;
-    __shared__ float partial_[8][8];  // a sum per warp of each output
+    auto& partial_ = *reinterpret_cast<float(*)[8][8]>(shared_);  // a sum per warp of each output
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int o_lane = lane % 8, r_lane = lane / 8 + 4 * warp;  // the thread's output in the block, its place among the output's threads
     for (int o_block = blockIdx.x * 8; o_block < out_total; o_block += gridDim.x * 8) {
@@ -742,11 +783,12 @@ static __device__ __forceinline__ void rnnc_dgrad_6_reduce_to_body(const uint3 b
 }
 
 extern "C" __global__ void __launch_bounds__(256) rnnc_dgrad_6_reduce_to(const int rows, float* v_d_5frow_3a_251_40base, float* v_d_5facc_3ab_40base) {
-    rnnc_dgrad_6_reduce_to_body(blockIdx, gridDim, rows, v_d_5frow_3a_251_40base, v_d_5facc_3ab_40base);
+    __shared__ __align__(16) char shared_[256];  // what its body takes of shared memory
+    rnnc_dgrad_6_reduce_to_body(blockIdx, gridDim, shared_, rows, v_d_5frow_3a_251_40base, v_d_5facc_3ab_40base);
 }
 
 // %pre:mask2 = select(%valid, x, %pre:mask1)
-static __device__ __forceinline__ void rnnc_pre_bwd_7_phase0_body(const uint3 blockIdx, const uint3 gridDim, const int rows, float* v_valid_40base, float* v_input_3ax_40base, float* v_pre_5fbwd_3a_25pre_3amask2_40base) {
+static __device__ __forceinline__ void rnnc_pre_bwd_7_phase0_body(const uint3 blockIdx, const uint3 gridDim, char* const shared_, const int rows, float* v_valid_40base, float* v_input_3ax_40base, float* v_pre_5fbwd_3a_25pre_3amask2_40base) {
     const int stride_ = blockDim.x * gridDim.x;
     for (int i_ = blockIdx.x * blockDim.x + threadIdx.x; i_ < rows * 3; i_ += stride_) {
         const int j0 = i_ / 3;
@@ -759,17 +801,18 @@ static __device__ __forceinline__ void rnnc_pre_bwd_7_phase0_body(const uint3 bl
 }
 
 extern "C" __global__ void rnnc_pre_bwd_7_phase0(const int rows, float* v_valid_40base, float* v_input_3ax_40base, float* v_pre_5fbwd_3a_25pre_3amask2_40base) {
-    rnnc_pre_bwd_7_phase0_body(blockIdx, gridDim, rows, v_valid_40base, v_input_3ax_40base, v_pre_5fbwd_3a_25pre_3amask2_40base);
+    __shared__ __align__(16) char shared_[16];  // what its body takes of shared memory
+    rnnc_pre_bwd_7_phase0_body(blockIdx, gridDim, shared_, rows, v_valid_40base, v_input_3ax_40base, v_pre_5fbwd_3a_25pre_3amask2_40base);
 }
 
 // %pre:2 = dot(%pre:mask2, d:%1)  [zk,zj->kj]
 // out[g, m, n] = sum_k A[g, m, k] * B[g, k, n]: float32 FMA, 16x16 threads with 2x2 outputs each.
 // A block computes a 32x32 tile of (m, n), reading k 32 at a time into shared memory,
 // the next slice copied (cp.async) while this one is multiplied.
-static __device__ __forceinline__ void rnnc_pre_bwd_8_dot_body(const uint3 blockIdx, const uint3 gridDim, const int rows, float* v_pre_5fbwd_3a_25pre_3amask2_40base, float* v_d_5frow_3a_251_40base, float* v_pre_5fbwd_3a_25pre_3a2_40base, float* v_split_3arnnc_5fpre_5fbwd_5f8_5fdot_40base, float* v_tickets_3arnnc_5fpre_5fbwd_5f8_5fdot_40base) {
+static __device__ __forceinline__ void rnnc_pre_bwd_8_dot_body(const uint3 blockIdx, const uint3 gridDim, char* const shared_, const int rows, float* v_pre_5fbwd_3a_25pre_3amask2_40base, float* v_d_5frow_3a_251_40base, float* v_pre_5fbwd_3a_25pre_3a2_40base, float* v_split_3arnnc_5fpre_5fbwd_5f8_5fdot_40base, float* v_tickets_3arnnc_5fpre_5fbwd_5f8_5fdot_40base) {
     const int G = 1, M = 3, N = 20, K = rows * 1;
-    __shared__ __align__(16) float As[2][1152];  // [k][m], rows 36 apart
-    __shared__ __align__(16) float Bs[2][1152];  // [k][n], rows 36 apart
+    auto& As = *reinterpret_cast<float(*)[2][1152]>(shared_);  // [k][m], rows 36 apart
+    auto& Bs = *reinterpret_cast<float(*)[2][1152]>(shared_ + 9216);  // [k][n], rows 36 apart
     const float* A_ = v_pre_5fbwd_3a_25pre_3amask2_40base;
     const float* B_ = v_d_5frow_3a_251_40base;
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
@@ -836,7 +879,7 @@ static __device__ __forceinline__ void rnnc_pre_bwd_8_dot_body(const uint3 block
         }
         __threadfence();  // the partial sums are visible to the block that adds them
         __syncthreads();
-        __shared__ int last_;
+        int& last_ = *reinterpret_cast<int*>(shared_ + 18432);
         if (threadIdx.x == 0) {
             last_ = atomicAdd(&tickets_[tile_], 1) == 50 - 1;
         }
@@ -864,10 +907,10 @@ static __device__ __forceinline__ void rnnc_pre_bwd_8_dot_body(const uint3 block
 // out[g, m, n] = sum_k A[g, m, k] * B[g, k, n]: float32 FMA, 16x16 threads with 2x2 outputs each.
 // A block computes a 32x32 tile of (m, n), reading k 32 at a time into shared memory,
 // the next slice copied (cp.async) while this one is multiplied.
-static __device__ __forceinline__ void rnnc_pre_bwd_9_dot_body(const uint3 blockIdx, const uint3 gridDim, const int rows, float* v_d_5frow_3a_251_40base, float* v_param_3aW_40base, float* v_pre_5fbwd_3a_25pre_3a1_40base, float* v_rows_3arnnc_5fpre_5fbwd_5f9_5fdot_40base, float* v_valid_40base, float* v_pre_5fbwd_3a_25pre_3amask3_40base) {
+static __device__ __forceinline__ void rnnc_pre_bwd_9_dot_body(const uint3 blockIdx, const uint3 gridDim, char* const shared_, const int rows, float* v_d_5frow_3a_251_40base, float* v_param_3aW_40base, float* v_pre_5fbwd_3a_25pre_3a1_40base, float* v_rows_3arnnc_5fpre_5fbwd_5f9_5fdot_40base, float* v_valid_40base, float* v_pre_5fbwd_3a_25pre_3amask3_40base) {
     const int G = 1, M = rows * 1, N = 3, K = 20;
-    __shared__ __align__(16) float As[2][1152];  // [k][m], rows 36 apart
-    __shared__ __align__(16) float Bs[2][1152];  // [k][n], rows 36 apart
+    auto& As = *reinterpret_cast<float(*)[2][1152]>(shared_);  // [k][m], rows 36 apart
+    auto& Bs = *reinterpret_cast<float(*)[2][1152]>(shared_ + 9216);  // [k][n], rows 36 apart
     const float* A_ = v_d_5frow_3a_251_40base;
     const float* B_ = v_param_3aW_40base;
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
@@ -933,7 +976,7 @@ static __device__ __forceinline__ void rnnc_pre_bwd_9_dot_body(const uint3 block
         __threadfence();  // this block's results are visible to the block that reads them
         __syncthreads();
         int* rows_tickets_ = reinterpret_cast<int*>(v_rows_3arnnc_5fpre_5fbwd_5f9_5fdot_40base);  // per m tile, its tiles done
-        __shared__ int rows_last_;
+        int& rows_last_ = *reinterpret_cast<int*>(shared_ + 18432 + 4);
         if (threadIdx.x == 0) {
             rows_last_ = true && atomicAdd(&rows_tickets_[blockIdx.y], 1) == gridDim.x - 1;
         }
@@ -958,14 +1001,14 @@ static __device__ __forceinline__ void rnnc_pre_bwd_9_dot_body(const uint3 block
 // rnnc_pre_bwd_8_dot | rnnc_pre_bwd_9_dot
 // 2 kernels that need nothing of each other in one launch: the blocks of the grid
 // go to each in turn, each block to a block of that kernel's own grid.
-extern "C" __global__ void __launch_bounds__(256, 2) rnnc_pre_bwd_10_fused(const int rows, float* v_pre_5fbwd_3a_25pre_3amask2_40base, float* v_d_5frow_3a_251_40base, float* v_pre_5fbwd_3a_25pre_3a2_40base, float* v_split_3arnnc_5fpre_5fbwd_5f8_5fdot_40base, float* v_tickets_3arnnc_5fpre_5fbwd_5f8_5fdot_40base, float* v_param_3aW_40base, float* v_pre_5fbwd_3a_25pre_3a1_40base, float* v_rows_3arnnc_5fpre_5fbwd_5f9_5fdot_40base, float* v_valid_40base, float* v_pre_5fbwd_3a_25pre_3amask3_40base) {
+static __device__ __forceinline__ void rnnc_pre_bwd_10_fused_body(const uint3 blockIdx, const uint3 gridDim, char* const shared_, const int rows, float* v_pre_5fbwd_3a_25pre_3amask2_40base, float* v_d_5frow_3a_251_40base, float* v_pre_5fbwd_3a_25pre_3a2_40base, float* v_split_3arnnc_5fpre_5fbwd_5f8_5fdot_40base, float* v_tickets_3arnnc_5fpre_5fbwd_5f8_5fdot_40base, float* v_param_3aW_40base, float* v_pre_5fbwd_3a_25pre_3a1_40base, float* v_rows_3arnnc_5fpre_5fbwd_5f9_5fdot_40base, float* v_valid_40base, float* v_pre_5fbwd_3a_25pre_3amask3_40base) {
     unsigned block_ = blockIdx.x;
     {
         const uint3 grid_ = uint3{ 1, 1, 50 };
         const unsigned blocks_ = grid_.x * grid_.y * grid_.z;
         if (block_ < blocks_) {
             rnnc_pre_bwd_8_dot_body(uint3{block_ % grid_.x, block_ / grid_.x % grid_.y, block_ / (grid_.x * grid_.y)}, grid_,
-                rows, v_pre_5fbwd_3a_25pre_3amask2_40base, v_d_5frow_3a_251_40base, v_pre_5fbwd_3a_25pre_3a2_40base, v_split_3arnnc_5fpre_5fbwd_5f8_5fdot_40base, v_tickets_3arnnc_5fpre_5fbwd_5f8_5fdot_40base);
+                shared_, rows, v_pre_5fbwd_3a_25pre_3amask2_40base, v_d_5frow_3a_251_40base, v_pre_5fbwd_3a_25pre_3a2_40base, v_split_3arnnc_5fpre_5fbwd_5f8_5fdot_40base, v_tickets_3arnnc_5fpre_5fbwd_5f8_5fdot_40base);
             return;
         }
         block_ -= blocks_;
@@ -975,15 +1018,20 @@ extern "C" __global__ void __launch_bounds__(256, 2) rnnc_pre_bwd_10_fused(const
         const unsigned blocks_ = grid_.x * grid_.y * grid_.z;
         if (block_ < blocks_) {
             rnnc_pre_bwd_9_dot_body(uint3{block_ % grid_.x, block_ / grid_.x % grid_.y, block_ / (grid_.x * grid_.y)}, grid_,
-                rows, v_d_5frow_3a_251_40base, v_param_3aW_40base, v_pre_5fbwd_3a_25pre_3a1_40base, v_rows_3arnnc_5fpre_5fbwd_5f9_5fdot_40base, v_valid_40base, v_pre_5fbwd_3a_25pre_3amask3_40base);
+                shared_, rows, v_d_5frow_3a_251_40base, v_param_3aW_40base, v_pre_5fbwd_3a_25pre_3a1_40base, v_rows_3arnnc_5fpre_5fbwd_5f9_5fdot_40base, v_valid_40base, v_pre_5fbwd_3a_25pre_3amask3_40base);
             return;
         }
         block_ -= blocks_;
     }
 }
 
+extern "C" __global__ void __launch_bounds__(256, 2) rnnc_pre_bwd_10_fused(const int rows, float* v_pre_5fbwd_3a_25pre_3amask2_40base, float* v_d_5frow_3a_251_40base, float* v_pre_5fbwd_3a_25pre_3a2_40base, float* v_split_3arnnc_5fpre_5fbwd_5f8_5fdot_40base, float* v_tickets_3arnnc_5fpre_5fbwd_5f8_5fdot_40base, float* v_param_3aW_40base, float* v_pre_5fbwd_3a_25pre_3a1_40base, float* v_rows_3arnnc_5fpre_5fbwd_5f9_5fdot_40base, float* v_valid_40base, float* v_pre_5fbwd_3a_25pre_3amask3_40base) {
+    __shared__ __align__(16) char shared_[18448];  // what its body takes of shared memory
+    rnnc_pre_bwd_10_fused_body(blockIdx, gridDim, shared_, rows, v_pre_5fbwd_3a_25pre_3amask2_40base, v_d_5frow_3a_251_40base, v_pre_5fbwd_3a_25pre_3a2_40base, v_split_3arnnc_5fpre_5fbwd_5f8_5fdot_40base, v_tickets_3arnnc_5fpre_5fbwd_5f8_5fdot_40base, v_param_3aW_40base, v_pre_5fbwd_3a_25pre_3a1_40base, v_rows_3arnnc_5fpre_5fbwd_5f9_5fdot_40base, v_valid_40base, v_pre_5fbwd_3a_25pre_3amask3_40base);
+}
+
 // pre_bwd: add gradients
-static __device__ __forceinline__ void rnnc_pre_bwd_add_11_glue_body(const uint3 blockIdx, const uint3 gridDim, const int rows, float* v_pre_5fbwd_3a_25pre_3amask3_40base, float* v_d_5frow_3ax_40base, float* v_pre_5fbwd_3a_25pre_3a2_40base, float* v_d_5facc_3aW_40base) {
+static __device__ __forceinline__ void rnnc_pre_bwd_add_11_glue_body(const uint3 blockIdx, const uint3 gridDim, char* const shared_, const int rows, float* v_pre_5fbwd_3a_25pre_3amask3_40base, float* v_d_5frow_3ax_40base, float* v_pre_5fbwd_3a_25pre_3a2_40base, float* v_d_5facc_3aW_40base) {
     const int stride_ = blockDim.x * gridDim.x;
     for (int i_ = blockIdx.x * blockDim.x + threadIdx.x; i_ < rows * 3; i_ += stride_) {
         const int j0 = i_ / 3;
@@ -1000,5 +1048,66 @@ static __device__ __forceinline__ void rnnc_pre_bwd_add_11_glue_body(const uint3
 }
 
 extern "C" __global__ void rnnc_pre_bwd_add_11_glue(const int rows, float* v_pre_5fbwd_3a_25pre_3amask3_40base, float* v_d_5frow_3ax_40base, float* v_pre_5fbwd_3a_25pre_3a2_40base, float* v_d_5facc_3aW_40base) {
-    rnnc_pre_bwd_add_11_glue_body(blockIdx, gridDim, rows, v_pre_5fbwd_3a_25pre_3amask3_40base, v_d_5frow_3ax_40base, v_pre_5fbwd_3a_25pre_3a2_40base, v_d_5facc_3aW_40base);
+    __shared__ __align__(16) char shared_[16];  // what its body takes of shared memory
+    rnnc_pre_bwd_add_11_glue_body(blockIdx, gridDim, shared_, rows, v_pre_5fbwd_3a_25pre_3amask3_40base, v_d_5frow_3ax_40base, v_pre_5fbwd_3a_25pre_3a2_40base, v_d_5facc_3aW_40base);
+}
+
+// rnnc_step_persistent: rnnc_step_2_dot
+// Every step in one launch: its blocks stay resident for all the steps (the runtime sizes the
+// grid to what the GPU holds at once, so every block runs while the others wait at a barrier).
+// Each step runs the 1 kernels a launch at a time would, in order, each over its
+// own grid: block b takes that grid's blocks b, b + gridDim.x, ...; then a grid barrier, so the
+// next kernel reads what this one wrote. args_ holds, for each step, each kernel's arguments
+// (16 words a step): its rows, then its buffers, as the runtime would launch them.
+extern "C" __global__ void __launch_bounds__(256, 1) rnnc_step_persistent(const int steps,
+        const unsigned long long* args_, unsigned* barrier_) {
+    __shared__ __align__(16) char shared_[9232];  // each kernel's in turn
+    for (int step_ = 0; step_ < steps; ++step_) {
+        const unsigned long long* at_ = args_ + (size_t)step_ * 16;
+        {  // rnnc_step_2_dot
+            const int rows = (int)at_[0];
+            const uint3 grid_ = uint3{ 1, unsigned(max(1, (rows * 1 + 31) / 32)), 1 };
+            for (unsigned b_ = blockIdx.x; b_ < grid_.x * grid_.y * grid_.z; b_ += gridDim.x) {
+                rnnc_step_2_dot_body(uint3{b_ % grid_.x, b_ / grid_.x % grid_.y, b_ / (grid_.x * grid_.y)}, grid_,
+                    shared_, rows, reinterpret_cast<float*>(at_[1]), reinterpret_cast<float*>(at_[2]), reinterpret_cast<float*>(at_[3]), reinterpret_cast<float*>(at_[4]), reinterpret_cast<float*>(at_[5]), reinterpret_cast<float*>(at_[6]), reinterpret_cast<float*>(at_[7]), reinterpret_cast<float*>(at_[8]), reinterpret_cast<float*>(at_[9]), reinterpret_cast<float*>(at_[10]), reinterpret_cast<float*>(at_[11]), reinterpret_cast<float*>(at_[12]), reinterpret_cast<float*>(at_[13]), reinterpret_cast<float*>(at_[14]), reinterpret_cast<float*>(at_[15]));
+                __syncthreads();  // before the next block's work reuses shared memory
+            }
+            rnnc_grid_barrier(barrier_);
+        }
+    }
+}
+
+// rnnc_backward_step_persistent: rnnc_bwd_3_phase0 | rnnc_bwd_4_dot
+// Every step in one launch: its blocks stay resident for all the steps (the runtime sizes the
+// grid to what the GPU holds at once, so every block runs while the others wait at a barrier).
+// Each step runs the 2 kernels a launch at a time would, in order, each over its
+// own grid: block b takes that grid's blocks b, b + gridDim.x, ...; then a grid barrier, so the
+// next kernel reads what this one wrote. args_ holds, for each step, each kernel's arguments
+// (20 words a step): its rows, then its buffers, as the runtime would launch them.
+extern "C" __global__ void __launch_bounds__(256, 1) rnnc_backward_step_persistent(const int steps,
+        const unsigned long long* args_, unsigned* barrier_) {
+    __shared__ __align__(16) char shared_[18448];  // each kernel's in turn
+    for (int step_ = 0; step_ < steps; ++step_) {
+        const unsigned long long* at_ = args_ + (size_t)step_ * 20;
+        {  // rnnc_bwd_3_phase0
+            const int rows = (int)at_[0];
+            const uint3 grid_ = uint3{ unsigned(max(1, (rows * 20 + 255) / 256)), 1, 1 };
+            for (unsigned b_ = blockIdx.x; b_ < grid_.x * grid_.y * grid_.z; b_ += gridDim.x) {
+                rnnc_bwd_3_phase0_body(uint3{b_ % grid_.x, b_ / grid_.x % grid_.y, b_ / (grid_.x * grid_.y)}, grid_,
+                    shared_, rows, reinterpret_cast<float*>(at_[1]), reinterpret_cast<float*>(at_[2]), reinterpret_cast<float*>(at_[3]), reinterpret_cast<float*>(at_[4]), reinterpret_cast<float*>(at_[5]), reinterpret_cast<float*>(at_[6]), reinterpret_cast<float*>(at_[7]), reinterpret_cast<float*>(at_[8]), reinterpret_cast<float*>(at_[9]), reinterpret_cast<float*>(at_[10]), reinterpret_cast<float*>(at_[11]));
+                __syncthreads();  // before the next block's work reuses shared memory
+            }
+            rnnc_grid_barrier(barrier_);
+        }
+        {  // rnnc_bwd_4_dot
+            const int rows = (int)at_[12];
+            const uint3 grid_ = uint3{ 1, unsigned(max(1, (rows * 1 + 31) / 32)), 1 };
+            for (unsigned b_ = blockIdx.x; b_ < grid_.x * grid_.y * grid_.z; b_ += gridDim.x) {
+                rnnc_bwd_4_dot_body(uint3{b_ % grid_.x, b_ / grid_.x % grid_.y, b_ / (grid_.x * grid_.y)}, grid_,
+                    shared_, rows, reinterpret_cast<float*>(at_[13]), reinterpret_cast<float*>(at_[14]), reinterpret_cast<float*>(at_[15]), reinterpret_cast<float*>(at_[16]), reinterpret_cast<float*>(at_[17]), reinterpret_cast<float*>(at_[18]), reinterpret_cast<float*>(at_[19]));
+                __syncthreads();  // before the next block's work reuses shared memory
+            }
+            rnnc_grid_barrier(barrier_);
+        }
+    }
 }

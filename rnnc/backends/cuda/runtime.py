@@ -107,8 +107,8 @@ class CudaModule:
                  persistent: bool = True):
         self.program, self.cell = program, program.cell
         # the per-step lists with a persistent kernel run as one launch (False: launch by launch,
-        # to compare the two); a device that cannot size its grid runs them launch by launch
-        self.persistent = persistent and hasattr(device, "co_resident")
+        # to compare the two); on a device that cannot size its grid, launch by launch
+        self.persistent = persistent
         self.dtype = cuda_dtype(dtype)
         self.precision = for_dtype(self.dtype, precision or program.precision)
         built = {ELEMS[b.elem].dtype for b in launches.buffers.values()} - {"float32"}
@@ -293,7 +293,7 @@ class CudaModule:
         """Launch list `kind` for each step in `times`, its arguments packed once
         for all of them: in one launch of its persistent kernel where it has
         one and the module runs them (`persistent`), else launch by launch."""
-        if self.persistent and kind in self.executor.launches.persistent:
+        if self.persistent and kind in self.executor.launches.persistent and hasattr(self.device, "co_resident"):
             self.executor.run_persistent(kind, call.memory, steps, times)
             return
         for launches in self.executor.prepare(kind, call.memory, steps, times):
