@@ -15,11 +15,14 @@ cuDNN and the loops with every tensor in that type. rnnc's 16-bit CUDA
 module takes NumPy arrays only (no 16-bit device arrays yet), so under
 `--dtype` its times include copying the arrays to the GPU and back, and say
 so. H=512, B=64, T=100 (D=512; attention: E=256 over S=32
-encoder positions); `--quick` runs H=128, B=16, T=20. Arrays are float32 and
-stay on the GPU (rnnc takes the torch tensors through
-`__cuda_array_interface__`). Prints the median time of each, rnnc's time over
-PyTorch's, and rnnc's kernel launches per step and per call. Without a GPU, PyCUDA or a
-CUDA build of PyTorch it says so and exits 0.
+encoder positions), at B=64 and B=4; `--quick` runs H=128, B=16 and 4,
+T=20. Arrays are float32 and stay on the GPU (rnnc takes the torch tensors
+through `__cuda_array_interface__`). rnnc runs twice, its steps in
+persistent kernels (a launch for all the steps of a forward or a backward,
+the default) and launch by launch (`module.persistent = False`). Prints the
+median time of each, rnnc's time over PyTorch's, rnnc's kernel launches per
+call, its rough TFLOP/s, and how each event's steps ran. Without a GPU,
+PyCUDA or a CUDA build of PyTorch it says so and exits 0.
 """
 from __future__ import annotations
 
@@ -162,18 +165,25 @@ def bench(name, dims, torch_side, repeats, T, B, precision, dtype):
         run = rnnc_run(module, {k: to_host(v, module) for k, v in params.items()},
                        contexts and {k: to_host(v, module) for k, v in contexts.items()})
         args = (to_host(x, module), to_host(dy, module))
-    ours = median_ms(run, args, repeats)
+    module.persistent = False
+    per_step, per_step_launches = median_ms(run, args, repeats), launches_per_call(module, run, args)
+    module.persistent = True
+    ours, our_launches = median_ms(run, args, repeats), launches_per_call(module, run, args)
     leaf = {k: v.clone().requires_grad_() for k, v in params.items()}
     builders = {"builtin": lambda: torch_builtin(name.upper(), dims["D"], dims["H"], tensor_dtype),
                 "milstm": lambda: torch_milstm(leaf),
                 "attention_lstm": lambda: torch_attention_lstm(leaf, contexts and contexts["enc"])}
     theirs = median_ms(builders[torch_side](), (x, dy), repeats)
     label = "cuDNN" if torch_side == "builtin" else "PyTorch loop"
-    launches = module.executor.launches
     copies = "" if dtype == "float32" else " (rnnc's with host copies)"
-    print(f"{name:>15}: rnnc {ours:8.2f} ms   {label:>12} {theirs:8.2f} ms   rnnc/{label} = {ours / theirs:.2f}{copies}"
-          f"   (rnnc launches: {len(launches.step)} per forward step, {len(launches.backward_step)} per "
-          f"backward step, {launches_per_call(module, run, args)} per call)")
+    # a product's backward is two products of its size: forward+backward is about 3 forwards
+    tflops = 3 * program.plan.forward_flops(T, B) / (ours * 1e-3) / 1e12
+    print(f"{name:>15} B={B:<3}: rnnc persistent {ours:8.2f} ms, per step {per_step:8.2f} ms   {label:>12} "
+          f"{theirs:8.2f} ms   rnnc/{label} = {ours / theirs:.2f} persistent, {per_step / theirs:.2f} per step"
+          f"{copies}   (launches a call: {our_launches} persistent, {per_step_launches} per step; "
+          f"~{tflops:.1f} TFLOP/s persistent)")
+    for kind in ("step", "backward_step"):
+        print(f"{'':>23}{kind}: {module.executor.launches.form(kind)}")
 
 
 def launches_per_call(module, run, args) -> int:
@@ -206,18 +216,19 @@ def main(argv=None) -> int:
     if reason:
         print(f"benchmarks/gpu.py: skipped: {reason}; it needs an NVIDIA GPU, PyCUDA and CUDA PyTorch")
         return 0
-    H, B, T = (128, 16, 20) if args.quick else (512, 64, 100)
+    H, batches, T = (128, (16, 4), 20) if args.quick else (512, (64, 4), 100)
     E, S = H // 2, 32
     if args.dtype != "float32" and args.precision != "fp32":
         p.error(f"--dtype {args.dtype} multiplies in {args.dtype}; --precision is for float32 arrays")
     products = args.precision if args.dtype == "float32" else f"{args.dtype} tensor-core"
-    print(f"forward+backward, {args.dtype} arrays, {products} products, H={H} D={H} B={B} T={T} "
-          f"(attention: E={E}, S={S}); median of {args.repeats}")
+    print(f"forward+backward, {args.dtype} arrays, {products} products, H={H} D={H} B={' and '.join(map(str, batches))} "
+          f"T={T} (attention: E={E}, S={S}); median of {args.repeats}")
     print(f"PyTorch: {set_torch_precision(args.precision)}")
     for name, dims, side in (("lstm", {"D": H, "H": H}, "builtin"), ("gru", {"D": H, "H": H}, "builtin"),
                              ("milstm", {"D": H, "H": H}, "milstm"),
                              ("attention_lstm", {"D": H, "H": H, "E": E, "S": S}, "attention_lstm")):
-        bench(name, dims, side, args.repeats, T, B, args.precision, args.dtype)
+        for B in batches:
+            bench(name, dims, side, args.repeats, T, B, args.precision, args.dtype)
     return 0
 
 

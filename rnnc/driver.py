@@ -235,5 +235,8 @@ def emit(source: Source, stage: str, **options) -> str:
     if stage not in PRINTABLE:
         raise ValueError(f"unknown stage {stage!r} (stages: {', '.join(PRINTABLE)})")
     made = run_stages(stage, Options(**options), {"source": source})
-    return BY_NAME[stage].show(made[stage])
+    text = BY_NAME[stage].show(made[stage])
+    if stage == "schedule":  # and how the CUDA runtime runs its events' steps
+        text += "\n" + run_stages("cuda", Options(**options), made)["cuda"].launches.forms()
+    return text
 

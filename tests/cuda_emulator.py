@@ -6,14 +6,21 @@ threadIdx, blockIdx, `__shared__` and `__syncthreads`. The threads of a block
 run as fibers (ucontext) that switch at every `__syncthreads` and every
 warp-wide instruction, so a barrier waits for all threads of the block, and a
 warp-wide instruction (tensor-core `mma`, a shuffle) for the 32 lanes of the
-warp, as on a GPU. `emulated_intrinsics.py` defines the hardware instructions
+warp, as on a GPU. The blocks of a launch run one after another, except a
+persistent kernel's (templates/persistent.cu.j2): all of its blocks' threads
+are fibers at once, each block with shared memory of its own, and a thread
+spinning at a grid barrier lets the others run (`rnnc_pause`), so the real
+barrier of templates/intrinsics.cu runs as it does on a GPU; the device
+holds `CO_RESIDENT` blocks of it at once, fewer than the grids of its kernels. `emulated_intrinsics.py` defines the hardware instructions
 the kernels use (templates/intrinsics.cu) for the emulation. What a GPU
 leaves to chance or to undefined behaviour fails here:
 
 - order: the blocks of a launch run in a random order, and the ready threads
   of a block in a new random order every round (seeded), so a thread that
   reads another's write without a barrier between them, or a block that reads
-  another block's, gets different results from seed to seed;
+  another block's, gets different results from seed to seed; a persistent
+  kernel's blocks sit rounds out by chance, so they drift apart unless a grid
+  barrier holds them together;
 - memory nobody wrote: fresh device memory is NaN, and so is every
   `__shared__` array at the start of every block (they live in one section of
   the library, refilled before each block runs);
@@ -22,8 +29,10 @@ leaves to chance or to undefined behaviour fails here:
   error, one that reads from one reads NaN;
 - barriers: every round, the threads still running must all wait at the same
   `__syncthreads` (a thread that exits while others wait at one, or threads
-  at different ones, is a barrier in divergent code), and warp-wide
-  instructions must be reached by every lane of the warp;
+  at different ones, is a barrier in divergent code), warp-wide
+  instructions must be reached by every lane of the warp, and threads that
+  only spin, round after round, wait at a grid barrier some block never
+  reaches (a deadlock);
 - launch shape: the block may not exceed the kernel's `__launch_bounds__`
   (nor 1024 threads), nor the grid CUDA's limits.
 
@@ -438,13 +447,15 @@ class EmulatedDevice:
         return None
 
 
-def emulated(program, workdir: Path, precision: str = "fp32", seed: int = SEEDS[0], dtype: str = "float32"):
+def emulated(program, workdir: Path, precision: str = "fp32", seed: int = SEEDS[0], dtype: str = "float32",
+             persistent: bool = True):
     """The CUDA backend's module of `program` for arrays of `dtype`, products
     at `precision`, its kernels run by the emulation in the orders `seed`
-    draws: (module, device)."""
+    draws, its steps in persistent kernels or (`persistent=False`) launch by
+    launch: (module, device)."""
     generated = generate(program, precision, dtype)
     device = EmulatedDevice(generated, workdir, seed)
-    return CudaModule(program, generated.launches, device, dtype, precision), device
+    return CudaModule(program, generated.launches, device, dtype, precision, persistent), device
 
 
 def build_all(programs, workdir: Path):

@@ -16,6 +16,11 @@
   rnnc.precision.Precision.round_inputs.
 - `__shfl_down_sync`: a warp-wide exchange through the same slots.
 - `__float_as_uint` (`rnnc_bits`): the float's bytes as an unsigned.
+- atomics: a fiber switches only where it waits, so a plain read-modify-write
+  is atomic; `rnnc_pause` (the grid barrier's spin) lets the other fibers run.
+
+Per-thread state is indexed by fiber (`emu::current`), not threadIdx, as the
+blocks of a persistent kernel run at once.
 """
 from __future__ import annotations
 

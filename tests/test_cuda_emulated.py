@@ -2,8 +2,10 @@
 by g++ against a CPU emulation of CUDA (tests/cuda_emulator.py), run by the
 real runtime's host loop, equal the float64 NumPy reference.
 
-Every example runs under every policy, with and without lengths, at both
-precisions: fp32 (exact products on CUDA cores) and tf32 (tensor-core `mma`,
+Every example runs under every policy, with and without lengths, its steps
+in persistent kernels (a launch runs all the steps of a forward, a replay or
+a backward; the emulation runs its blocks together, meeting at grid
+barriers) and, under one policy, launch by launch, at both precisions: fp32 (exact products on CUDA cores) and tf32 (tensor-core `mma`,
 emulated as a warp-wide instruction in the PTX ISA's fragment layout). The
 reference rounds product inputs as the precision says and the tolerance is
 derived from it (`cuda_cases.tolerance`): under tf32 the kernels agree with
@@ -64,15 +66,31 @@ def test_example_equals_numpy_reference(path, policy, precision, seed, workdir, 
     """Under every seed: blocks and threads in other orders, so a missing
     barrier or a race between blocks cannot pass by luck."""
     program = cases.compile_example(path, policy)
-    module, _ = emulated(program, workdir, precision, seed)
+    module, device = emulated(program, workdir, precision, seed)
     args = cases.arguments(program)
     for lengths in (None, cases.LENGTHS):
         got = cases.run(module, args, lengths)
         want = cases.reference(program, args, lengths, precision)
         bad = cases.mismatches(got, want, cases.tolerance(precision))
         assert not bad, f"lengths={lengths}: relative errors {bad}"
+    assert {"rnnc_step_persistent", "rnnc_backward_step_persistent"} <= set(device.launched)
     plan = program.plan
     assert cases.held_bytes(module, args, None) == (plan.stored_bytes(cases.T, cases.B), plan.peak_bytes(cases.T, cases.B))
+
+
+@pytest.mark.parametrize("precision", cases.PRECISIONS_RUN)
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_examples_launch_by_launch_equal_numpy_reference(path, precision, workdir, every_example_built):
+    """The per-step form, the persistent kernels' fallback: the same kernels,
+    each step's launched one by one."""
+    program = cases.compile_example(path, "auto")
+    module, device = emulated(program, workdir, precision, persistent=False)
+    args = cases.arguments(program)
+    for lengths in (None, cases.LENGTHS):
+        bad = cases.mismatches(cases.run(module, args, lengths), cases.reference(program, args, lengths, precision),
+                               cases.tolerance(precision))
+        assert not bad, f"lengths={lengths}: relative errors {bad}"
+    assert not any(kernel.endswith("_persistent") for kernel in device.launched)
 
 
 @pytest.fixture(scope="module")

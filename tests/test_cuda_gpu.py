@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 import cuda_cases as cases
-from conftest import EXAMPLES, example
+from conftest import EXAMPLES, compile_sized, example
 
 pytestmark = pytest.mark.gpu
 
@@ -106,3 +106,44 @@ def test_torch_rnn_on_gpu_equals_torch():
         results.append([y.data, h_n, c_n, *(p.grad for p in module.parameters())])
     for got, want in zip(*results):
         assert torch.allclose(got, want, rtol=1e-3, atol=1e-4), (got - want).abs().max()
+
+
+@skip_without_gpu
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_launch_by_launch_equals_numpy_reference(path):
+    """The persistent kernels' fallback, the same kernels launched step by step."""
+    program = cases.compile_example(path, "auto")
+    module = program.load("cuda")
+    module.persistent = False
+    args = cases.arguments(program)
+    got = cases.run(module, args, cases.LENGTHS)
+    assert not cases.mismatches(got, cases.reference(program, args, cases.LENGTHS))
+
+
+@skip_without_gpu
+def test_persistent_lstm_at_the_benchmark_size_equals_launch_by_launch():
+    """Grids of every block the GPU holds, many barriers: the persistent form
+    at H=512, B=64 gives what the launches one by one give, to float32 rounding."""
+    import numpy as np
+    program = compile_sized(example("lstm"), {"D": 512, "H": 512})
+    args = cases.arguments(program, steps=50, batch=64)
+    module = program.load("cuda")
+    got = {}
+    for form in (True, False):
+        module.persistent = form
+        got[form] = cases.run(module, args, None)
+    for name, value in got[True].items():
+        np.testing.assert_allclose(value, got[False][name], rtol=1e-4, atol=1e-4 * np.abs(value).max())
+
+
+@skip_without_gpu
+def test_the_benchmark_runs():
+    """benchmarks/gpu.py --quick: both forms, both batch sizes, every cell."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu.py"
+    done = subprocess.run([sys.executable, str(script), "--quick", "--repeats", "2"], capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("persistent") >= 8 and "B=4" in done.stdout, done.stdout

@@ -160,10 +160,18 @@ class Launches:
 
     def form(self, kind: str) -> str:
         """How the steps of launch list `kind` run, and why, in a line."""
+        n = len(getattr(self, kind))
         if kind in self.persistent:
-            return (f"persistent: one launch for all the steps, {len(getattr(self, kind))} phases a step "
-                    "with a grid barrier after each")
-        return f"per step: {len(getattr(self, kind))} launches a step ({self.why_per_step[kind]})"
+            return (f"persistent: one launch runs all the event's steps, {n} kernel{'s' * (n != 1)} a step, "
+                    "a grid barrier after each")
+        return f"per step: {n} launch{'es' * (n != 1)} a step ({self.why_per_step[kind]})"
+
+    def forms(self) -> str:
+        """How the CUDA runtime runs the steps of each event of the schedule."""
+        return "\n".join(["cuda: the steps of each event"] + [f"  {events}: {self.form(kind)}" for events, kind in
+                                                              (("forward, replay", "step"), ("backward", "backward_step"))]
+                         + ["  (else launch by launch: on a device that cannot size a persistent grid, or "
+                            "loaded with persistent=False)"])
 
 
 LAUNCH_LISTS = ("seq", "rows", "step", "backward_step", "param_grads", "backward_seq")

@@ -106,8 +106,9 @@ class CudaModule:
     def __init__(self, program, launches: Launches, device, dtype="float32", precision: str | None = None,
                  persistent: bool = True):
         self.program, self.cell = program, program.cell
-        # the per-step lists with a persistent kernel run as one launch (False: launch by launch,
-        # to compare the two); on a device that cannot size its grid, launch by launch
+        # the per-step lists with a persistent kernel run as one launch; False (settable on a
+        # loaded module): launch by launch, to compare the two. On a device that cannot size the
+        # persistent grid, launch by launch.
         self.persistent = persistent
         self.dtype = cuda_dtype(dtype)
         self.precision = for_dtype(self.dtype, precision or program.precision)
@@ -382,13 +383,11 @@ class CudaModule:
 # --- PyCUDA -----------------------------------------------------------------------------------------
 
 def load(program, dtype="float32", device: int | None = None, empty=None, cubin_for=None,
-         made: dict | None = None, precision: str | None = None, persistent: bool = True) -> CudaModule:
+         made: dict | None = None, precision: str | None = None) -> CudaModule:
     """A CudaModule for a Program, loaded with PyCUDA (`device` and `empty`: see
     PycudaDevice): the program's `cuda` and `cubin` stages (rnnc/driver.py),
     its products at `precision` (default: the Program's), built for the GPU,
-    or `cubin_for(arch)`'s cubin of the `cuda` stage (given in `made`, or made now).
-    `persistent=False` runs every step as launches of its own (the persistent
-    kernels' comparison in benchmarks/gpu.py)."""
+    or `cubin_for(arch)`'s cubin of the `cuda` stage (given in `made`, or made now)."""
     dtype = cuda_dtype(dtype).name
     precision = for_dtype(dtype, precision or program.precision).name
     precision = program.precision if is_narrow(dtype) else precision  # the option's name; the dtype decides
@@ -401,7 +400,7 @@ def load(program, dtype="float32", device: int | None = None, empty=None, cubin_
         cubin = cubin_for(device.arch)
     launches = made["cuda"].launches
     device.load_module(cubin, launches.arities())
-    return CudaModule(program, launches, device, dtype, precision, persistent)
+    return CudaModule(program, launches, device, dtype, precision)
 
 
 def cuda_dtype(dtype) -> np.dtype:
