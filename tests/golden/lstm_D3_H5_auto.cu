@@ -743,11 +743,6 @@ static __device__ __forceinline__ void rnnc_dgrad_5_dot_body(const uint3 blockId
     }
 }
 
-extern "C" __global__ void __launch_bounds__(256, 2) rnnc_dgrad_5_dot(const int rows, float* v_state_3ah_40base, float* v_d_5frow_3a_251_40base, float* v_d_5facc_3aU_40base, float* v_split_3arnnc_5fdgrad_5f5_5fdot_40base, float* v_tickets_3arnnc_5fdgrad_5f5_5fdot_40base) {
-    __shared__ __align__(16) char shared_[18448];  // what its body takes of shared memory
-    rnnc_dgrad_5_dot_body(blockIdx, gridDim, shared_, rows, v_state_3ah_40base, v_d_5frow_3a_251_40base, v_d_5facc_3aU_40base, v_split_3arnnc_5fdgrad_5f5_5fdot_40base, v_tickets_3arnnc_5fdgrad_5f5_5fdot_40base);
-}
-
 // %step:33 = reduce_to(%step:mask3)
 // y[o] += sum over r of x[base(o) + step(r)]: 8 outputs side by side, 4 lanes of each of 8 warps per output. An output's 32
 // threads each sum r = r_lane, r_lane + 32, ...; warp shuffles, then the warps, add up their sums.
@@ -782,13 +777,40 @@ static __device__ __forceinline__ void rnnc_dgrad_6_reduce_to_body(const uint3 b
     }
 }
 
-extern "C" __global__ void __launch_bounds__(256) rnnc_dgrad_6_reduce_to(const int rows, float* v_d_5frow_3a_251_40base, float* v_d_5facc_3ab_40base) {
-    __shared__ __align__(16) char shared_[256];  // what its body takes of shared memory
-    rnnc_dgrad_6_reduce_to_body(blockIdx, gridDim, shared_, rows, v_d_5frow_3a_251_40base, v_d_5facc_3ab_40base);
+// rnnc_dgrad_5_dot | rnnc_dgrad_6_reduce_to
+// 2 kernels that need nothing of each other in one launch: the blocks of the grid
+// go to each in turn, each block to a block of that kernel's own grid.
+static __device__ __forceinline__ void rnnc_dgrad_7_fused_body(const uint3 blockIdx, const uint3 gridDim, char* const shared_, const int rows, float* v_state_3ah_40base, float* v_d_5frow_3a_251_40base, float* v_d_5facc_3aU_40base, float* v_split_3arnnc_5fdgrad_5f5_5fdot_40base, float* v_tickets_3arnnc_5fdgrad_5f5_5fdot_40base, float* v_d_5facc_3ab_40base) {
+    unsigned block_ = blockIdx.x;
+    {
+        const uint3 grid_ = uint3{ 1, 1, 50 };
+        const unsigned blocks_ = grid_.x * grid_.y * grid_.z;
+        if (block_ < blocks_) {
+            rnnc_dgrad_5_dot_body(uint3{block_ % grid_.x, block_ / grid_.x % grid_.y, block_ / (grid_.x * grid_.y)}, grid_,
+                shared_, rows, v_state_3ah_40base, v_d_5frow_3a_251_40base, v_d_5facc_3aU_40base, v_split_3arnnc_5fdgrad_5f5_5fdot_40base, v_tickets_3arnnc_5fdgrad_5f5_5fdot_40base);
+            return;
+        }
+        block_ -= blocks_;
+    }
+    {
+        const uint3 grid_ = uint3{ 3, 1, 1 };
+        const unsigned blocks_ = grid_.x * grid_.y * grid_.z;
+        if (block_ < blocks_) {
+            rnnc_dgrad_6_reduce_to_body(uint3{block_ % grid_.x, block_ / grid_.x % grid_.y, block_ / (grid_.x * grid_.y)}, grid_,
+                shared_, rows, v_d_5frow_3a_251_40base, v_d_5facc_3ab_40base);
+            return;
+        }
+        block_ -= blocks_;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2) rnnc_dgrad_7_fused(const int rows, float* v_state_3ah_40base, float* v_d_5frow_3a_251_40base, float* v_d_5facc_3aU_40base, float* v_split_3arnnc_5fdgrad_5f5_5fdot_40base, float* v_tickets_3arnnc_5fdgrad_5f5_5fdot_40base, float* v_d_5facc_3ab_40base) {
+    __shared__ __align__(16) char shared_[18448];  // what its body takes of shared memory
+    rnnc_dgrad_7_fused_body(blockIdx, gridDim, shared_, rows, v_state_3ah_40base, v_d_5frow_3a_251_40base, v_d_5facc_3aU_40base, v_split_3arnnc_5fdgrad_5f5_5fdot_40base, v_tickets_3arnnc_5fdgrad_5f5_5fdot_40base, v_d_5facc_3ab_40base);
 }
 
 // %pre:mask2 = select(%valid, x, %pre:mask1)
-static __device__ __forceinline__ void rnnc_pre_bwd_7_phase0_body(const uint3 blockIdx, const uint3 gridDim, char* const shared_, const int rows, float* v_valid_40base, float* v_input_3ax_40base, float* v_pre_5fbwd_3a_25pre_3amask2_40base) {
+static __device__ __forceinline__ void rnnc_pre_bwd_8_phase0_body(const uint3 blockIdx, const uint3 gridDim, char* const shared_, const int rows, float* v_valid_40base, float* v_input_3ax_40base, float* v_pre_5fbwd_3a_25pre_3amask2_40base) {
     const int stride_ = blockDim.x * gridDim.x;
     for (int i_ = blockIdx.x * blockDim.x + threadIdx.x; i_ < rows * 3; i_ += stride_) {
         const int j0 = i_ / 3;
@@ -800,16 +822,16 @@ static __device__ __forceinline__ void rnnc_pre_bwd_7_phase0_body(const uint3 bl
     }
 }
 
-extern "C" __global__ void rnnc_pre_bwd_7_phase0(const int rows, float* v_valid_40base, float* v_input_3ax_40base, float* v_pre_5fbwd_3a_25pre_3amask2_40base) {
+extern "C" __global__ void rnnc_pre_bwd_8_phase0(const int rows, float* v_valid_40base, float* v_input_3ax_40base, float* v_pre_5fbwd_3a_25pre_3amask2_40base) {
     __shared__ __align__(16) char shared_[16];  // what its body takes of shared memory
-    rnnc_pre_bwd_7_phase0_body(blockIdx, gridDim, shared_, rows, v_valid_40base, v_input_3ax_40base, v_pre_5fbwd_3a_25pre_3amask2_40base);
+    rnnc_pre_bwd_8_phase0_body(blockIdx, gridDim, shared_, rows, v_valid_40base, v_input_3ax_40base, v_pre_5fbwd_3a_25pre_3amask2_40base);
 }
 
 // %pre:2 = dot(%pre:mask2, d:%1)  [zk,zj->kj]
 // out[g, m, n] = sum_k A[g, m, k] * B[g, k, n]: float32 FMA, 16x16 threads with 2x2 outputs each.
 // A block computes a 32x32 tile of (m, n), reading k 32 at a time into shared memory,
 // the next slice copied (cp.async) while this one is multiplied.
-static __device__ __forceinline__ void rnnc_pre_bwd_8_dot_body(const uint3 blockIdx, const uint3 gridDim, char* const shared_, const int rows, float* v_pre_5fbwd_3a_25pre_3amask2_40base, float* v_d_5frow_3a_251_40base, float* v_pre_5fbwd_3a_25pre_3a2_40base, float* v_split_3arnnc_5fpre_5fbwd_5f8_5fdot_40base, float* v_tickets_3arnnc_5fpre_5fbwd_5f8_5fdot_40base) {
+static __device__ __forceinline__ void rnnc_pre_bwd_9_dot_body(const uint3 blockIdx, const uint3 gridDim, char* const shared_, const int rows, float* v_pre_5fbwd_3a_25pre_3amask2_40base, float* v_d_5frow_3a_251_40base, float* v_pre_5fbwd_3a_25pre_3a2_40base, float* v_split_3arnnc_5fpre_5fbwd_5f9_5fdot_40base, float* v_tickets_3arnnc_5fpre_5fbwd_5f9_5fdot_40base) {
     const int G = 1, M = 3, N = 20, K = rows * 1;
     auto& As = *reinterpret_cast<float(*)[2][1152]>(shared_);  // [k][m], rows 36 apart
     auto& Bs = *reinterpret_cast<float(*)[2][1152]>(shared_ + 9216);  // [k][n], rows 36 apart
@@ -867,8 +889,8 @@ static __device__ __forceinline__ void rnnc_pre_bwd_8_dot_body(const uint3 block
         }
         // each split leaves its partial sums in the workspace; the last of the tile's
         // blocks to arrive adds them up in split order (the same sum whichever is last)
-        float* partial_ = v_split_3arnnc_5fpre_5fbwd_5f8_5fdot_40base;
-        int* tickets_ = reinterpret_cast<int*>(v_tickets_3arnnc_5fpre_5fbwd_5f8_5fdot_40base);
+        float* partial_ = v_split_3arnnc_5fpre_5fbwd_5f9_5fdot_40base;
+        int* tickets_ = reinterpret_cast<int*>(v_tickets_3arnnc_5fpre_5fbwd_5f9_5fdot_40base);
         const int tile_ = blockIdx.y * gridDim.x + blockIdx.x;
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
@@ -907,7 +929,7 @@ static __device__ __forceinline__ void rnnc_pre_bwd_8_dot_body(const uint3 block
 // out[g, m, n] = sum_k A[g, m, k] * B[g, k, n]: float32 FMA, 16x16 threads with 2x2 outputs each.
 // A block computes a 32x32 tile of (m, n), reading k 32 at a time into shared memory,
 // the next slice copied (cp.async) while this one is multiplied.
-static __device__ __forceinline__ void rnnc_pre_bwd_9_dot_body(const uint3 blockIdx, const uint3 gridDim, char* const shared_, const int rows, float* v_d_5frow_3a_251_40base, float* v_param_3aW_40base, float* v_pre_5fbwd_3a_25pre_3a1_40base, float* v_rows_3arnnc_5fpre_5fbwd_5f9_5fdot_40base, float* v_valid_40base, float* v_pre_5fbwd_3a_25pre_3amask3_40base) {
+static __device__ __forceinline__ void rnnc_pre_bwd_10_dot_body(const uint3 blockIdx, const uint3 gridDim, char* const shared_, const int rows, float* v_d_5frow_3a_251_40base, float* v_param_3aW_40base, float* v_pre_5fbwd_3a_25pre_3a1_40base, float* v_rows_3arnnc_5fpre_5fbwd_5f10_5fdot_40base, float* v_valid_40base, float* v_pre_5fbwd_3a_25pre_3amask3_40base) {
     const int G = 1, M = rows * 1, N = 3, K = 20;
     auto& As = *reinterpret_cast<float(*)[2][1152]>(shared_);  // [k][m], rows 36 apart
     auto& Bs = *reinterpret_cast<float(*)[2][1152]>(shared_ + 9216);  // [k][n], rows 36 apart
@@ -975,7 +997,7 @@ static __device__ __forceinline__ void rnnc_pre_bwd_9_dot_body(const uint3 block
         // them (the product's results from L2: other blocks wrote them)
         __threadfence();  // this block's results are visible to the block that reads them
         __syncthreads();
-        int* rows_tickets_ = reinterpret_cast<int*>(v_rows_3arnnc_5fpre_5fbwd_5f9_5fdot_40base);  // per m tile, its tiles done
+        int* rows_tickets_ = reinterpret_cast<int*>(v_rows_3arnnc_5fpre_5fbwd_5f10_5fdot_40base);  // per m tile, its tiles done
         int& rows_last_ = *reinterpret_cast<int*>(shared_ + 18432 + 4);
         if (threadIdx.x == 0) {
             rows_last_ = true && atomicAdd(&rows_tickets_[blockIdx.y], 1) == gridDim.x - 1;
@@ -998,17 +1020,17 @@ static __device__ __forceinline__ void rnnc_pre_bwd_9_dot_body(const uint3 block
     }
 }
 
-// rnnc_pre_bwd_8_dot | rnnc_pre_bwd_9_dot
+// rnnc_pre_bwd_9_dot | rnnc_pre_bwd_10_dot
 // 2 kernels that need nothing of each other in one launch: the blocks of the grid
 // go to each in turn, each block to a block of that kernel's own grid.
-static __device__ __forceinline__ void rnnc_pre_bwd_10_fused_body(const uint3 blockIdx, const uint3 gridDim, char* const shared_, const int rows, float* v_pre_5fbwd_3a_25pre_3amask2_40base, float* v_d_5frow_3a_251_40base, float* v_pre_5fbwd_3a_25pre_3a2_40base, float* v_split_3arnnc_5fpre_5fbwd_5f8_5fdot_40base, float* v_tickets_3arnnc_5fpre_5fbwd_5f8_5fdot_40base, float* v_param_3aW_40base, float* v_pre_5fbwd_3a_25pre_3a1_40base, float* v_rows_3arnnc_5fpre_5fbwd_5f9_5fdot_40base, float* v_valid_40base, float* v_pre_5fbwd_3a_25pre_3amask3_40base) {
+static __device__ __forceinline__ void rnnc_pre_bwd_11_fused_body(const uint3 blockIdx, const uint3 gridDim, char* const shared_, const int rows, float* v_pre_5fbwd_3a_25pre_3amask2_40base, float* v_d_5frow_3a_251_40base, float* v_pre_5fbwd_3a_25pre_3a2_40base, float* v_split_3arnnc_5fpre_5fbwd_5f9_5fdot_40base, float* v_tickets_3arnnc_5fpre_5fbwd_5f9_5fdot_40base, float* v_param_3aW_40base, float* v_pre_5fbwd_3a_25pre_3a1_40base, float* v_rows_3arnnc_5fpre_5fbwd_5f10_5fdot_40base, float* v_valid_40base, float* v_pre_5fbwd_3a_25pre_3amask3_40base) {
     unsigned block_ = blockIdx.x;
     {
         const uint3 grid_ = uint3{ 1, 1, 50 };
         const unsigned blocks_ = grid_.x * grid_.y * grid_.z;
         if (block_ < blocks_) {
-            rnnc_pre_bwd_8_dot_body(uint3{block_ % grid_.x, block_ / grid_.x % grid_.y, block_ / (grid_.x * grid_.y)}, grid_,
-                shared_, rows, v_pre_5fbwd_3a_25pre_3amask2_40base, v_d_5frow_3a_251_40base, v_pre_5fbwd_3a_25pre_3a2_40base, v_split_3arnnc_5fpre_5fbwd_5f8_5fdot_40base, v_tickets_3arnnc_5fpre_5fbwd_5f8_5fdot_40base);
+            rnnc_pre_bwd_9_dot_body(uint3{block_ % grid_.x, block_ / grid_.x % grid_.y, block_ / (grid_.x * grid_.y)}, grid_,
+                shared_, rows, v_pre_5fbwd_3a_25pre_3amask2_40base, v_d_5frow_3a_251_40base, v_pre_5fbwd_3a_25pre_3a2_40base, v_split_3arnnc_5fpre_5fbwd_5f9_5fdot_40base, v_tickets_3arnnc_5fpre_5fbwd_5f9_5fdot_40base);
             return;
         }
         block_ -= blocks_;
@@ -1017,21 +1039,21 @@ static __device__ __forceinline__ void rnnc_pre_bwd_10_fused_body(const uint3 bl
         const uint3 grid_ = uint3{ 1, unsigned(max(1, (rows * 1 + 31) / 32)), 1 };
         const unsigned blocks_ = grid_.x * grid_.y * grid_.z;
         if (block_ < blocks_) {
-            rnnc_pre_bwd_9_dot_body(uint3{block_ % grid_.x, block_ / grid_.x % grid_.y, block_ / (grid_.x * grid_.y)}, grid_,
-                shared_, rows, v_d_5frow_3a_251_40base, v_param_3aW_40base, v_pre_5fbwd_3a_25pre_3a1_40base, v_rows_3arnnc_5fpre_5fbwd_5f9_5fdot_40base, v_valid_40base, v_pre_5fbwd_3a_25pre_3amask3_40base);
+            rnnc_pre_bwd_10_dot_body(uint3{block_ % grid_.x, block_ / grid_.x % grid_.y, block_ / (grid_.x * grid_.y)}, grid_,
+                shared_, rows, v_d_5frow_3a_251_40base, v_param_3aW_40base, v_pre_5fbwd_3a_25pre_3a1_40base, v_rows_3arnnc_5fpre_5fbwd_5f10_5fdot_40base, v_valid_40base, v_pre_5fbwd_3a_25pre_3amask3_40base);
             return;
         }
         block_ -= blocks_;
     }
 }
 
-extern "C" __global__ void __launch_bounds__(256, 2) rnnc_pre_bwd_10_fused(const int rows, float* v_pre_5fbwd_3a_25pre_3amask2_40base, float* v_d_5frow_3a_251_40base, float* v_pre_5fbwd_3a_25pre_3a2_40base, float* v_split_3arnnc_5fpre_5fbwd_5f8_5fdot_40base, float* v_tickets_3arnnc_5fpre_5fbwd_5f8_5fdot_40base, float* v_param_3aW_40base, float* v_pre_5fbwd_3a_25pre_3a1_40base, float* v_rows_3arnnc_5fpre_5fbwd_5f9_5fdot_40base, float* v_valid_40base, float* v_pre_5fbwd_3a_25pre_3amask3_40base) {
+extern "C" __global__ void __launch_bounds__(256, 2) rnnc_pre_bwd_11_fused(const int rows, float* v_pre_5fbwd_3a_25pre_3amask2_40base, float* v_d_5frow_3a_251_40base, float* v_pre_5fbwd_3a_25pre_3a2_40base, float* v_split_3arnnc_5fpre_5fbwd_5f9_5fdot_40base, float* v_tickets_3arnnc_5fpre_5fbwd_5f9_5fdot_40base, float* v_param_3aW_40base, float* v_pre_5fbwd_3a_25pre_3a1_40base, float* v_rows_3arnnc_5fpre_5fbwd_5f10_5fdot_40base, float* v_valid_40base, float* v_pre_5fbwd_3a_25pre_3amask3_40base) {
     __shared__ __align__(16) char shared_[18448];  // what its body takes of shared memory
-    rnnc_pre_bwd_10_fused_body(blockIdx, gridDim, shared_, rows, v_pre_5fbwd_3a_25pre_3amask2_40base, v_d_5frow_3a_251_40base, v_pre_5fbwd_3a_25pre_3a2_40base, v_split_3arnnc_5fpre_5fbwd_5f8_5fdot_40base, v_tickets_3arnnc_5fpre_5fbwd_5f8_5fdot_40base, v_param_3aW_40base, v_pre_5fbwd_3a_25pre_3a1_40base, v_rows_3arnnc_5fpre_5fbwd_5f9_5fdot_40base, v_valid_40base, v_pre_5fbwd_3a_25pre_3amask3_40base);
+    rnnc_pre_bwd_11_fused_body(blockIdx, gridDim, shared_, rows, v_pre_5fbwd_3a_25pre_3amask2_40base, v_d_5frow_3a_251_40base, v_pre_5fbwd_3a_25pre_3a2_40base, v_split_3arnnc_5fpre_5fbwd_5f9_5fdot_40base, v_tickets_3arnnc_5fpre_5fbwd_5f9_5fdot_40base, v_param_3aW_40base, v_pre_5fbwd_3a_25pre_3a1_40base, v_rows_3arnnc_5fpre_5fbwd_5f10_5fdot_40base, v_valid_40base, v_pre_5fbwd_3a_25pre_3amask3_40base);
 }
 
 // pre_bwd: add gradients
-static __device__ __forceinline__ void rnnc_pre_bwd_add_11_glue_body(const uint3 blockIdx, const uint3 gridDim, char* const shared_, const int rows, float* v_pre_5fbwd_3a_25pre_3amask3_40base, float* v_d_5frow_3ax_40base, float* v_pre_5fbwd_3a_25pre_3a2_40base, float* v_d_5facc_3aW_40base) {
+static __device__ __forceinline__ void rnnc_pre_bwd_add_12_glue_body(const uint3 blockIdx, const uint3 gridDim, char* const shared_, const int rows, float* v_pre_5fbwd_3a_25pre_3amask3_40base, float* v_d_5frow_3ax_40base, float* v_pre_5fbwd_3a_25pre_3a2_40base, float* v_d_5facc_3aW_40base) {
     const int stride_ = blockDim.x * gridDim.x;
     for (int i_ = blockIdx.x * blockDim.x + threadIdx.x; i_ < rows * 3; i_ += stride_) {
         const int j0 = i_ / 3;
@@ -1047,9 +1069,9 @@ static __device__ __forceinline__ void rnnc_pre_bwd_add_11_glue_body(const uint3
     }
 }
 
-extern "C" __global__ void rnnc_pre_bwd_add_11_glue(const int rows, float* v_pre_5fbwd_3a_25pre_3amask3_40base, float* v_d_5frow_3ax_40base, float* v_pre_5fbwd_3a_25pre_3a2_40base, float* v_d_5facc_3aW_40base) {
+extern "C" __global__ void rnnc_pre_bwd_add_12_glue(const int rows, float* v_pre_5fbwd_3a_25pre_3amask3_40base, float* v_d_5frow_3ax_40base, float* v_pre_5fbwd_3a_25pre_3a2_40base, float* v_d_5facc_3aW_40base) {
     __shared__ __align__(16) char shared_[16];  // what its body takes of shared memory
-    rnnc_pre_bwd_add_11_glue_body(blockIdx, gridDim, shared_, rows, v_pre_5fbwd_3a_25pre_3amask3_40base, v_d_5frow_3ax_40base, v_pre_5fbwd_3a_25pre_3a2_40base, v_d_5facc_3aW_40base);
+    rnnc_pre_bwd_add_12_glue_body(blockIdx, gridDim, shared_, rows, v_pre_5fbwd_3a_25pre_3amask3_40base, v_d_5frow_3ax_40base, v_pre_5fbwd_3a_25pre_3a2_40base, v_d_5facc_3aW_40base);
 }
 
 // rnnc_step_persistent: rnnc_step_2_dot

@@ -7,13 +7,14 @@
   (`templates/*.cu.j2`), `products.py` decides the tiles, shared memory and
   inner loop of products (CUDA cores or tensor cores), `cexpr.py` spells
   names, literals and indices in C; `templates/intrinsics.cu` holds the PTX
-  instructions the kernels use.
+  instructions the kernels use (and the grid barrier of persistent kernels).
 - `launches.py`: the launches and buffers, plain data shared by the runtime
   and the artifact.
 - `build.py`: nvcc turns the source into a cubin, cached on disk.
 - `runtime.py`: `CudaModule`, the NumPy module's API, interpreting the Plan's
   schedule (rnnc/passes/schedule.py) event by event, its launches run by
-  `executor.py` on a device (`device.py`: PyCUDA).
+  `executor.py` on a device (`device.py`: PyCUDA); a persistent kernel's
+  grid is what the GPU holds at once (`occupancy.py`).
 """
 
 

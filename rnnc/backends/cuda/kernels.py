@@ -4,7 +4,11 @@ The templates in `templates/` only fill in strings prepared here. A kernel
 family's template writes a body, a device function written for any grid
 (`Part`); a launch runs one body (`kernel.cu.j2`), several side by side
 (`fused.cu.j2`: the blocks of the grid go to each in turn) or several in a
-row for each example (`rows.cu.j2`: a block per row). The families:
+row for each example (`rows.cu.j2`: a block per row), each through a device
+function of its own, `{kernel}_body`, given the launch's shared memory (one
+pool, which its bodies take in turn). A persistent kernel
+(`persistent.cu.j2`) runs the launches of every step of a per-step launch
+list, calling those functions over their grids in turn. The families:
 
 - `elementwise.cu.j2`: a phase of fused elementwise work (`elementwise.py`
   prepares its loops).

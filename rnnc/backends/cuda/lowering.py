@@ -296,18 +296,16 @@ class Lowering:
         return self.glue_kernel("grads", "B", loops, "grads: cotangents not written in place")
 
     def after_loop(self, deferred) -> list:
-        """The deferred parameter-gradient products over all rows of a segment, added to their accumulators."""
+        """The deferred parameter-gradient products over all rows of a segment,
+        added to their accumulators: one region, so those that fit share a launch."""
         producers = self.step_bwd.graph.producers()
         home, external = self.bwd_home(), self.bwd_external("base")
+        targets = {g: self.accumulator(w) for g, w in deferred.items()}
 
         def whole(name):  # every step's slot at once: the base of a per-step buffer
             return replace(home(name, producers[name]), selector="base") if name in producers else external(name)
-        launches = []
-        for g, w in deferred.items():
-            target = self.accumulator(w)
-            launches += self.region("dgrad", "TB", [producers[g]], {g}, whole,
-                                    lambda name, node, target=target: target, accumulate={g})
-        return launches
+        return self.region("dgrad", "TB", [producers[g] for g in deferred], set(deferred), whole,
+                           lambda name, node: targets[name], accumulate=set(deferred))
 
     def whole_region_backward(self, label, rows, backward, external, add_to) -> list:
         """A hoisted region's backward, then its gradients added to their accumulators."""
