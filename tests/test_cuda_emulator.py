@@ -150,29 +150,21 @@ def test_a_block_larger_than_the_launch_bounds_is_an_error(device):
 
 
 # persistent kernels: their blocks run together and meet at grid barriers (templates/intrinsics.cu)
+# three rounds: each block's value is one more than the sum of all blocks' values of the round
+# before, which a grid barrier between rounds makes sure are written (G blocks: 1, G + 1, G^2 + G + 1)
+ROUNDS = """{
+    for (int r = 0; r < 3; ++r) {
+        if (threadIdx.x == 0) {
+            float sum = 0.0f;
+            for (unsigned b = 0; r > 0 && b < gridDim.x; ++b) sum += out[(r - 1) * gridDim.x + b];
+            out[r * gridDim.x + blockIdx.x] = sum + 1.0f;
+        }
+        BARRIER;
+    }
+}"""
 GRID_KERNELS = {
-    # three rounds: each block's value is one more than the sum of all blocks' values of the round
-    # before, which the barrier between rounds makes sure are written (G blocks: 1, G + 1, G^2 + G + 1)
-    "rounds_with_barriers": """{
-    for (int r = 0; r < 3; ++r) {
-        if (threadIdx.x == 0) {
-            float sum = 0.0f;
-            for (unsigned b = 0; r > 0 && b < gridDim.x; ++b) sum += out[(r - 1) * gridDim.x + b];
-            out[r * gridDim.x + blockIdx.x] = sum + 1.0f;
-        }
-        rnnc_grid_barrier(reinterpret_cast<unsigned*>(four));
-    }
-}""",
-    "rounds_without_barriers": """{
-    for (int r = 0; r < 3; ++r) {
-        if (threadIdx.x == 0) {
-            float sum = 0.0f;
-            for (unsigned b = 0; r > 0 && b < gridDim.x; ++b) sum += out[(r - 1) * gridDim.x + b];
-            out[r * gridDim.x + blockIdx.x] = sum + 1.0f;
-        }
-        __syncthreads();
-    }
-}""",
+    "rounds_with_barriers": ROUNDS.replace("BARRIER", "rnnc_grid_barrier(reinterpret_cast<unsigned*>(four))"),
+    "rounds_without_barriers": ROUNDS.replace("BARRIER", "__syncthreads()"),
     # block 0 leaves before the barrier the others wait at
     "barrier_one_block_skips": """{
     if (blockIdx.x == 0) return;
