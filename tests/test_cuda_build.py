@@ -30,7 +30,8 @@ from rnnc.backends.cuda.executor import work_blocks
 from rnnc.backends.cuda.cexpr import mangle
 from rnnc.backends.cuda.device import CudaUnavailable
 from rnnc.backends.cuda.lowering import generate
-from rnnc.backends.cuda.launches import Launches
+from rnnc.backends.cuda.kernels import Generator
+from rnnc.backends.cuda.launches import Extent, Launch, Launches
 from rnnc.backends.cuda.runtime import CudaModule
 from rnnc.cli import main
 
@@ -199,6 +200,22 @@ def test_persistent_grids_fit_on_the_gpu_at_once(cubins):
                     assert 1 <= occupancy.persistent_grid(capacity, needed) <= capacity
                     checked += 1
     assert checked >= len(EXAMPLES) * len(MODES) * 3 * 2  # examples, modes, GPUs, batches, a kind at least
+
+
+def test_launch_lists_that_cannot_be_one_kernel_say_why():
+    """A persistent kernel's blocks run every kernel of the list: kernels on
+    blocks of other sizes cannot share them, nor is there a kernel to run
+    without launches; both run launch by launch, and the schedule says why."""
+    gen = Generator("fp32")
+    lists = {"sizes": [Launch(f"k{block}", (Extent(1),) * 3, block, "B", ()) for block in (128, 256)], "none": []}
+    gen.launched = {launch.kernel: ((), 0) for launch in lists["sizes"]}
+    made = {name: gen.persistent(f"p_{name}", launches) for name, launches in lists.items()}
+    assert made["sizes"] == (None, "its kernels take blocks of 128 and 256 threads")
+    assert made["none"] == (None, "no launches a step")
+    assert gen.sources == []
+    launches = Launches(step=lists["sizes"], why_per_step={"step": made["sizes"][1], "backward_step": "no launches a step"})
+    assert "forward, replay: per step: 2 launches a step (its kernels take blocks of 128 and 256 threads)" \
+        in launches.forms()
 
 
 def test_kernel_resources_are_parsed():
