@@ -10,7 +10,10 @@ shared memory (ptxas's numbers, as PyCUDA's function attributes give them)
 and the multiprocessor's limits, by the rules of NVIDIA's occupancy
 calculator (CUDA C++ Best Practices Guide, "Occupancy"; the limits in the
 CUDA C++ Programming Guide, "Technical Specifications per Compute
-Capability").
+Capability"). Shared memory counts at the largest carveout: with no
+preference set, the driver sizes a kernel's carveout so that shared memory
+does not limit its occupancy (the Programming Guide's shared memory
+sections for compute capability 8.x and 9.0).
 """
 from __future__ import annotations
 
