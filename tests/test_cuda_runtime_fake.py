@@ -18,7 +18,11 @@ What the fake holds the runtime to, as PyCUDA 2026.1 does:
   live allocation;
 - a DeviceAllocation freed on a thread that did not make its context, with
   the context not active there, is leaked with a warning;
-- importing `pycuda.autoprimaryctx` pushes GPU 0's primary context, once.
+- importing `pycuda.autoprimaryctx` pushes GPU 0's primary context, once;
+- a device's limits come from `Device.get_attribute(device_attribute.X)` and a
+  kernel's resources from `Function.num_regs`, `shared_size_bytes` and
+  `max_threads_per_block` (the fake: an H100's, and a kernel of 64 registers);
+  a persistent kernel's launch may not exceed what the GPU holds at once.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ import pytest
 
 import rnnc
 from rnnc.backends.cuda.device import CudaUnavailable, PycudaDevice
+from rnnc.backends.cuda.launches import PER_STEP
 from rnnc.backends.cuda.lowering import generate
 from rnnc.backends.cuda.runtime import load
 
@@ -51,6 +56,23 @@ class FakeError(Exception):
     """pycuda.driver.Error"""
 
 
+class DeviceAttribute:
+    """A member of pycuda.driver.device_attribute."""
+
+    def __init__(self, name):
+        self.name = name
+
+
+# an H100's limits, as its driver reports them (the CUDA C++ Programming Guide's table for 9.0)
+H100_ATTRIBUTES = {"MULTIPROCESSOR_COUNT": 132, "MAX_THREADS_PER_MULTIPROCESSOR": 2048,
+                   "MAX_BLOCKS_PER_MULTIPROCESSOR": 32, "MAX_REGISTERS_PER_MULTIPROCESSOR": 65536,
+                   "MAX_REGISTERS_PER_BLOCK": 65536, "MAX_SHARED_MEMORY_PER_MULTIPROCESSOR": 233472,
+                   "RESERVED_SHARED_MEMORY_PER_BLOCK": 1024}
+FUNCTION_RESOURCES = (64, 20000, 1024)  # every kernel's registers, static shared memory, most threads
+# 256 threads of 64 registers: 4 blocks a multiprocessor by registers; 21 KB each: 11 by shared memory
+FAKE_CO_RESIDENT = 132 * 4
+
+
 class FakeCuda:
     """The state behind one fake `pycuda`: devices, allocations, context stacks, modules."""
 
@@ -58,7 +80,7 @@ class FakeCuda:
         self.devices, self.capability = devices, capability
         self.local = threading.local()
         self.allocations = {}  # base -> size in bytes
-        self.libraries = {}  # path -> (emulator library, kernel arities)
+        self.libraries = {}  # path -> (emulator library, kernel arities, persistent kernels)
         self.launches = []  # (kernel, grid, block, packed values)
         self.leaks = []
 
@@ -134,6 +156,13 @@ def fake_pycuda(monkeypatch, cuda: FakeCuda, package_dir) -> types.ModuleType:
         def retain_primary_context(self):
             return Context(self)
 
+        def name(self):
+            return "Fake H100"
+
+        def get_attribute(self, attribute):
+            assert isinstance(attribute, DeviceAttribute), attribute
+            return H100_ATTRIBUTES[attribute.name]
+
     class DeviceAllocation:
         def __init__(self, nbytes):
             cuda.need_context("explicit_context_dependent")
@@ -181,8 +210,10 @@ def fake_pycuda(monkeypatch, cuda: FakeCuda, package_dir) -> types.ModuleType:
         ctypes.memset(dest, data, size)
 
     class Function:
-        def __init__(self, name, library, arity):
-            self.name, self.library, self.arity = name, library, arity
+        num_regs, shared_size_bytes, max_threads_per_block = FUNCTION_RESOURCES
+
+        def __init__(self, name, library, arity, persistent):
+            self.name, self.library, self.arity, self.persistent = name, library, arity, persistent
 
         def prepare(self, arg_types):  # as pycuda.driver's function_prepare, for strings
             assert isinstance(arg_types, str), "arg types: a string of struct characters"
@@ -209,17 +240,19 @@ def fake_pycuda(monkeypatch, cuda: FakeCuda, package_dir) -> types.ModuleType:
             cuda.launches.append((self.name, grid, block, packed))
             for p in ptrs:
                 cuda.check_range(f"{self.name} buffer", p, 4)
-            self.library.run(self.name, grid3, block3[0], rows, ptrs, seed=0)
+            if self.persistent:  # every block resident at once, on the fake H100
+                assert grid3[0] <= FAKE_CO_RESIDENT, f"{self.name}: grid {grid} past what the GPU holds"
+            self.library.run(self.name, grid3, block3[0], rows, ptrs, seed=0, together=self.persistent)
 
     class Module:
         def __init__(self, path):
             cuda.need_context("explicit_context_dependent")
-            self.library, self.arities = cuda.libraries[path]
+            self.library, self.arities, self.persistent = cuda.libraries[path]
 
         def get_function(self, name):
             if name not in self.arities:
                 raise FakeError(f"cuModuleGetFunction failed: named symbol not found ({name})")
-            return Function(name, self.library, self.arities[name])
+            return Function(name, self.library, self.arities[name], name in self.persistent)
 
     def module_from_file(filename):
         assert isinstance(filename, str)
@@ -229,6 +262,7 @@ def fake_pycuda(monkeypatch, cuda: FakeCuda, package_dir) -> types.ModuleType:
     drv.memcpy_htod, drv.memcpy_dtoh, drv.memcpy_dtod, drv.memset_d8 = \
         memcpy_htod, memcpy_dtoh, memcpy_dtod, memset_d8
     drv.module_from_file = module_from_file
+    drv.device_attribute = types.SimpleNamespace(**{name: DeviceAttribute(name) for name in H100_ATTRIBUTES})
 
     gpuarray = types.ModuleType("pycuda.gpuarray")
 
@@ -288,15 +322,20 @@ def loaded(cuda: FakeCuda, program, workdir, **options):
         path = workdir / f"{program.cell.name}.{arch}.cubin"
         path.write_text(generated.source)
         library = cuda_emulator.Library(generated.source, generated.launches.arities(), workdir)
-        cuda.libraries[str(path)] = (library, generated.launches.arities())
+        cuda.libraries[str(path)] = (library, generated.launches.arities(),
+                                     {p.kernel for p in generated.launches.persistent.values()})
         return path
     module = load(program, "float32", cubin_for=cubin_for, made={"cuda": generated}, **options)
     return module, archs
 
 
-def test_numpy_in_numpy_out_equals_reference(cuda, workdir):
+@pytest.mark.parametrize("persistent", [True, False])
+def test_numpy_in_numpy_out_equals_reference(cuda, workdir, persistent):
+    """Every step of an event in one launch of a persistent kernel, or
+    (`persistent = False`) each step's kernels launched one by one."""
     program = cases.compile_example(LSTM, "auto")
     module, archs = loaded(cuda, program, workdir)
+    module.persistent = persistent
     assert archs == ["sm_90"]  # the GPU's compute capability, 9.0
     args = cases.arguments(program)
     for lengths in (None, cases.LENGTHS):
@@ -305,8 +344,12 @@ def test_numpy_in_numpy_out_equals_reference(cuda, workdir):
     # every push popped: what stays active is GPU 0's primary context, as pycuda.autoprimaryctx leaves it
     assert cuda.launches and cuda.stack() == [module.device.context]
     assert module.device.context is sys.modules["pycuda.autoprimaryctx"].context
-    kernels = {name for name, *_ in cuda.launches}
-    assert kernels == set(generate(program).launches.kernels())
+    launches = generate(program).launches
+    step_kernels = {launch.kernel for kind in PER_STEP for launch in getattr(launches, kind)}
+    persistent_kernels = {p.kernel for p in launches.persistent.values()}
+    assert persistent_kernels and step_kernels
+    unused = step_kernels if persistent else persistent_kernels
+    assert {name for name, *_ in cuda.launches} == set(launches.kernels()) - unused
 
 
 def test_gpuarrays_in_give_gpuarrays_out(cuda, workdir):
