@@ -124,6 +124,13 @@ def mismatches(got: dict, want: dict, tolerance: float = TOLERANCE) -> dict:
     return bad
 
 
+def assert_equals_reference(module, program, args: dict, precision: str = "fp32"):
+    """Every array `module` gives equals the float64 reference's at the
+    tolerance of `precision`, without lengths and with LENGTHS."""
+    for lengths in (None, LENGTHS):
+        bad = mismatches(run(module, args, lengths), reference(program, args, lengths, precision), tolerance(precision))
+        assert not bad, f"lengths={lengths}: relative errors {bad}"
+
 
 def large_lstm_mismatches(load, precision: str = "fp32") -> dict:
     """An LSTM with sizes past one product tile and one 256-thread block, a

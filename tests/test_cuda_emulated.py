@@ -68,11 +68,7 @@ def test_example_equals_numpy_reference(path, policy, precision, seed, workdir, 
     program = cases.compile_example(path, policy)
     module, device = emulated(program, workdir, precision, seed)
     args = cases.arguments(program)
-    for lengths in (None, cases.LENGTHS):
-        got = cases.run(module, args, lengths)
-        want = cases.reference(program, args, lengths, precision)
-        bad = cases.mismatches(got, want, cases.tolerance(precision))
-        assert not bad, f"lengths={lengths}: relative errors {bad}"
+    cases.assert_equals_reference(module, program, args, precision)
     assert {"rnnc_step_persistent", "rnnc_backward_step_persistent"} <= set(device.launched)
     plan = program.plan
     assert cases.held_bytes(module, args, None) == (plan.stored_bytes(cases.T, cases.B), plan.peak_bytes(cases.T, cases.B))
@@ -86,10 +82,7 @@ def test_examples_launch_by_launch_equal_numpy_reference(path, precision, workdi
     program = cases.compile_example(path, "auto")
     module, device = emulated(program, workdir, precision, persistent=False)
     args = cases.arguments(program)
-    for lengths in (None, cases.LENGTHS):
-        bad = cases.mismatches(cases.run(module, args, lengths), cases.reference(program, args, lengths, precision),
-                               cases.tolerance(precision))
-        assert not bad, f"lengths={lengths}: relative errors {bad}"
+    cases.assert_equals_reference(module, program, args, precision)
     assert not any(kernel.endswith("_persistent") for kernel in device.launched)
 
 
@@ -237,9 +230,7 @@ def test_new_cells_equal_numpy_reference(name, seed, workdir):
     program = rnnc.compile(new_cells.CELLS[name], dims=new_cells.DIMS, recompute="auto")
     module, _ = emulated(program, workdir, seed=seed)
     args = cases.arguments(program)
-    for lengths in (None, cases.LENGTHS):
-        bad = cases.mismatches(cases.run(module, args, lengths), cases.reference(program, args, lengths))
-        assert not bad, f"lengths={lengths}: relative errors {bad}"
+    cases.assert_equals_reference(module, program, args)
 
 
 @pytest.mark.parametrize("precision", cases.PRECISIONS_RUN)
@@ -254,10 +245,7 @@ def test_launches_of_several_kernels_equal_numpy_reference(policy, precision, wo
     assert {"rows", "fused"} <= kinds  # the cell exercises what it is here for
     module, _ = emulated(program, workdir, precision)
     args = cases.arguments(program)
-    for lengths in (None, cases.LENGTHS):
-        want = cases.reference(program, args, lengths, precision)
-        bad = cases.mismatches(cases.run(module, args, lengths), want, cases.tolerance(precision))
-        assert not bad, f"lengths={lengths}: relative errors {bad}"
+    cases.assert_equals_reference(module, program, args, precision)
 
 
 def test_scalar_params_as_numpy_scalars_and_device_arrays(workdir):

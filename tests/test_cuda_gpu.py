@@ -36,11 +36,7 @@ def test_example_equals_numpy_reference(path, policy, precision):
     program = cases.compile_example(path, policy)
     module = program.load("cuda", precision=precision)
     args = cases.arguments(program)
-    for lengths in (None, cases.LENGTHS):
-        got = cases.run(module, args, lengths)
-        want = cases.reference(program, args, lengths, precision)
-        bad = cases.mismatches(got, want, cases.tolerance(precision))
-        assert not bad, f"lengths={lengths}: relative errors {bad}"
+    cases.assert_equals_reference(module, program, args, precision)
 
 
 @skip_without_gpu
@@ -116,8 +112,7 @@ def test_launch_by_launch_equals_numpy_reference(path):
     module = program.load("cuda")
     module.persistent = False
     args = cases.arguments(program)
-    got = cases.run(module, args, cases.LENGTHS)
-    assert not cases.mismatches(got, cases.reference(program, args, cases.LENGTHS))
+    cases.assert_equals_reference(module, program, args)
 
 
 @skip_without_gpu

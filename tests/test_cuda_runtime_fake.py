@@ -338,9 +338,7 @@ def test_numpy_in_numpy_out_equals_reference(cuda, workdir, persistent):
     module.persistent = persistent
     assert archs == ["sm_90"]  # the GPU's compute capability, 9.0
     args = cases.arguments(program)
-    for lengths in (None, cases.LENGTHS):
-        got = cases.run(module, args, lengths)
-        assert not cases.mismatches(got, cases.reference(program, args, lengths))
+    cases.assert_equals_reference(module, program, args)
     # every push popped: what stays active is GPU 0's primary context, as pycuda.autoprimaryctx leaves it
     assert cuda.launches and cuda.stack() == [module.device.context]
     assert module.device.context is sys.modules["pycuda.autoprimaryctx"].context

@@ -66,7 +66,4 @@ def test_ops_equal_numpy_reference(key, precision, workdir, built):
     prog = program(key)
     module, _ = cuda_emulator.emulated(prog, workdir, precision)
     args = cases.arguments(prog)
-    for lengths in (None, cases.LENGTHS):
-        got = cases.run(module, args, lengths)
-        bad = cases.mismatches(got, cases.reference(prog, args, lengths, precision), cases.tolerance(precision))
-        assert not bad, f"lengths={lengths}: relative errors {bad}"
+    cases.assert_equals_reference(module, prog, args, precision)
