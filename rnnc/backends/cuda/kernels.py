@@ -38,7 +38,7 @@ import jinja2
 from ...ops import BATCH, OPS
 from .cexpr import Joined, Ref, c_float, comment, decode, offset, parts_of, size_expr, strides
 from .launches import ELEMS, Buffer, Extent, Launch, Persistent
-from .products import INPUTS, NOMINAL_ROWS, SHARED_BYTES, Contraction, product_kernel
+from .products import INPUTS, NOMINAL_ROWS, Contraction, product_kernel, tile_bytes
 
 BLOCK = 256  # threads per block of the elementwise, reduction and softmax kernels
 
@@ -89,11 +89,6 @@ def pool_bytes(shared: int) -> int:
 
 def aligned16(nbytes: int) -> int:
     return -(-nbytes // 16) * 16
-
-
-def tile_bytes(tile) -> int:
-    """The bytes of a product's two stages of one operand's SharedTile."""
-    return 2 * tile.elements * tile.elem.bytes
 
 
 def launch_bounds(parts: list) -> str:

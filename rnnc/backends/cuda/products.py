@@ -318,8 +318,13 @@ def shared_tiles(engine, inner: dict, elems: dict, bk: int) -> dict:
     return tiles
 
 
+def tile_bytes(tile: SharedTile) -> int:
+    """The bytes of one operand's SharedTile in its two stages."""
+    return 2 * tile.elements * tile.elem.bytes
+
+
 def shared_bytes(tiles: dict) -> int:
-    return 2 * sum(t.elements * t.elem.bytes for t in tiles.values())  # two stages
+    return sum(map(tile_bytes, tiles.values()))
 
 
 # --- a product's kernel --------------------------------------------------------------------------
@@ -383,11 +388,6 @@ class ProductKernel:
     def block(self) -> int:
         return self.engine.threads
 
-    @property
-    def shared(self) -> int:
-        """Bytes of shared memory its blocks take."""
-        return shared_bytes(self.tiles)
-
     def loader(self, operand: str, param: str) -> dict:
         """How the block's threads copy a slice of `operand` into its SharedTile:
         consecutive threads take consecutive addresses of the operand (its
@@ -441,7 +441,6 @@ def product_kernel(c: Contraction, kind: InputType, rows: int, elems: dict,
     one row, column and summand, else SIMT. A product that shares its blocks
     with other kernels takes blocks of `threads` threads; its tiles take at
     most TILE_BYTES of shared memory."""
-    shared = TILE_BYTES
     for operand, elem in elems.items():
         if elem.c_type not in ("float", kind.elem):
             raise ValueError(f"a {kind.name} product cannot read {elem.c_type} operand {operand}")
@@ -451,11 +450,9 @@ def product_kernel(c: Contraction, kind: InputType, rows: int, elems: dict,
         return {operand: engine.inner(operand, c.global_inner(operand)) for operand in "ab"}
     tensor_cores = kind.mma is not None and min(m, n, k) > 1
     options = [e for e in engines(kind, tensor_cores, threads)
-               if threads in (None, e.threads) and shared_bytes(shared_tiles(e, inner(e), elems, 16)) <= shared]
-    if not options:  # none can share the blocks: a launch of its own
-        options = engines(kind, tensor_cores)
+               if threads in (None, e.threads) and shared_bytes(shared_tiles(e, inner(e), elems, 16)) <= TILE_BYTES]
     engine = choose_tile(options, m, n, g)
-    bk = slice_depth(engine, inner(engine), elems, k, shared)
+    bk = slice_depth(engine, inner(engine), elems, k, TILE_BYTES)
     tiles, splits = blocks(engine, m, n, g), 1
     if g == 1 and tiles < GPU_SMS // 2:  # too few tiles for the GPU: split k where it is long
         splits = max(1, min(-(-GPU_SMS // tiles), k // (MIN_K_TILES * bk)))
