@@ -165,7 +165,7 @@ def cmd_plan(args) -> int:
     program = compile_for_cli(args)
     beside = {p: make_plan(program.hoisted, program.grads, p) for p in ("none", "all")}
     print(format_table(program.plan, program.hoisted.step, args.seq_len, args.batch, args.dtype, beside))
-    print(program.build("cuda")["cuda"].launches.forms())
+    print(driver.cuda_forms(program))
     return 0
 
 

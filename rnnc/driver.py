@@ -157,10 +157,20 @@ def _program(made: dict, o: Options) -> Program:
 
 
 def _schedule(made: dict, o: Options):
+    """The schedule of one call, and how the CUDA runtime runs its events' steps."""
     if o.seq_len is None or o.batch is None:
         raise ValueError("schedule: the schedule is of one call; give seq_len=T and batch=B "
                          "(--seq-len, --batch)")
-    return made["plan"].schedule(o.seq_len, o.batch, o.dtype)
+    return made["plan"].schedule(o.seq_len, o.batch, o.dtype), cuda_forms(made["program"])
+
+
+def cuda_forms(program) -> str:
+    """How the CUDA runtime runs the steps of each event (`rnnc plan` and the
+    schedule stage print it), or why the program has no kernels."""
+    try:
+        return program.build("cuda")["cuda"].launches.forms()
+    except ValueError as err:  # a program the NumPy backend runs, whose sizes the kernels cannot index
+        return f"cuda: no kernels ({err})"
 
 
 def _cuda(made: dict, o: Options):
@@ -195,7 +205,7 @@ STAGES = (
     Stage("mask", "grad", lambda made, o: mask(made["hoist"], made["grad"]),
           lambda masked: format_masked(*masked)),
     Stage("plan", "mask", _plan, Plan.format),
-    Stage("schedule", "plan", _schedule, lambda schedule: schedule.format()),
+    Stage("schedule", "program", _schedule, lambda made: f"{made[0].format()}\n{made[1]}"),
     Stage("program", "plan", _program, None),
     Stage("cuda", "program", _cuda, lambda generated: generated.source),
     Stage("cubin", "cuda", _cubin, None),
@@ -235,8 +245,5 @@ def emit(source: Source, stage: str, **options) -> str:
     if stage not in PRINTABLE:
         raise ValueError(f"unknown stage {stage!r} (stages: {', '.join(PRINTABLE)})")
     made = run_stages(stage, Options(**options), {"source": source})
-    text = BY_NAME[stage].show(made[stage])
-    if stage == "schedule":  # and how the CUDA runtime runs its events' steps
-        text += "\n" + run_stages("cuda", Options(**options), made)["cuda"].launches.forms()
-    return text
+    return BY_NAME[stage].show(made[stage])
 

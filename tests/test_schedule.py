@@ -100,3 +100,21 @@ def test_the_schedule_stage_needs_a_call_size():
         rnnc.driver.emit(source, "schedule", dims={"D": 2, "H": 3})
     text = rnnc.driver.emit(source, "schedule", dims={"D": 2, "H": 3}, seq_len=4, batch=2)
     assert "forward 0      0..3" in text
+
+
+def test_the_schedule_and_the_plan_say_how_cuda_runs_each_events_steps():
+    """The LSTM's step is one kernel forward (the product, then its gates) and two
+    backward: each event's steps in one persistent launch."""
+    source = rnnc.driver.read_source(example("lstm"))
+    text = rnnc.driver.emit(source, "schedule", dims={"D": 2, "H": 3}, seq_len=4, batch=2)
+    forms = text[text.index("cuda: the steps of each event"):].splitlines()
+    assert forms[1] == ("  forward, replay: persistent: one launch runs all the event's steps, 1 kernel a step, "
+                        "a grid barrier after each")
+    assert forms[2].startswith("  backward: persistent: one launch runs all the event's steps, 2 kernels a step")
+    done = run_rnnc("plan", str(example("lstm")), "-DD=2", "-DH=3")
+    assert done.returncode == 0 and "\n".join(forms[:3]) in done.stdout, done.stdout
+    huge = {"D": 4, "H": 20000}  # U: 1.6e9 elements, past the kernels' int indices; the NumPy backend runs it
+    says = "cuda: no kernels (cuda: 'param:U' has 1,600,000,000 elements"
+    assert says in rnnc.driver.emit(source, "schedule", dims=huge, seq_len=4, batch=2)
+    done = run_rnnc("plan", str(example("lstm")), *(f"-D{k}={v}" for k, v in huge.items()))
+    assert done.returncode == 0 and says in done.stdout
