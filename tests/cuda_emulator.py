@@ -285,6 +285,8 @@ extern "C" int emu_{name}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, in
 """
 
 # a kernel's head: extern "C" __global__ void [__launch_bounds__(N, ...)] NAME(
+# and its dynamic shared memory, named
+DYNAMIC_SHARED = re.compile(r"extern __shared__ __align__\(16\) char (\w+)\[\];")
 KERNEL = re.compile(r'extern "C" __global__ void\s+(?:__launch_bounds__\(\s*(\d+)[^)]*\)\s+)?(\w+)\(')
 
 
@@ -302,11 +304,15 @@ class Library:
     directory of their own and rename it into place, so neither loads a
     half-written one); `run` launches one."""
 
-    def __init__(self, source: str, arities: dict, workdir: Path):
+    def __init__(self, source: str, arities: dict, workdir: Path, dynamic_shared: int = 0):
         wrappers = "".join(WRAPPER.format(name=k, params="".join(f", emu::Pointer{{a->p[{i}]}}" for i in range(n)))
                            for k, n in arities.items())
-        # __LINE__ counts the kernels' own lines, for the messages
-        text = HEADER + emulated_intrinsics.HEADER + '#line 1 "kernels.cu"\n' + source + wrappers
+        # A kernel's dynamic shared memory (`extern __shared__`, sized at launch): one array of the
+        # most any launch asks for (`dynamic_shared` bytes), with the others in the section.
+        # __LINE__ counts the kernels' own lines, for the messages.
+        dynamic = f"__shared__ __align__(16) char emu_dynamic_shared[{max(16, dynamic_shared)}];\n"
+        source = DYNAMIC_SHARED.sub(r"char* const \1 = emu_dynamic_shared;", source)
+        text = HEADER + emulated_intrinsics.HEADER + dynamic + '#line 1 "kernels.cu"\n' + source + wrappers
         key = hashlib.sha256(text.encode()).hexdigest()[:16]
         lib = workdir / f"emu_{key}.so"
         if not lib.exists():
@@ -317,6 +323,8 @@ class Library:
                                check=True, capture_output=True, text=True)
                 os.replace(built, lib)
         self.cdll = ctypes.CDLL(str(lib))
+        self.dynamic_shared = dynamic_shared
+        self.cdll.emu_watched.restype = ctypes.c_ulonglong
         self.max_threads = {name: int(bound) if bound else MAX_BLOCK for bound, name in KERNEL.findall(source)}
         for name in arities:
             getattr(self.cdll, f"emu_{name}").argtypes = (
@@ -362,8 +370,9 @@ class EmulatedDevice:
 
     alloc_per_buffer = True
 
-    def __init__(self, generated, workdir: Path, seed: int = SEEDS[0]):
-        self.library = Library(generated.source, generated.launches.arities(), workdir)
+    def __init__(self, generated, workdir: Path, seed: int = SEEDS[0], co_resident: int = CO_RESIDENT):
+        self.library = library(generated, workdir)
+        self.capacity = co_resident
         self.args = {launch.kernel: [name for name, _ in launch.args] for launch in generated.launches.launches()}
         self.persistent = {p.kernel for p in generated.launches.persistent.values()}
         self.random = random.Random(seed)
@@ -405,17 +414,27 @@ class EmulatedDevice:
     def empty(self, shape):
         return HostArray(np.empty(shape, np.float32))
 
-    def launch(self, kernel, grid, block, args: bytes):
+    def launch(self, kernel, grid, block, args: bytes, shared: int = 0):
         rows, ptrs = unpacked(args)
         self.launched.append(kernel)
+        assert shared <= self.library.dynamic_shared, f"{kernel}: {shared} bytes of dynamic shared memory"
         self.library.run(kernel, grid, block, rows, ptrs, self.random.getrandbits(64),
                          together=kernel in self.persistent)
         self.check_guards(kernel, ptrs)
 
-    def co_resident(self, kernel, block) -> int:
-        """The blocks of a persistent kernel the emulated GPU holds at once: a few,
-        fewer than most of its kernels' grids, so its blocks take turns at their work."""
-        return CO_RESIDENT
+    def co_resident(self, kernel, block, shared: int = 0) -> int:
+        """The blocks of a persistent kernel the emulated GPU holds at once: by
+        default a few, fewer than most of its kernels' grids, so its blocks take
+        turns at their work."""
+        return self.capacity
+
+    def watch(self, ptr: int, nbytes: int):
+        """From now on, count the bytes kernels copy (`cp.async`) from the `nbytes` at `ptr`."""
+        self.library.cdll.emu_watch(ctypes.c_void_p(ptr), ctypes.c_void_p(ptr + nbytes))
+
+    def watched(self) -> int:
+        """The bytes kernels copied from the watched memory since `watch`."""
+        return self.library.cdll.emu_watched()
 
     def check_guards(self, kernel, ptrs):
         """A launch wrote outside the allocation of a buffer it was given: which, and where."""
@@ -448,13 +467,13 @@ class EmulatedDevice:
 
 
 def emulated(program, workdir: Path, precision: str = "fp32", seed: int = SEEDS[0], dtype: str = "float32",
-             persistent: bool = True):
+             persistent: bool = True, co_resident: int = CO_RESIDENT):
     """The CUDA backend's module of `program` for arrays of `dtype`, products
     at `precision`, its kernels run by the emulation in the orders `seed`
-    draws, its steps in persistent kernels or (`persistent=False`) launch by
-    launch: (module, device)."""
+    draws, its steps in persistent kernels of at most `co_resident` blocks or
+    (`persistent=False`) launch by launch: (module, device)."""
     generated = generate(program, precision, dtype)
-    device = EmulatedDevice(generated, workdir, seed)
+    device = EmulatedDevice(generated, workdir, seed, co_resident)
     return CudaModule(program, generated.launches, device, dtype, precision, persistent), device
 
 
@@ -463,4 +482,10 @@ def build_all(programs, workdir: Path):
     at a time (g++ is single-threaded; the test machines have 2 cores)."""
     generated = [generate(*case) for case in programs]
     with ThreadPoolExecutor(2) as pool:
-        list(pool.map(lambda g: Library(g.source, g.launches.arities(), workdir), generated))
+        list(pool.map(lambda g: library(g, workdir), generated))
+
+
+def library(generated, workdir: Path) -> Library:
+    """The emulation of generated kernels, with the dynamic shared memory their launches take."""
+    return Library(generated.source, generated.launches.arities(), workdir,
+                   max([p.shared for p in generated.launches.persistent.values()], default=0))

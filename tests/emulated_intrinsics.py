@@ -16,6 +16,8 @@
   rnnc.precision.Precision.round_inputs.
 - `__shfl_down_sync`: a warp-wide exchange through the same slots.
 - `__float_as_uint` (`rnnc_bits`): the float's bytes as an unsigned.
+- and a count of the bytes `cp.async` copies from one array (`emu_watch`),
+  for tests of what kernels read from global memory.
 - atomics: a fiber switches only where it waits, so a plain read-modify-write
   is atomic; `rnnc_pause` (the grid barrier's spin) lets the other fibers run.
 
@@ -50,9 +52,21 @@ static void start_group(unsigned fibers) {  // indexed by fiber: `current`, the 
 static const bool registered = (group_start = start_group, true);
 }  // namespace emu
 
+namespace emu {  // the bytes copied from one watched array, for tests of what kernels read
+static const char *watch_begin = nullptr, *watch_end = nullptr;
+static unsigned long long watched = 0;
+}  // namespace emu
+extern "C" void emu_watch(const char* begin, const char* end) {
+    emu::watch_begin = begin;
+    emu::watch_end = end;
+    emu::watched = 0;
+}
+extern "C" unsigned long long emu_watched() { return emu::watched; }
+
 template <int BYTES>
 inline void rnnc_cp_async(void* dst, const void* src, bool full) {
     emu::pending[emu::current].push_back({dst, src, BYTES, full, emu::committed[emu::current]});
+    if (full && (const char*)src >= emu::watch_begin && (const char*)src < emu::watch_end) emu::watched += BYTES;
 }
 inline void rnnc_cp_async_commit() { ++emu::committed[emu::current]; }
 template <int PENDING>

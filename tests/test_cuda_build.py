@@ -191,6 +191,7 @@ def test_persistent_grids_fit_on_the_gpu_at_once(cubins):
         used = kernel_resources(cubin.log)
         for kind, persistent in launches.persistent.items():
             registers, shared = used[persistent.kernel]
+            shared += persistent.shared  # its static shared memory (none) and what it takes at launch
             for gpu in GPUS_OF[arch]:
                 limits = occupancy.GPUS[gpu]
                 capacity = occupancy.co_resident(limits, persistent.block, registers, shared)

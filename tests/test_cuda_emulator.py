@@ -179,7 +179,7 @@ def grid_device(workdir):
     """The emulated device with GRID_KERNELS as persistent kernels (their blocks run together)."""
     launches = Launches(step=[Launch(name, (Extent(1),) * 3, 64, "B", (("out", "base"), ("four", "base")))
                               for name in GRID_KERNELS],
-                        persistent={name: Persistent(name, 64) for name in GRID_KERNELS})
+                        persistent={name: Persistent(name, 64, 0) for name in GRID_KERNELS})
     source = intrinsics() + "\n".join(HEAD.format(bound=64, name=name) + " " + body
                                       for name, body in GRID_KERNELS.items())
     return cuda_emulator.EmulatedDevice(Generated(source, launches), workdir)

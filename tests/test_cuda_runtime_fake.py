@@ -22,7 +22,9 @@ What the fake holds the runtime to, as PyCUDA 2026.1 does:
 - a device's limits come from `Device.get_attribute(device_attribute.X)` and a
   kernel's resources from `Function.num_regs`, `shared_size_bytes` and
   `max_threads_per_block` (the fake: an H100's, and a kernel of 64 registers);
-  a persistent kernel's launch may not exceed what the GPU holds at once.
+  a persistent kernel's launch may not exceed what the GPU holds at once;
+- a launch's dynamic shared memory above 48 KB needs the kernel's
+  `set_attribute(function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES, n)` first.
 """
 from __future__ import annotations
 
@@ -67,10 +69,11 @@ class DeviceAttribute:
 H100_ATTRIBUTES = {"MULTIPROCESSOR_COUNT": 132, "MAX_THREADS_PER_MULTIPROCESSOR": 2048,
                    "MAX_BLOCKS_PER_MULTIPROCESSOR": 32, "MAX_REGISTERS_PER_MULTIPROCESSOR": 65536,
                    "MAX_REGISTERS_PER_BLOCK": 65536, "MAX_SHARED_MEMORY_PER_MULTIPROCESSOR": 233472,
-                   "RESERVED_SHARED_MEMORY_PER_BLOCK": 1024}
+                   "RESERVED_SHARED_MEMORY_PER_BLOCK": 1024, "MAX_SHARED_MEMORY_PER_BLOCK_OPTIN": 232448}
 FUNCTION_RESOURCES = (64, 20000, 1024)  # every kernel's registers, static shared memory, most threads
-# 256 threads of 64 registers: 4 blocks a multiprocessor by registers; 21 KB each: 11 by shared memory
-FAKE_CO_RESIDENT = 132 * 4
+# 256 threads of 64 registers: 4 blocks a multiprocessor by registers (and by shared memory, what
+# the kernel's launch adds to its static 20000 bytes allows)
+FAKE_BLOCKS_PER_SM = 4
 
 
 class FakeCuda:
@@ -214,6 +217,13 @@ def fake_pycuda(monkeypatch, cuda: FakeCuda, package_dir) -> types.ModuleType:
 
         def __init__(self, name, library, arity, persistent):
             self.name, self.library, self.arity, self.persistent = name, library, arity, persistent
+            self.max_dynamic_shared = 48 * 1024  # more is the kernel's to opt into
+
+        def set_attribute(self, attribute, value):
+            assert attribute is drv.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES, attribute
+            opt_in = H100_ATTRIBUTES["MAX_SHARED_MEMORY_PER_BLOCK_OPTIN"]
+            assert type(value) is int and self.shared_size_bytes + value <= opt_in, value
+            self.max_dynamic_shared = value
 
         def prepare(self, arg_types):  # as pycuda.driver's function_prepare, for strings
             assert isinstance(arg_types, str), "arg types: a string of struct characters"
@@ -233,6 +243,9 @@ def fake_pycuda(monkeypatch, cuda: FakeCuda, package_dir) -> types.ModuleType:
             assert isinstance(arg_buf, bytes) and len(arg_buf) == struct.calcsize(self.arg_format), \
                 f"{self.name}: {len(arg_buf)} bytes of arguments for format {self.arg_format!r}"
             assert type(shared_size) is int and stream is None
+            if shared_size > self.max_dynamic_shared:
+                raise FakeError(f"cuLaunchKernel failed: too many resources requested for launch ({self.name}: "
+                                f"{shared_size} bytes of dynamic shared memory, {self.max_dynamic_shared} allowed)")
             packed = struct.unpack(self.arg_format, arg_buf)
             rows, *ptrs = packed
             grid3, block3 = grid + (1,) * (3 - len(grid)), block + (1,) * (3 - len(block))
@@ -241,7 +254,9 @@ def fake_pycuda(monkeypatch, cuda: FakeCuda, package_dir) -> types.ModuleType:
             for p in ptrs:
                 cuda.check_range(f"{self.name} buffer", p, 4)
             if self.persistent:  # every block resident at once, on the fake H100
-                assert grid3[0] <= FAKE_CO_RESIDENT, f"{self.name}: grid {grid} past what the GPU holds"
+                per_sm = min(FAKE_BLOCKS_PER_SM, H100_ATTRIBUTES["MAX_SHARED_MEMORY_PER_MULTIPROCESSOR"]
+                             // (self.shared_size_bytes + shared_size + 1024))
+                assert grid3[0] <= 132 * per_sm, f"{self.name}: grid {grid} past what the GPU holds"
             self.library.run(self.name, grid3, block3[0], rows, ptrs, seed=0, together=self.persistent)
 
     class Module:
@@ -263,6 +278,7 @@ def fake_pycuda(monkeypatch, cuda: FakeCuda, package_dir) -> types.ModuleType:
         memcpy_htod, memcpy_dtoh, memcpy_dtod, memset_d8
     drv.module_from_file = module_from_file
     drv.device_attribute = types.SimpleNamespace(**{name: DeviceAttribute(name) for name in H100_ATTRIBUTES})
+    drv.function_attribute = types.SimpleNamespace(MAX_DYNAMIC_SHARED_SIZE_BYTES=object())
 
     gpuarray = types.ModuleType("pycuda.gpuarray")
 
@@ -321,7 +337,7 @@ def loaded(cuda: FakeCuda, program, workdir, **options):
         archs.append(arch)
         path = workdir / f"{program.cell.name}.{arch}.cubin"
         path.write_text(generated.source)
-        library = cuda_emulator.Library(generated.source, generated.launches.arities(), workdir)
+        library = cuda_emulator.library(generated, workdir)
         cuda.libraries[str(path)] = (library, generated.launches.arities(),
                                      {p.kernel for p in generated.launches.persistent.values()})
         return path

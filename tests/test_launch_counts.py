@@ -64,7 +64,7 @@ class CountingDevice:
     def empty(self, shape):
         return np.empty(shape, np.float32)
 
-    def launch(self, kernel, grid, block, args):
+    def launch(self, kernel, grid, block, args, shared=0):
         rows, ptrs = unpacked(args)
         assert len(ptrs) == self.arities[kernel] and rows > 0, kernel
         self.launched.append(kernel)
@@ -77,12 +77,12 @@ class PersistentCountingDevice(CountingDevice):
 
     CAPACITY = 264
 
-    def co_resident(self, kernel, block):
+    def co_resident(self, kernel, block, shared=0):
         return self.CAPACITY
 
-    def launch(self, kernel, grid, block, args):
+    def launch(self, kernel, grid, block, args, shared=0):
         assert grid[0] <= self.CAPACITY or not kernel.endswith("_persistent"), (kernel, grid)
-        super().launch(kernel, grid, block, args)
+        super().launch(kernel, grid, block, args, shared)
 
 
 def counting_module(name: str, precision="fp32", device=None, recompute="auto"):

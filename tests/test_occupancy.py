@@ -34,6 +34,15 @@ def test_an_a100_holds_less_shared_memory():
     assert co_resident(A100, 128, 40, 48 * 1024) == 3 * 108
 
 
+def test_shared_memory_past_48_kb_counts_up_to_what_one_block_may_have():
+    # 100 KB and the driver's 1 KB a block: 2 fit in 228 KB, 1 in 164 KB; 170 KB: past the
+    # A100's 163 KB a block (it cannot run there), one block on an H100
+    assert blocks_per_sm(H100, 256, 64, 100 * 1024) == 2
+    assert blocks_per_sm(A100, 256, 64, 100 * 1024) == 1
+    assert blocks_per_sm(A100, 256, 64, 170 * 1024) == 0
+    assert blocks_per_sm(H100, 256, 64, 170 * 1024) == 1
+
+
 def test_every_gpu_says_where_its_numbers_come_from():
     for gpu in GPUS.values():
         assert gpu.sms > 0 and gpu.shared_per_sm > 0 and "SMs" in gpu.source

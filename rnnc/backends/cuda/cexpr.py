@@ -48,6 +48,7 @@ class Ref:
     shape: tuple
     batched: bool
     elem: str = "float"  # the buffer's elements' C type (launches.ELEMS)
+    fixed: bool = False  # the same all through every event that reads it (a param, a value hoisted from params)
 
     @property
     def param(self) -> str:

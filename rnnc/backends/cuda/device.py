@@ -111,16 +111,22 @@ class PycudaDevice:
         if nbytes:
             self.drv.memset_d8(ptr, 0, nbytes)
 
-    def launch(self, kernel, grid, block, args: bytes):
-        """`args`: the kernel's parameter struct, packed (executor.packed). PyCUDA's
-        `prepared_call` packs its arguments with `struct` on every call, then
-        hands them to `_launch_kernel`; the runtime packs them once per event,
-        so this calls `_launch_kernel` itself (the same in every PyCUDA since 2011)."""
-        self.functions[kernel]._launch_kernel(grid, (block, 1, 1), args, 0, None)
+    def launch(self, kernel, grid, block, args: bytes, shared: int = 0):
+        """`args`: the kernel's parameter struct, packed (executor.packed);
+        `shared`: its bytes of dynamic shared memory. PyCUDA's `prepared_call`
+        packs its arguments with `struct` on every call, then hands them to
+        `_launch_kernel`; the runtime packs them once per event, so this calls
+        `_launch_kernel` itself (the same in every PyCUDA since 2011). More
+        than 48 KB of shared memory a block is the kernel's to opt into."""
+        function = self.functions[kernel]
+        if shared:
+            function.set_attribute(self.drv.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES, shared)
+        function._launch_kernel(grid, (block, 1, 1), args, shared, None)
 
-    def co_resident(self, kernel, block: int) -> int:
-        """Blocks of `block` threads of `kernel` this GPU holds at once, from the
-        kernel's registers and shared memory and the GPU's limits (occupancy.py)."""
+    def co_resident(self, kernel, block: int, shared: int = 0) -> int:
+        """Blocks of `block` threads of `kernel`, given `shared` bytes of dynamic
+        shared memory, this GPU holds at once, from the kernel's registers and
+        shared memory and the GPU's limits (occupancy.py)."""
         function, attribute = self.functions[kernel], self.drv.device_attribute
 
         def limit(name, default):  # attributes newer than some PyCUDA releases know
@@ -131,10 +137,11 @@ class PycudaDevice:
                         registers_per_sm=limit("MAX_REGISTERS_PER_MULTIPROCESSOR", 65536),
                         registers_per_block=limit("MAX_REGISTERS_PER_BLOCK", 65536),
                         shared_per_sm=limit("MAX_SHARED_MEMORY_PER_MULTIPROCESSOR", 0),
+                        shared_per_block=limit("MAX_SHARED_MEMORY_PER_BLOCK_OPTIN", 48 * 1024),
                         reserved_shared_per_block=limit("RESERVED_SHARED_MEMORY_PER_BLOCK", 1024))
         if block > function.max_threads_per_block:
             return 0
-        return co_resident(limits, block, function.num_regs, function.shared_size_bytes)
+        return co_resident(limits, block, function.num_regs, function.shared_size_bytes + shared)
 
 
 def import_pycuda():

@@ -221,12 +221,14 @@ class Executor:
         tables = self.tables(kind, memory, steps, times)
         args = np.ascontiguousarray(np.concatenate([table for _, _, table in tables], axis=1))
         needed = max(work_blocks(launch, rows) for launch, rows, _ in tables)
-        blocks = persistent_grid(self.device.co_resident(persistent.kernel, persistent.block), needed)
+        blocks = persistent_grid(self.device.co_resident(persistent.kernel, persistent.block, persistent.shared),
+                                 needed)
         held = self.pool.take(aligned(args.nbytes) + BARRIER_BYTES)
         barrier = held[0] + aligned(args.nbytes)
         self.device.htod(held[0], args)
         self.device.memset0(barrier, BARRIER_BYTES)
-        self.device.launch(persistent.kernel, (blocks, 1, 1), persistent.block, packed(len(args), [held[0], barrier]))
+        self.device.launch(persistent.kernel, (blocks, 1, 1), persistent.block, packed(len(args), [held[0], barrier]),
+                           persistent.shared)
         self.pool.give([held])  # the launches run in order: the next user of the block comes after this one
 
     def run(self, prepared: list):

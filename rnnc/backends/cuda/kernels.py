@@ -38,9 +38,13 @@ import jinja2
 from ...ops import BATCH, OPS
 from .cexpr import Joined, Ref, c_float, comment, decode, offset, parts_of, size_expr, strides
 from .launches import ELEMS, Buffer, Extent, Launch, Persistent
+from .occupancy import GPUS
 from .products import INPUTS, NOMINAL_ROWS, Contraction, product_kernel, tile_bytes
 
 BLOCK = 256  # threads per block of the elementwise, reduction and softmax kernels
+# A persistent kernel's shared memory, kept operands and all, at most: two blocks a
+# multiprocessor of an H100 or H200 (a block per multiprocessor of an A100)
+KEPT_SHARED = GPUS["H100"].shared_per_sm // 2 - GPUS["H100"].reserved_shared_per_block
 
 
 # --- templates -----------------------------------------------------------------------------
@@ -85,6 +89,20 @@ def pool_bytes(shared: int) -> int:
     """The size of a kernel's pool of shared memory for bodies that take `shared`
     bytes of it (at least 16: C has no empty arrays)."""
     return max(16, aligned16(shared))
+
+
+def kept_operands(pool: int, launches: list) -> dict:
+    """Which launches of a persistent kernel keep their parts' B operands in
+    shared memory across steps, given (kernel, the bytes of each part's kept
+    operand) in order: each that still fits, first come first kept, in
+    KEPT_SHARED with the kernels' pool of `pool` bytes; kernel -> (where its
+    operands start, their bytes)."""
+    held, end = {}, pool
+    for kernel, regions in launches:
+        if regions and end + sum(regions) <= KEPT_SHARED:
+            held[kernel] = (end, regions)
+            end += sum(regions)
+    return held
 
 
 def aligned16(nbytes: int) -> int:
@@ -225,7 +243,11 @@ class Part:
     rows, buffers...)`, written for a grid of `grid` (3 Extents) blocks of
     `block` threads; `bounds`: its __launch_bounds__ (threads, and blocks per
     multiprocessor where it asks for some), None for none; `shared`: the bytes
-    of shared memory it declares; `refs`: its buffers, in its parameters' order."""
+    of shared memory it declares; `refs`: its buffers, in its parameters' order;
+    `kept`: for a product that can keep its B operand in shared memory across a
+    persistent kernel's steps, the bytes that takes, else 0; `kept_sources`:
+    then the source of its body that does so, `{name}_kept_body` (which takes
+    them at `held_`), for a persistent kernel that keeps it to add."""
 
     name: str
     grid: tuple
@@ -233,6 +255,8 @@ class Part:
     bounds: tuple | None
     shared: int
     refs: tuple
+    kept: int = 0
+    kept_sources: tuple = ()
 
     @property
     def args(self) -> str:
@@ -254,7 +278,9 @@ class Generator:
         self.count = 0
         self.inputs = INPUTS[inputs]
         self.scratch: dict = {}  # name -> launches.Buffer
-        self.launched: dict = {}  # kernel name -> (its buffers' Refs, the shared memory its body declares)
+        # kernel name -> (its buffers' Refs, the shared memory its body declares, the bytes of each
+        # of its parts' kept operands (Part.kept), in order, and the sources of its kept body)
+        self.launched: dict = {}
 
     def name(self, region, family: str) -> str:
         self.count += 1
@@ -265,15 +291,21 @@ class Generator:
         """The kernel's parameters: rows, then one pointer per buffer slot it reads or writes."""
         return ", ".join(["const int rows"] + [f"{r.elem}* {r.param}" for r in refs])
 
-    def emit(self, name, template, refs, grid, note, block=BLOCK, bounds=(BLOCK,), shared=0, **values) -> Part:
-        """The body of kernel `name` from `template`, as a Part. Bodies are
-        `static`: their __shared__ arrays stay inside their own module (as
-        inline functions' static locals, g++ would make them one object across
-        all the libraries the tests' emulator loads)."""
+    def emit(self, name, template, refs, grid, note, block=BLOCK, bounds=(BLOCK,), shared=0, keeping=None,
+             **values) -> Part:
+        """The body of kernel `name` from `template`, as a Part; `keeping`, for a
+        product that can keep its B operand across steps: (the bytes that
+        takes, the values that differ), its `{name}_kept_body` from the same
+        template. Bodies are `static`: their __shared__ arrays stay inside
+        their own module (as inline functions' static locals, g++ would make
+        them one object across all the libraries the tests' emulator loads)."""
         refs = tuple({r.param: r for r in refs}.values())
-        self.sources.append(render(template, name=f"{name}_body", comment=comment(note), block=block,
-                                   params=self.body_params(refs), **values))
-        return Part(name, grid, block, bounds, shared, refs)
+        bytes_, kept_values = keeping or (0, None)
+        sources = [render(template, name=f"{name}_{body}", comment=comment(note), block=block,
+                          params=self.body_params(refs, held), **{**values, **differ})
+                   for body, held, differ in [("body", False, {})] + [("kept_body", True, kept_values)] * bool(keeping)]
+        self.sources.append(sources[0])
+        return Part(name, grid, block, bounds, shared, refs, bytes_, tuple(sources[1:]))
 
     def launch(self, region, parts: list):
         """One launch of `parts`, kernels that need nothing of each other, on
@@ -282,31 +314,50 @@ class Generator:
         the launch's work is a device function, `{kernel}_body`, that a
         persistent kernel calls as well (`persistent`)."""
         refs = list({r.param: r for part in parts for r in part.refs}.values())
+        kept = tuple(source for part in parts for source in part.kept_sources)
         if len(parts) == 1:
             (part,) = parts
             name, grid, split = part.name, part.grid, ()
         else:
             name, grid, split = self.name(region, "fused"), (Extent(1),) * 3, tuple(part.grid for part in parts)
-            self.sources.append(render("fused.cu.j2", name=f"{name}_body", params=self.body_params(refs),
-                                       comment=comment(" | ".join(part.name for part in parts)),
-                                       parts=[{"body": f"{part.name}_body", "args": part.args,
-                                               "grid": [extent_c(e) for e in part.grid]} for part in parts]))
+            bodies = [render("fused.cu.j2", name=f"{name}_{'kept_' * held}body", params=self.body_params(refs, held),
+                             comment=comment(" | ".join(part.name for part in parts)),
+                             parts=self.fused_parts(parts, held)) for held in (False, True)[:1 + bool(kept)]]
+            self.sources.append(bodies[0])
+            kept += tuple(bodies[1:])
         self.add_launch(region, Launch(name, grid, parts[0].block, region.rows,
                                        tuple((r.buffer, r.selector) for r in refs), split),
-                        refs, launch_bounds(parts), max(part.shared for part in parts))
+                        refs, launch_bounds(parts), max(part.shared for part in parts),
+                        (tuple(aligned16(part.kept) for part in parts if part.kept), kept))
 
-    def add_launch(self, region, launch: Launch, refs: list, bounds: str, shared: int):
+    @staticmethod
+    def fused_parts(parts: list, held: bool) -> list:
+        """fused.cu.j2's parts; where `held`, the kept bodies of the parts that
+        have one, each given its own stretch of the launch's `held_`."""
+        spelled, at = [], 0
+        for part in parts:
+            kept = held and part.kept
+            spelled.append({"body": f"{part.name}_{'kept_' * bool(kept)}body", "held": f"held_ + {at}, " * bool(kept),
+                            "args": part.args, "grid": [extent_c(e) for e in part.grid]})
+            at += aligned16(part.kept) if kept else 0
+        return spelled
+
+    def add_launch(self, region, launch: Launch, refs: list, bounds: str, shared: int, kept: tuple = ((), ())):
         """`launch` of the device function `{kernel}_body` over `refs`, as a
-        kernel of its own that gives it `shared` bytes of shared memory."""
+        kernel of its own that gives it `shared` bytes of shared memory;
+        `kept`: the bytes of its parts' kept operands (`Part.kept`) and the
+        sources of its kept body, for a persistent kernel."""
         self.sources.append(render("kernel.cu.j2", name=launch.kernel, body=f"{launch.kernel}_body", bounds=bounds,
                                    params=self.signature(refs), args=", ".join(["rows"] + [r.param for r in refs]),
                                    shared=pool_bytes(shared)))
-        self.launched[launch.kernel] = (refs, shared)
+        self.launched[launch.kernel] = (refs, shared, *kept)
         region.launches.append(launch)
 
-    def body_params(self, refs) -> str:
-        """A body's parameters: its block and grid, the launch's shared memory, then the kernel's."""
-        return ", ".join(["const uint3 blockIdx, const uint3 gridDim, char* const shared_", self.signature(refs)])
+    def body_params(self, refs, held: bool = False) -> str:
+        """A body's parameters: its block and grid, the launch's shared memory
+        (and, a kept body's, where it keeps its operand), then the kernel's."""
+        return ", ".join(["const uint3 blockIdx, const uint3 gridDim, char* const shared_"]
+                         + ["char* const held_"] * held + [self.signature(refs)])
 
     def persistent(self, name: str, launches: list):
         """One kernel that runs every step of the per-step launch list `launches`
@@ -319,17 +370,24 @@ class Generator:
         sizes = sorted({launch.block for launch in launches})
         if len(sizes) > 1:
             return None, f"its kernels take blocks of {' and '.join(map(str, sizes))} threads"
-        shared = max(self.launched[launch.kernel][1] for launch in launches)
+        pool = pool_bytes(max(self.launched[launch.kernel][1] for launch in launches))
+        held = kept_operands(pool, [(launch.kernel, self.launched[launch.kernel][2]) for launch in launches])
+        self.sources += [source for kernel in held for source in self.launched[kernel][3]]
         phases, at = [], 0
         for launch in launches:
             refs = self.launched[launch.kernel][0]
             args = ["rows"] + [f"reinterpret_cast<{r.elem}*>(at_[{at + 1 + k}])" for k, r in enumerate(refs)]
-            phases.append({"kernel": launch.kernel, "at": at, "grid": grid_c(launch), "args": ", ".join(args)})
+            kept = launch.kernel in held
+            phases.append({"kernel": launch.kernel, "body": f"{launch.kernel}_{'kept_' * kept}body",
+                           "held": f"shared_ + {held[launch.kernel][0]}, " if kept else "",
+                           "at": at, "grid": grid_c(launch), "args": ", ".join(args)})
             at += 1 + len(refs)
+        shared = pool + sum(sum(regions) for _, regions in held.values())
+        flags = [start + sum(regions[:i]) for start, regions in held.values() for i in range(len(regions))]
         self.sources.append(render("persistent.cu.j2", name=name, block=sizes[0], width=at, phases=phases,
-                                   shared=pool_bytes(shared),
+                                   pool=pool, shared=shared, flags=flags,
                                    comment=comment(f"{name}: " + " | ".join(launch.kernel for launch in launches))))
-        return Persistent(name, sizes[0]), None
+        return Persistent(name, sizes[0], shared, tuple(held)), None
 
     def scratch_ref(self, name, numel, batched, role="scratch") -> Ref:
         """A buffer of the kernel's own, `numel` floats (per row when `batched`)."""
@@ -437,10 +495,15 @@ class Generator:
         grid = (extent(c.sizes["n"], engine.bn), extent(c.sizes["m"], engine.bm),
                 Extent(kernel.splits) if kernel.splits > 1 else extent(c.sizes["g"]))
         exprs = {f"{v}_size": size_expr(e.n, e.rows) for v in "gmnk" for e in [extent(c.sizes[v])]}
-        values = kernel.values(*(x.param if isinstance(x, Ref) else None for x in (a, b)))
+        params = [x.param if isinstance(x, Ref) else None for x in (a, b)]
+        values = kernel.values(*params, b_at)
+        # a param (or a value made of params) as B of a product of every step: each block of a
+        # persistent kernel may keep its slice from step to step
+        keeping = (kernel.kept_bytes, kernel.values(*params, b_at, kept=True)) if (
+            region.persistent and isinstance(b, Ref) and b.fixed and not c.sizes["g"]) else None
         return self.emit(name, "contract.cu.j2", refs, grid, f"{note}  [{spec}]", block=kernel.block,
-                         bounds=(kernel.block, values["min_blocks"]),
-                         shared=flags_at + 8, b_at=b_at, flags_at=flags_at,  # the tiles, then two flags
+                         bounds=(kernel.block, values["min_blocks"]), keeping=keeping,
+                         shared=flags_at + 8, flags_at=flags_at,  # the tiles, then two flags
                          c=out.param, op=op, rows=rows, **values, **exprs, **extra)
 
     def split_buffers(self, name, c: Contraction, kernel) -> dict:

@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, field
 # and freed after it.
 WHOLE_SEQUENCE = ("input", "output", "valid", "step", "d_output", "d_input")
 SCRATCH = ("scratch", "tickets")
+# unbatched, buffers of these roles are written before an event's steps and only read in them
+FIXED_ROLES = ("param", "seq", "rows")
 FORWARD_CALLER = ("input", "param", "context", "output", "valid", "key", "example", "step")
 BACKWARD_CALLER = ("d_output", "d_state", "d_input", "d_param")
 # Under a 16-bit dtype (rnnc/dtypes.py) the buffers of these roles hold it; the
@@ -100,10 +102,14 @@ class Persistent:
     `kernel` runs the list's launches in turn for each step, a grid barrier
     after each, on blocks of `block` threads that stay resident for all the steps.
     It takes (steps, the arguments of every launch of every step, the barrier's
-    counters); the runtime sizes its grid to what the GPU holds at once."""
+    counters) and `shared` bytes of dynamic shared memory; the runtime sizes
+    its grid to what the GPU holds at once. `kept`: the launches whose
+    products keep their B operand (a param) in shared memory across steps."""
 
     kernel: str
     block: int
+    shared: int
+    kept: tuple = ()
 
 
 @dataclass
@@ -142,7 +148,7 @@ class Launches:
         s = Launches({b["name"]: Buffer(**b) for b in data["buffers"]})
         for k in LAUNCH_LISTS:
             setattr(s, k, [launch(d) for d in data[k]])
-        s.persistent = {k: Persistent(**p) for k, p in data["persistent"].items()}
+        s.persistent = {k: Persistent(**{**p, "kept": tuple(p["kept"])}) for k, p in data["persistent"].items()}
         s.why_per_step = dict(data["why_per_step"])
         return s
 
@@ -162,8 +168,11 @@ class Launches:
         """How the steps of launch list `kind` run, and why, in a line."""
         n = len(getattr(self, kind))
         if kind in self.persistent:
+            p = self.persistent[kind]
+            kept = (f"params kept in shared memory across steps by {', '.join(p.kept)}" if p.kept
+                    else "no param kept in shared memory: every step reads them from L2")
             return (f"persistent: one launch runs all the event's steps, {n} kernel{'s' * (n != 1)} a step, "
-                    "a grid barrier after each")
+                    f"a grid barrier after each; {kept} ({p.shared} bytes of shared memory a block)")
         return f"per step: {n} launch{'es' * (n != 1)} a step ({self.why_per_step[kind]})"
 
     def forms(self) -> str:

@@ -21,7 +21,7 @@ from ...shapes import concrete_shape
 from .cexpr import MAX_INDEX, Ref, comment
 from .elementwise import loop_for
 from .kernels import Generator, intrinsics, render
-from .launches import PER_STEP, Buffer, Generated, Launches, buffer_elem
+from .launches import FIXED_ROLES, PER_STEP, Buffer, Generated, Launches, buffer_elem
 from .region import Region
 
 
@@ -54,7 +54,7 @@ class Lowering:
         shape = tuple(shape)
         made = self.launches.buffers.setdefault(
             name, Buffer(name, math.prod(shape), batched, slots, role, buffer_elem(role, slots, self.dtype)))
-        return Ref(name, selector, shape, batched, made.elem)
+        return Ref(name, selector, shape, batched, made.elem, role in FIXED_ROLES and not batched)
 
     def shape(self, name) -> tuple:
         return concrete_shape(self.values[name].shape)

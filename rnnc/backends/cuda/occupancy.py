@@ -31,6 +31,7 @@ class Limits:
     registers_per_sm: int = 65536
     registers_per_block: int = 65536
     shared_per_sm: int = 0  # bytes, at the largest carveout
+    shared_per_block: int = 48 * 1024  # the most one block may have (above 48 KB, a kernel's to opt into)
     reserved_shared_per_block: int = 1024  # the driver's own, per block (compute capability 8.0 on)
     register_unit: int = 256  # registers are given to warps in units of this many
     shared_unit: int = 128  # shared memory is given to blocks in units of this many bytes
@@ -38,14 +39,14 @@ class Limits:
 
 
 # compute capability 8.0 (A100) and 9.0 (H100, H200): 64K registers, 2048 threads and 32 blocks per
-# multiprocessor; shared memory 164 KB (8.0) and 228 KB (9.0) per multiprocessor
-# (CUDA C++ Programming Guide, "Technical Specifications per Compute Capability")
+# multiprocessor; shared memory 164 KB (8.0) and 228 KB (9.0) per multiprocessor, at most 163 KB
+# and 227 KB a block (CUDA C++ Programming Guide, "Technical Specifications per Compute Capability")
 GPUS = {
-    "A100": Limits("A100", 108, shared_per_sm=164 * 1024,
+    "A100": Limits("A100", 108, shared_per_sm=164 * 1024, shared_per_block=163 * 1024,
                    source="108 SMs: NVIDIA A100 Tensor Core GPU Architecture whitepaper (2020)"),
-    "H100": Limits("H100", 132, shared_per_sm=228 * 1024,
+    "H100": Limits("H100", 132, shared_per_sm=228 * 1024, shared_per_block=227 * 1024,
                    source="132 SMs (SXM5): NVIDIA H100 Tensor Core GPU Architecture whitepaper (2022)"),
-    "H200": Limits("H200", 132, shared_per_sm=228 * 1024,
+    "H200": Limits("H200", 132, shared_per_sm=228 * 1024, shared_per_block=227 * 1024,
                    source="132 SMs: the H100's GH100 with HBM3e memory (NVIDIA H200 Tensor Core GPU datasheet)"),
 }
 
@@ -55,7 +56,7 @@ def blocks_per_sm(limits: Limits, threads: int, registers: int, shared: int) -> 
     bytes of shared memory that one multiprocessor holds at once (0: none)."""
     warps = -(-threads // 32)
     per_warp = -(-registers * 32 // limits.register_unit) * limits.register_unit
-    if threads > 1024 or per_warp * warps > limits.registers_per_block:
+    if threads > 1024 or per_warp * warps > limits.registers_per_block or shared > limits.shared_per_block:
         return 0
     by_threads = limits.threads_per_sm // (warps * 32)
     by_registers = (limits.registers_per_sm // per_warp) // warps if per_warp else limits.blocks_per_sm

@@ -29,7 +29,7 @@ came from.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .cexpr import offset
 from .launches import ELEMS, Elem
@@ -66,7 +66,9 @@ INPUTS = {t.name: t for t in (
 class SharedTile:
     """One operand's slice in shared memory, per stage: `rows` rows along axis
     `outer` of `cols` elements along axis `inner` (axes named m, n or k), each
-    row `stride` elements apart."""
+    row `stride` elements apart. `slot`: which copy of the slice an element is
+    in, as C: the stage, or, for an operand kept whole (`ProductKernel.kept`),
+    the slice's place along k."""
 
     array: str
     outer: str
@@ -75,10 +77,11 @@ class SharedTile:
     cols: int
     stride: int
     elem: Elem
+    slot: str = "stage"
 
     def at(self, **pos) -> str:
         """The element at tile-relative positions (C expressions by axis name)."""
-        return f"{self.array}[stage][({pos[self.outer]}) * {self.stride} + {pos[self.inner]}]"
+        return f"{self.array}[{self.slot}][({pos[self.outer]}) * {self.stride} + {pos[self.inner]}]"
 
     @property
     def elements(self) -> int:
@@ -423,13 +426,39 @@ class ProductKernel:
             source = f"{index} < {stop} ? {name}{i}_ + ({offset_}) : {source}"
         return {"pointers": pointers, "source": f"!in_ ? {name}0_ : {source}"}
 
-    def values(self, a_param: str, b_param: str) -> dict:
+    @property
+    def kept_slices(self) -> int:
+        """The BK slices of B one block multiplies: all of its split's k."""
+        return -(-self.contraction.size("k", 0) // (self.splits * self.bk))
+
+    @property
+    def kept_bytes(self) -> int:
+        """Shared memory a block needs to keep its slice of B (`kept`): a flag
+        (16 bytes, so the slices stay aligned), then every slice of its k."""
+        b = self.tiles["b"]
+        return 16 + self.kept_slices * b.elements * b.elem.bytes
+
+    def values(self, a_param: str, b_param: str, b_at: int, kept: bool = False) -> dict:
+        """contract.cu.j2's values. `kept`: the body of a persistent kernel's
+        product whose B (a param) is the same at every step: each block keeps
+        its slice of B, every slice along k, in shared memory of its own
+        (`held_`, `kept_bytes`), and copies it only when its tile is not the
+        one it did last (the first step, or a grid too small to give each
+        tile a block of its own); else B's slices go through two stages
+        beside A's."""
         e = self.engine
+        b_tile = self.tiles["b"]
+        if kept:
+            b_tile = replace(b_tile, slot=f"(k0 - k_begin) / {self.bk}")
+        kernel = replace(self, tiles={**self.tiles, "b": b_tile})
         return {"summary": e.summary(), "bm": e.bm, "bn": e.bn, "bk": self.bk,
                 "kstep": e.kstep, "splits": self.splits, "all_splits_bk": self.splits * self.bk, "accs": e.accs, "acc_m": e.acc_m, "acc_n": e.acc_n,
-                "setup": list(e.setup), "step": e.step(self.tiles["a"], self.tiles["b"]),
+                "setup": list(e.setup), "step": e.step(self.tiles["a"], b_tile),
                 "min_blocks": 2 if e.accs <= 16 else 1, "c_offset": self.contraction.offset("c"),
-                "a": self.loader("a", a_param), "b": self.loader("b", b_param),
+                "a": {**kernel.loader("a", a_param), "slots": 2, "base": "shared_"},
+                "b": {**kernel.loader("b", b_param), "slots": self.kept_slices if kept else 2,
+                      "base": "held_ + 16" if kept else f"shared_ + {b_at}"},
+                "kept": kept, "fetch_b": "held_tile_ != tile_" if kept else "true",
                 "epilogue": "contract_split.cu.j2" if self.splits > 1 else "contract_store.cu.j2"}
 
 
