@@ -204,6 +204,7 @@ static __device__ __forceinline__ void rnnc_pre_1_dot_body(const uint3 blockIdx,
     const int split = blockIdx.z % 1;
     const int chunk = (K + 16 - 1) / 16 * 16;
     const int k_begin = split * chunk, k_end = min(K, k_begin + chunk);
+    const bool fetch_b_ = true;
     for (int g = blockIdx.z / 1; g < G; g += gridDim.z / 1) {
         auto load = [&](int stage, int k0) {  // not unrolled: copies are issued, not waited for
 #pragma unroll 1
@@ -214,7 +215,7 @@ static __device__ __forceinline__ void rnnc_pre_1_dot_body(const uint3 blockIdx,
                 rnnc_cp_async<4>(&As[stage][(k - k0) * 36 + m - m0], A_ + (in_ ? m * 3 + k : 0), in_);
             }
 #pragma unroll 1
-            for (int l_ = threadIdx.x; l_ < 128; l_ += 256) {
+            for (int l_ = threadIdx.x; fetch_b_ && l_ < 128; l_ += 256) {
                 const int r_ = l_ / 8, c_ = l_ % 8 * 4;
                 const int n = n0 + c_, k = k0 + r_;
                 const bool in_ = k < k_end && n < N;
@@ -279,6 +280,7 @@ static __device__ __forceinline__ void rnnc_step_2_dot_body(const uint3 blockIdx
     const int split = blockIdx.z % 1;
     const int chunk = (K + 16 - 1) / 16 * 16;
     const int k_begin = split * chunk, k_end = min(K, k_begin + chunk);
+    const bool fetch_b_ = true;
     for (int g = blockIdx.z / 1; g < G; g += gridDim.z / 1) {
         auto load = [&](int stage, int k0) {  // not unrolled: copies are issued, not waited for
 #pragma unroll 1
@@ -289,7 +291,7 @@ static __device__ __forceinline__ void rnnc_step_2_dot_body(const uint3 blockIdx
                 rnnc_cp_async<4>(&As[stage][(k - k0) * 36 + m - m0], A_ + (in_ ? m * 5 + k : 0), in_);
             }
 #pragma unroll 1
-            for (int l_ = threadIdx.x; l_ < 128; l_ += 256) {
+            for (int l_ = threadIdx.x; fetch_b_ && l_ < 128; l_ += 256) {
                 const int r_ = l_ / 8, c_ = l_ % 8 * 4;
                 const int n = n0 + c_, k = k0 + r_;
                 const bool in_ = k < k_end && n < N;
@@ -560,6 +562,7 @@ static __device__ __forceinline__ void rnnc_bwd_4_dot_body(const uint3 blockIdx,
     const int split = blockIdx.z % 1;
     const int chunk = (K + 32 - 1) / 32 * 32;
     const int k_begin = split * chunk, k_end = min(K, k_begin + chunk);
+    const bool fetch_b_ = true;
     for (int g = blockIdx.z / 1; g < G; g += gridDim.z / 1) {
         auto load = [&](int stage, int k0) {  // not unrolled: copies are issued, not waited for
 #pragma unroll 1
@@ -570,7 +573,7 @@ static __device__ __forceinline__ void rnnc_bwd_4_dot_body(const uint3 blockIdx,
                 rnnc_cp_async<4>(&As[stage][(k - k0) * 36 + m - m0], A_ + (in_ ? m * 20 + k : 0), in_);
             }
 #pragma unroll 1
-            for (int l_ = threadIdx.x; l_ < 1024; l_ += 256) {
+            for (int l_ = threadIdx.x; fetch_b_ && l_ < 1024; l_ += 256) {
                 const int r_ = l_ / 32, c_ = l_ % 32 * 1;
                 const int k = k0 + c_, n = n0 + r_;
                 const bool in_ = k < k_end && n < N;
@@ -661,6 +664,7 @@ static __device__ __forceinline__ void rnnc_dgrad_5_dot_body(const uint3 blockId
     const int split = blockIdx.z % 50;
     const int chunk = (K + 1600 - 1) / 1600 * 32;
     const int k_begin = split * chunk, k_end = min(K, k_begin + chunk);
+    const bool fetch_b_ = true;
     for (int g = blockIdx.z / 50; g < G; g += gridDim.z / 50) {
         auto load = [&](int stage, int k0) {  // not unrolled: copies are issued, not waited for
 #pragma unroll 1
@@ -671,7 +675,7 @@ static __device__ __forceinline__ void rnnc_dgrad_5_dot_body(const uint3 blockId
                 rnnc_cp_async<4>(&As[stage][(k - k0) * 36 + m - m0], A_ + (in_ ? m + k * 5 : 0), in_);
             }
 #pragma unroll 1
-            for (int l_ = threadIdx.x; l_ < 256; l_ += 256) {
+            for (int l_ = threadIdx.x; fetch_b_ && l_ < 256; l_ += 256) {
                 const int r_ = l_ / 8, c_ = l_ % 8 * 4;
                 const int n = n0 + c_, k = k0 + r_;
                 const bool in_ = k < k_end && n < N;
@@ -843,6 +847,7 @@ static __device__ __forceinline__ void rnnc_pre_bwd_9_dot_body(const uint3 block
     const int split = blockIdx.z % 50;
     const int chunk = (K + 1600 - 1) / 1600 * 32;
     const int k_begin = split * chunk, k_end = min(K, k_begin + chunk);
+    const bool fetch_b_ = true;
     for (int g = blockIdx.z / 50; g < G; g += gridDim.z / 50) {
         auto load = [&](int stage, int k0) {  // not unrolled: copies are issued, not waited for
 #pragma unroll 1
@@ -853,7 +858,7 @@ static __device__ __forceinline__ void rnnc_pre_bwd_9_dot_body(const uint3 block
                 rnnc_cp_async<4>(&As[stage][(k - k0) * 36 + m - m0], A_ + (in_ ? m + k * 3 : 0), in_);
             }
 #pragma unroll 1
-            for (int l_ = threadIdx.x; l_ < 256; l_ += 256) {
+            for (int l_ = threadIdx.x; fetch_b_ && l_ < 256; l_ += 256) {
                 const int r_ = l_ / 8, c_ = l_ % 8 * 4;
                 const int n = n0 + c_, k = k0 + r_;
                 const bool in_ = k < k_end && n < N;
@@ -941,6 +946,7 @@ static __device__ __forceinline__ void rnnc_pre_bwd_10_dot_body(const uint3 bloc
     const int split = blockIdx.z % 1;
     const int chunk = (K + 32 - 1) / 32 * 32;
     const int k_begin = split * chunk, k_end = min(K, k_begin + chunk);
+    const bool fetch_b_ = true;
     for (int g = blockIdx.z / 1; g < G; g += gridDim.z / 1) {
         auto load = [&](int stage, int k0) {  // not unrolled: copies are issued, not waited for
 #pragma unroll 1
@@ -951,7 +957,7 @@ static __device__ __forceinline__ void rnnc_pre_bwd_10_dot_body(const uint3 bloc
                 rnnc_cp_async<4>(&As[stage][(k - k0) * 36 + m - m0], A_ + (in_ ? m * 20 + k : 0), in_);
             }
 #pragma unroll 1
-            for (int l_ = threadIdx.x; l_ < 1024; l_ += 256) {
+            for (int l_ = threadIdx.x; fetch_b_ && l_ < 1024; l_ += 256) {
                 const int r_ = l_ / 32, c_ = l_ % 32 * 1;
                 const int k = k0 + c_, n = n0 + r_;
                 const bool in_ = k < k_end && n < N;
@@ -1074,6 +1080,152 @@ extern "C" __global__ void rnnc_pre_bwd_add_12_glue(const int rows, float* v_pre
     rnnc_pre_bwd_add_12_glue_body(blockIdx, gridDim, shared_, rows, v_pre_5fbwd_3a_25pre_3amask3_40base, v_d_5frow_3ax_40base, v_pre_5fbwd_3a_25pre_3a2_40base, v_d_5facc_3aW_40base);
 }
 
+// %2 = dot(h, U); then %4 = sigmoid(f); %6 = sigmoid(i); %7 = tanh(g); %9 = sigmoid(o); %next:h = select(%valid, h_new, h); %next:c = select(%valid, c_new, c); %output:y = select(%valid, h_new, %mask:1)  [zk,kj->zj]
+// out[g, m, n] = sum_k A[g, m, k] * B[g, k, n]: float32 FMA, 16x16 threads with 2x2 outputs each.
+// A block computes a 32x32 tile of (m, n), reading k 16 at a time into shared memory,
+// the next slice copied (cp.async) while this one is multiplied.
+static __device__ __forceinline__ void rnnc_step_2_dot_kept_body(const uint3 blockIdx, const uint3 gridDim, char* const shared_, char* const held_, const int rows, float* v_state_3ah_40t, float* v_param_3aU_40base, float* v_step_3a_252_40base, float* v_rows_3arnnc_5fstep_5f2_5fdot_40base, float* v_pre_3a_251_40t, float* v_param_3ab_40base, float* v_tape_3a_254_40t, float* v_tape_3a_256_40t, float* v_tape_3a_257_40t, float* v_tape_3a_259_40t, float* v_valid_40t, float* v_state_3ac_40t, float* v_state_3ah_40t_2b1, float* v_state_3ac_40t_2b1, float* v_output_3ay_40t) {
+    const int G = 1, M = rows * 1, N = 20, K = 5;
+    auto& As = *reinterpret_cast<float(*)[2][576]>(shared_);  // [k][m], rows 36 apart
+    auto& Bs = *reinterpret_cast<float(*)[1][576]>(held_ + 16);  // [k][n], rows 36 apart
+    const float* A_ = v_state_3ah_40t;
+    const float* B_ = v_param_3aU_40base;
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    const int m0 = blockIdx.y * 32, n0 = blockIdx.x * 32;
+    // split-K: block z % 1 sums over its own chunk of k, a multiple of 16
+    const int split = blockIdx.z % 1;
+    const int chunk = (K + 16 - 1) / 16 * 16;
+    const int k_begin = split * chunk, k_end = min(K, k_begin + chunk);
+    // B's slices for this block's columns and split stay in held_ from call to call (the steps
+    // of a persistent kernel): copied only when the tile differs from the one held (0: none)
+    int& held_tile_ = *reinterpret_cast<int*>(held_);
+    const int tile_ = 1 + blockIdx.x + gridDim.x * split;
+    const bool fetch_b_ = held_tile_ != tile_;
+    for (int g = blockIdx.z / 1; g < G; g += gridDim.z / 1) {
+        auto load = [&](int stage, int k0) {  // not unrolled: copies are issued, not waited for
+#pragma unroll 1
+            for (int l_ = threadIdx.x; l_ < 512; l_ += 256) {
+                const int r_ = l_ / 16, c_ = l_ % 16 * 1;
+                const int k = k0 + c_, m = m0 + r_;
+                const bool in_ = m < M && k < k_end;
+                rnnc_cp_async<4>(&As[stage][(k - k0) * 36 + m - m0], A_ + (in_ ? m * 5 + k : 0), in_);
+            }
+#pragma unroll 1
+            for (int l_ = threadIdx.x; fetch_b_ && l_ < 128; l_ += 256) {
+                const int r_ = l_ / 8, c_ = l_ % 8 * 4;
+                const int n = n0 + c_, k = k0 + r_;
+                const bool in_ = k < k_end && n < N;
+                rnnc_cp_async<16>(&Bs[(k0 - k_begin) / 16][(k - k0) * 36 + n - n0], B_ + (in_ ? k * 20 + n : 0), in_);
+            }
+            rnnc_cp_async_commit();
+        };
+        float acc[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            acc[i] = 0.0f;
+        }
+        if (k_begin < k_end) {
+            load(0, k_begin);
+        }
+        int stage = 0;
+        for (int k0 = k_begin; k0 < k_end; k0 += 16, stage ^= 1) {
+            if (k0 + 16 < k_end) {  // the next slice goes into the other stage
+                load(stage ^ 1, k0 + 16);
+                rnnc_cp_async_wait<1>();
+            } else {
+                rnnc_cp_async_wait<0>();
+            }
+            __syncthreads();
+#pragma unroll
+            for (int kk = 0; kk < 16; kk += 1) {
+                const float2 a0_ = *reinterpret_cast<const float2*>(&As[stage][(kk) * 36 + ty * 2 + 0]);
+                const float2 b0_ = *reinterpret_cast<const float2*>(&Bs[(k0 - k_begin) / 16][(kk) * 36 + tx * 2 + 0]);
+                acc[0] += a0_.x * b0_.x; acc[1] += a0_.x * b0_.y;
+                acc[2] += a0_.y * b0_.x; acc[3] += a0_.y * b0_.y;
+            }
+            __syncthreads();  // before the next load overwrites this stage
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int m = m0 + ty * 2 + i / 2, n = n0 + tx * 2 + i % 2;
+            if (m < M && n < N) {
+                v_step_3a_252_40base[m * 20 + n] = acc[i];
+            }
+        }
+        // the elementwise work that reads this product, row by row: the rows of an m tile are
+        // done when all gridDim.x of its tiles are, and the last block to finish one runs it for
+        // them (the product's results from L2: other blocks wrote them)
+        __threadfence();  // this block's results are visible to the block that reads them
+        __syncthreads();
+        int* rows_tickets_ = reinterpret_cast<int*>(v_rows_3arnnc_5fstep_5f2_5fdot_40base);  // per m tile, its tiles done
+        int& rows_last_ = *reinterpret_cast<int*>(shared_ + 9216 + 4);
+        if (threadIdx.x == 0) {
+            rows_last_ = true && atomicAdd(&rows_tickets_[blockIdx.y], 1) == gridDim.x - 1;
+        }
+        __syncthreads();
+        if (rows_last_) {
+            const int row_begin_ = m0, row_end_ = min(M, m0 + 32);
+            for (int i_ = row_begin_ * 5 + threadIdx.x; i_ < row_end_ * 5; i_ += blockDim.x) {
+                const int j0 = i_ / 5;
+                const int j1 = i_ % 5;
+                const int j2 = j1 + 5;
+                const float f3 = v_pre_3a_251_40t[j0 * 20 + j2];
+                const float f4 = __ldcg(&v_step_3a_252_40base[j0 * 20 + j2]);
+                const float f5 = (f3 + f4);
+                const float f6 = v_param_3ab_40base[j2];
+                const float f7 = (f5 + f6);
+                const float f8 = (1.0f / (1.0f + expf(-f7)));
+                v_tape_3a_254_40t[j0 * 5 + j1] = f8;
+                const int j9 = j1 + 0;
+                const float f10 = v_pre_3a_251_40t[j0 * 20 + j9];
+                const float f11 = __ldcg(&v_step_3a_252_40base[j0 * 20 + j9]);
+                const float f12 = (f10 + f11);
+                const float f13 = v_param_3ab_40base[j9];
+                const float f14 = (f12 + f13);
+                const float f15 = (1.0f / (1.0f + expf(-f14)));
+                v_tape_3a_256_40t[j0 * 5 + j1] = f15;
+                const int j16 = j1 + 10;
+                const float f17 = v_pre_3a_251_40t[j0 * 20 + j16];
+                const float f18 = __ldcg(&v_step_3a_252_40base[j0 * 20 + j16]);
+                const float f19 = (f17 + f18);
+                const float f20 = v_param_3ab_40base[j16];
+                const float f21 = (f19 + f20);
+                const float f22 = tanhf(f21);
+                v_tape_3a_257_40t[j0 * 5 + j1] = f22;
+                const int j23 = j1 + 15;
+                const float f24 = v_pre_3a_251_40t[j0 * 20 + j23];
+                const float f25 = __ldcg(&v_step_3a_252_40base[j0 * 20 + j23]);
+                const float f26 = (f24 + f25);
+                const float f27 = v_param_3ab_40base[j23];
+                const float f28 = (f26 + f27);
+                const float f29 = (1.0f / (1.0f + expf(-f28)));
+                v_tape_3a_259_40t[j0 * 5 + j1] = f29;
+                const float f30 = v_valid_40t[j0];
+                const float f31 = v_state_3ac_40t[j0 * 5 + j1];
+                const float f32 = (f8 * f31);
+                const float f33 = (f15 * f22);
+                const float f34 = (f32 + f33);
+                const float f35 = tanhf(f34);
+                const float f36 = (f29 * f35);
+                const float f37 = v_state_3ah_40t[j0 * 5 + j1];
+                const float f38 = ((f30 != 0.0f) ? f36 : f37);
+                v_state_3ah_40t_2b1[j0 * 5 + j1] = f38;
+                const float f39 = ((f30 != 0.0f) ? f34 : f31);
+                v_state_3ac_40t_2b1[j0 * 5 + j1] = f39;
+                const float f40 = ((f30 != 0.0f) ? f36 : 0.0f);
+                v_output_3ay_40t[j0 * 5 + j1] = f40;
+            }
+            if (threadIdx.x == 0) {
+                rows_tickets_[blockIdx.y] = 0;  // ready for the next launch
+            }
+        }
+    }
+    __syncthreads();  // every thread has read held_tile_ and waited for its copies
+    if (threadIdx.x == 0) {
+        held_tile_ = tile_;
+    }
+}
+
 // rnnc_step_persistent: rnnc_step_2_dot
 // Every step in one launch: its blocks stay resident for all the steps (the runtime sizes the
 // grid to what the GPU holds at once, so every block runs while the others wait at a barrier).
@@ -1081,21 +1233,133 @@ extern "C" __global__ void rnnc_pre_bwd_add_12_glue(const int rows, float* v_pre
 // own grid: block b takes that grid's blocks b, b + gridDim.x, ...; then a grid barrier, so the
 // next kernel reads what this one wrote. args_ holds, for each step, each kernel's arguments
 // (16 words a step): its rows, then its buffers, as the runtime would launch them.
+// Shared memory (11552 bytes, given at launch): the kernels' pool, each kernel's in turn
+// (9232 bytes), then the params the products keep from step to step, each behind a flag
+// that says which tile's slice it holds (0: none yet).
 extern "C" __global__ void __launch_bounds__(256, 1) rnnc_step_persistent(const int steps,
         const unsigned long long* args_, unsigned* barrier_) {
-    __shared__ __align__(16) char shared_[9232];  // each kernel's in turn
+    extern __shared__ __align__(16) char shared_[];
+    if (threadIdx.x == 0) {
+        *reinterpret_cast<int*>(shared_ + 9232) = 0;
+    }
+    __syncthreads();
     for (int step_ = 0; step_ < steps; ++step_) {
         const unsigned long long* at_ = args_ + (size_t)step_ * 16;
         {  // rnnc_step_2_dot
             const int rows = (int)at_[0];
             const uint3 grid_ = uint3{ 1, unsigned(max(1, (rows * 1 + 31) / 32)), 1 };
             for (unsigned b_ = blockIdx.x; b_ < grid_.x * grid_.y * grid_.z; b_ += gridDim.x) {
-                rnnc_step_2_dot_body(uint3{b_ % grid_.x, b_ / grid_.x % grid_.y, b_ / (grid_.x * grid_.y)}, grid_,
-                    shared_, rows, reinterpret_cast<float*>(at_[1]), reinterpret_cast<float*>(at_[2]), reinterpret_cast<float*>(at_[3]), reinterpret_cast<float*>(at_[4]), reinterpret_cast<float*>(at_[5]), reinterpret_cast<float*>(at_[6]), reinterpret_cast<float*>(at_[7]), reinterpret_cast<float*>(at_[8]), reinterpret_cast<float*>(at_[9]), reinterpret_cast<float*>(at_[10]), reinterpret_cast<float*>(at_[11]), reinterpret_cast<float*>(at_[12]), reinterpret_cast<float*>(at_[13]), reinterpret_cast<float*>(at_[14]), reinterpret_cast<float*>(at_[15]));
+                rnnc_step_2_dot_kept_body(uint3{b_ % grid_.x, b_ / grid_.x % grid_.y, b_ / (grid_.x * grid_.y)}, grid_,
+                    shared_, shared_ + 9232, rows, reinterpret_cast<float*>(at_[1]), reinterpret_cast<float*>(at_[2]), reinterpret_cast<float*>(at_[3]), reinterpret_cast<float*>(at_[4]), reinterpret_cast<float*>(at_[5]), reinterpret_cast<float*>(at_[6]), reinterpret_cast<float*>(at_[7]), reinterpret_cast<float*>(at_[8]), reinterpret_cast<float*>(at_[9]), reinterpret_cast<float*>(at_[10]), reinterpret_cast<float*>(at_[11]), reinterpret_cast<float*>(at_[12]), reinterpret_cast<float*>(at_[13]), reinterpret_cast<float*>(at_[14]), reinterpret_cast<float*>(at_[15]));
                 __syncthreads();  // before the next block's work reuses shared memory
             }
             rnnc_grid_barrier(barrier_);
         }
+    }
+}
+
+// %step:34 = dot(%step:mask3, U); then %step:mask4 = select(%valid, %step:34, dnext:h)  [zj,kj->zk]
+// out[g, m, n] = sum_k A[g, m, k] * B[g, k, n]: float32 FMA, 16x16 threads with 2x2 outputs each.
+// A block computes a 32x32 tile of (m, n), reading k 32 at a time into shared memory,
+// the next slice copied (cp.async) while this one is multiplied.
+static __device__ __forceinline__ void rnnc_bwd_4_dot_kept_body(const uint3 blockIdx, const uint3 gridDim, char* const shared_, char* const held_, const int rows, float* v_d_5frow_3a_251_40t, float* v_param_3aU_40base, float* v_bwd_3a_25step_3a34_40base, float* v_rows_3arnnc_5fbwd_5f4_5fdot_40base, float* v_valid_40t, float* v_d_5fstate_3ah_40t_2b1, float* v_d_5fstate_3ah_40t) {
+    const int G = 1, M = rows * 1, N = 5, K = 20;
+    auto& As = *reinterpret_cast<float(*)[2][1152]>(shared_);  // [k][m], rows 36 apart
+    auto& Bs = *reinterpret_cast<float(*)[1][1152]>(held_ + 16);  // [k][n], rows 36 apart
+    const float* A_ = v_d_5frow_3a_251_40t;
+    const float* B_ = v_param_3aU_40base;
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    const int m0 = blockIdx.y * 32, n0 = blockIdx.x * 32;
+    // split-K: block z % 1 sums over its own chunk of k, a multiple of 32
+    const int split = blockIdx.z % 1;
+    const int chunk = (K + 32 - 1) / 32 * 32;
+    const int k_begin = split * chunk, k_end = min(K, k_begin + chunk);
+    // B's slices for this block's columns and split stay in held_ from call to call (the steps
+    // of a persistent kernel): copied only when the tile differs from the one held (0: none)
+    int& held_tile_ = *reinterpret_cast<int*>(held_);
+    const int tile_ = 1 + blockIdx.x + gridDim.x * split;
+    const bool fetch_b_ = held_tile_ != tile_;
+    for (int g = blockIdx.z / 1; g < G; g += gridDim.z / 1) {
+        auto load = [&](int stage, int k0) {  // not unrolled: copies are issued, not waited for
+#pragma unroll 1
+            for (int l_ = threadIdx.x; l_ < 1024; l_ += 256) {
+                const int r_ = l_ / 32, c_ = l_ % 32 * 1;
+                const int k = k0 + c_, m = m0 + r_;
+                const bool in_ = m < M && k < k_end;
+                rnnc_cp_async<4>(&As[stage][(k - k0) * 36 + m - m0], A_ + (in_ ? m * 20 + k : 0), in_);
+            }
+#pragma unroll 1
+            for (int l_ = threadIdx.x; fetch_b_ && l_ < 1024; l_ += 256) {
+                const int r_ = l_ / 32, c_ = l_ % 32 * 1;
+                const int k = k0 + c_, n = n0 + r_;
+                const bool in_ = k < k_end && n < N;
+                rnnc_cp_async<4>(&Bs[(k0 - k_begin) / 32][(k - k0) * 36 + n - n0], B_ + (in_ ? k + n * 20 : 0), in_);
+            }
+            rnnc_cp_async_commit();
+        };
+        float acc[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            acc[i] = 0.0f;
+        }
+        if (k_begin < k_end) {
+            load(0, k_begin);
+        }
+        int stage = 0;
+        for (int k0 = k_begin; k0 < k_end; k0 += 32, stage ^= 1) {
+            if (k0 + 32 < k_end) {  // the next slice goes into the other stage
+                load(stage ^ 1, k0 + 32);
+                rnnc_cp_async_wait<1>();
+            } else {
+                rnnc_cp_async_wait<0>();
+            }
+            __syncthreads();
+#pragma unroll
+            for (int kk = 0; kk < 32; kk += 1) {
+                const float2 a0_ = *reinterpret_cast<const float2*>(&As[stage][(kk) * 36 + ty * 2 + 0]);
+                const float2 b0_ = *reinterpret_cast<const float2*>(&Bs[(k0 - k_begin) / 32][(kk) * 36 + tx * 2 + 0]);
+                acc[0] += a0_.x * b0_.x; acc[1] += a0_.x * b0_.y;
+                acc[2] += a0_.y * b0_.x; acc[3] += a0_.y * b0_.y;
+            }
+            __syncthreads();  // before the next load overwrites this stage
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int m = m0 + ty * 2 + i / 2, n = n0 + tx * 2 + i % 2;
+            if (m < M && n < N) {
+                v_bwd_3a_25step_3a34_40base[m * 5 + n] = acc[i];
+            }
+        }
+        // the elementwise work that reads this product, row by row: the rows of an m tile are
+        // done when all gridDim.x of its tiles are, and the last block to finish one runs it for
+        // them (the product's results from L2: other blocks wrote them)
+        __threadfence();  // this block's results are visible to the block that reads them
+        __syncthreads();
+        int* rows_tickets_ = reinterpret_cast<int*>(v_rows_3arnnc_5fbwd_5f4_5fdot_40base);  // per m tile, its tiles done
+        int& rows_last_ = *reinterpret_cast<int*>(shared_ + 18432 + 4);
+        if (threadIdx.x == 0) {
+            rows_last_ = true && atomicAdd(&rows_tickets_[blockIdx.y], 1) == gridDim.x - 1;
+        }
+        __syncthreads();
+        if (rows_last_) {
+            const int row_begin_ = m0, row_end_ = min(M, m0 + 32);
+            for (int i_ = row_begin_ * 5 + threadIdx.x; i_ < row_end_ * 5; i_ += blockDim.x) {
+                const int j0 = i_ / 5;
+                const int j1 = i_ % 5;
+                const float f2 = v_valid_40t[j0];
+                const float f3 = __ldcg(&v_bwd_3a_25step_3a34_40base[j0 * 5 + j1]);
+                const float f4 = v_d_5fstate_3ah_40t_2b1[j0 * 5 + j1];
+                const float f5 = ((f2 != 0.0f) ? f3 : f4);
+                v_d_5fstate_3ah_40t[j0 * 5 + j1] = f5;
+            }
+            if (threadIdx.x == 0) {
+                rows_tickets_[blockIdx.y] = 0;  // ready for the next launch
+            }
+        }
+    }
+    __syncthreads();  // every thread has read held_tile_ and waited for its copies
+    if (threadIdx.x == 0) {
+        held_tile_ = tile_;
     }
 }
 
@@ -1106,9 +1370,16 @@ extern "C" __global__ void __launch_bounds__(256, 1) rnnc_step_persistent(const 
 // own grid: block b takes that grid's blocks b, b + gridDim.x, ...; then a grid barrier, so the
 // next kernel reads what this one wrote. args_ holds, for each step, each kernel's arguments
 // (20 words a step): its rows, then its buffers, as the runtime would launch them.
+// Shared memory (23072 bytes, given at launch): the kernels' pool, each kernel's in turn
+// (18448 bytes), then the params the products keep from step to step, each behind a flag
+// that says which tile's slice it holds (0: none yet).
 extern "C" __global__ void __launch_bounds__(256, 1) rnnc_backward_step_persistent(const int steps,
         const unsigned long long* args_, unsigned* barrier_) {
-    __shared__ __align__(16) char shared_[18448];  // each kernel's in turn
+    extern __shared__ __align__(16) char shared_[];
+    if (threadIdx.x == 0) {
+        *reinterpret_cast<int*>(shared_ + 18448) = 0;
+    }
+    __syncthreads();
     for (int step_ = 0; step_ < steps; ++step_) {
         const unsigned long long* at_ = args_ + (size_t)step_ * 20;
         {  // rnnc_bwd_3_phase0
@@ -1125,8 +1396,8 @@ extern "C" __global__ void __launch_bounds__(256, 1) rnnc_backward_step_persiste
             const int rows = (int)at_[12];
             const uint3 grid_ = uint3{ 1, unsigned(max(1, (rows * 1 + 31) / 32)), 1 };
             for (unsigned b_ = blockIdx.x; b_ < grid_.x * grid_.y * grid_.z; b_ += gridDim.x) {
-                rnnc_bwd_4_dot_body(uint3{b_ % grid_.x, b_ / grid_.x % grid_.y, b_ / (grid_.x * grid_.y)}, grid_,
-                    shared_, rows, reinterpret_cast<float*>(at_[13]), reinterpret_cast<float*>(at_[14]), reinterpret_cast<float*>(at_[15]), reinterpret_cast<float*>(at_[16]), reinterpret_cast<float*>(at_[17]), reinterpret_cast<float*>(at_[18]), reinterpret_cast<float*>(at_[19]));
+                rnnc_bwd_4_dot_kept_body(uint3{b_ % grid_.x, b_ / grid_.x % grid_.y, b_ / (grid_.x * grid_.y)}, grid_,
+                    shared_, shared_ + 18448, rows, reinterpret_cast<float*>(at_[13]), reinterpret_cast<float*>(at_[14]), reinterpret_cast<float*>(at_[15]), reinterpret_cast<float*>(at_[16]), reinterpret_cast<float*>(at_[17]), reinterpret_cast<float*>(at_[18]), reinterpret_cast<float*>(at_[19]));
                 __syncthreads();  // before the next block's work reuses shared memory
             }
             rnnc_grid_barrier(barrier_);
