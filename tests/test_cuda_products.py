@@ -45,6 +45,7 @@ class Region:
 
     def __init__(self, label: str, rows: str):
         self.label, self.rows, self.launches = label, rows, []
+        self.persistent = False  # not a step's: no persistent kernel runs its launches
 
 
 # (spec, A's per-example shape and batchedness, B's, rows, region rows, op, what it covers)

@@ -2,6 +2,8 @@
 both backends interpret; here its shape, and `rnnc emit --stage schedule`.
 tests/test_memory.py checks that the NumPy backend holds the bytes it
 counts, tests/test_cuda_emulated.py that the CUDA runtime does."""
+import re
+
 import pytest
 
 import rnnc
@@ -108,9 +110,11 @@ def test_the_schedule_and_the_plan_say_how_cuda_runs_each_events_steps():
     source = rnnc.driver.read_source(example("lstm"))
     text = rnnc.driver.emit(source, "schedule", dims={"D": 2, "H": 3}, seq_len=4, batch=2)
     forms = text[text.index("cuda: the steps of each event"):].splitlines()
-    assert forms[1] == ("  forward, replay: persistent: one launch runs all the event's steps, 1 kernel a step, "
-                        "a grid barrier after each")
+    assert re.fullmatch(r"  forward, replay: persistent: one launch runs all the event's steps, 1 kernel a step, "
+                        r"a grid barrier after each; params kept in shared memory across steps by rnnc_step_\d+_dot "
+                        r"\(\d+ bytes of shared memory a block\)", forms[1]), forms[1]
     assert forms[2].startswith("  backward: persistent: one launch runs all the event's steps, 2 kernels a step")
+    assert re.search(r"params kept in shared memory across steps by rnnc_bwd_\d+_dot", forms[2]), forms[2]
     done = run_rnnc("plan", str(example("lstm")), "-DD=2", "-DH=3")
     assert done.returncode == 0 and "\n".join(forms[:3]) in done.stdout, done.stdout
     huge = {"D": 4, "H": 20000}  # U: 1.6e9 elements, past the kernels' int indices; the NumPy backend runs it

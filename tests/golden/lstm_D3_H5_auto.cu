@@ -1099,8 +1099,8 @@ static __device__ __forceinline__ void rnnc_step_2_dot_kept_body(const uint3 blo
     // B's slices for this block's columns and split stay in held_ from call to call (the steps
     // of a persistent kernel): copied only when the tile differs from the one held (0: none)
     int& held_tile_ = *reinterpret_cast<int*>(held_);
-    const int tile_ = 1 + blockIdx.x + gridDim.x * split;
-    const bool fetch_b_ = held_tile_ != tile_;
+    const int kept_tile_ = 1 + blockIdx.x + gridDim.x * split;
+    const bool fetch_b_ = held_tile_ != kept_tile_;
     for (int g = blockIdx.z / 1; g < G; g += gridDim.z / 1) {
         auto load = [&](int stage, int k0) {  // not unrolled: copies are issued, not waited for
 #pragma unroll 1
@@ -1222,7 +1222,7 @@ static __device__ __forceinline__ void rnnc_step_2_dot_kept_body(const uint3 blo
     }
     __syncthreads();  // every thread has read held_tile_ and waited for its copies
     if (threadIdx.x == 0) {
-        held_tile_ = tile_;
+        held_tile_ = kept_tile_;
     }
 }
 
@@ -1277,8 +1277,8 @@ static __device__ __forceinline__ void rnnc_bwd_4_dot_kept_body(const uint3 bloc
     // B's slices for this block's columns and split stay in held_ from call to call (the steps
     // of a persistent kernel): copied only when the tile differs from the one held (0: none)
     int& held_tile_ = *reinterpret_cast<int*>(held_);
-    const int tile_ = 1 + blockIdx.x + gridDim.x * split;
-    const bool fetch_b_ = held_tile_ != tile_;
+    const int kept_tile_ = 1 + blockIdx.x + gridDim.x * split;
+    const bool fetch_b_ = held_tile_ != kept_tile_;
     for (int g = blockIdx.z / 1; g < G; g += gridDim.z / 1) {
         auto load = [&](int stage, int k0) {  // not unrolled: copies are issued, not waited for
 #pragma unroll 1
@@ -1359,7 +1359,7 @@ static __device__ __forceinline__ void rnnc_bwd_4_dot_kept_body(const uint3 bloc
     }
     __syncthreads();  // every thread has read held_tile_ and waited for its copies
     if (threadIdx.x == 0) {
-        held_tile_ = tile_;
+        held_tile_ = kept_tile_;
     }
 }
 

@@ -8,7 +8,11 @@ row for each example (`rows.cu.j2`: a block per row), each through a device
 function of its own, `{kernel}_body`, given the launch's shared memory (one
 pool, which its bodies take in turn). A persistent kernel
 (`persistent.cu.j2`) runs the launches of every step of a per-step launch
-list, calling those functions over their grids in turn. The families:
+list, calling those functions over their grids in turn; where a launch's
+product multiplies by a param, it calls the launch's `{kernel}_kept_body`
+instead, which keeps each block's slice of the param in shared memory from
+step to step (`kept_operands` picks which, `products.ProductKernel.values`
+says how). The families:
 
 - `elementwise.cu.j2`: a phase of fused elementwise work (`elementwise.py`
   prepares its loops).
@@ -364,7 +368,7 @@ class Generator:
         (templates/persistent.cu.j2), or the reason it cannot: (Persistent or
         None, the reason or None). Its blocks run every kernel of the list, so
         they must all take blocks of one size; they take their shared memory
-        from one pool in turn."""
+        from one pool in turn, and after it, the params its products keep."""
         if not launches:
             return None, "no launches a step"
         sizes = sorted({launch.block for launch in launches})

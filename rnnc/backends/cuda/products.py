@@ -458,7 +458,7 @@ class ProductKernel:
                 "a": {**kernel.loader("a", a_param), "slots": 2, "base": "shared_"},
                 "b": {**kernel.loader("b", b_param), "slots": self.kept_slices if kept else 2,
                       "base": "held_ + 16" if kept else f"shared_ + {b_at}"},
-                "kept": kept, "fetch_b": "held_tile_ != tile_" if kept else "true",
+                "kept": kept, "fetch_b": "held_tile_ != kept_tile_" if kept else "true",
                 "epilogue": "contract_split.cu.j2" if self.splits > 1 else "contract_store.cu.j2"}
 
 
