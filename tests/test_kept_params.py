@@ -7,7 +7,8 @@ The emulator counts the bytes kernels copy from the param's device buffer
 (`EmulatedDevice.watch`). The expected counts are worked from the tiles, not
 read off the program: the LSTM at H=40 multiplies h [B, 40] by U [40, 160]
 in 32x32 tiles, one tile of rows (B=3) and 5 of columns, each column tile
-needing its 40x32 slice of U, a fifth of U; the backward multiplies its
+needing 32 of U's columns (the four gates of 8 hidden units), a fifth of
+U; the backward multiplies its
 gate cotangents [B, 160] by U's transpose, in 2 tiles of columns, each
 needing the rows of U of its 32 (or 8) hidden units. So a tile's slice
 comes from global memory once per call when every tile has a block of its

@@ -212,14 +212,14 @@ static __device__ __forceinline__ void rnnc_pre_1_dot_body(const uint3 blockIdx,
                 const int r_ = l_ / 16, c_ = l_ % 16 * 1;
                 const int k = k0 + c_, m = m0 + r_;
                 const bool in_ = m < M && k < k_end;
-                rnnc_cp_async<4>(&As[stage][(k - k0) * 36 + m - m0], A_ + (in_ ? m * 3 + k : 0), in_);
+                rnnc_cp_async<4>(&As[stage][(c_) * 36 + r_], A_ + (in_ ? m * 3 + k : 0), in_);
             }
 #pragma unroll 1
             for (int l_ = threadIdx.x; fetch_b_ && l_ < 128; l_ += 256) {
                 const int r_ = l_ / 8, c_ = l_ % 8 * 4;
                 const int n = n0 + c_, k = k0 + r_;
                 const bool in_ = k < k_end && n < N;
-                rnnc_cp_async<16>(&Bs[stage][(k - k0) * 36 + n - n0], B_ + (in_ ? k * 20 + n : 0), in_);
+                rnnc_cp_async<16>(&Bs[stage][(r_) * 36 + c_], B_ + (in_ ? k * 20 + n : 0), in_);
             }
             rnnc_cp_async_commit();
         };
@@ -268,7 +268,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) rnnc_pre_1_dot(const int ro
 // out[g, m, n] = sum_k A[g, m, k] * B[g, k, n]: float32 FMA, 16x16 threads with 2x2 outputs each.
 // A block computes a 32x32 tile of (m, n), reading k 16 at a time into shared memory,
 // the next slice copied (cp.async) while this one is multiplied.
-static __device__ __forceinline__ void rnnc_step_2_dot_body(const uint3 blockIdx, const uint3 gridDim, char* const shared_, const int rows, float* v_state_3ah_40t, float* v_param_3aU_40base, float* v_step_3a_252_40base, float* v_rows_3arnnc_5fstep_5f2_5fdot_40base, float* v_pre_3a_251_40t, float* v_param_3ab_40base, float* v_tape_3a_254_40t, float* v_tape_3a_256_40t, float* v_tape_3a_257_40t, float* v_tape_3a_259_40t, float* v_valid_40t, float* v_state_3ac_40t, float* v_state_3ah_40t_2b1, float* v_state_3ac_40t_2b1, float* v_output_3ay_40t) {
+static __device__ __forceinline__ void rnnc_step_2_dot_body(const uint3 blockIdx, const uint3 gridDim, char* const shared_, const int rows, float* v_state_3ah_40t, float* v_param_3aU_40base, float* v_step_3a_252_40base, float* v_pre_3a_251_40t, float* v_param_3ab_40base, float* v_tape_3a_254_40t, float* v_tape_3a_256_40t, float* v_tape_3a_257_40t, float* v_tape_3a_259_40t, float* v_valid_40t, float* v_state_3ac_40t, float* v_state_3ah_40t_2b1, float* v_state_3ac_40t_2b1, float* v_output_3ay_40t) {
     const int G = 1, M = rows * 1, N = 20, K = 5;
     auto& As = *reinterpret_cast<float(*)[2][576]>(shared_);  // [k][m], rows 36 apart
     auto& Bs = *reinterpret_cast<float(*)[2][576]>(shared_ + 4608);  // [k][n], rows 36 apart
@@ -288,14 +288,14 @@ static __device__ __forceinline__ void rnnc_step_2_dot_body(const uint3 blockIdx
                 const int r_ = l_ / 16, c_ = l_ % 16 * 1;
                 const int k = k0 + c_, m = m0 + r_;
                 const bool in_ = m < M && k < k_end;
-                rnnc_cp_async<4>(&As[stage][(k - k0) * 36 + m - m0], A_ + (in_ ? m * 5 + k : 0), in_);
+                rnnc_cp_async<4>(&As[stage][(c_) * 36 + r_], A_ + (in_ ? m * 5 + k : 0), in_);
             }
 #pragma unroll 1
             for (int l_ = threadIdx.x; fetch_b_ && l_ < 128; l_ += 256) {
                 const int r_ = l_ / 8, c_ = l_ % 8 * 4;
-                const int n = n0 + c_, k = k0 + r_;
+                const int n = (n0 / 4 + (c_) % 8 < 5 ? (c_) / 8 * 5 + n0 / 4 + (c_) % 8 : N), k = k0 + r_;
                 const bool in_ = k < k_end && n < N;
-                rnnc_cp_async<16>(&Bs[stage][(k - k0) * 36 + n - n0], B_ + (in_ ? k * 20 + n : 0), in_);
+                rnnc_cp_async<16>(&Bs[stage][(r_) * 36 + c_], B_ + (in_ ? k * 20 + n : 0), in_);
             }
             rnnc_cp_async_commit();
         };
@@ -327,84 +327,78 @@ static __device__ __forceinline__ void rnnc_step_2_dot_body(const uint3 blockIdx
         }
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            const int m = m0 + ty * 2 + i / 2, n = n0 + tx * 2 + i % 2;
+            const int m = m0 + ty * 2 + i / 2, n = (n0 / 4 + (tx * 2 + i % 2) % 8 < 5 ? (tx * 2 + i % 2) / 8 * 5 + n0 / 4 + (tx * 2 + i % 2) % 8 : N);
             if (m < M && n < N) {
                 v_step_3a_252_40base[m * 20 + n] = acc[i];
             }
         }
-        // the elementwise work that reads this product, row by row: the rows of an m tile are
-        // done when all gridDim.x of its tiles are, and the last block to finish one runs it for
-        // them (the product's results from L2: other blocks wrote them)
-        __threadfence();  // this block's results are visible to the block that reads them
-        __syncthreads();
-        int* rows_tickets_ = reinterpret_cast<int*>(v_rows_3arnnc_5fstep_5f2_5fdot_40base);  // per m tile, its tiles done
-        int& rows_last_ = *reinterpret_cast<int*>(shared_ + 9216 + 4);
-        if (threadIdx.x == 0) {
-            rows_last_ = true && atomicAdd(&rows_tickets_[blockIdx.y], 1) == gridDim.x - 1;
-        }
-        __syncthreads();
-        if (rows_last_) {
+        // the elementwise work that reads this product, for the tile's rows and the 8
+        // units whose columns it holds (of each group of 5): it reads no other tile's
+        // results, only this one's, back from L2
+        __syncthreads();  // every thread's results are written
+        if (true) {
             const int row_begin_ = m0, row_end_ = min(M, m0 + 32);
-            for (int i_ = row_begin_ * 5 + threadIdx.x; i_ < row_end_ * 5; i_ += blockDim.x) {
-                const int j0 = i_ / 5;
-                const int j1 = i_ % 5;
-                const int j2 = j1 + 5;
-                const float f3 = v_pre_3a_251_40t[j0 * 20 + j2];
-                const float f4 = __ldcg(&v_step_3a_252_40base[j0 * 20 + j2]);
-                const float f5 = (f3 + f4);
-                const float f6 = v_param_3ab_40base[j2];
-                const float f7 = (f5 + f6);
-                const float f8 = (1.0f / (1.0f + expf(-f7)));
-                v_tape_3a_254_40t[j0 * 5 + j1] = f8;
-                const int j9 = j1 + 0;
-                const float f10 = v_pre_3a_251_40t[j0 * 20 + j9];
-                const float f11 = __ldcg(&v_step_3a_252_40base[j0 * 20 + j9]);
-                const float f12 = (f10 + f11);
-                const float f13 = v_param_3ab_40base[j9];
-                const float f14 = (f12 + f13);
-                const float f15 = (1.0f / (1.0f + expf(-f14)));
-                v_tape_3a_256_40t[j0 * 5 + j1] = f15;
-                const int j16 = j1 + 10;
-                const float f17 = v_pre_3a_251_40t[j0 * 20 + j16];
-                const float f18 = __ldcg(&v_step_3a_252_40base[j0 * 20 + j16]);
-                const float f19 = (f17 + f18);
-                const float f20 = v_param_3ab_40base[j16];
-                const float f21 = (f19 + f20);
-                const float f22 = tanhf(f21);
-                v_tape_3a_257_40t[j0 * 5 + j1] = f22;
-                const int j23 = j1 + 15;
-                const float f24 = v_pre_3a_251_40t[j0 * 20 + j23];
-                const float f25 = __ldcg(&v_step_3a_252_40base[j0 * 20 + j23]);
-                const float f26 = (f24 + f25);
-                const float f27 = v_param_3ab_40base[j23];
-                const float f28 = (f26 + f27);
-                const float f29 = (1.0f / (1.0f + expf(-f28)));
-                v_tape_3a_259_40t[j0 * 5 + j1] = f29;
-                const float f30 = v_valid_40t[j0];
-                const float f31 = v_state_3ac_40t[j0 * 5 + j1];
-                const float f32 = (f8 * f31);
-                const float f33 = (f15 * f22);
-                const float f34 = (f32 + f33);
-                const float f35 = tanhf(f34);
-                const float f36 = (f29 * f35);
-                const float f37 = v_state_3ah_40t[j0 * 5 + j1];
-                const float f38 = ((f30 != 0.0f) ? f36 : f37);
-                v_state_3ah_40t_2b1[j0 * 5 + j1] = f38;
-                const float f39 = ((f30 != 0.0f) ? f34 : f31);
-                v_state_3ac_40t_2b1[j0 * 5 + j1] = f39;
-                const float f40 = ((f30 != 0.0f) ? f36 : 0.0f);
-                v_output_3ay_40t[j0 * 5 + j1] = f40;
-            }
-            if (threadIdx.x == 0) {
-                rows_tickets_[blockIdx.y] = 0;  // ready for the next launch
+            for (int l_ = threadIdx.x; l_ < (row_end_ - row_begin_) * 8; l_ += blockDim.x) {
+                const int unit_ = n0 / 4 + l_ % 8;
+                const int i_ = (row_begin_ + l_ / 8) * 5 + unit_;
+                if (unit_ < 5) {
+                    const int j0 = i_ / 5;
+                    const int j1 = i_ % 5;
+                    const int j2 = j1 + 5;
+                    const float f3 = v_pre_3a_251_40t[j0 * 20 + j2];
+                    const float f4 = __ldcg(&v_step_3a_252_40base[j0 * 20 + j2]);
+                    const float f5 = (f3 + f4);
+                    const float f6 = v_param_3ab_40base[j2];
+                    const float f7 = (f5 + f6);
+                    const float f8 = (1.0f / (1.0f + expf(-f7)));
+                    v_tape_3a_254_40t[j0 * 5 + j1] = f8;
+                    const int j9 = j1 + 0;
+                    const float f10 = v_pre_3a_251_40t[j0 * 20 + j9];
+                    const float f11 = __ldcg(&v_step_3a_252_40base[j0 * 20 + j9]);
+                    const float f12 = (f10 + f11);
+                    const float f13 = v_param_3ab_40base[j9];
+                    const float f14 = (f12 + f13);
+                    const float f15 = (1.0f / (1.0f + expf(-f14)));
+                    v_tape_3a_256_40t[j0 * 5 + j1] = f15;
+                    const int j16 = j1 + 10;
+                    const float f17 = v_pre_3a_251_40t[j0 * 20 + j16];
+                    const float f18 = __ldcg(&v_step_3a_252_40base[j0 * 20 + j16]);
+                    const float f19 = (f17 + f18);
+                    const float f20 = v_param_3ab_40base[j16];
+                    const float f21 = (f19 + f20);
+                    const float f22 = tanhf(f21);
+                    v_tape_3a_257_40t[j0 * 5 + j1] = f22;
+                    const int j23 = j1 + 15;
+                    const float f24 = v_pre_3a_251_40t[j0 * 20 + j23];
+                    const float f25 = __ldcg(&v_step_3a_252_40base[j0 * 20 + j23]);
+                    const float f26 = (f24 + f25);
+                    const float f27 = v_param_3ab_40base[j23];
+                    const float f28 = (f26 + f27);
+                    const float f29 = (1.0f / (1.0f + expf(-f28)));
+                    v_tape_3a_259_40t[j0 * 5 + j1] = f29;
+                    const float f30 = v_valid_40t[j0];
+                    const float f31 = v_state_3ac_40t[j0 * 5 + j1];
+                    const float f32 = (f8 * f31);
+                    const float f33 = (f15 * f22);
+                    const float f34 = (f32 + f33);
+                    const float f35 = tanhf(f34);
+                    const float f36 = (f29 * f35);
+                    const float f37 = v_state_3ah_40t[j0 * 5 + j1];
+                    const float f38 = ((f30 != 0.0f) ? f36 : f37);
+                    v_state_3ah_40t_2b1[j0 * 5 + j1] = f38;
+                    const float f39 = ((f30 != 0.0f) ? f34 : f31);
+                    v_state_3ac_40t_2b1[j0 * 5 + j1] = f39;
+                    const float f40 = ((f30 != 0.0f) ? f36 : 0.0f);
+                    v_output_3ay_40t[j0 * 5 + j1] = f40;
+                }
             }
         }
     }
 }
 
-extern "C" __global__ void __launch_bounds__(256, 2) rnnc_step_2_dot(const int rows, float* v_state_3ah_40t, float* v_param_3aU_40base, float* v_step_3a_252_40base, float* v_rows_3arnnc_5fstep_5f2_5fdot_40base, float* v_pre_3a_251_40t, float* v_param_3ab_40base, float* v_tape_3a_254_40t, float* v_tape_3a_256_40t, float* v_tape_3a_257_40t, float* v_tape_3a_259_40t, float* v_valid_40t, float* v_state_3ac_40t, float* v_state_3ah_40t_2b1, float* v_state_3ac_40t_2b1, float* v_output_3ay_40t) {
+extern "C" __global__ void __launch_bounds__(256, 2) rnnc_step_2_dot(const int rows, float* v_state_3ah_40t, float* v_param_3aU_40base, float* v_step_3a_252_40base, float* v_pre_3a_251_40t, float* v_param_3ab_40base, float* v_tape_3a_254_40t, float* v_tape_3a_256_40t, float* v_tape_3a_257_40t, float* v_tape_3a_259_40t, float* v_valid_40t, float* v_state_3ac_40t, float* v_state_3ah_40t_2b1, float* v_state_3ac_40t_2b1, float* v_output_3ay_40t) {
     __shared__ __align__(16) char shared_[9232];  // what its body takes of shared memory
-    rnnc_step_2_dot_body(blockIdx, gridDim, shared_, rows, v_state_3ah_40t, v_param_3aU_40base, v_step_3a_252_40base, v_rows_3arnnc_5fstep_5f2_5fdot_40base, v_pre_3a_251_40t, v_param_3ab_40base, v_tape_3a_254_40t, v_tape_3a_256_40t, v_tape_3a_257_40t, v_tape_3a_259_40t, v_valid_40t, v_state_3ac_40t, v_state_3ah_40t_2b1, v_state_3ac_40t_2b1, v_output_3ay_40t);
+    rnnc_step_2_dot_body(blockIdx, gridDim, shared_, rows, v_state_3ah_40t, v_param_3aU_40base, v_step_3a_252_40base, v_pre_3a_251_40t, v_param_3ab_40base, v_tape_3a_254_40t, v_tape_3a_256_40t, v_tape_3a_257_40t, v_tape_3a_259_40t, v_valid_40t, v_state_3ac_40t, v_state_3ah_40t_2b1, v_state_3ac_40t_2b1, v_output_3ay_40t);
 }
 
 // %step:mask3 = select(%valid, %step:32, %step:mask1); %step:mask5 = select(%valid, %step:23, dnext:c)
@@ -550,7 +544,7 @@ extern "C" __global__ void rnnc_bwd_3_phase0(const int rows, float* v_valid_40t,
 // out[g, m, n] = sum_k A[g, m, k] * B[g, k, n]: float32 FMA, 16x16 threads with 2x2 outputs each.
 // A block computes a 32x32 tile of (m, n), reading k 32 at a time into shared memory,
 // the next slice copied (cp.async) while this one is multiplied.
-static __device__ __forceinline__ void rnnc_bwd_4_dot_body(const uint3 blockIdx, const uint3 gridDim, char* const shared_, const int rows, float* v_d_5frow_3a_251_40t, float* v_param_3aU_40base, float* v_bwd_3a_25step_3a34_40base, float* v_rows_3arnnc_5fbwd_5f4_5fdot_40base, float* v_valid_40t, float* v_d_5fstate_3ah_40t_2b1, float* v_d_5fstate_3ah_40t) {
+static __device__ __forceinline__ void rnnc_bwd_4_dot_body(const uint3 blockIdx, const uint3 gridDim, char* const shared_, const int rows, float* v_d_5frow_3a_251_40t, float* v_param_3aU_40base, float* v_bwd_3a_25step_3a34_40base, float* v_valid_40t, float* v_d_5fstate_3ah_40t_2b1, float* v_d_5fstate_3ah_40t) {
     const int G = 1, M = rows * 1, N = 5, K = 20;
     auto& As = *reinterpret_cast<float(*)[2][1152]>(shared_);  // [k][m], rows 36 apart
     auto& Bs = *reinterpret_cast<float(*)[2][1152]>(shared_ + 9216);  // [k][n], rows 36 apart
@@ -570,14 +564,14 @@ static __device__ __forceinline__ void rnnc_bwd_4_dot_body(const uint3 blockIdx,
                 const int r_ = l_ / 32, c_ = l_ % 32 * 1;
                 const int k = k0 + c_, m = m0 + r_;
                 const bool in_ = m < M && k < k_end;
-                rnnc_cp_async<4>(&As[stage][(k - k0) * 36 + m - m0], A_ + (in_ ? m * 20 + k : 0), in_);
+                rnnc_cp_async<4>(&As[stage][(c_) * 36 + r_], A_ + (in_ ? m * 20 + k : 0), in_);
             }
 #pragma unroll 1
             for (int l_ = threadIdx.x; fetch_b_ && l_ < 1024; l_ += 256) {
                 const int r_ = l_ / 32, c_ = l_ % 32 * 1;
-                const int k = k0 + c_, n = n0 + r_;
+                const int k = k0 + c_, n = (n0 / 1 + (r_) % 32 < 5 ? (r_) / 32 * 5 + n0 / 1 + (r_) % 32 : N);
                 const bool in_ = k < k_end && n < N;
-                rnnc_cp_async<4>(&Bs[stage][(k - k0) * 36 + n - n0], B_ + (in_ ? k + n * 20 : 0), in_);
+                rnnc_cp_async<4>(&Bs[stage][(c_) * 36 + r_], B_ + (in_ ? k + n * 20 : 0), in_);
             }
             rnnc_cp_async_commit();
         };
@@ -609,43 +603,37 @@ static __device__ __forceinline__ void rnnc_bwd_4_dot_body(const uint3 blockIdx,
         }
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            const int m = m0 + ty * 2 + i / 2, n = n0 + tx * 2 + i % 2;
+            const int m = m0 + ty * 2 + i / 2, n = (n0 / 1 + (tx * 2 + i % 2) % 32 < 5 ? (tx * 2 + i % 2) / 32 * 5 + n0 / 1 + (tx * 2 + i % 2) % 32 : N);
             if (m < M && n < N) {
                 v_bwd_3a_25step_3a34_40base[m * 5 + n] = acc[i];
             }
         }
-        // the elementwise work that reads this product, row by row: the rows of an m tile are
-        // done when all gridDim.x of its tiles are, and the last block to finish one runs it for
-        // them (the product's results from L2: other blocks wrote them)
-        __threadfence();  // this block's results are visible to the block that reads them
-        __syncthreads();
-        int* rows_tickets_ = reinterpret_cast<int*>(v_rows_3arnnc_5fbwd_5f4_5fdot_40base);  // per m tile, its tiles done
-        int& rows_last_ = *reinterpret_cast<int*>(shared_ + 18432 + 4);
-        if (threadIdx.x == 0) {
-            rows_last_ = true && atomicAdd(&rows_tickets_[blockIdx.y], 1) == gridDim.x - 1;
-        }
-        __syncthreads();
-        if (rows_last_) {
+        // the elementwise work that reads this product, for the tile's rows and the 32
+        // units whose columns it holds (of each group of 5): it reads no other tile's
+        // results, only this one's, back from L2
+        __syncthreads();  // every thread's results are written
+        if (true) {
             const int row_begin_ = m0, row_end_ = min(M, m0 + 32);
-            for (int i_ = row_begin_ * 5 + threadIdx.x; i_ < row_end_ * 5; i_ += blockDim.x) {
-                const int j0 = i_ / 5;
-                const int j1 = i_ % 5;
-                const float f2 = v_valid_40t[j0];
-                const float f3 = __ldcg(&v_bwd_3a_25step_3a34_40base[j0 * 5 + j1]);
-                const float f4 = v_d_5fstate_3ah_40t_2b1[j0 * 5 + j1];
-                const float f5 = ((f2 != 0.0f) ? f3 : f4);
-                v_d_5fstate_3ah_40t[j0 * 5 + j1] = f5;
-            }
-            if (threadIdx.x == 0) {
-                rows_tickets_[blockIdx.y] = 0;  // ready for the next launch
+            for (int l_ = threadIdx.x; l_ < (row_end_ - row_begin_) * 32; l_ += blockDim.x) {
+                const int unit_ = n0 / 1 + l_ % 32;
+                const int i_ = (row_begin_ + l_ / 32) * 5 + unit_;
+                if (unit_ < 5) {
+                    const int j0 = i_ / 5;
+                    const int j1 = i_ % 5;
+                    const float f2 = v_valid_40t[j0];
+                    const float f3 = __ldcg(&v_bwd_3a_25step_3a34_40base[j0 * 5 + j1]);
+                    const float f4 = v_d_5fstate_3ah_40t_2b1[j0 * 5 + j1];
+                    const float f5 = ((f2 != 0.0f) ? f3 : f4);
+                    v_d_5fstate_3ah_40t[j0 * 5 + j1] = f5;
+                }
             }
         }
     }
 }
 
-extern "C" __global__ void __launch_bounds__(256, 2) rnnc_bwd_4_dot(const int rows, float* v_d_5frow_3a_251_40t, float* v_param_3aU_40base, float* v_bwd_3a_25step_3a34_40base, float* v_rows_3arnnc_5fbwd_5f4_5fdot_40base, float* v_valid_40t, float* v_d_5fstate_3ah_40t_2b1, float* v_d_5fstate_3ah_40t) {
+extern "C" __global__ void __launch_bounds__(256, 2) rnnc_bwd_4_dot(const int rows, float* v_d_5frow_3a_251_40t, float* v_param_3aU_40base, float* v_bwd_3a_25step_3a34_40base, float* v_valid_40t, float* v_d_5fstate_3ah_40t_2b1, float* v_d_5fstate_3ah_40t) {
     __shared__ __align__(16) char shared_[18448];  // what its body takes of shared memory
-    rnnc_bwd_4_dot_body(blockIdx, gridDim, shared_, rows, v_d_5frow_3a_251_40t, v_param_3aU_40base, v_bwd_3a_25step_3a34_40base, v_rows_3arnnc_5fbwd_5f4_5fdot_40base, v_valid_40t, v_d_5fstate_3ah_40t_2b1, v_d_5fstate_3ah_40t);
+    rnnc_bwd_4_dot_body(blockIdx, gridDim, shared_, rows, v_d_5frow_3a_251_40t, v_param_3aU_40base, v_bwd_3a_25step_3a34_40base, v_valid_40t, v_d_5fstate_3ah_40t_2b1, v_d_5fstate_3ah_40t);
 }
 
 // %step:35 = dot(h, %step:mask3)  [zk,zj->kj]
@@ -672,14 +660,14 @@ static __device__ __forceinline__ void rnnc_dgrad_5_dot_body(const uint3 blockId
                 const int r_ = l_ / 32, c_ = l_ % 32 * 1;
                 const int m = m0 + c_, k = k0 + r_;
                 const bool in_ = m < M && k < k_end;
-                rnnc_cp_async<4>(&As[stage][(k - k0) * 36 + m - m0], A_ + (in_ ? m + k * 5 : 0), in_);
+                rnnc_cp_async<4>(&As[stage][(r_) * 36 + c_], A_ + (in_ ? m + k * 5 : 0), in_);
             }
 #pragma unroll 1
             for (int l_ = threadIdx.x; fetch_b_ && l_ < 256; l_ += 256) {
                 const int r_ = l_ / 8, c_ = l_ % 8 * 4;
                 const int n = n0 + c_, k = k0 + r_;
                 const bool in_ = k < k_end && n < N;
-                rnnc_cp_async<16>(&Bs[stage][(k - k0) * 36 + n - n0], B_ + (in_ ? k * 20 + n : 0), in_);
+                rnnc_cp_async<16>(&Bs[stage][(r_) * 36 + c_], B_ + (in_ ? k * 20 + n : 0), in_);
             }
             rnnc_cp_async_commit();
         };
@@ -855,14 +843,14 @@ static __device__ __forceinline__ void rnnc_pre_bwd_9_dot_body(const uint3 block
                 const int r_ = l_ / 32, c_ = l_ % 32 * 1;
                 const int m = m0 + c_, k = k0 + r_;
                 const bool in_ = m < M && k < k_end;
-                rnnc_cp_async<4>(&As[stage][(k - k0) * 36 + m - m0], A_ + (in_ ? m + k * 3 : 0), in_);
+                rnnc_cp_async<4>(&As[stage][(r_) * 36 + c_], A_ + (in_ ? m + k * 3 : 0), in_);
             }
 #pragma unroll 1
             for (int l_ = threadIdx.x; fetch_b_ && l_ < 256; l_ += 256) {
                 const int r_ = l_ / 8, c_ = l_ % 8 * 4;
                 const int n = n0 + c_, k = k0 + r_;
                 const bool in_ = k < k_end && n < N;
-                rnnc_cp_async<16>(&Bs[stage][(k - k0) * 36 + n - n0], B_ + (in_ ? k * 20 + n : 0), in_);
+                rnnc_cp_async<16>(&Bs[stage][(r_) * 36 + c_], B_ + (in_ ? k * 20 + n : 0), in_);
             }
             rnnc_cp_async_commit();
         };
@@ -934,7 +922,7 @@ static __device__ __forceinline__ void rnnc_pre_bwd_9_dot_body(const uint3 block
 // out[g, m, n] = sum_k A[g, m, k] * B[g, k, n]: float32 FMA, 16x16 threads with 2x2 outputs each.
 // A block computes a 32x32 tile of (m, n), reading k 32 at a time into shared memory,
 // the next slice copied (cp.async) while this one is multiplied.
-static __device__ __forceinline__ void rnnc_pre_bwd_10_dot_body(const uint3 blockIdx, const uint3 gridDim, char* const shared_, const int rows, float* v_d_5frow_3a_251_40base, float* v_param_3aW_40base, float* v_pre_5fbwd_3a_25pre_3a1_40base, float* v_rows_3arnnc_5fpre_5fbwd_5f10_5fdot_40base, float* v_valid_40base, float* v_pre_5fbwd_3a_25pre_3amask3_40base) {
+static __device__ __forceinline__ void rnnc_pre_bwd_10_dot_body(const uint3 blockIdx, const uint3 gridDim, char* const shared_, const int rows, float* v_d_5frow_3a_251_40base, float* v_param_3aW_40base, float* v_pre_5fbwd_3a_25pre_3a1_40base, float* v_valid_40base, float* v_pre_5fbwd_3a_25pre_3amask3_40base) {
     const int G = 1, M = rows * 1, N = 3, K = 20;
     auto& As = *reinterpret_cast<float(*)[2][1152]>(shared_);  // [k][m], rows 36 apart
     auto& Bs = *reinterpret_cast<float(*)[2][1152]>(shared_ + 9216);  // [k][n], rows 36 apart
@@ -954,14 +942,14 @@ static __device__ __forceinline__ void rnnc_pre_bwd_10_dot_body(const uint3 bloc
                 const int r_ = l_ / 32, c_ = l_ % 32 * 1;
                 const int k = k0 + c_, m = m0 + r_;
                 const bool in_ = m < M && k < k_end;
-                rnnc_cp_async<4>(&As[stage][(k - k0) * 36 + m - m0], A_ + (in_ ? m * 20 + k : 0), in_);
+                rnnc_cp_async<4>(&As[stage][(c_) * 36 + r_], A_ + (in_ ? m * 20 + k : 0), in_);
             }
 #pragma unroll 1
             for (int l_ = threadIdx.x; fetch_b_ && l_ < 1024; l_ += 256) {
                 const int r_ = l_ / 32, c_ = l_ % 32 * 1;
-                const int k = k0 + c_, n = n0 + r_;
+                const int k = k0 + c_, n = (n0 / 1 + (r_) % 32 < 3 ? (r_) / 32 * 3 + n0 / 1 + (r_) % 32 : N);
                 const bool in_ = k < k_end && n < N;
-                rnnc_cp_async<4>(&Bs[stage][(k - k0) * 36 + n - n0], B_ + (in_ ? k + n * 20 : 0), in_);
+                rnnc_cp_async<4>(&Bs[stage][(c_) * 36 + r_], B_ + (in_ ? k + n * 20 : 0), in_);
             }
             rnnc_cp_async_commit();
         };
@@ -993,34 +981,28 @@ static __device__ __forceinline__ void rnnc_pre_bwd_10_dot_body(const uint3 bloc
         }
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            const int m = m0 + ty * 2 + i / 2, n = n0 + tx * 2 + i % 2;
+            const int m = m0 + ty * 2 + i / 2, n = (n0 / 1 + (tx * 2 + i % 2) % 32 < 3 ? (tx * 2 + i % 2) / 32 * 3 + n0 / 1 + (tx * 2 + i % 2) % 32 : N);
             if (m < M && n < N) {
                 v_pre_5fbwd_3a_25pre_3a1_40base[m * 3 + n] = acc[i];
             }
         }
-        // the elementwise work that reads this product, row by row: the rows of an m tile are
-        // done when all gridDim.x of its tiles are, and the last block to finish one runs it for
-        // them (the product's results from L2: other blocks wrote them)
-        __threadfence();  // this block's results are visible to the block that reads them
-        __syncthreads();
-        int* rows_tickets_ = reinterpret_cast<int*>(v_rows_3arnnc_5fpre_5fbwd_5f10_5fdot_40base);  // per m tile, its tiles done
-        int& rows_last_ = *reinterpret_cast<int*>(shared_ + 18432 + 4);
-        if (threadIdx.x == 0) {
-            rows_last_ = true && atomicAdd(&rows_tickets_[blockIdx.y], 1) == gridDim.x - 1;
-        }
-        __syncthreads();
-        if (rows_last_) {
+        // the elementwise work that reads this product, for the tile's rows and the 32
+        // units whose columns it holds (of each group of 3): it reads no other tile's
+        // results, only this one's, back from L2
+        __syncthreads();  // every thread's results are written
+        if (true) {
             const int row_begin_ = m0, row_end_ = min(M, m0 + 32);
-            for (int i_ = row_begin_ * 3 + threadIdx.x; i_ < row_end_ * 3; i_ += blockDim.x) {
-                const int j0 = i_ / 3;
-                const int j1 = i_ % 3;
-                const float f2 = v_valid_40base[j0];
-                const float f3 = __ldcg(&v_pre_5fbwd_3a_25pre_3a1_40base[j0 * 3 + j1]);
-                const float f4 = ((f2 != 0.0f) ? f3 : 0.0f);
-                v_pre_5fbwd_3a_25pre_3amask3_40base[j0 * 3 + j1] = f4;
-            }
-            if (threadIdx.x == 0) {
-                rows_tickets_[blockIdx.y] = 0;  // ready for the next launch
+            for (int l_ = threadIdx.x; l_ < (row_end_ - row_begin_) * 32; l_ += blockDim.x) {
+                const int unit_ = n0 / 1 + l_ % 32;
+                const int i_ = (row_begin_ + l_ / 32) * 3 + unit_;
+                if (unit_ < 3) {
+                    const int j0 = i_ / 3;
+                    const int j1 = i_ % 3;
+                    const float f2 = v_valid_40base[j0];
+                    const float f3 = __ldcg(&v_pre_5fbwd_3a_25pre_3a1_40base[j0 * 3 + j1]);
+                    const float f4 = ((f2 != 0.0f) ? f3 : 0.0f);
+                    v_pre_5fbwd_3a_25pre_3amask3_40base[j0 * 3 + j1] = f4;
+                }
             }
         }
     }
@@ -1029,7 +1011,7 @@ static __device__ __forceinline__ void rnnc_pre_bwd_10_dot_body(const uint3 bloc
 // rnnc_pre_bwd_9_dot | rnnc_pre_bwd_10_dot
 // 2 kernels that need nothing of each other in one launch: the blocks of the grid
 // go to each in turn, each block to a block of that kernel's own grid.
-static __device__ __forceinline__ void rnnc_pre_bwd_11_fused_body(const uint3 blockIdx, const uint3 gridDim, char* const shared_, const int rows, float* v_pre_5fbwd_3a_25pre_3amask2_40base, float* v_d_5frow_3a_251_40base, float* v_pre_5fbwd_3a_25pre_3a2_40base, float* v_split_3arnnc_5fpre_5fbwd_5f9_5fdot_40base, float* v_tickets_3arnnc_5fpre_5fbwd_5f9_5fdot_40base, float* v_param_3aW_40base, float* v_pre_5fbwd_3a_25pre_3a1_40base, float* v_rows_3arnnc_5fpre_5fbwd_5f10_5fdot_40base, float* v_valid_40base, float* v_pre_5fbwd_3a_25pre_3amask3_40base) {
+static __device__ __forceinline__ void rnnc_pre_bwd_11_fused_body(const uint3 blockIdx, const uint3 gridDim, char* const shared_, const int rows, float* v_pre_5fbwd_3a_25pre_3amask2_40base, float* v_d_5frow_3a_251_40base, float* v_pre_5fbwd_3a_25pre_3a2_40base, float* v_split_3arnnc_5fpre_5fbwd_5f9_5fdot_40base, float* v_tickets_3arnnc_5fpre_5fbwd_5f9_5fdot_40base, float* v_param_3aW_40base, float* v_pre_5fbwd_3a_25pre_3a1_40base, float* v_valid_40base, float* v_pre_5fbwd_3a_25pre_3amask3_40base) {
     unsigned block_ = blockIdx.x;
     {
         const uint3 grid_ = uint3{ 1, 1, 50 };
@@ -1046,16 +1028,16 @@ static __device__ __forceinline__ void rnnc_pre_bwd_11_fused_body(const uint3 bl
         const unsigned blocks_ = grid_.x * grid_.y * grid_.z;
         if (block_ < blocks_) {
             rnnc_pre_bwd_10_dot_body(uint3{block_ % grid_.x, block_ / grid_.x % grid_.y, block_ / (grid_.x * grid_.y)}, grid_,
-                shared_, rows, v_d_5frow_3a_251_40base, v_param_3aW_40base, v_pre_5fbwd_3a_25pre_3a1_40base, v_rows_3arnnc_5fpre_5fbwd_5f10_5fdot_40base, v_valid_40base, v_pre_5fbwd_3a_25pre_3amask3_40base);
+                shared_, rows, v_d_5frow_3a_251_40base, v_param_3aW_40base, v_pre_5fbwd_3a_25pre_3a1_40base, v_valid_40base, v_pre_5fbwd_3a_25pre_3amask3_40base);
             return;
         }
         block_ -= blocks_;
     }
 }
 
-extern "C" __global__ void __launch_bounds__(256, 2) rnnc_pre_bwd_11_fused(const int rows, float* v_pre_5fbwd_3a_25pre_3amask2_40base, float* v_d_5frow_3a_251_40base, float* v_pre_5fbwd_3a_25pre_3a2_40base, float* v_split_3arnnc_5fpre_5fbwd_5f9_5fdot_40base, float* v_tickets_3arnnc_5fpre_5fbwd_5f9_5fdot_40base, float* v_param_3aW_40base, float* v_pre_5fbwd_3a_25pre_3a1_40base, float* v_rows_3arnnc_5fpre_5fbwd_5f10_5fdot_40base, float* v_valid_40base, float* v_pre_5fbwd_3a_25pre_3amask3_40base) {
+extern "C" __global__ void __launch_bounds__(256, 2) rnnc_pre_bwd_11_fused(const int rows, float* v_pre_5fbwd_3a_25pre_3amask2_40base, float* v_d_5frow_3a_251_40base, float* v_pre_5fbwd_3a_25pre_3a2_40base, float* v_split_3arnnc_5fpre_5fbwd_5f9_5fdot_40base, float* v_tickets_3arnnc_5fpre_5fbwd_5f9_5fdot_40base, float* v_param_3aW_40base, float* v_pre_5fbwd_3a_25pre_3a1_40base, float* v_valid_40base, float* v_pre_5fbwd_3a_25pre_3amask3_40base) {
     __shared__ __align__(16) char shared_[18448];  // what its body takes of shared memory
-    rnnc_pre_bwd_11_fused_body(blockIdx, gridDim, shared_, rows, v_pre_5fbwd_3a_25pre_3amask2_40base, v_d_5frow_3a_251_40base, v_pre_5fbwd_3a_25pre_3a2_40base, v_split_3arnnc_5fpre_5fbwd_5f9_5fdot_40base, v_tickets_3arnnc_5fpre_5fbwd_5f9_5fdot_40base, v_param_3aW_40base, v_pre_5fbwd_3a_25pre_3a1_40base, v_rows_3arnnc_5fpre_5fbwd_5f10_5fdot_40base, v_valid_40base, v_pre_5fbwd_3a_25pre_3amask3_40base);
+    rnnc_pre_bwd_11_fused_body(blockIdx, gridDim, shared_, rows, v_pre_5fbwd_3a_25pre_3amask2_40base, v_d_5frow_3a_251_40base, v_pre_5fbwd_3a_25pre_3a2_40base, v_split_3arnnc_5fpre_5fbwd_5f9_5fdot_40base, v_tickets_3arnnc_5fpre_5fbwd_5f9_5fdot_40base, v_param_3aW_40base, v_pre_5fbwd_3a_25pre_3a1_40base, v_valid_40base, v_pre_5fbwd_3a_25pre_3amask3_40base);
 }
 
 // pre_bwd: add gradients
@@ -1084,7 +1066,7 @@ extern "C" __global__ void rnnc_pre_bwd_add_12_glue(const int rows, float* v_pre
 // out[g, m, n] = sum_k A[g, m, k] * B[g, k, n]: float32 FMA, 16x16 threads with 2x2 outputs each.
 // A block computes a 32x32 tile of (m, n), reading k 16 at a time into shared memory,
 // the next slice copied (cp.async) while this one is multiplied.
-static __device__ __forceinline__ void rnnc_step_2_dot_kept_body(const uint3 blockIdx, const uint3 gridDim, char* const shared_, char* const held_, const int rows, float* v_state_3ah_40t, float* v_param_3aU_40base, float* v_step_3a_252_40base, float* v_rows_3arnnc_5fstep_5f2_5fdot_40base, float* v_pre_3a_251_40t, float* v_param_3ab_40base, float* v_tape_3a_254_40t, float* v_tape_3a_256_40t, float* v_tape_3a_257_40t, float* v_tape_3a_259_40t, float* v_valid_40t, float* v_state_3ac_40t, float* v_state_3ah_40t_2b1, float* v_state_3ac_40t_2b1, float* v_output_3ay_40t) {
+static __device__ __forceinline__ void rnnc_step_2_dot_kept_body(const uint3 blockIdx, const uint3 gridDim, char* const shared_, char* const held_, const int rows, float* v_state_3ah_40t, float* v_param_3aU_40base, float* v_step_3a_252_40base, float* v_pre_3a_251_40t, float* v_param_3ab_40base, float* v_tape_3a_254_40t, float* v_tape_3a_256_40t, float* v_tape_3a_257_40t, float* v_tape_3a_259_40t, float* v_valid_40t, float* v_state_3ac_40t, float* v_state_3ah_40t_2b1, float* v_state_3ac_40t_2b1, float* v_output_3ay_40t) {
     const int G = 1, M = rows * 1, N = 20, K = 5;
     auto& As = *reinterpret_cast<float(*)[2][576]>(shared_);  // [k][m], rows 36 apart
     auto& Bs = *reinterpret_cast<float(*)[1][576]>(held_ + 16);  // [k][n], rows 36 apart
@@ -1108,14 +1090,14 @@ static __device__ __forceinline__ void rnnc_step_2_dot_kept_body(const uint3 blo
                 const int r_ = l_ / 16, c_ = l_ % 16 * 1;
                 const int k = k0 + c_, m = m0 + r_;
                 const bool in_ = m < M && k < k_end;
-                rnnc_cp_async<4>(&As[stage][(k - k0) * 36 + m - m0], A_ + (in_ ? m * 5 + k : 0), in_);
+                rnnc_cp_async<4>(&As[stage][(c_) * 36 + r_], A_ + (in_ ? m * 5 + k : 0), in_);
             }
 #pragma unroll 1
             for (int l_ = threadIdx.x; fetch_b_ && l_ < 128; l_ += 256) {
                 const int r_ = l_ / 8, c_ = l_ % 8 * 4;
-                const int n = n0 + c_, k = k0 + r_;
+                const int n = (n0 / 4 + (c_) % 8 < 5 ? (c_) / 8 * 5 + n0 / 4 + (c_) % 8 : N), k = k0 + r_;
                 const bool in_ = k < k_end && n < N;
-                rnnc_cp_async<16>(&Bs[(k0 - k_begin) / 16][(k - k0) * 36 + n - n0], B_ + (in_ ? k * 20 + n : 0), in_);
+                rnnc_cp_async<16>(&Bs[(k0 - k_begin) / 16][(r_) * 36 + c_], B_ + (in_ ? k * 20 + n : 0), in_);
             }
             rnnc_cp_async_commit();
         };
@@ -1147,76 +1129,70 @@ static __device__ __forceinline__ void rnnc_step_2_dot_kept_body(const uint3 blo
         }
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            const int m = m0 + ty * 2 + i / 2, n = n0 + tx * 2 + i % 2;
+            const int m = m0 + ty * 2 + i / 2, n = (n0 / 4 + (tx * 2 + i % 2) % 8 < 5 ? (tx * 2 + i % 2) / 8 * 5 + n0 / 4 + (tx * 2 + i % 2) % 8 : N);
             if (m < M && n < N) {
                 v_step_3a_252_40base[m * 20 + n] = acc[i];
             }
         }
-        // the elementwise work that reads this product, row by row: the rows of an m tile are
-        // done when all gridDim.x of its tiles are, and the last block to finish one runs it for
-        // them (the product's results from L2: other blocks wrote them)
-        __threadfence();  // this block's results are visible to the block that reads them
-        __syncthreads();
-        int* rows_tickets_ = reinterpret_cast<int*>(v_rows_3arnnc_5fstep_5f2_5fdot_40base);  // per m tile, its tiles done
-        int& rows_last_ = *reinterpret_cast<int*>(shared_ + 9216 + 4);
-        if (threadIdx.x == 0) {
-            rows_last_ = true && atomicAdd(&rows_tickets_[blockIdx.y], 1) == gridDim.x - 1;
-        }
-        __syncthreads();
-        if (rows_last_) {
+        // the elementwise work that reads this product, for the tile's rows and the 8
+        // units whose columns it holds (of each group of 5): it reads no other tile's
+        // results, only this one's, back from L2
+        __syncthreads();  // every thread's results are written
+        if (true) {
             const int row_begin_ = m0, row_end_ = min(M, m0 + 32);
-            for (int i_ = row_begin_ * 5 + threadIdx.x; i_ < row_end_ * 5; i_ += blockDim.x) {
-                const int j0 = i_ / 5;
-                const int j1 = i_ % 5;
-                const int j2 = j1 + 5;
-                const float f3 = v_pre_3a_251_40t[j0 * 20 + j2];
-                const float f4 = __ldcg(&v_step_3a_252_40base[j0 * 20 + j2]);
-                const float f5 = (f3 + f4);
-                const float f6 = v_param_3ab_40base[j2];
-                const float f7 = (f5 + f6);
-                const float f8 = (1.0f / (1.0f + expf(-f7)));
-                v_tape_3a_254_40t[j0 * 5 + j1] = f8;
-                const int j9 = j1 + 0;
-                const float f10 = v_pre_3a_251_40t[j0 * 20 + j9];
-                const float f11 = __ldcg(&v_step_3a_252_40base[j0 * 20 + j9]);
-                const float f12 = (f10 + f11);
-                const float f13 = v_param_3ab_40base[j9];
-                const float f14 = (f12 + f13);
-                const float f15 = (1.0f / (1.0f + expf(-f14)));
-                v_tape_3a_256_40t[j0 * 5 + j1] = f15;
-                const int j16 = j1 + 10;
-                const float f17 = v_pre_3a_251_40t[j0 * 20 + j16];
-                const float f18 = __ldcg(&v_step_3a_252_40base[j0 * 20 + j16]);
-                const float f19 = (f17 + f18);
-                const float f20 = v_param_3ab_40base[j16];
-                const float f21 = (f19 + f20);
-                const float f22 = tanhf(f21);
-                v_tape_3a_257_40t[j0 * 5 + j1] = f22;
-                const int j23 = j1 + 15;
-                const float f24 = v_pre_3a_251_40t[j0 * 20 + j23];
-                const float f25 = __ldcg(&v_step_3a_252_40base[j0 * 20 + j23]);
-                const float f26 = (f24 + f25);
-                const float f27 = v_param_3ab_40base[j23];
-                const float f28 = (f26 + f27);
-                const float f29 = (1.0f / (1.0f + expf(-f28)));
-                v_tape_3a_259_40t[j0 * 5 + j1] = f29;
-                const float f30 = v_valid_40t[j0];
-                const float f31 = v_state_3ac_40t[j0 * 5 + j1];
-                const float f32 = (f8 * f31);
-                const float f33 = (f15 * f22);
-                const float f34 = (f32 + f33);
-                const float f35 = tanhf(f34);
-                const float f36 = (f29 * f35);
-                const float f37 = v_state_3ah_40t[j0 * 5 + j1];
-                const float f38 = ((f30 != 0.0f) ? f36 : f37);
-                v_state_3ah_40t_2b1[j0 * 5 + j1] = f38;
-                const float f39 = ((f30 != 0.0f) ? f34 : f31);
-                v_state_3ac_40t_2b1[j0 * 5 + j1] = f39;
-                const float f40 = ((f30 != 0.0f) ? f36 : 0.0f);
-                v_output_3ay_40t[j0 * 5 + j1] = f40;
-            }
-            if (threadIdx.x == 0) {
-                rows_tickets_[blockIdx.y] = 0;  // ready for the next launch
+            for (int l_ = threadIdx.x; l_ < (row_end_ - row_begin_) * 8; l_ += blockDim.x) {
+                const int unit_ = n0 / 4 + l_ % 8;
+                const int i_ = (row_begin_ + l_ / 8) * 5 + unit_;
+                if (unit_ < 5) {
+                    const int j0 = i_ / 5;
+                    const int j1 = i_ % 5;
+                    const int j2 = j1 + 5;
+                    const float f3 = v_pre_3a_251_40t[j0 * 20 + j2];
+                    const float f4 = __ldcg(&v_step_3a_252_40base[j0 * 20 + j2]);
+                    const float f5 = (f3 + f4);
+                    const float f6 = v_param_3ab_40base[j2];
+                    const float f7 = (f5 + f6);
+                    const float f8 = (1.0f / (1.0f + expf(-f7)));
+                    v_tape_3a_254_40t[j0 * 5 + j1] = f8;
+                    const int j9 = j1 + 0;
+                    const float f10 = v_pre_3a_251_40t[j0 * 20 + j9];
+                    const float f11 = __ldcg(&v_step_3a_252_40base[j0 * 20 + j9]);
+                    const float f12 = (f10 + f11);
+                    const float f13 = v_param_3ab_40base[j9];
+                    const float f14 = (f12 + f13);
+                    const float f15 = (1.0f / (1.0f + expf(-f14)));
+                    v_tape_3a_256_40t[j0 * 5 + j1] = f15;
+                    const int j16 = j1 + 10;
+                    const float f17 = v_pre_3a_251_40t[j0 * 20 + j16];
+                    const float f18 = __ldcg(&v_step_3a_252_40base[j0 * 20 + j16]);
+                    const float f19 = (f17 + f18);
+                    const float f20 = v_param_3ab_40base[j16];
+                    const float f21 = (f19 + f20);
+                    const float f22 = tanhf(f21);
+                    v_tape_3a_257_40t[j0 * 5 + j1] = f22;
+                    const int j23 = j1 + 15;
+                    const float f24 = v_pre_3a_251_40t[j0 * 20 + j23];
+                    const float f25 = __ldcg(&v_step_3a_252_40base[j0 * 20 + j23]);
+                    const float f26 = (f24 + f25);
+                    const float f27 = v_param_3ab_40base[j23];
+                    const float f28 = (f26 + f27);
+                    const float f29 = (1.0f / (1.0f + expf(-f28)));
+                    v_tape_3a_259_40t[j0 * 5 + j1] = f29;
+                    const float f30 = v_valid_40t[j0];
+                    const float f31 = v_state_3ac_40t[j0 * 5 + j1];
+                    const float f32 = (f8 * f31);
+                    const float f33 = (f15 * f22);
+                    const float f34 = (f32 + f33);
+                    const float f35 = tanhf(f34);
+                    const float f36 = (f29 * f35);
+                    const float f37 = v_state_3ah_40t[j0 * 5 + j1];
+                    const float f38 = ((f30 != 0.0f) ? f36 : f37);
+                    v_state_3ah_40t_2b1[j0 * 5 + j1] = f38;
+                    const float f39 = ((f30 != 0.0f) ? f34 : f31);
+                    v_state_3ac_40t_2b1[j0 * 5 + j1] = f39;
+                    const float f40 = ((f30 != 0.0f) ? f36 : 0.0f);
+                    v_output_3ay_40t[j0 * 5 + j1] = f40;
+                }
             }
         }
     }
@@ -1232,7 +1208,7 @@ static __device__ __forceinline__ void rnnc_step_2_dot_kept_body(const uint3 blo
 // Each step runs the 1 kernels a launch at a time would, in order, each over its
 // own grid: block b takes that grid's blocks b, b + gridDim.x, ...; then a grid barrier, so the
 // next kernel reads what this one wrote. args_ holds, for each step, each kernel's arguments
-// (16 words a step): its rows, then its buffers, as the runtime would launch them.
+// (15 words a step): its rows, then its buffers, as the runtime would launch them.
 // Shared memory (11552 bytes, given at launch): the kernels' pool, each kernel's in turn
 // (9232 bytes), then the params the products keep from step to step, each behind a flag
 // that says which tile's slice it holds (0: none yet).
@@ -1244,13 +1220,13 @@ extern "C" __global__ void __launch_bounds__(256, 1) rnnc_step_persistent(const 
     }
     __syncthreads();
     for (int step_ = 0; step_ < steps; ++step_) {
-        const unsigned long long* at_ = args_ + (size_t)step_ * 16;
+        const unsigned long long* at_ = args_ + (size_t)step_ * 15;
         {  // rnnc_step_2_dot
             const int rows = (int)at_[0];
             const uint3 grid_ = uint3{ 1, unsigned(max(1, (rows * 1 + 31) / 32)), 1 };
             for (unsigned b_ = blockIdx.x; b_ < grid_.x * grid_.y * grid_.z; b_ += gridDim.x) {
                 rnnc_step_2_dot_kept_body(uint3{b_ % grid_.x, b_ / grid_.x % grid_.y, b_ / (grid_.x * grid_.y)}, grid_,
-                    shared_, shared_ + 9232, rows, reinterpret_cast<float*>(at_[1]), reinterpret_cast<float*>(at_[2]), reinterpret_cast<float*>(at_[3]), reinterpret_cast<float*>(at_[4]), reinterpret_cast<float*>(at_[5]), reinterpret_cast<float*>(at_[6]), reinterpret_cast<float*>(at_[7]), reinterpret_cast<float*>(at_[8]), reinterpret_cast<float*>(at_[9]), reinterpret_cast<float*>(at_[10]), reinterpret_cast<float*>(at_[11]), reinterpret_cast<float*>(at_[12]), reinterpret_cast<float*>(at_[13]), reinterpret_cast<float*>(at_[14]), reinterpret_cast<float*>(at_[15]));
+                    shared_, shared_ + 9232, rows, reinterpret_cast<float*>(at_[1]), reinterpret_cast<float*>(at_[2]), reinterpret_cast<float*>(at_[3]), reinterpret_cast<float*>(at_[4]), reinterpret_cast<float*>(at_[5]), reinterpret_cast<float*>(at_[6]), reinterpret_cast<float*>(at_[7]), reinterpret_cast<float*>(at_[8]), reinterpret_cast<float*>(at_[9]), reinterpret_cast<float*>(at_[10]), reinterpret_cast<float*>(at_[11]), reinterpret_cast<float*>(at_[12]), reinterpret_cast<float*>(at_[13]), reinterpret_cast<float*>(at_[14]));
                 __syncthreads();  // before the next block's work reuses shared memory
             }
             rnnc_grid_barrier(barrier_);
@@ -1262,7 +1238,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) rnnc_step_persistent(const 
 // out[g, m, n] = sum_k A[g, m, k] * B[g, k, n]: float32 FMA, 16x16 threads with 2x2 outputs each.
 // A block computes a 32x32 tile of (m, n), reading k 32 at a time into shared memory,
 // the next slice copied (cp.async) while this one is multiplied.
-static __device__ __forceinline__ void rnnc_bwd_4_dot_kept_body(const uint3 blockIdx, const uint3 gridDim, char* const shared_, char* const held_, const int rows, float* v_d_5frow_3a_251_40t, float* v_param_3aU_40base, float* v_bwd_3a_25step_3a34_40base, float* v_rows_3arnnc_5fbwd_5f4_5fdot_40base, float* v_valid_40t, float* v_d_5fstate_3ah_40t_2b1, float* v_d_5fstate_3ah_40t) {
+static __device__ __forceinline__ void rnnc_bwd_4_dot_kept_body(const uint3 blockIdx, const uint3 gridDim, char* const shared_, char* const held_, const int rows, float* v_d_5frow_3a_251_40t, float* v_param_3aU_40base, float* v_bwd_3a_25step_3a34_40base, float* v_valid_40t, float* v_d_5fstate_3ah_40t_2b1, float* v_d_5fstate_3ah_40t) {
     const int G = 1, M = rows * 1, N = 5, K = 20;
     auto& As = *reinterpret_cast<float(*)[2][1152]>(shared_);  // [k][m], rows 36 apart
     auto& Bs = *reinterpret_cast<float(*)[1][1152]>(held_ + 16);  // [k][n], rows 36 apart
@@ -1286,14 +1262,14 @@ static __device__ __forceinline__ void rnnc_bwd_4_dot_kept_body(const uint3 bloc
                 const int r_ = l_ / 32, c_ = l_ % 32 * 1;
                 const int k = k0 + c_, m = m0 + r_;
                 const bool in_ = m < M && k < k_end;
-                rnnc_cp_async<4>(&As[stage][(k - k0) * 36 + m - m0], A_ + (in_ ? m * 20 + k : 0), in_);
+                rnnc_cp_async<4>(&As[stage][(c_) * 36 + r_], A_ + (in_ ? m * 20 + k : 0), in_);
             }
 #pragma unroll 1
             for (int l_ = threadIdx.x; fetch_b_ && l_ < 1024; l_ += 256) {
                 const int r_ = l_ / 32, c_ = l_ % 32 * 1;
-                const int k = k0 + c_, n = n0 + r_;
+                const int k = k0 + c_, n = (n0 / 1 + (r_) % 32 < 5 ? (r_) / 32 * 5 + n0 / 1 + (r_) % 32 : N);
                 const bool in_ = k < k_end && n < N;
-                rnnc_cp_async<4>(&Bs[(k0 - k_begin) / 32][(k - k0) * 36 + n - n0], B_ + (in_ ? k + n * 20 : 0), in_);
+                rnnc_cp_async<4>(&Bs[(k0 - k_begin) / 32][(c_) * 36 + r_], B_ + (in_ ? k + n * 20 : 0), in_);
             }
             rnnc_cp_async_commit();
         };
@@ -1325,35 +1301,29 @@ static __device__ __forceinline__ void rnnc_bwd_4_dot_kept_body(const uint3 bloc
         }
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            const int m = m0 + ty * 2 + i / 2, n = n0 + tx * 2 + i % 2;
+            const int m = m0 + ty * 2 + i / 2, n = (n0 / 1 + (tx * 2 + i % 2) % 32 < 5 ? (tx * 2 + i % 2) / 32 * 5 + n0 / 1 + (tx * 2 + i % 2) % 32 : N);
             if (m < M && n < N) {
                 v_bwd_3a_25step_3a34_40base[m * 5 + n] = acc[i];
             }
         }
-        // the elementwise work that reads this product, row by row: the rows of an m tile are
-        // done when all gridDim.x of its tiles are, and the last block to finish one runs it for
-        // them (the product's results from L2: other blocks wrote them)
-        __threadfence();  // this block's results are visible to the block that reads them
-        __syncthreads();
-        int* rows_tickets_ = reinterpret_cast<int*>(v_rows_3arnnc_5fbwd_5f4_5fdot_40base);  // per m tile, its tiles done
-        int& rows_last_ = *reinterpret_cast<int*>(shared_ + 18432 + 4);
-        if (threadIdx.x == 0) {
-            rows_last_ = true && atomicAdd(&rows_tickets_[blockIdx.y], 1) == gridDim.x - 1;
-        }
-        __syncthreads();
-        if (rows_last_) {
+        // the elementwise work that reads this product, for the tile's rows and the 32
+        // units whose columns it holds (of each group of 5): it reads no other tile's
+        // results, only this one's, back from L2
+        __syncthreads();  // every thread's results are written
+        if (true) {
             const int row_begin_ = m0, row_end_ = min(M, m0 + 32);
-            for (int i_ = row_begin_ * 5 + threadIdx.x; i_ < row_end_ * 5; i_ += blockDim.x) {
-                const int j0 = i_ / 5;
-                const int j1 = i_ % 5;
-                const float f2 = v_valid_40t[j0];
-                const float f3 = __ldcg(&v_bwd_3a_25step_3a34_40base[j0 * 5 + j1]);
-                const float f4 = v_d_5fstate_3ah_40t_2b1[j0 * 5 + j1];
-                const float f5 = ((f2 != 0.0f) ? f3 : f4);
-                v_d_5fstate_3ah_40t[j0 * 5 + j1] = f5;
-            }
-            if (threadIdx.x == 0) {
-                rows_tickets_[blockIdx.y] = 0;  // ready for the next launch
+            for (int l_ = threadIdx.x; l_ < (row_end_ - row_begin_) * 32; l_ += blockDim.x) {
+                const int unit_ = n0 / 1 + l_ % 32;
+                const int i_ = (row_begin_ + l_ / 32) * 5 + unit_;
+                if (unit_ < 5) {
+                    const int j0 = i_ / 5;
+                    const int j1 = i_ % 5;
+                    const float f2 = v_valid_40t[j0];
+                    const float f3 = __ldcg(&v_bwd_3a_25step_3a34_40base[j0 * 5 + j1]);
+                    const float f4 = v_d_5fstate_3ah_40t_2b1[j0 * 5 + j1];
+                    const float f5 = ((f2 != 0.0f) ? f3 : f4);
+                    v_d_5fstate_3ah_40t[j0 * 5 + j1] = f5;
+                }
             }
         }
     }
@@ -1369,7 +1339,7 @@ static __device__ __forceinline__ void rnnc_bwd_4_dot_kept_body(const uint3 bloc
 // Each step runs the 2 kernels a launch at a time would, in order, each over its
 // own grid: block b takes that grid's blocks b, b + gridDim.x, ...; then a grid barrier, so the
 // next kernel reads what this one wrote. args_ holds, for each step, each kernel's arguments
-// (20 words a step): its rows, then its buffers, as the runtime would launch them.
+// (19 words a step): its rows, then its buffers, as the runtime would launch them.
 // Shared memory (23072 bytes, given at launch): the kernels' pool, each kernel's in turn
 // (18448 bytes), then the params the products keep from step to step, each behind a flag
 // that says which tile's slice it holds (0: none yet).
@@ -1381,7 +1351,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) rnnc_backward_step_persiste
     }
     __syncthreads();
     for (int step_ = 0; step_ < steps; ++step_) {
-        const unsigned long long* at_ = args_ + (size_t)step_ * 20;
+        const unsigned long long* at_ = args_ + (size_t)step_ * 19;
         {  // rnnc_bwd_3_phase0
             const int rows = (int)at_[0];
             const uint3 grid_ = uint3{ unsigned(max(1, (rows * 20 + 255) / 256)), 1, 1 };
@@ -1397,7 +1367,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) rnnc_backward_step_persiste
             const uint3 grid_ = uint3{ 1, unsigned(max(1, (rows * 1 + 31) / 32)), 1 };
             for (unsigned b_ = blockIdx.x; b_ < grid_.x * grid_.y * grid_.z; b_ += gridDim.x) {
                 rnnc_bwd_4_dot_kept_body(uint3{b_ % grid_.x, b_ / grid_.x % grid_.y, b_ / (grid_.x * grid_.y)}, grid_,
-                    shared_, shared_ + 18448, rows, reinterpret_cast<float*>(at_[13]), reinterpret_cast<float*>(at_[14]), reinterpret_cast<float*>(at_[15]), reinterpret_cast<float*>(at_[16]), reinterpret_cast<float*>(at_[17]), reinterpret_cast<float*>(at_[18]), reinterpret_cast<float*>(at_[19]));
+                    shared_, shared_ + 18448, rows, reinterpret_cast<float*>(at_[13]), reinterpret_cast<float*>(at_[14]), reinterpret_cast<float*>(at_[15]), reinterpret_cast<float*>(at_[16]), reinterpret_cast<float*>(at_[17]), reinterpret_cast<float*>(at_[18]));
                 __syncthreads();  // before the next block's work reuses shared memory
             }
             rnnc_grid_barrier(barrier_);

@@ -31,6 +31,8 @@ class Loop:
         self.memo: dict = {}
         self.inlined: dict = {}  # (value, row, index) -> its C expression
         self.refs: dict = {}  # param -> Ref
+        self.ints: dict = {}  # an int temporary -> its expression
+        self.coherent_reads: list = []  # (param, row, index) of each load of a coherent param
         numel = math.prod(shape)
         self.total = size_expr(numel, batched)
         self.row = self.temp_int(f"i_ / {numel}") if batched else None
@@ -46,6 +48,8 @@ class Loop:
             name = f"{'j' if ctype == 'int' else 'f'}{len(self.memo)}"
             self.lines.append(f"const {ctype} {name} = {expr};")
             self.memo[key] = name
+            if ctype == "int":
+                self.ints[name] = expr
         return self.memo[key]
 
     def element(self, ref: Ref, row, index) -> str:
@@ -59,6 +63,7 @@ class Loop:
     def load(self, ref: Ref, row, index) -> str:
         element = self.element(ref, row, index)
         if ref.param in self.coherent:  # from L2: a float, or a 16-bit type's bits
+            self.coherent_reads.append((ref.param, row, index))
             element = f"__ldcg(&{element})" if ref.elem == "float" else f"{ref.elem}_value(__ldcg(&{element}.bits))"
         return self.temp("float", element)
 
@@ -113,6 +118,31 @@ class Loop:
         return self.load(ref, self.row if ref.batched else None,
                          broadcast_index(ref.shape, self.shape, self.index))
 
+    def offsets_read(self, param: str) -> list | None:
+        """Where this loop (over one axis, per row) reads coherent `param`: for
+        each load, c where it reads [row, j + c] at its own element [row, j];
+        None if a load reads anywhere else (another row, an index not j plus
+        a constant)."""
+        offsets = []
+        for read, row, index in self.coherent_reads:
+            if read != param:
+                continue
+            offset = self.offset_from_own(index[0]) if len(index) == len(self.index) == 1 else None
+            if row != self.row or offset is None:
+                return None
+            offsets.append(offset)
+        return offsets
+
+    def offset_from_own(self, name: str) -> int | None:
+        """c where int `name` is this loop's own index plus the constant c (a slice's start, say), else None."""
+        offset = 0
+        while name != self.index[0]:
+            plus = OWN_PLUS.fullmatch(self.ints.get(name, ""))
+            if not plus:
+                return None
+            name, offset = plus.group(1), offset + int(plus.group(2))
+        return offset
+
     def clamp(self, expr: str, n: int) -> str:
         return self.temp_int(f"min(max({expr}, 0), {n - 1})")
 
@@ -131,6 +161,7 @@ class Loop:
 
 TEMP = re.compile(r"const \w+ ([jf]\d+) = ")  # a line `temp` makes
 TEMP_NAME = re.compile(r"\b[jf]\d+\b")
+OWN_PLUS = re.compile(r"(j\d+) \+ (\d+)")  # an int temporary plus a constant
 
 
 def loop_for(loops: dict, shape: tuple, batched: bool, resolve=None, narrow=None, coherent=frozenset()) -> Loop:

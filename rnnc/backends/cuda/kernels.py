@@ -95,6 +95,21 @@ def pool_bytes(shared: int) -> int:
     return max(16, aligned16(shared))
 
 
+def column_groups(loops: list, out: Ref) -> tuple | None:
+    """(groups, per_row) where the elementwise work after a product is one loop
+    over a row's per_row elements whose element j reads only the product's
+    columns j + g * per_row, the product's columns being `groups` groups of
+    per_row (the four gates of an LSTM's hidden unit j); else None."""
+    if len(loops) != 1 or len(loops[0].shape) != 1 or len(out.shape) != 1:
+        return None
+    (loop,) = loops
+    per_row, columns = loop.shape[0], out.shape[0]
+    offsets = loop.offsets_read(out.param)
+    if columns % per_row or offsets is None or any(c % per_row for c in offsets):
+        return None
+    return columns // per_row, per_row
+
+
 def kept_operands(pool: int, launches: list) -> dict:
     """Which launches of a persistent kernel keep their parts' B operands in
     shared memory across steps, given (kernel, the bytes of each part's kept
@@ -485,17 +500,13 @@ class Generator:
         refs, extra = [*parts_of(a), *parts_of(b), out], {}
         if kernel.splits > 1:
             extra = self.split_buffers(name, c, kernel)
-        if then:
-            extra["rows_tickets"] = self.scratch_ref(f"rows:{name}", 1, True, "tickets")
         refs += list(extra.values())
         extra = {k: r.param for k, r in extra.items()}
         rows = None
         if then:
-            loops, comments = then
-            refs += [r for loop in loops for r in loop.refs.values()]
-            rows = {"tickets": extra.pop("rows_tickets"), "finished": "last_" if kernel.splits > 1 else "true",
-                    "loops": [{"per_row": math.prod(loop.shape), "lines": loop.live_lines()} for loop in loops]}
-            note = f"{note}; then {'; '.join(comments)}"
+            kernel, rows, rows_refs = self.rows_after(name, kernel, then[0], out)
+            refs += rows_refs
+            note = f"{note}; then {'; '.join(then[1])}"
         grid = (extent(c.sizes["n"], engine.bn), extent(c.sizes["m"], engine.bm),
                 Extent(kernel.splits) if kernel.splits > 1 else extent(c.sizes["g"]))
         exprs = {f"{v}_size": size_expr(e.n, e.rows) for v in "gmnk" for e in [extent(c.sizes[v])]}
@@ -509,6 +520,28 @@ class Generator:
                          bounds=(kernel.block, values["min_blocks"]), keeping=keeping,
                          shared=flags_at + 8, flags_at=flags_at,  # the tiles, then two flags
                          c=out.param, op=op, rows=rows, **values, **exprs, **extra)
+
+    def rows_after(self, name, kernel, loops: list, out: Ref) -> tuple:
+        """The elementwise `loops` a product's launch runs after it, as
+        contract.cu.j2's `rows`: where a row's element j reads only the
+        product's columns j + g * per_row (`column_groups`), each block runs
+        them for the units whose columns its tile holds (`ProductKernel.owning`,
+        contract_units.cu.j2); else the last block to finish a tile of rows
+        runs them for all of its columns (contract_rows.cu.j2, which counts
+        the tiles done with tickets). (The kernel, owning where it does; the
+        rows; the buffers they add.)"""
+        finished = "last_" if kernel.splits > 1 else "true"
+        spelled = [{"per_row": math.prod(loop.shape), "lines": loop.live_lines()} for loop in loops]
+        refs = [r for loop in loops for r in loop.refs.values()]
+        groups = column_groups(loops, out)
+        owning = kernel.owning(*groups) if groups else None
+        if owning:
+            groups, per_row, units = owning.columns
+            return owning, {"template": "contract_units.cu.j2", "finished": finished, "groups": groups,
+                            "units": units, "per_row": per_row, "loops": spelled}, refs
+        tickets = self.scratch_ref(f"rows:{name}", 1, True, "tickets")
+        return kernel, {"template": "contract_rows.cu.j2", "tickets": tickets.param, "finished": finished,
+                        "loops": spelled}, [tickets, *refs]
 
     def split_buffers(self, name, c: Contraction, kernel) -> dict:
         """A split-K product's workspace (each split's partial sums, [splits, M, N])

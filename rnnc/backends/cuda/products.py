@@ -386,27 +386,59 @@ class ProductKernel:
     splits: int
     tiles: dict  # operand -> SharedTile
     contraction: Contraction
+    # (groups, per_row, units): a tile's columns are `units` of each of `groups` groups of
+    # `per_row` columns (`owning`); None: BN consecutive columns
+    columns: tuple | None = None
 
     @property
     def block(self) -> int:
         return self.engine.threads
 
+    def copies(self, operand: str) -> tuple:
+        """(the axis consecutive threads copy `operand` along, the elements each copies at once):
+        its contiguous axis, in vectors where it is the tile's rows' too."""
+        tile, c = self.tiles[operand], self.contraction
+        along = c.global_inner(operand) or tile.inner
+        return along, c.vector(operand, along, tile.elem) if along == tile.inner else 1
+
+    def column(self, x: str) -> str:
+        """The column n of the output (and of B) that the tile's column `x` (C) is:
+        n0 + x, or for a tile owning units of groups (`owning`), x's unit of its
+        group, N (out of range) past the last unit."""
+        if not self.columns:
+            return f"n0 + {x}"
+        groups, per_row, units = self.columns
+        unit = f"n0 / {groups} + ({x}) % {units}"  # the tile's first unit: n0 / groups
+        return f"({unit} < {per_row} ? ({x}) / {units} * {per_row} + {unit} : N)"
+
+    def owning(self, groups: int, per_row: int):
+        """This product with tiles that each hold the same units (columns j, j +
+        per_row, ..., for BN / groups consecutive j) of each of `groups` groups
+        of `per_row` output columns, so that work reading those columns of a
+        row needs no other tile; None where a tile's columns do not split into
+        the groups evenly (nor into B's vector copies)."""
+        units = self.engine.bn // groups
+        along, vec = self.copies("b")
+        if self.engine.bn % groups or (along == "n" and units % vec):
+            return None
+        return replace(self, columns=(groups, per_row, units))
+
     def loader(self, operand: str, param: str) -> dict:
         """How the block's threads copy a slice of `operand` into its SharedTile:
         consecutive threads take consecutive addresses of the operand (its
-        contiguous axis), each `vec` elements at once."""
-        tile, c = self.tiles[operand], self.contraction
-        along = c.global_inner(operand) or tile.inner
+        contiguous axis), each `vec` elements at once; (r_, c_) is the copy's
+        place in the tile, across and along."""
+        tile = self.tiles[operand]
+        along, vec = self.copies(operand)
         across = tile.outer if along == tile.inner else tile.inner
-        vec = c.vector(operand, along, tile.elem) if along == tile.inner else 1
         dims = {tile.outer: tile.rows, tile.inner: tile.cols}
-        origin = {"m": "m0", "n": "n0", "k": "k0"}
+        at = {"m": lambda x: f"m0 + {x}", "n": self.column, "k": lambda x: f"k0 + {x}"}
         return {"elements": tile.elements, "vec": vec,
                 "note": f"[{tile.outer}][{tile.inner}], rows {tile.stride} apart",
                 "row_copies": dims[along] // vec, "copies": dims[across] * dims[along] // vec,
-                "map": f"{along} = {origin[along]} + c_, {across} = {origin[across]} + r_",
+                "map": f"{along} = {at[along]('c_')}, {across} = {at[across]('r_')}",
                 "elem": tile.elem.c_type, "copier": f"rnnc_cp_async<{vec * tile.elem.bytes}>",
-                "store": tile.at(**{axis: f"{axis} - {origin[axis]}" for axis in (tile.outer, tile.inner)}),
+                "store": tile.at(**{along: "c_", across: "r_"}),
                 **self.source(operand, param)}
 
     def source(self, operand: str, param: str) -> dict:
@@ -452,7 +484,7 @@ class ProductKernel:
             b_tile = replace(b_tile, slot=f"(k0 - k_begin) / {self.bk}")
         kernel = replace(self, tiles={**self.tiles, "b": b_tile})
         return {"summary": e.summary(), "bm": e.bm, "bn": e.bn, "bk": self.bk,
-                "kstep": e.kstep, "splits": self.splits, "all_splits_bk": self.splits * self.bk, "accs": e.accs, "acc_m": e.acc_m, "acc_n": e.acc_n,
+                "kstep": e.kstep, "splits": self.splits, "all_splits_bk": self.splits * self.bk, "accs": e.accs, "acc_m": e.acc_m, "acc_n": self.column(e.acc_n),
                 "setup": list(e.setup), "step": e.step(self.tiles["a"], b_tile),
                 "min_blocks": 2 if e.accs <= 16 else 1, "c_offset": self.contraction.offset("c"),
                 "a": {**kernel.loader("a", a_param), "slots": 2, "base": "shared_"},

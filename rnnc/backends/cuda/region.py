@@ -14,8 +14,9 @@ most of these kernels take on the GPU, so a level goes in as few launches
 as its dependencies allow:
 
 - a product whose tiles split the batch rows (`Generator.takes_rows_after`)
-  runs the level's phase in its own launch, the last block to finish a tile
-  of rows running it for those rows; the level's other kernels whose
+  runs the level's phase in its own launch, each block for the units whose
+  columns its tile holds or the last block to finish a tile of rows for
+  those rows (`Generator.rows_after`); the level's other kernels whose
   results the phase reads go in a launch before it;
 - the level's kernels share a launch (`launch_together`): none reads
   another's results;
