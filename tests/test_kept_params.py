@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 import rnnc
+from rnnc.backends.cuda.kernels import KEPT_SHARED
 from rnnc.backends.cuda.lowering import generate
 
 import cuda_cases as cases
@@ -99,3 +100,14 @@ def test_the_schedule_says_which_products_keep_their_weights():
     (product,) = launches.step  # h U and the gates' elementwise work
     assert launches.persistent["step"].kept == (product.kernel,)
     assert f"params kept in shared memory across steps by {product.kernel}" in launches.forms()
+
+
+def test_weights_past_the_room_left_are_read_from_l2_and_the_schedule_says_so():
+    """The attention LSTM at H=512, E=256: `concat(h, ctx) @ U` would keep a 768x32 slice
+    of U a block (96 KB, with the kernels' pool past the 113 KB a block may keep), so it
+    reads U from L2; the smaller attention product keeps its weights."""
+    program = rnnc.compile(example("attention_lstm"), dims={"D": 512, "H": 512, "E": 256, "S": 32})
+    launches = generate(program).launches
+    step = launches.persistent["step"]
+    assert len(step.unkept) == 1 and len(step.kept) == 1 and step.shared <= KEPT_SHARED
+    assert f"params read from L2 every step by {step.unkept[0]} (no room left to keep them)" in launches.forms()

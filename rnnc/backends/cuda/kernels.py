@@ -406,7 +406,8 @@ class Generator:
         self.sources.append(render("persistent.cu.j2", name=name, block=sizes[0], width=at, phases=phases,
                                    pool=pool, shared=shared, flags=flags,
                                    comment=comment(f"{name}: " + " | ".join(launch.kernel for launch in launches))))
-        return Persistent(name, sizes[0], shared, tuple(held)), None
+        unkept = tuple(launch.kernel for launch in launches if self.launched[launch.kernel][2] and launch.kernel not in held)
+        return Persistent(name, sizes[0], shared, tuple(held), unkept), None
 
     def scratch_ref(self, name, numel, batched, role="scratch") -> Ref:
         """A buffer of the kernel's own, `numel` floats (per row when `batched`)."""

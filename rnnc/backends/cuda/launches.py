@@ -104,12 +104,15 @@ class Persistent:
     It takes (steps, the arguments of every launch of every step, the barrier's
     counters) and `shared` bytes of dynamic shared memory; the runtime sizes
     its grid to what the GPU holds at once. `kept`: the launches whose
-    products keep their B operand (a param) in shared memory across steps."""
+    products keep their B operand (a param) in shared memory across steps;
+    `unkept`: those whose products could, but that would take more shared
+    memory than a block may have (kernels.KEPT_SHARED)."""
 
     kernel: str
     block: int
     shared: int
     kept: tuple = ()
+    unkept: tuple = ()
 
 
 @dataclass
@@ -148,7 +151,8 @@ class Launches:
         s = Launches({b["name"]: Buffer(**b) for b in data["buffers"]})
         for k in LAUNCH_LISTS:
             setattr(s, k, [launch(d) for d in data[k]])
-        s.persistent = {k: Persistent(**{**p, "kept": tuple(p["kept"])}) for k, p in data["persistent"].items()}
+        s.persistent = {k: Persistent(**{**p, "kept": tuple(p["kept"]), "unkept": tuple(p["unkept"])})
+                        for k, p in data["persistent"].items()}
         s.why_per_step = dict(data["why_per_step"])
         return s
 
@@ -169,10 +173,11 @@ class Launches:
         n = len(getattr(self, kind))
         if kind in self.persistent:
             p = self.persistent[kind]
-            kept = (f"params kept in shared memory across steps by {', '.join(p.kept)}" if p.kept
-                    else "no param kept in shared memory: every step reads them from L2")
-            return (f"persistent: one launch runs all the event's steps, {n} kernel{'s' * (n != 1)} a step, "
-                    f"a grid barrier after each; {kept} ({p.shared} bytes of shared memory a block)")
+            kept = [f"params kept in shared memory across steps by {', '.join(p.kept)}"] * bool(p.kept)
+            kept += [f"params read from L2 every step by {', '.join(p.unkept)} (no room left to keep them)"] * bool(
+                p.unkept)
+            return "; ".join([f"persistent: one launch runs all the event's steps, {n} kernel{'s' * (n != 1)} a step, "
+                              f"a grid barrier after each", f"{p.shared} bytes of shared memory a block", *kept])
         return f"per step: {n} launch{'es' * (n != 1)} a step ({self.why_per_step[kind]})"
 
     def forms(self) -> str:
