@@ -14,6 +14,7 @@ attention LSTM.
 """
 from __future__ import annotations
 
+import re
 from contextlib import nullcontext
 
 import numpy as np
@@ -126,6 +127,22 @@ def test_a_persistent_lstm_launches_as_often_at_1000_steps_as_at_10(precision):
     forward, backward = counts[10]
     assert forward <= 3 and forward + backward <= 8, counts
     assert {"rnnc_step_persistent", "rnnc_backward_step_persistent"} <= set(device.launched)
+
+
+class TooSmallDevice(PersistentCountingDevice):
+    """A GPU that cannot hold one block of a persistent kernel (a consumer GPU's 99 KB
+    a block, say, for a kernel that keeps more weights than that)."""
+
+    CAPACITY = 0
+
+
+def test_a_gpu_that_cannot_hold_a_persistent_kernel_runs_its_steps_launch_by_launch():
+    module, device = counting_module("lstm", device=TooSmallDevice())
+    with pytest.warns(RuntimeWarning, match=r"cannot hold a block of rnnc_\w+_persistent .* launch by launch") as said:
+        small = launches(module, device, 10)
+    assert {"rnnc_step_persistent", "rnnc_backward_step_persistent"} <= {re.search(r"block of (\w+)", str(w.message)).group(1) for w in said}
+    by_launch = launches(*counting_module("lstm"), 10)
+    assert small == by_launch and not any(k.endswith("_persistent") for k in device.launched)
 
 
 @pytest.mark.parametrize("policy", ["none", "auto", "all"])

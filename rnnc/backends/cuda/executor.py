@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import threading
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -212,17 +213,24 @@ class Executor:
                       for launch, rows, table in self.tables(kind, memory, steps, times)]
         return [list(step) for step in zip(*per_launch)] if per_launch else [[] for _ in times]
 
-    def run_persistent(self, kind: str, memory: dict, steps: Steps, times):
+    def run_persistent(self, kind: str, memory: dict, steps: Steps, times) -> bool:
         """Every step of list `kind` in one launch of its persistent kernel: the
         launches' arguments for all the steps in a table on the device, its
         grid as many blocks as the GPU holds at once (`occupancy`), at most
-        as many as the list's largest launch has."""
+        as many as the list's largest launch has. False, with a warning and
+        nothing launched, where the GPU cannot hold one block of it (more
+        shared memory than a block may have there): the caller then runs the
+        steps launch by launch."""
         persistent = self.launches.persistent[kind]
+        capacity = self.device.co_resident(persistent.kernel, persistent.block, persistent.shared)
+        if capacity < 1:
+            warnings.warn(f"rnnc: this GPU cannot hold a block of {persistent.kernel} ({persistent.block} threads, "
+                          f"{persistent.shared} bytes of shared memory); its steps run launch by launch",
+                          RuntimeWarning, stacklevel=2)
+            return False
         tables = self.tables(kind, memory, steps, times)
         args = np.ascontiguousarray(np.concatenate([table for _, _, table in tables], axis=1))
-        needed = max(work_blocks(launch, rows) for launch, rows, _ in tables)
-        blocks = persistent_grid(self.device.co_resident(persistent.kernel, persistent.block, persistent.shared),
-                                 needed)
+        blocks = persistent_grid(capacity, max(work_blocks(launch, rows) for launch, rows, _ in tables))
         held = self.pool.take(aligned(args.nbytes) + BARRIER_BYTES)
         barrier = held[0] + aligned(args.nbytes)
         self.device.htod(held[0], args)
@@ -230,6 +238,7 @@ class Executor:
         self.device.launch(persistent.kernel, (blocks, 1, 1), persistent.block, packed(len(args), [held[0], barrier]),
                            persistent.shared)
         self.pool.give([held])  # the launches run in order: the next user of the block comes after this one
+        return True
 
     def run(self, prepared: list):
         """One step's launches, as `prepare` gave them."""

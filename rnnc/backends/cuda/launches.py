@@ -184,7 +184,7 @@ class Launches:
         """How the CUDA runtime runs the steps of each event of the schedule."""
         return "\n".join(["cuda: the steps of each event"] + [f"  {events}: {self.form(kind)}" for events, kind in
                                                               (("forward, replay", "step"), ("backward", "backward_step"))]
-                         + ["  (else launch by launch: on a device that cannot size a persistent grid, or "
+                         + ["  (else launch by launch: on a device that cannot size a persistent grid or hold a block of it, or "
                             "loaded with persistent=False)"])
 
 

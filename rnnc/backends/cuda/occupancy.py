@@ -71,9 +71,7 @@ def co_resident(limits: Limits, threads: int, registers: int, shared: int) -> in
 
 
 def persistent_grid(capacity: int, needed: int) -> int:
-    """A persistent kernel's blocks: no more than the GPU holds at once, and no
-    more than its largest phase has blocks of work (more would only wait)."""
-    if capacity < 1:
-        raise ValueError("a persistent kernel that no multiprocessor can hold (too many registers or too "
-                         "much shared memory for one block)")
+    """A persistent kernel's blocks, given that the GPU holds `capacity` >= 1 at
+    once: no more than that, and no more than its largest phase has blocks of
+    work (more would only wait)."""
     return max(1, min(capacity, needed))

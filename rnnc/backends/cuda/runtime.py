@@ -293,12 +293,13 @@ class CudaModule:
     def _steps(self, call: Call, kind: str, steps: Steps, times):
         """Launch list `kind` for each step in `times`, its arguments packed once
         for all of them: in one launch of its persistent kernel where it has
-        one and the module runs them (`persistent`), else launch by launch."""
+        one and the module runs them (`persistent`) on a device that holds it,
+        else launch by launch."""
         times = list(times)
         if self.persistent and kind in self.executor.launches.persistent and hasattr(self.device, "co_resident"):
-            if times:  # (a call of T = 0 has no steps to launch)
-                self.executor.run_persistent(kind, call.memory, steps, times)
-            return
+            # (a call of T = 0 has no steps to launch)
+            if not times or self.executor.run_persistent(kind, call.memory, steps, times):
+                return
         for launches in self.executor.prepare(kind, call.memory, steps, times):
             self.executor.run(launches)
 
