@@ -6,10 +6,12 @@ An LSTM's gates z = x W + h U + b are four groups of H columns, and hidden
 unit j reads columns j, j + H, j + 2H and j + 3H of its row: a 32-column tile
 of h U that holds those four columns for 8 units (8 of each group) has all
 its units need, so its block runs their gates with no other block's results
-and nothing to count. Work that reads a row's columns otherwise (the GRU's
-three gates, which do not split a 32-column tile evenly; a concatenation
-that swaps halves) is run for a tile of rows by the last block to finish
-one, counted with tickets (a `rows:` scratch buffer).
+and nothing to count. The GRU's three gates of 8 units fill 24 columns of a
+32-column tile (the other 8 idle: a unit's gates would straddle tiles), so
+its tiles number H / 8 where 3H / 32 would do. Work that reads a row's
+columns otherwise (a concatenation that swaps halves) is run for a tile of
+rows by the last block to finish one, counted with tickets (a `rows:`
+scratch buffer).
 """
 from __future__ import annotations
 
@@ -48,13 +50,24 @@ def step_tickets(program) -> list:
             if name.startswith("rows:") and name[len("rows:"):] in {launch.kernel for launch in launches.step}]
 
 
-@pytest.mark.parametrize("name", ["lstm", "peephole_lstm", "zoneout_lstm", "elman"])
+@pytest.mark.parametrize("name", ["lstm", "peephole_lstm", "zoneout_lstm", "elman", "milstm", "gru"])
 def test_gates_run_in_the_block_that_holds_their_columns(name):
     assert step_tickets(rnnc.compile(example(name), dims=DIMS)) == []
 
 
-def test_three_gates_in_a_tile_of_32_wait_for_the_whole_row():
-    assert len(step_tickets(rnnc.compile(example("gru"), dims=DIMS))) == 1
+def test_three_gates_of_8_units_a_tile():
+    launches = generate(rnnc.compile(example("gru"), dims={"D": 6, "H": 40})).launches
+    (product,) = launches.step
+    assert product.grid[0].n // product.grid[0].div == 40 // 8  # not 120 / 32 rounded up (4)
+
+
+@pytest.mark.skipif(not cuda_emulator.available(), reason="needs g++ for the CUDA emulation")
+@pytest.mark.parametrize("precision", cases.PRECISIONS_RUN)
+def test_tiles_with_idle_columns_equal_the_reference(precision, workdir):
+    """The GRU at H=37: 5 tiles of 8 units, the last holding 5, each 8 columns idle."""
+    program = rnnc.compile(example("gru"), dims={"D": 5, "H": 37})
+    module, _ = cuda_emulator.emulated(program, workdir, precision)
+    cases.assert_equals_reference(module, program, cases.arguments(program), precision)
 
 
 @pytest.mark.skipif(not cuda_emulator.available(), reason="needs g++ for the CUDA emulation")

@@ -275,7 +275,7 @@ static __device__ __forceinline__ void rnnc_step_2_dot_body(const uint3 blockIdx
     const float* A_ = v_state_3ah_40t;
     const float* B_ = v_param_3aU_40base;
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-    const int m0 = blockIdx.y * 32, n0 = blockIdx.x * 32;
+    const int m0 = blockIdx.y * 32, n0 = blockIdx.x * 8;
     // split-K: block z % 1 sums over its own chunk of k, a multiple of 16
     const int split = blockIdx.z % 1;
     const int chunk = (K + 16 - 1) / 16 * 16;
@@ -293,7 +293,7 @@ static __device__ __forceinline__ void rnnc_step_2_dot_body(const uint3 blockIdx
 #pragma unroll 1
             for (int l_ = threadIdx.x; fetch_b_ && l_ < 128; l_ += 256) {
                 const int r_ = l_ / 8, c_ = l_ % 8 * 4;
-                const int n = (n0 / 4 + (c_) % 8 < 5 ? (c_) / 8 * 5 + n0 / 4 + (c_) % 8 : N), k = k0 + r_;
+                const int n = ((c_) / 8 < 4 && n0 + (c_) % 8 < 5 ? (c_) / 8 * 5 + n0 + (c_) % 8 : N), k = k0 + r_;
                 const bool in_ = k < k_end && n < N;
                 rnnc_cp_async<16>(&Bs[stage][(r_) * 36 + c_], B_ + (in_ ? k * 20 + n : 0), in_);
             }
@@ -327,7 +327,7 @@ static __device__ __forceinline__ void rnnc_step_2_dot_body(const uint3 blockIdx
         }
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            const int m = m0 + ty * 2 + i / 2, n = (n0 / 4 + (tx * 2 + i % 2) % 8 < 5 ? (tx * 2 + i % 2) / 8 * 5 + n0 / 4 + (tx * 2 + i % 2) % 8 : N);
+            const int m = m0 + ty * 2 + i / 2, n = ((tx * 2 + i % 2) / 8 < 4 && n0 + (tx * 2 + i % 2) % 8 < 5 ? (tx * 2 + i % 2) / 8 * 5 + n0 + (tx * 2 + i % 2) % 8 : N);
             if (m < M && n < N) {
                 v_step_3a_252_40base[m * 20 + n] = acc[i];
             }
@@ -338,9 +338,11 @@ static __device__ __forceinline__ void rnnc_step_2_dot_body(const uint3 blockIdx
         __syncthreads();  // every thread's results are written
         if (true) {
             const int row_begin_ = m0, row_end_ = min(M, m0 + 32);
+            // 1 group of the row's 5 elements
             for (int l_ = threadIdx.x; l_ < (row_end_ - row_begin_) * 8; l_ += blockDim.x) {
-                const int unit_ = n0 / 4 + l_ % 8;
-                const int i_ = (row_begin_ + l_ / 8) * 5 + unit_;
+                const int unit_ = n0 + l_ % 8;
+                const int i_ = (row_begin_ + l_ / 8) * 5
+                               + l_ / 8 % 1 * 5 + unit_;
                 if (unit_ < 5) {
                     const int j0 = i_ / 5;
                     const int j1 = i_ % 5;
@@ -569,7 +571,7 @@ static __device__ __forceinline__ void rnnc_bwd_4_dot_body(const uint3 blockIdx,
 #pragma unroll 1
             for (int l_ = threadIdx.x; fetch_b_ && l_ < 1024; l_ += 256) {
                 const int r_ = l_ / 32, c_ = l_ % 32 * 1;
-                const int k = k0 + c_, n = (n0 / 1 + (r_) % 32 < 5 ? (r_) / 32 * 5 + n0 / 1 + (r_) % 32 : N);
+                const int k = k0 + c_, n = ((r_) / 32 < 1 && n0 + (r_) % 32 < 5 ? (r_) / 32 * 5 + n0 + (r_) % 32 : N);
                 const bool in_ = k < k_end && n < N;
                 rnnc_cp_async<4>(&Bs[stage][(c_) * 36 + r_], B_ + (in_ ? k + n * 20 : 0), in_);
             }
@@ -603,7 +605,7 @@ static __device__ __forceinline__ void rnnc_bwd_4_dot_body(const uint3 blockIdx,
         }
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            const int m = m0 + ty * 2 + i / 2, n = (n0 / 1 + (tx * 2 + i % 2) % 32 < 5 ? (tx * 2 + i % 2) / 32 * 5 + n0 / 1 + (tx * 2 + i % 2) % 32 : N);
+            const int m = m0 + ty * 2 + i / 2, n = ((tx * 2 + i % 2) / 32 < 1 && n0 + (tx * 2 + i % 2) % 32 < 5 ? (tx * 2 + i % 2) / 32 * 5 + n0 + (tx * 2 + i % 2) % 32 : N);
             if (m < M && n < N) {
                 v_bwd_3a_25step_3a34_40base[m * 5 + n] = acc[i];
             }
@@ -614,9 +616,11 @@ static __device__ __forceinline__ void rnnc_bwd_4_dot_body(const uint3 blockIdx,
         __syncthreads();  // every thread's results are written
         if (true) {
             const int row_begin_ = m0, row_end_ = min(M, m0 + 32);
+            // 1 group of the row's 5 elements
             for (int l_ = threadIdx.x; l_ < (row_end_ - row_begin_) * 32; l_ += blockDim.x) {
-                const int unit_ = n0 / 1 + l_ % 32;
-                const int i_ = (row_begin_ + l_ / 32) * 5 + unit_;
+                const int unit_ = n0 + l_ % 32;
+                const int i_ = (row_begin_ + l_ / 32) * 5
+                               + l_ / 32 % 1 * 5 + unit_;
                 if (unit_ < 5) {
                     const int j0 = i_ / 5;
                     const int j1 = i_ % 5;
@@ -947,7 +951,7 @@ static __device__ __forceinline__ void rnnc_pre_bwd_10_dot_body(const uint3 bloc
 #pragma unroll 1
             for (int l_ = threadIdx.x; fetch_b_ && l_ < 1024; l_ += 256) {
                 const int r_ = l_ / 32, c_ = l_ % 32 * 1;
-                const int k = k0 + c_, n = (n0 / 1 + (r_) % 32 < 3 ? (r_) / 32 * 3 + n0 / 1 + (r_) % 32 : N);
+                const int k = k0 + c_, n = ((r_) / 32 < 1 && n0 + (r_) % 32 < 3 ? (r_) / 32 * 3 + n0 + (r_) % 32 : N);
                 const bool in_ = k < k_end && n < N;
                 rnnc_cp_async<4>(&Bs[stage][(c_) * 36 + r_], B_ + (in_ ? k + n * 20 : 0), in_);
             }
@@ -981,7 +985,7 @@ static __device__ __forceinline__ void rnnc_pre_bwd_10_dot_body(const uint3 bloc
         }
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            const int m = m0 + ty * 2 + i / 2, n = (n0 / 1 + (tx * 2 + i % 2) % 32 < 3 ? (tx * 2 + i % 2) / 32 * 3 + n0 / 1 + (tx * 2 + i % 2) % 32 : N);
+            const int m = m0 + ty * 2 + i / 2, n = ((tx * 2 + i % 2) / 32 < 1 && n0 + (tx * 2 + i % 2) % 32 < 3 ? (tx * 2 + i % 2) / 32 * 3 + n0 + (tx * 2 + i % 2) % 32 : N);
             if (m < M && n < N) {
                 v_pre_5fbwd_3a_25pre_3a1_40base[m * 3 + n] = acc[i];
             }
@@ -992,9 +996,11 @@ static __device__ __forceinline__ void rnnc_pre_bwd_10_dot_body(const uint3 bloc
         __syncthreads();  // every thread's results are written
         if (true) {
             const int row_begin_ = m0, row_end_ = min(M, m0 + 32);
+            // 1 group of the row's 3 elements
             for (int l_ = threadIdx.x; l_ < (row_end_ - row_begin_) * 32; l_ += blockDim.x) {
-                const int unit_ = n0 / 1 + l_ % 32;
-                const int i_ = (row_begin_ + l_ / 32) * 3 + unit_;
+                const int unit_ = n0 + l_ % 32;
+                const int i_ = (row_begin_ + l_ / 32) * 3
+                               + l_ / 32 % 1 * 3 + unit_;
                 if (unit_ < 3) {
                     const int j0 = i_ / 3;
                     const int j1 = i_ % 3;
@@ -1073,7 +1079,7 @@ static __device__ __forceinline__ void rnnc_step_2_dot_kept_body(const uint3 blo
     const float* A_ = v_state_3ah_40t;
     const float* B_ = v_param_3aU_40base;
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-    const int m0 = blockIdx.y * 32, n0 = blockIdx.x * 32;
+    const int m0 = blockIdx.y * 32, n0 = blockIdx.x * 8;
     // split-K: block z % 1 sums over its own chunk of k, a multiple of 16
     const int split = blockIdx.z % 1;
     const int chunk = (K + 16 - 1) / 16 * 16;
@@ -1095,7 +1101,7 @@ static __device__ __forceinline__ void rnnc_step_2_dot_kept_body(const uint3 blo
 #pragma unroll 1
             for (int l_ = threadIdx.x; fetch_b_ && l_ < 128; l_ += 256) {
                 const int r_ = l_ / 8, c_ = l_ % 8 * 4;
-                const int n = (n0 / 4 + (c_) % 8 < 5 ? (c_) / 8 * 5 + n0 / 4 + (c_) % 8 : N), k = k0 + r_;
+                const int n = ((c_) / 8 < 4 && n0 + (c_) % 8 < 5 ? (c_) / 8 * 5 + n0 + (c_) % 8 : N), k = k0 + r_;
                 const bool in_ = k < k_end && n < N;
                 rnnc_cp_async<16>(&Bs[(k0 - k_begin) / 16][(r_) * 36 + c_], B_ + (in_ ? k * 20 + n : 0), in_);
             }
@@ -1129,7 +1135,7 @@ static __device__ __forceinline__ void rnnc_step_2_dot_kept_body(const uint3 blo
         }
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            const int m = m0 + ty * 2 + i / 2, n = (n0 / 4 + (tx * 2 + i % 2) % 8 < 5 ? (tx * 2 + i % 2) / 8 * 5 + n0 / 4 + (tx * 2 + i % 2) % 8 : N);
+            const int m = m0 + ty * 2 + i / 2, n = ((tx * 2 + i % 2) / 8 < 4 && n0 + (tx * 2 + i % 2) % 8 < 5 ? (tx * 2 + i % 2) / 8 * 5 + n0 + (tx * 2 + i % 2) % 8 : N);
             if (m < M && n < N) {
                 v_step_3a_252_40base[m * 20 + n] = acc[i];
             }
@@ -1140,9 +1146,11 @@ static __device__ __forceinline__ void rnnc_step_2_dot_kept_body(const uint3 blo
         __syncthreads();  // every thread's results are written
         if (true) {
             const int row_begin_ = m0, row_end_ = min(M, m0 + 32);
+            // 1 group of the row's 5 elements
             for (int l_ = threadIdx.x; l_ < (row_end_ - row_begin_) * 8; l_ += blockDim.x) {
-                const int unit_ = n0 / 4 + l_ % 8;
-                const int i_ = (row_begin_ + l_ / 8) * 5 + unit_;
+                const int unit_ = n0 + l_ % 8;
+                const int i_ = (row_begin_ + l_ / 8) * 5
+                               + l_ / 8 % 1 * 5 + unit_;
                 if (unit_ < 5) {
                     const int j0 = i_ / 5;
                     const int j1 = i_ % 5;
@@ -1267,7 +1275,7 @@ static __device__ __forceinline__ void rnnc_bwd_4_dot_kept_body(const uint3 bloc
 #pragma unroll 1
             for (int l_ = threadIdx.x; fetch_b_ && l_ < 1024; l_ += 256) {
                 const int r_ = l_ / 32, c_ = l_ % 32 * 1;
-                const int k = k0 + c_, n = (n0 / 1 + (r_) % 32 < 5 ? (r_) / 32 * 5 + n0 / 1 + (r_) % 32 : N);
+                const int k = k0 + c_, n = ((r_) / 32 < 1 && n0 + (r_) % 32 < 5 ? (r_) / 32 * 5 + n0 + (r_) % 32 : N);
                 const bool in_ = k < k_end && n < N;
                 rnnc_cp_async<4>(&Bs[(k0 - k_begin) / 32][(c_) * 36 + r_], B_ + (in_ ? k + n * 20 : 0), in_);
             }
@@ -1301,7 +1309,7 @@ static __device__ __forceinline__ void rnnc_bwd_4_dot_kept_body(const uint3 bloc
         }
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            const int m = m0 + ty * 2 + i / 2, n = (n0 / 1 + (tx * 2 + i % 2) % 32 < 5 ? (tx * 2 + i % 2) / 32 * 5 + n0 / 1 + (tx * 2 + i % 2) % 32 : N);
+            const int m = m0 + ty * 2 + i / 2, n = ((tx * 2 + i % 2) / 32 < 1 && n0 + (tx * 2 + i % 2) % 32 < 5 ? (tx * 2 + i % 2) / 32 * 5 + n0 + (tx * 2 + i % 2) % 32 : N);
             if (m < M && n < N) {
                 v_bwd_3a_25step_3a34_40base[m * 5 + n] = acc[i];
             }
@@ -1312,9 +1320,11 @@ static __device__ __forceinline__ void rnnc_bwd_4_dot_kept_body(const uint3 bloc
         __syncthreads();  // every thread's results are written
         if (true) {
             const int row_begin_ = m0, row_end_ = min(M, m0 + 32);
+            // 1 group of the row's 5 elements
             for (int l_ = threadIdx.x; l_ < (row_end_ - row_begin_) * 32; l_ += blockDim.x) {
-                const int unit_ = n0 / 1 + l_ % 32;
-                const int i_ = (row_begin_ + l_ / 32) * 5 + unit_;
+                const int unit_ = n0 + l_ % 32;
+                const int i_ = (row_begin_ + l_ / 32) * 5
+                               + l_ / 32 % 1 * 5 + unit_;
                 if (unit_ < 5) {
                     const int j0 = i_ / 5;
                     const int j1 = i_ % 5;

@@ -96,17 +96,18 @@ def pool_bytes(shared: int) -> int:
 
 
 def column_groups(loops: list, out: Ref) -> tuple | None:
-    """(groups, per_row) where the elementwise work after a product is one loop
-    over a row's per_row elements whose element j reads only the product's
-    columns j + g * per_row, the product's columns being `groups` groups of
-    per_row (the four gates of an LSTM's hidden unit j); else None."""
-    if len(loops) != 1 or len(loops[0].shape) != 1 or len(out.shape) != 1:
+    """(groups, per_row) where the product's columns are `groups` groups of
+    per_row and the elementwise work after it reads, for a row's element u +
+    g * per_row of any of its loops, only the product's columns u + g' *
+    per_row (an LSTM's hidden unit u reads its four gates); else None. Each
+    loop runs over a row of one axis, a multiple of per_row (the shortest)."""
+    if len(out.shape) != 1 or any(len(loop.shape) != 1 for loop in loops):
         return None
-    (loop,) = loops
-    per_row, columns = loop.shape[0], out.shape[0]
-    offsets = loop.offsets_read(out.param)
-    if columns % per_row or offsets is None or any(c % per_row for c in offsets):
-        return None
+    per_row, columns = min(loop.shape[0] for loop in loops), out.shape[0]
+    for loop in loops:
+        offsets = loop.offsets_read(out.param)
+        if offsets is None or any(x % per_row for x in [loop.shape[0], columns, *offsets]):
+            return None
     return columns // per_row, per_row
 
 
@@ -498,17 +499,16 @@ class Generator:
         b_at = aligned16(tile_bytes(kernel.tiles["a"]))
         flags_at = aligned16(b_at + tile_bytes(kernel.tiles["b"]))
         name, engine = self.name(region, "dot"), kernel.engine
-        refs, extra = [*parts_of(a), *parts_of(b), out], {}
-        if kernel.splits > 1:
-            extra = self.split_buffers(name, c, kernel)
-        refs += list(extra.values())
-        extra = {k: r.param for k, r in extra.items()}
-        rows = None
+        rows, rows_refs = None, []
         if then:
             kernel, rows, rows_refs = self.rows_after(name, kernel, then[0], out)
-            refs += rows_refs
             note = f"{note}; then {'; '.join(then[1])}"
-        grid = (extent(c.sizes["n"], engine.bn), extent(c.sizes["m"], engine.bm),
+        # tiles along n: of BN columns, or of units (ProductKernel.owning)
+        columns = Extent(kernel.columns[1], False, kernel.n_step) if kernel.columns else extent(c.sizes["n"], engine.bn)
+        extra = self.split_buffers(name, c, kernel, -(-columns.n // columns.div)) if kernel.splits > 1 else {}
+        refs = [*parts_of(a), *parts_of(b), out, *extra.values(), *rows_refs]
+        extra = {k: r.param for k, r in extra.items()}
+        grid = (columns, extent(c.sizes["m"], engine.bm),
                 Extent(kernel.splits) if kernel.splits > 1 else extent(c.sizes["g"]))
         exprs = {f"{v}_size": size_expr(e.n, e.rows) for v in "gmnk" for e in [extent(c.sizes[v])]}
         params = [x.param if isinstance(x, Ref) else None for x in (a, b)]
@@ -532,10 +532,11 @@ class Generator:
         the tiles done with tickets). (The kernel, owning where it does; the
         rows; the buffers they add.)"""
         finished = "last_" if kernel.splits > 1 else "true"
-        spelled = [{"per_row": math.prod(loop.shape), "lines": loop.live_lines()} for loop in loops]
-        refs = [r for loop in loops for r in loop.refs.values()]
         groups = column_groups(loops, out)
         owning = kernel.owning(*groups) if groups else None
+        spelled = [{"per_row": math.prod(loop.shape), "lines": loop.live_lines(),
+                    "groups": math.prod(loop.shape) // groups[1] if owning else None} for loop in loops]
+        refs = [r for loop in loops for r in loop.refs.values()]
         if owning:
             groups, per_row, units = owning.columns
             return owning, {"template": "contract_units.cu.j2", "finished": finished, "groups": groups,
@@ -544,13 +545,12 @@ class Generator:
         return kernel, {"template": "contract_rows.cu.j2", "tickets": tickets.param, "finished": finished,
                         "loops": spelled}, [tickets, *refs]
 
-    def split_buffers(self, name, c: Contraction, kernel) -> dict:
+    def split_buffers(self, name, c: Contraction, kernel, column_tiles: int) -> dict:
         """A split-K product's workspace (each split's partial sums, [splits, M, N])
         and tickets (per output tile, the splits done so far; zero between launches)."""
-        e = kernel.engine
         per_row = {v: math.prod(s for s in c.sizes[v] if s is not None) for v in "mn"}
         batched = None in c.sizes["m"] + c.sizes["n"]
-        tiles = -(-per_row["m"] // e.bm) * -(-per_row["n"] // e.bn)
+        tiles = -(-per_row["m"] // kernel.engine.bm) * column_tiles
         return {"workspace": self.scratch_ref(f"split:{name}", kernel.splits * per_row["m"] * per_row["n"], batched),
                 "tickets": self.scratch_ref(f"tickets:{name}", tiles, batched, "tickets")}
 

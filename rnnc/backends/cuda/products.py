@@ -401,27 +401,32 @@ class ProductKernel:
         along = c.global_inner(operand) or tile.inner
         return along, c.vector(operand, along, tile.elem) if along == tile.inner else 1
 
+    @property
+    def n_step(self) -> int:
+        """What n0, the tile's origin along n, counts: BN columns a tile, or, for
+        tiles owning units (`owning`), their units."""
+        return self.columns[2] if self.columns else self.engine.bn
+
     def column(self, x: str) -> str:
         """The column n of the output (and of B) that the tile's column `x` (C) is:
-        n0 + x, or for a tile owning units of groups (`owning`), x's unit of its
-        group, N (out of range) past the last unit."""
+        n0 + x, or for a tile owning units of groups (`owning`), x's unit (from
+        unit n0) of its group, N (out of range) past the last unit or group."""
         if not self.columns:
             return f"n0 + {x}"
         groups, per_row, units = self.columns
-        unit = f"n0 / {groups} + ({x}) % {units}"  # the tile's first unit: n0 / groups
-        return f"({unit} < {per_row} ? ({x}) / {units} * {per_row} + {unit} : N)"
+        group, unit = f"({x}) / {units}", f"n0 + ({x}) % {units}"
+        return f"({group} < {groups} && {unit} < {per_row} ? {group} * {per_row} + {unit} : N)"
 
     def owning(self, groups: int, per_row: int):
         """This product with tiles that each hold the same units (columns j, j +
-        per_row, ..., for BN / groups consecutive j) of each of `groups` groups
-        of `per_row` output columns, so that work reading those columns of a
-        row needs no other tile; None where a tile's columns do not split into
-        the groups evenly (nor into B's vector copies)."""
-        units = self.engine.bn // groups
+        per_row, ..., for `units` consecutive j) of each of `groups` groups of
+        `per_row` output columns, so that work reading those columns of a row
+        needs no other tile: BN / groups units a tile, fewer where B's vector
+        copies would straddle two (the columns left over in a tile are idle);
+        None where a tile is narrower than the groups."""
         along, vec = self.copies("b")
-        if self.engine.bn % groups or (along == "n" and units % vec):
-            return None
-        return replace(self, columns=(groups, per_row, units))
+        units = self.engine.bn // groups // vec * vec if along == "n" else self.engine.bn // groups
+        return replace(self, columns=(groups, per_row, units)) if units else None
 
     def loader(self, operand: str, param: str) -> dict:
         """How the block's threads copy a slice of `operand` into its SharedTile:
@@ -483,7 +488,7 @@ class ProductKernel:
         if kept:
             b_tile = replace(b_tile, slot=f"(k0 - k_begin) / {self.bk}")
         kernel = replace(self, tiles={**self.tiles, "b": b_tile})
-        return {"summary": e.summary(), "bm": e.bm, "bn": e.bn, "bk": self.bk,
+        return {"summary": e.summary(), "bm": e.bm, "bn": e.bn, "n_step": self.n_step, "bk": self.bk,
                 "kstep": e.kstep, "splits": self.splits, "all_splits_bk": self.splits * self.bk, "accs": e.accs, "acc_m": e.acc_m, "acc_n": self.column(e.acc_n),
                 "setup": list(e.setup), "step": e.step(self.tiles["a"], b_tile),
                 "min_blocks": 2 if e.accs <= 16 else 1, "c_offset": self.contraction.offset("c"),
