@@ -30,7 +30,7 @@ from rnnc.backends.cuda.executor import work_blocks
 from rnnc.backends.cuda.cexpr import mangle
 from rnnc.backends.cuda.device import CudaUnavailable
 from rnnc.backends.cuda.lowering import generate
-from rnnc.backends.cuda.kernels import Generator
+from rnnc.backends.cuda.kernels import Generator, Launched
 from rnnc.backends.cuda.launches import Extent, Launch, Launches
 from rnnc.backends.cuda.runtime import CudaModule
 from rnnc.cli import main
@@ -209,7 +209,7 @@ def test_launch_lists_that_cannot_be_one_kernel_say_why():
     without launches; both run launch by launch, and the schedule says why."""
     gen = Generator("fp32")
     lists = {"sizes": [Launch(f"k{block}", (Extent(1),) * 3, block, "B", ()) for block in (128, 256)], "none": []}
-    gen.launched = {launch.kernel: ((), 0) for launch in lists["sizes"]}
+    gen.launched = {launch.kernel: Launched((), 0) for launch in lists["sizes"]}
     made = {name: gen.persistent(f"p_{name}", launches) for name, launches in lists.items()}
     assert made["sizes"] == (None, "its kernels take blocks of 128 and 256 threads")
     assert made["none"] == (None, "no launches a step")

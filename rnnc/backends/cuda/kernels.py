@@ -36,6 +36,7 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
+from typing import NamedTuple
 
 import jinja2
 
@@ -283,6 +284,17 @@ class Part:
         return ", ".join(["rows"] + [r.param for r in self.refs])
 
 
+class Launched(NamedTuple):
+    """What a persistent kernel needs to know of a launch's kernel: its buffers'
+    Refs, the shared memory its bodies declare, the bytes of each of its parts'
+    kept operands (`Part.kept`) in order, and the sources of its kept body."""
+
+    refs: list
+    shared: int
+    kept: tuple = ()
+    kept_sources: tuple = ()
+
+
 class Generator:
     """Collects kernel sources and launches for a whole program. A kernel
     builder makes a `Part` (the kernel's body), and `launch` makes one launch
@@ -298,9 +310,7 @@ class Generator:
         self.count = 0
         self.inputs = INPUTS[inputs]
         self.scratch: dict = {}  # name -> launches.Buffer
-        # kernel name -> (its buffers' Refs, the shared memory its body declares, the bytes of each
-        # of its parts' kept operands (Part.kept), in order, and the sources of its kept body)
-        self.launched: dict = {}
+        self.launched: dict = {}  # kernel name -> Launched
 
     def name(self, region, family: str) -> str:
         self.count += 1
@@ -370,7 +380,7 @@ class Generator:
         self.sources.append(render("kernel.cu.j2", name=launch.kernel, body=f"{launch.kernel}_body", bounds=bounds,
                                    params=self.signature(refs), args=", ".join(["rows"] + [r.param for r in refs]),
                                    shared=pool_bytes(shared)))
-        self.launched[launch.kernel] = (refs, shared, *kept)
+        self.launched[launch.kernel] = Launched(refs, shared, *kept)
         region.launches.append(launch)
 
     def body_params(self, refs, held: bool = False) -> str:
@@ -390,24 +400,24 @@ class Generator:
         sizes = sorted({launch.block for launch in launches})
         if len(sizes) > 1:
             return None, f"its kernels take blocks of {' and '.join(map(str, sizes))} threads"
-        pool = pool_bytes(max(self.launched[launch.kernel][1] for launch in launches))
-        held = kept_operands(pool, [(launch.kernel, self.launched[launch.kernel][2]) for launch in launches])
-        self.sources += [source for kernel in held for source in self.launched[kernel][3]]
+        launched = [self.launched[launch.kernel] for launch in launches]
+        pool = pool_bytes(max(made.shared for made in launched))
+        held = kept_operands(pool, [(launch.kernel, made.kept) for launch, made in zip(launches, launched)])
+        self.sources += [source for kernel in held for source in self.launched[kernel].kept_sources]
         phases, at = [], 0
-        for launch in launches:
-            refs = self.launched[launch.kernel][0]
-            args = ["rows"] + [f"reinterpret_cast<{r.elem}*>(at_[{at + 1 + k}])" for k, r in enumerate(refs)]
+        for launch, made in zip(launches, launched):
+            args = ["rows"] + [f"reinterpret_cast<{r.elem}*>(at_[{at + 1 + k}])" for k, r in enumerate(made.refs)]
             kept = launch.kernel in held
             phases.append({"kernel": launch.kernel, "body": f"{launch.kernel}_{'kept_' * kept}body",
                            "held": f"shared_ + {held[launch.kernel][0]}, " if kept else "",
                            "at": at, "grid": grid_c(launch), "args": ", ".join(args)})
-            at += 1 + len(refs)
+            at += 1 + len(made.refs)
         shared = pool + sum(sum(regions) for _, regions in held.values())
         flags = [start + sum(regions[:i]) for start, regions in held.values() for i in range(len(regions))]
         self.sources.append(render("persistent.cu.j2", name=name, block=sizes[0], width=at, phases=phases,
                                    pool=pool, shared=shared, flags=flags,
                                    comment=comment(f"{name}: " + " | ".join(launch.kernel for launch in launches))))
-        unkept = tuple(launch.kernel for launch in launches if self.launched[launch.kernel][2] and launch.kernel not in held)
+        unkept = tuple(launch.kernel for launch, made in zip(launches, launched) if made.kept and launch.kernel not in held)
         return Persistent(name, sizes[0], shared, tuple(held), unkept), None
 
     def scratch_ref(self, name, numel, batched, role="scratch") -> Ref:
@@ -538,9 +548,9 @@ class Generator:
                     "groups": math.prod(loop.shape) // groups[1] if owning else None} for loop in loops]
         refs = [r for loop in loops for r in loop.refs.values()]
         if owning:
-            groups, per_row, units = owning.columns
-            return owning, {"template": "contract_units.cu.j2", "finished": finished, "groups": groups,
-                            "units": units, "per_row": per_row, "loops": spelled}, refs
+            _, per_row, units = owning.columns
+            return owning, {"template": "contract_units.cu.j2", "finished": finished, "units": units,
+                            "per_row": per_row, "loops": spelled}, refs
         tickets = self.scratch_ref(f"rows:{name}", 1, True, "tickets")
         return kernel, {"template": "contract_rows.cu.j2", "tickets": tickets.param, "finished": finished,
                         "loops": spelled}, [tickets, *refs]
