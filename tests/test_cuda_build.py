@@ -160,16 +160,6 @@ def test_tf32_and_16_bit_products_run_on_tensor_cores_and_fp32_products_do_not(c
     assert len(checked) == len(EXAMPLES) * len(MODES) * len(ARCHS)
 
 
-@needs_nvcc
-def kernel_resources(log: str) -> dict:
-    """Each kernel's (registers, bytes of static shared memory) in ptxas -v's report."""
-    out = {}
-    for name, report in re.findall(r"Compiling entry function '(\w+)'.*?\n(.*?Used \d+ registers[^\n]*)", log, re.S):
-        shared = re.search(r"(\d+) bytes smem", report)
-        out[name] = (int(re.search(r"Used (\d+) registers", report).group(1)), int(shared.group(1)) if shared else 0)
-    return out
-
-
 # the GPUs each architecture's cubin runs on (occupancy.GPUS)
 GPUS_OF = {"sm_80": ("A100",), "sm_90": ("H100", "H200")}
 
@@ -188,7 +178,7 @@ def test_persistent_grids_fit_on_the_gpu_at_once(cubins):
         if size != "benchmark":
             continue
         launches = generate_in(compile_sized(example(stem), BENCHMARK_DIMS), mode).launches
-        used = kernel_resources(cubin.log)
+        used = build.kernel_resources(cubin.log)
         for kind, persistent in launches.persistent.items():
             registers, shared = used[persistent.kernel]
             shared += persistent.shared  # its static shared memory (none) and what it takes at launch
@@ -226,7 +216,7 @@ def test_kernel_resources_are_parsed():
            "ptxas info    : Used 78 registers, used 1 barriers, 19472 bytes smem\n"
            "ptxas info    : Compiling entry function 'b' for 'sm_80'\n"
            "ptxas info    : Used 12 registers, 380 bytes cmem[0]\n")
-    assert kernel_resources(log) == {"a": (78, 19472), "b": (12, 0)}
+    assert build.kernel_resources(log) == {"a": (78, 19472), "b": (12, 0)}
 
 
 def test_bare_nvcc_compiles_the_source(tmp_path):

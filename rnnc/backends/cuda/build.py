@@ -101,6 +101,16 @@ def cache_key(source: str, arch: str, nvcc: str) -> str:
     return h.hexdigest()[:32]
 
 
+def kernel_resources(log: str) -> dict:
+    """Each kernel's (registers, bytes of static shared memory) in ptxas -v's
+    report (a Cubin's `log`)."""
+    out = {}
+    for name, report in re.findall(r"Compiling entry function '(\w+)'.*?\n(.*?Used \d+ registers[^\n]*)", log, re.S):
+        shared = re.search(r"(\d+) bytes smem", report)
+        out[name] = (int(re.search(r"Used (\d+) registers", report).group(1)), int(shared.group(1)) if shared else 0)
+    return out
+
+
 def compile_cubin(source: str, arch: str | None = None, cache: Path | None = None) -> Cubin:
     """The cubin of `source` for `arch`, from the cache or built by nvcc."""
     arch = check_arch(arch or default_arch())
