@@ -111,3 +111,27 @@ def test_weights_past_the_room_left_are_read_from_l2_and_the_schedule_says_so():
     step = launches.persistent["step"]
     assert len(step.unkept) == 1 and len(step.kept) == 1 and step.shared <= KEPT_SHARED
     assert f"params read from L2 every step by {step.unkept[0]} (no room left to keep them)" in launches.forms()
+
+
+# the recurrent weights scaled by a learnt gain: the product's B is a value made of params once
+# a sequence (not a param itself), the same at every step, so it is kept too
+SCALED_WEIGHTS = """
+cell scaled_weights {
+    dim D, H
+    input x[D]
+    state h[H]
+    param W[D, H], U[H, H], gain[]
+    n = tanh(x @ W + h @ (U * gain))
+    next h = n
+    output y = n
+}
+"""
+
+
+@pytest.mark.parametrize("co_resident", [3, 16])
+def test_a_value_made_of_params_is_kept_and_gives_the_reference_results(co_resident, workdir):
+    program = rnnc.compile(SCALED_WEIGHTS, dims={"D": 5, "H": 40})
+    launches = generate(program).launches
+    assert launches.persistent["step"].kept == tuple(launch.kernel for launch in launches.step)
+    module, _ = cuda_emulator.emulated(program, workdir, co_resident=co_resident)
+    cases.assert_equals_reference(module, program, cases.arguments(program))

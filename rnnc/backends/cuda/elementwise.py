@@ -31,7 +31,6 @@ class Loop:
         self.memo: dict = {}
         self.inlined: dict = {}  # (value, row, index) -> its C expression
         self.refs: dict = {}  # param -> Ref
-        self.ints: dict = {}  # an int temporary -> its expression
         self.coherent_reads: list = []  # (param, row, index) of each load of a coherent param
         numel = math.prod(shape)
         self.total = size_expr(numel, batched)
@@ -48,8 +47,6 @@ class Loop:
             name = f"{'j' if ctype == 'int' else 'f'}{len(self.memo)}"
             self.lines.append(f"const {ctype} {name} = {expr};")
             self.memo[key] = name
-            if ctype == "int":
-                self.ints[name] = expr
         return self.memo[key]
 
     def element(self, ref: Ref, row, index) -> str:
@@ -135,9 +132,10 @@ class Loop:
 
     def offset_from_own(self, name: str) -> int | None:
         """c where int `name` is this loop's own index plus the constant c (a slice's start, say), else None."""
+        ints = {temp: expr for (ctype, expr), temp in self.memo.items() if ctype == "int"}
         offset = 0
         while name != self.index[0]:
-            plus = OWN_PLUS.fullmatch(self.ints.get(name, ""))
+            plus = OWN_PLUS.fullmatch(ints.get(name, ""))
             if not plus:
                 return None
             name, offset = plus.group(1), offset + int(plus.group(2))

@@ -492,7 +492,7 @@ class ProductKernel:
                 "kstep": e.kstep, "splits": self.splits, "all_splits_bk": self.splits * self.bk, "accs": e.accs, "acc_m": e.acc_m, "acc_n": self.column(e.acc_n),
                 "setup": list(e.setup), "step": e.step(self.tiles["a"], b_tile),
                 "min_blocks": 2 if e.accs <= 16 else 1, "c_offset": self.contraction.offset("c"),
-                "a": {**kernel.loader("a", a_param), "slots": 2, "base": "shared_"},
+                "a": kernel.loader("a", a_param),
                 "b": {**kernel.loader("b", b_param), "slots": self.kept_slices if kept else 2,
                       "base": "held_ + 16" if kept else f"shared_ + {b_at}"},
                 "kept": kept, "fetch_b": "held_tile_ != kept_tile_" if kept else "true",
